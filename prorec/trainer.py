@@ -1,0 +1,173 @@
+"""The epoch loop every trained stage shares: warm-up, early stopping, checkpoints and resume.
+
+A stage supplies an `EpochTrainer` (its model, its optimiser and its own `train_epoch` and
+`validate`); `run_epochs` drives it through a context. `LocalContext` runs in this process with
+no Ray at all (tests, a single GPU box without Ray); `RayTrainContext` runs inside a Ray Train
+worker and turns each epoch into a `ray.train.report` with a `Checkpoint`. The science stays in
+the stage; this file only knows about epochs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+CKPT_FILE = "state.pt"
+
+
+class EpochTrainer(Protocol):
+    """What a stage implements. `validate` returns metrics that include the key being early-stopped on."""
+
+    def train_epoch(self, epoch: int) -> dict[str, float]: ...
+    def validate(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def model_state(self) -> dict[str, torch.Tensor]: ...
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up to the base learning rate, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    import numpy as np
+    import random
+
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+class LocalContext:
+    """Run in this process; checkpoints go to `ckpt_dir/state.pt` (written atomically)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, ckpt_dir: str | Path | None, log_prefix: str = "", verbose: bool = True):
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        self.log_prefix = log_prefix
+        self.verbose = verbose
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if self.ckpt_dir is None or not (self.ckpt_dir / CKPT_FILE).is_file():
+            return None
+        return torch.load(self.ckpt_dir / CKPT_FILE, weights_only=True, map_location="cpu")
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        if self.ckpt_dir is not None:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.ckpt_dir / (CKPT_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.ckpt_dir / CKPT_FILE)
+        if self.verbose:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"{self.log_prefix}{shown}", flush=True)
+
+
+class RayTrainContext:
+    """Inside a Ray Train worker. Every rank calls `report` once an epoch (it is a barrier)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model) if self.world_size > 1 else model
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / CKPT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+@dataclass
+class FitResult:
+    best_metrics: dict[str, float]
+    best_model_state: dict[str, torch.Tensor]
+    epochs_run: int
+    history: list[dict[str, float]]
+
+
+def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_epochs: int, patience: int,
+               score_key: str, stop_after_epoch: int | None = None) -> FitResult:
+    """Train until `max_epochs` or `patience` epochs without a better `score_key`; resume if a checkpoint exists.
+
+    The checkpoint holds the trainer's full state (model, optimiser, scheduler), the epoch, the best
+    score so far and the best model's weights, so a resumed run continues exactly where it stopped.
+    `stop_after_epoch` ends the loop early on purpose (tests use it to simulate a crash).
+    """
+    start, best, best_state, best_metrics, bad, history = 0, -math.inf, None, {}, 0, []
+    saved = ctx.load_checkpoint()
+    if saved is not None:
+        trainer.load_state_dict(saved["trainer"])
+        start, best, bad = saved["epoch"] + 1, saved["best_score"], saved["bad_epochs"]
+        best_state, best_metrics, history = saved["best_model"], saved["best_metrics"], saved["history"]
+        if ctx.rank == 0:
+            print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
+    epoch = start - 1
+    for epoch in range(start, max_epochs):
+        if bad >= patience:
+            break
+        t0 = time.perf_counter()
+        metrics = {"epoch": epoch, **trainer.train_epoch(epoch), **trainer.validate()}
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        score = metrics[score_key]
+        if score > best:
+            best, bad, best_metrics = score, 0, dict(metrics)
+            best_state = {k: v.detach().cpu().clone() for k, v in trainer.model_state().items()}
+        else:
+            bad += 1
+        history.append(metrics)
+        ctx.report(metrics, {"trainer": trainer.state_dict(), "epoch": epoch, "best_score": best,
+                             "bad_epochs": bad, "best_model": best_state, "best_metrics": best_metrics,
+                             "history": history})
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    if best_state is None:
+        best_state = {k: v.detach().cpu().clone() for k, v in trainer.model_state().items()}
+    return FitResult(best_metrics, best_state, epoch + 1, history)
+
+
+def shard_rows(n: int, rank: int, world_size: int) -> slice:
+    """Contiguous, near-equal shard of n rows for one worker."""
+    per = math.ceil(n / world_size)
+    return slice(rank * per, min(n, (rank + 1) * per))
+
+
+def clean_dir(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

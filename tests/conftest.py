@@ -1,0 +1,54 @@
+"""Shared fixtures: one Ray instance for the whole run, and tiny synthetic datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from prorec.config import SyntheticConfig  # noqa: E402
+
+BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once (2 CPUs, no dashboard) for every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+TINY = SyntheticConfig(seed=0, n_users=300, n_items=120, n_categories=8, min_len=5, max_len=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in the canonical format (300 users, 120 items)."""
+    from prorec.data.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("tiny_raw"), TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_raw, tmp_path_factory) -> Path:
+    """The tiny dataset's leave-one-out splits as Parquet (items/train/valid/test.parquet)."""
+    from prorec.data.canonical import load_canonical
+    from prorec.data.splits import write_splits
+
+    return write_splits(load_canonical(tiny_raw), tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def beauty_dir() -> Path:
+    if not (BEAUTY / "user_sequence.txt").is_file():
+        pytest.skip("../shared/data/amazon-beauty is not present")
+    return BEAUTY
