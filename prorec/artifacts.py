@@ -1,0 +1,72 @@
+"""Reading and writing the artifacts stages hand to each other (Parquet tables and embeddings).
+
+An embeddings file has the columns `item_idx` (int32, 1-based dense index), `item_id` (string, as in
+the input files) and `embedding` (fixed-size list of float32), sorted by `item_idx`. Its schema
+metadata key `prorec` holds a JSON object describing how it was made.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"prorec"
+
+
+def write_embeddings(path: str | Path, item_idx: np.ndarray, item_id: list[str], vectors: np.ndarray,
+                     meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    order = np.argsort(np.asarray(item_idx), kind="stable")
+    n, d = vectors.shape
+    flat = pa.array(vectors[order].reshape(-1), pa.float32())
+    table = pa.table({
+        "item_idx": pa.array(np.asarray(item_idx, dtype=np.int32)[order]),
+        "item_id": pa.array([item_id[i] for i in order], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+    })
+    meta = {"dim": int(d), "count": int(n), **(meta or {})}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    tmp = path.with_suffix(".tmp.parquet")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:
+    """(item_idx [N] int64, item_id [N], vectors [N, D] float32, metadata), sorted by item_idx."""
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    col = table.column("embedding").combine_chunks()
+    d = col.type.list_size
+    vectors = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+    return (table.column("item_idx").to_numpy().astype(np.int64), table.column("item_id").to_pylist(),
+            vectors, meta)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    md = pq.read_schema(path).metadata or {}
+    return json.loads(md.get(META_KEY, b"{}"))
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
