@@ -66,6 +66,11 @@ class DataConfig:
         _check(self.max_history >= 1, "data.max_history must be >= 1")
         _check("{title}" in self.text_template or "{keywords}" in self.text_template,
                "data.text_template must contain {title} or {keywords}")
+        try:  # any other field or a stray brace would fail only when the first item is rendered
+            self.text_template.format(title="", categories="", keywords="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"data.text_template {self.text_template!r} is not a valid template ({e!r}); "
+                              "use only {title}, {categories} and {keywords}, and double literal braces") from None
         self.synthetic.validate()
 
 
@@ -134,9 +139,21 @@ class Stage1Config(TrainConfig):
     alpha: float = 1.0  # weight of L_align
     tau: float = 0.07  # InfoNCE temperature of the alignment
     dropout: float = 0.1
+    # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
+    # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
+    # other targets of the batch, with logQ correction; "full" = softmax over the whole catalogue
+    # (DIN's candidate-dependent attention makes it O(B * N * T): for small catalogues or a GPU).
+    negatives: str = "uniform"
+    n_negatives: int = 128
+    # Early stopping ranks the full catalogue for this many random validation users (0 = all):
+    # DIN scores every (user, item) pair with its own attention, O(N * T) per user.
+    valid_users: int = 2000
 
     def validate(self) -> None:
         TrainConfig.validate(self, "stage1")
+        _check(self.negatives in ("uniform", "in_batch", "full"), "stage1.negatives must be uniform, in_batch or full")
+        _check(self.n_negatives >= 1, "stage1.n_negatives must be >= 1")
+        _check(self.valid_users >= 0, "stage1.valid_users must be >= 0")
         _check(self.fusion in ("semantic", "collaborative", "concat", "prorec"),
                "stage1.fusion must be semantic, collaborative, concat or prorec")
         _check(self.dim >= 2, "stage1.dim must be >= 2")
@@ -157,6 +174,10 @@ class CodesConfig:
     use_gpu: bool = False
     # Cluster the level-1 subtrees as Ray tasks.
     use_ray: bool = True
+    # L2-normalise the embeddings before quantizing (added by the codes stage): Stage I aligns with
+    # cosine similarity (InfoNCE), so directions carry the meaning and Euclidean k-means on unit
+    # vectors clusters by cosine; MiniLM vectors are unit already.
+    normalize: bool = True
 
     def validate(self) -> None:
         _check(self.method in ("hkmeans", "rq-kmeans", "random"), "codes.method must be hkmeans, rq-kmeans or random")
@@ -183,6 +204,8 @@ class Stage2Config(TrainConfig):
     n_negatives: int = 256  # random other items per batch for L_distill
     # Validation beam search during training runs on at most this many users (0 = all).
     valid_users: int = 2000
+    # bfloat16 autocast for training and beam search on CUDA (added by Stage II); CPU runs in fp32.
+    bf16: bool = True
 
     def validate(self) -> None:
         TrainConfig.validate(self, "stage2")
@@ -208,6 +231,8 @@ class EvalConfig:
     # Drop items already in the user's history from the ranked list (these datasets have no
     # repeated user-item pairs). Applied equally to every variant.
     exclude_history: bool = True
+    # CPUs (and torch threads) each evaluation actor takes (added by the evaluation stage).
+    cpus_per_actor: float = 1.0
 
     def validate(self) -> None:
         _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "eval.topk must be a non-empty list of ints >= 1")
@@ -215,6 +240,7 @@ class EvalConfig:
                f"eval.beam_size ({self.beam_size}) must be >= the largest top-k evaluated ({max(self.topk)})")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
+        _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
 
 
 @dataclass
@@ -268,6 +294,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python's float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -295,6 +327,19 @@ def _deep_merge(base: dict, new: dict) -> dict:
     return out
 
 
+def _parse_override_value(raw: str) -> Any:
+    # A value is a YAML scalar or list; text YAML cannot parse, or that parses as a mapping (a
+    # template such as "{title}; {categories}" is a flow mapping to YAML), stays the raw string:
+    # no field takes a mapping from an override (set a nested field with dots instead).
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, dict) else value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`["stage2.decoder_layers=2", "data.path=/x"]` -> nested dict; values parse as YAML scalars."""
     tree: dict[str, Any] = {}
@@ -305,7 +350,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {item!r} must name a section and a key, e.g. codes.k=128")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _parse_override_value(raw)
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -28,6 +28,8 @@ def items_table(ds: Dataset, template: str) -> pa.Table:
 
 
 def split_sequences(ds: Dataset, max_history: int = 20) -> dict[str, pa.Table]:
+    if max_history < 1:  # history[-0:] would silently keep the whole history
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
     rows: dict[str, dict[str, list]] = {s: {"user_id": [], "history": [], "target": []} for s in SPLITS}
 
     def add(split: str, user: str, history: list[int], target: int) -> None:

@@ -68,7 +68,9 @@ def generate(cfg: SyntheticConfig | None = None) -> Dataset:
     # Hidden complements: two items from other categories, chosen at random.
     complements = np.empty((cfg.n_items, 2), dtype=np.int64)
     for i in range(cfg.n_items):
-        others = np.flatnonzero(item_cat != item_cat[i]) if n_cat > 1 else np.delete(np.arange(cfg.n_items), i)
+        others = np.flatnonzero(item_cat != item_cat[i])
+        if len(others) < 2:  # one category, or all but one item in this one: any other item
+            others = np.delete(np.arange(cfg.n_items), i)
         complements[i] = rng.choice(others, size=2, replace=False)
 
     def from_categories(pref: np.ndarray, seen: set[int]) -> int:

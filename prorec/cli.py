@@ -1,0 +1,164 @@
+"""The `prorec` command line.
+
+    prorec prepare-amazon --reviews reviews_Beauty_5.json.gz --meta meta_Beauty.json.gz --out data/beauty
+    prorec data stats DIR
+    prorec data split DIR --out DIR2
+    prorec synthetic --out DIR [--seed N ...]
+
+Bad data or configuration ends with one line `error: ...` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from prorec.config import ConfigError, DataConfig, SyntheticConfig
+from prorec.data.canonical import DataError
+
+EXIT_BAD_INPUT = 2
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# prorec prepare-amazon
+
+def _add_prepare_amazon(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare-amazon", help="convert raw Amazon 2014 review files to the canonical format",
+                       description="Order each user's reviews by time, drop repeated user-item pairs, apply the "
+                                   "k-core filter until stable, attach titles/categories/keywords and write "
+                                   "user_sequence.txt, items.jsonl and prepare_report.json.")
+    p.add_argument("--reviews", required=True, type=Path, help="reviews_<Category>_5.json.gz (JSON lines)")
+    p.add_argument("--meta", required=True, type=Path, help="meta_<Category>.json.gz (Python dict literals)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (canonical format)")
+    p.add_argument("--core", type=int, default=5, help="minimum interactions per user and per item (default 5)")
+    p.add_argument("--allow-missing-meta", action="store_true",
+                   help="keep reviewed items that have no metadata, with the placeholder text 'item <asin>'")
+    p.set_defaults(func=_cmd_prepare_amazon)
+
+
+def _cmd_prepare_amazon(args: argparse.Namespace) -> int:
+    from prorec.data.amazon import prepare_amazon
+
+    report = prepare_amazon(args.reviews, args.meta, args.out, core=args.core,
+                            allow_missing_meta=args.allow_missing_meta)
+    summary = report.to_dict()
+    summary["items_without_metadata"] = len(report.items_without_metadata)
+    _print_json({"out": str(args.out), **summary})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# prorec data stats | split
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="inspect a canonical dataset folder or write its splits")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{stats,split}")
+
+    s = data_sub.add_parser("stats", help="print {users, items, interactions, items_without_title} as JSON")
+    s.add_argument("dir", type=Path, help="canonical folder (user_sequence.txt + items.jsonl)")
+    s.set_defaults(func=_cmd_data_stats)
+
+    defaults = DataConfig()
+    s = data_sub.add_parser("split", help="write items/train/valid/test.parquet (leave-one-out)")
+    s.add_argument("dir", type=Path, help="canonical folder (user_sequence.txt + items.jsonl)")
+    s.add_argument("--out", required=True, type=Path, help="folder for the Parquet files")
+    s.add_argument("--max-history", type=int, default=defaults.max_history,
+                   help=f"most recent items kept per history (default {defaults.max_history})")
+    s.add_argument("--text-template", default=defaults.text_template,
+                   help=f"item text template (default {defaults.text_template!r})")
+    s.set_defaults(func=_cmd_data_split)
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from prorec.data.canonical import load_canonical
+
+    _print_json(load_canonical(args.dir).stats())
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from prorec.data.canonical import load_canonical
+    from prorec.data.splits import SPLITS, read_split, write_splits
+
+    DataConfig(max_history=args.max_history, text_template=args.text_template).validate()
+    out = write_splits(load_canonical(args.dir), args.out, max_history=args.max_history,
+                       template=args.text_template)
+    _print_json({"out": str(out), **{s: read_split(out, s).num_rows for s in ("items", *SPLITS)}})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# prorec synthetic
+
+def _add_synthetic(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synthetic", help="write the synthetic default dataset in the canonical format")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    # One flag per SyntheticConfig field, so the CLI never drifts from the config.
+    for f in dataclasses.fields(SyntheticConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                       help=f"data.synthetic.{f.name} (default {f.default})")
+    p.set_defaults(func=_cmd_synthetic)
+
+
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from prorec.data.canonical import load_canonical
+    from prorec.data.synthetic import write_synthetic
+
+    cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)})
+    out = write_synthetic(args.out, cfg)
+    _print_json({"out": str(out), **load_canonical(out).stats()})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# prorec run: the whole pipeline, the same flags as jobs/pipeline.py
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from prorec.pipeline import add_arguments
+
+    p = sub.add_parser("run", help="run (or resume) the whole pipeline: data, embed, stage1, codes, stage2, eval",
+                       description="Run every stage into a run directory; a rerun skips the stages whose "
+                                   "config and inputs did not change (see RUN/manifest.json).")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from prorec.pipeline import run_from_args
+
+    return run_from_args(args)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prepare_amazon, _add_data, _add_synthetic,
+                                                                 _add_run]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prorec", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (DataError, ConfigError) as e:
+        # One clean line: the message already names the file, the line and the fix.
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
