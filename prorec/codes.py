@@ -1,0 +1,211 @@
+"""Unified codes (PRORec §3.3, "Unified Codes"): the code artifact and the code trie.
+
+Every item gets a code: L tokens, each in [0, K). The quantizers that make codes live in
+`prorec.quantizers`; this module holds what the later stages need: reading and writing
+`codes.parquet`, and `CodeTrie`, the valid next tokens after every valid prefix as dense tensors
+so that a batched beam search can mask its logits with one gather per step.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from prorec.artifacts import META_KEY, file_hash, read_embeddings, write_json
+from prorec.config import CodesConfig
+
+CODES_FILE = "codes.parquet"
+REPORT_FILE = "code_report.json"
+
+
+class CodeTrie:
+    """Valid next tokens after every valid prefix, as dense tensors for a batched beam search.
+
+    Nodes at level l are the distinct code prefixes of length l (level 0: just node 0, the root).
+    `allowed[l][n, t]` says whether token t may follow prefix node n; `child[l][n, t]` is the node
+    id of the longer prefix at level l+1, or at the last level (l = L-1) the item_idx; -1 where
+    the token is invalid. Node ids are assigned in sorted prefix order, so the trie is deterministic.
+    """
+
+    k: int
+    length: int
+    allowed: list[torch.Tensor]  # allowed[l]: bool [n_nodes_l, K]
+    child: list[torch.Tensor]  # child[l]: long [n_nodes_l, K]
+
+    def __init__(self, k: int, allowed: list[torch.Tensor], child: list[torch.Tensor]) -> None:
+        self.k = int(k)
+        self.length = len(child)
+        self.allowed = allowed
+        self.child = child
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, item_idx: np.ndarray, k: int) -> "CodeTrie":
+        """codes [N, L] ints in [0, k), one per item; item_idx [N]. Codes must be unique."""
+        codes = np.asarray(codes)
+        item_idx = np.asarray(item_idx)
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise ValueError(f"codes must be a non-empty [N, L] array, got shape {codes.shape}")
+        if item_idx.shape != (codes.shape[0],):
+            raise ValueError(f"item_idx must have shape [{codes.shape[0]}], got {item_idx.shape}")
+        if k < 2:
+            raise ValueError(f"k must be >= 2, got {k}")
+        codes = codes.astype(np.int64)
+        if codes.min() < 0 or codes.max() >= k:
+            raise ValueError(f"code tokens must lie in [0, {k}), got range [{codes.min()}, {codes.max()}]")
+        n, length = codes.shape
+        node = np.zeros(n, dtype=np.int64)  # each item's prefix node at the current level
+        n_nodes = 1
+        allowed: list[torch.Tensor] = []
+        child: list[torch.Tensor] = []
+        for level in range(length):
+            tok = codes[:, level]
+            allow = np.zeros((n_nodes, k), dtype=bool)
+            allow[node, tok] = True
+            nxt = np.full((n_nodes, k), -1, dtype=np.int64)
+            if level < length - 1:
+                # One key per (prefix node, token); np.unique sorts them, so ids follow prefix order.
+                keys, node = np.unique(node * k + tok, return_inverse=True)
+                node = node.reshape(-1)
+                nxt[keys // k, keys % k] = np.arange(len(keys))
+                n_nodes = len(keys)
+            else:
+                if len(np.unique(node * k + tok)) != n:
+                    raise ValueError("codes are not unique: two items share a code")
+                nxt[node, tok] = item_idx
+            allowed.append(torch.from_numpy(allow))
+            child.append(torch.from_numpy(nxt))
+        return cls(k, allowed, child)
+
+    def to(self, device: torch.device | str) -> "CodeTrie":
+        return CodeTrie(self.k, [a.to(device) for a in self.allowed], [c.to(device) for c in self.child])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.allowed[-1].sum())
+
+    def item_of(self, code: Sequence[int]) -> int | None:
+        """The item_idx whose code this is, or None for a non-code (wrong length, prefix, unknown)."""
+        code = [int(t) for t in code]
+        if len(code) != self.length:
+            return None
+        node = 0
+        for level, tok in enumerate(code):
+            if not 0 <= tok < self.k or not bool(self.allowed[level][node, tok]):
+                return None
+            node = int(self.child[level][node, tok])
+        return node
+
+    def __contains__(self, code: object) -> bool:
+        try:
+            return self.item_of(code) is not None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The codes artifact
+
+def write_codes(path: str | Path, item_idx: np.ndarray, item_id: list[str], codes: np.ndarray, k: int,
+                meta: dict[str, Any] | None = None) -> Path:
+    """codes.parquet: item_idx int32, item_id str, code list<int32> (all of length L), sorted by
+    item_idx; the schema metadata holds k and code_length so a reader never has to guess K."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codes = np.asarray(codes, dtype=np.int32)
+    order = np.argsort(np.asarray(item_idx), kind="stable")
+    n, length = codes.shape
+    flat = pa.array(codes[order].reshape(-1), pa.int32())
+    offsets = pa.array(np.arange(0, n * length + 1, length, dtype=np.int32))
+    table = pa.table({
+        "item_idx": pa.array(np.asarray(item_idx, dtype=np.int32)[order]),
+        "item_id": pa.array([item_id[i] for i in order], pa.string()),
+        "code": pa.ListArray.from_arrays(offsets, flat),
+    })
+    meta = {"k": int(k), "code_length": int(length), "n_items": int(n), **(meta or {})}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    tmp = path.with_suffix(".tmp.parquet")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_codes(codes_path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(item_idx [N] int64, item_id [N], codes [N, L] int64), sorted by item_idx."""
+    table = pq.read_table(codes_path)
+    col = table.column("code").combine_chunks()
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    if len(lengths) == 0 or (lengths != lengths[0]).any():
+        raise ValueError(f"{codes_path}: every code must have the same length L")
+    codes = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(lengths), int(lengths[0]))
+    return table.column("item_idx").to_numpy().astype(np.int64), table.column("item_id").to_pylist(), codes
+
+
+def codes_meta(codes_path: str | Path) -> dict[str, Any]:
+    """k, code_length, ... from codes.parquet's metadata, else from code_report.json beside it."""
+    md = json.loads((pq.read_schema(codes_path).metadata or {}).get(META_KEY, b"{}"))
+    if "k" not in md:
+        report = Path(codes_path).parent / REPORT_FILE
+        if report.is_file():
+            md = {**json.loads(report.read_text()), **md}
+    if "k" not in md:
+        raise ValueError(f"{codes_path}: no k in its metadata and no {REPORT_FILE} beside it")
+    return md
+
+
+def trie_from_file(path: str | Path) -> CodeTrie:
+    """The trie of a codes.parquet (or of the codes.parquet inside a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CODES_FILE
+    item_idx, _, codes = load_codes(path)
+    return CodeTrie.from_codes(codes, item_idx, int(codes_meta(path)["k"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+def quantize(cfg: CodesConfig, x: np.ndarray, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [N, L], depth [N]) for embeddings x [N, D] with the method cfg.method."""
+    from prorec import quantizers as q
+
+    cfg.validate()
+    x = np.asarray(x, dtype=np.float32)
+    if cfg.normalize and x.ndim == 2:
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norm > 0, norm, 1.0)  # a zero vector stays zero
+    if cfg.method == "hkmeans":
+        return q.hierarchical_kmeans(x, cfg.k, cfg.niter, cfg.seed, cfg.use_gpu, cfg.use_ray, log=log)
+    if cfg.method == "rq-kmeans":
+        return q.rq_kmeans(x, cfg.k, cfg.rq_levels, cfg.niter, cfg.seed, cfg.use_gpu)
+    return q.random_codes(len(x), cfg.k, cfg.seed)
+
+
+def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
+    """Quantize the item embeddings: out_dir/codes.parquet and out_dir/code_report.json."""
+    from prorec.quantizers import code_stats
+
+    out_dir = Path(out_dir)
+    item_idx, item_id, x, _ = read_embeddings(embeddings_path)
+    print(f"codes: {cfg.method} with K={cfg.k} on {x.shape[0]} items x {x.shape[1]} dims",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    codes, depth = quantize(cfg, x, log=True)
+    seconds = time.perf_counter() - t0
+    report = {"method": cfg.method, **code_stats(codes, depth, cfg.k), "seconds": round(seconds, 3),
+              "normalize": cfg.normalize, "seed": cfg.seed, "embeddings": str(embeddings_path),
+              "embeddings_hash": file_hash(embeddings_path)}
+    if report["collisions"]:
+        raise RuntimeError(f"{cfg.method} produced {report['collisions']} colliding codes; this is a bug")
+    path = write_codes(out_dir / CODES_FILE, item_idx, item_id, codes, cfg.k,
+                       meta={"method": cfg.method, "embeddings_hash": report["embeddings_hash"]})
+    write_json(out_dir / REPORT_FILE, report)
+    print(f"codes: L={report['code_length']} in {seconds:.1f}s -> {path}", file=sys.stderr, flush=True)
+    return path

@@ -1,0 +1,213 @@
+"""Unified codes: the quantizers (prorec/quantizers.py), the code trie and the codes artifact."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prorec import quantizers as q
+from prorec.artifacts import write_embeddings
+from prorec.codes import CodeTrie, load_codes, quantize, run_codes, trie_from_file
+from prorec.config import CodesConfig, ConfigError
+
+
+def _unique_rows(codes: np.ndarray) -> bool:
+    return len(np.unique(codes, axis=0)) == len(codes)
+
+
+def _prefix_free(codes: np.ndarray, depth: np.ndarray) -> bool:
+    real = [tuple(c[:d]) for c, d in zip(codes.tolist(), depth)]
+    proper_prefixes = {c[:i] for c in real for i in range(len(c))}
+    return len(set(real)) == len(real) and not proper_prefixes & set(real)
+
+
+def _blobs(n_blobs: int, per_blob: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_blobs, dim)) * 4
+    label = np.repeat(np.arange(n_blobs), per_blob)
+    return (centres[label] + rng.normal(size=(len(label), dim))).astype(np.float32), label
+
+
+# ----------------------------------------------------------------------------------------------
+# Hierarchical k-means
+
+@st.composite
+def _embeddings(draw):
+    """Random embeddings with duplicated rows, from 1 item up."""
+    n = draw(st.integers(1, 40))
+    n_distinct = draw(st.integers(1, n))
+    dim = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    distinct = rng.normal(size=(n_distinct, dim)).astype(np.float32)
+    return distinct[rng.integers(0, n_distinct, size=n)]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=_embeddings(), k=st.sampled_from([2, 3, 5, 16]))
+def test_hkmeans_codes_unique_prefix_free_and_in_range(x, k):
+    codes, depth = q.hierarchical_kmeans(x, k, niter=5)
+    assert codes.shape[0] == len(x) and codes.shape[1] == depth.max()
+    assert codes.min() >= 0 and codes.max() < k
+    assert _unique_rows(codes)
+    # Prefix-free before padding is what makes zero padding safe.
+    assert _prefix_free(codes, depth)
+    assert (codes[np.arange(codes.shape[1])[None, :] >= depth[:, None]] == 0).all()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_hkmeans_tiny_sets(n):
+    codes, depth = q.hierarchical_kmeans(np.zeros((n, 3), np.float32), 2)
+    assert codes.tolist() == [[t] for t in range(n)] and depth.tolist() == [1] * n
+
+
+def test_hkmeans_identical_vectors_terminate_with_balanced_split():
+    codes, depth = q.hierarchical_kmeans(np.ones((100, 4), np.float32), 4, niter=3)
+    assert _unique_rows(codes)
+    # 100 identical items cannot be clustered; balanced chunks give the shortest tree, 4^4 >= 100.
+    assert depth.max() == 4
+
+
+def test_items_sharing_level1_code_are_closer_than_random_pairs():
+    x, _ = _blobs(n_blobs=6, per_blob=60)
+    codes, _ = q.hierarchical_kmeans(x, 6, niter=10)
+    dist = np.linalg.norm(x[:, None] - x[None], axis=-1)  # [N, N]
+    same = codes[:, None, 0] == codes[None, :, 0]
+    off_diag = ~np.eye(len(x), dtype=bool)
+    assert dist[same & off_diag].mean() < 0.5 * dist[off_diag].mean()
+
+
+def test_same_seed_same_codes_other_seed_other_codes():
+    x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
+    a, _ = q.hierarchical_kmeans(x, 4, seed=3)
+    b, _ = q.hierarchical_kmeans(x, 4, seed=3)
+    c, _ = q.hierarchical_kmeans(x, 4, seed=4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_k_below_two_refused():
+    with pytest.raises(ConfigError, match="codes.k must be >= 2"):
+        CodesConfig(k=1).validate()
+    x = np.zeros((5, 2), np.float32)
+    for fn in (lambda: q.hierarchical_kmeans(x, 1), lambda: q.rq_kmeans(x, 1, 2), lambda: q.random_codes(5, 1)):
+        with pytest.raises(ValueError, match="k must be >= 2"):
+            fn()
+
+
+def test_normalize_makes_codes_scale_free():
+    x, _ = _blobs(n_blobs=4, per_blob=30, dim=8)
+    scale = 2.0 ** np.random.default_rng(0).integers(-3, 4, size=(len(x), 1))  # exact in float32
+    cfg = CodesConfig(k=4, use_ray=False, normalize=True)
+    assert np.array_equal(quantize(cfg, x)[0], quantize(cfg, (x * scale).astype(np.float32))[0])
+
+
+def test_missing_faiss_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'prorec\[cpu\]'"):
+        q.hierarchical_kmeans(np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32), 2)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_tasks_give_the_in_process_codes(ray_session):
+    x, _ = _blobs(n_blobs=5, per_blob=80, dim=8)
+    local, ld = q.hierarchical_kmeans(x, 4, niter=5, use_ray=False)
+    remote, rd = q.hierarchical_kmeans(x, 4, niter=5, use_ray=True)
+    assert local.shape[1] >= 3  # the level-1 groups really were split further, by Ray tasks
+    assert np.array_equal(local, remote) and np.array_equal(ld, rd)
+
+
+def test_pack_balances_and_keeps_every_group():
+    groups = [((i,), np.arange(s)) for i, s in enumerate([50, 40, 30, 20, 10, 5, 5])]
+    bins = q._pack(groups, 3)
+    assert sorted(g[0] for b in bins for g in b) == [g[0] for g in groups]
+    loads = sorted(sum(len(g[1]) for g in b) for b in bins)
+    assert loads == [50, 55, 55]  # longest first: 50 | 40+10+5 | 30+20+5
+
+
+# ----------------------------------------------------------------------------------------------
+# Other quantizers
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_rq_kmeans_unique_with_collision_suffix(k):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(60, 4)), np.ones((20, 4))]).astype(np.float32)  # 20 duplicates
+    codes, depth = q.rq_kmeans(x, k, levels=2, niter=5)
+    assert _unique_rows(codes) and codes.min() >= 0 and codes.max() < k
+    # The duplicates collide on their 2 residual tokens, so a suffix of base-k digits follows.
+    n_suffix = int(np.ceil(np.log(20) / np.log(k) - 1e-9))
+    assert codes.shape[1] >= 2 + n_suffix and (depth == codes.shape[1]).all()
+    dup = codes[60:]
+    assert (dup[:, :2] == dup[0, :2]).all()
+
+
+def test_rq_kmeans_without_collisions_has_no_suffix():
+    x = np.eye(4, dtype=np.float32)
+    codes, _ = q.rq_kmeans(x, 4, levels=1, niter=5)
+    assert codes.shape == (4, 1) and _unique_rows(codes)
+
+
+@pytest.mark.parametrize("n,k,length", [(1, 2, 1), (2, 2, 1), (100, 10, 2), (101, 10, 3), (500, 4, 5)])
+def test_random_codes_unique_balanced(n, k, length):
+    codes, _ = q.random_codes(n, k, seed=1)
+    assert codes.shape == (n, length) and _unique_rows(codes) and codes.max() < k
+    counts = np.bincount(codes[:, 0], minlength=min(n, k))
+    assert counts.max() - counts[counts > 0].min() <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Trie
+
+def test_trie_accepts_exactly_the_codes():
+    rng = np.random.default_rng(0)
+    codes, _ = q.hierarchical_kmeans(rng.normal(size=(200, 6)).astype(np.float32), 5, niter=5)
+    item_idx = rng.permutation(np.arange(1, 201))
+    trie = CodeTrie.from_codes(codes, item_idx, 5)
+    assert trie.length == codes.shape[1] and trie.k == 5 and trie.n_items == 200
+    for c, i in zip(codes, item_idx):
+        assert trie.item_of(c) == i and tuple(c) in trie
+        assert all(c[:j].tolist() not in trie for j in range(trie.length))  # proper prefixes
+    known = set(map(tuple, codes.tolist()))
+    others = [tuple(r) for r in rng.integers(0, 5, size=(500, codes.shape[1])).tolist() if tuple(r) not in known]
+    assert others and not any(o in trie for o in others)
+    assert [5] + [0] * (trie.length - 1) not in trie and [-1] * trie.length not in trie
+    # Dense tables agree: invalid entries are exactly the -1 children; level 0 is the root alone.
+    assert trie.allowed[0].shape == (1, 5)
+    for a, ch in zip(trie.allowed, trie.child):
+        assert a.dtype == torch.bool and ch.dtype == torch.long and torch.equal(a, ch >= 0)
+    assert trie.to("cpu").item_of(codes[0]) == item_idx[0]
+
+
+def test_trie_rejects_duplicate_and_out_of_range_codes():
+    with pytest.raises(ValueError, match="not unique"):
+        CodeTrie.from_codes(np.array([[0, 1], [0, 1]]), np.array([1, 2]), 2)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        CodeTrie.from_codes(np.array([[0, 2]]), np.array([1]), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage and its artifacts
+
+@pytest.mark.parametrize("method", ["hkmeans", "rq-kmeans", "random"])
+def test_run_codes_writes_codes_and_report(tmp_path, method):
+    x, _ = _blobs(n_blobs=4, per_blob=25, dim=8)
+    item_idx = np.arange(1, 101)
+    ids = [f"item{i}" for i in item_idx]
+    emb = write_embeddings(tmp_path / "emb.parquet", item_idx[::-1], ids[::-1], x[::-1])
+    cfg = CodesConfig(method=method, k=4, niter=5, use_ray=False)
+    path = run_codes(cfg, emb, tmp_path / "codes")
+    got_idx, got_ids, codes = load_codes(path)
+    assert got_idx.tolist() == item_idx.tolist() and got_ids == ids
+    report = json.loads((tmp_path / "codes" / "code_report.json").read_text())
+    assert report["method"] == method and report["k"] == 4 and report["n_items"] == 100
+    assert report["collisions"] == 0 and report["code_length"] == codes.shape[1]
+    assert sum(report["depth_histogram"].values()) == 100
+    assert len(report["levels"]) == codes.shape[1] and report["levels"][-1]["largest_group"] == 1
+    trie = trie_from_file(tmp_path / "codes")
+    assert all(trie.item_of(c) == i for c, i in zip(codes, got_idx))
