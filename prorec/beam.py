@@ -1,0 +1,232 @@
+"""Constrained beam search over the code trie (PRORec §3.4, inference), and its brute-force reference.
+
+`BeamSearch` decodes many users at once: the encoder runs once per user, decoder self-attention
+uses a KV cache, cross-attention K/V are computed once per user and shared by its beams, and every
+step is masked by the trie (log-softmax over K, invalid tokens set to -inf, node ids tracked per
+beam through `trie.child`). A code's score is the sum of its L per-level log-probabilities.
+
+Ties are broken deterministically: candidates are ordered by (score descending, flat candidate
+index ascending), where the flat index is (parent beam rank) * K + token.
+
+History exclusion (`exclude_history=True`). The beam is the candidate set, and it runs over the
+catalogue *without* the user's history: a candidate prefix is masked out when every item below it
+is in the user's history (at the last level: when the item itself is). So the search spends none of
+its W slots on items that would be dropped, and the result equals a beam search over the trie of
+the remaining items. The brute-force reference drops the same items from the full ranking.
+
+`score_all_codes` is the reference: it teacher-forces every valid code of the trie and sums the
+same per-level log-probabilities. With beam_size >= the number of items the beam search returns
+exactly its top-k (tests/test_beam.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prorec.codes import CodeTrie
+from prorec.models.generator import DecoderCache, Generator
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BeamResult:
+    items: torch.Tensor  # [B, n] long item_idx, best first; -1 where fewer than n valid items exist
+    scores: torch.Tensor  # [B, n] float32 log-probabilities; -inf where items is -1
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of x [B, M], ordered by (value desc, index asc): a deterministic top-k.
+
+    torch.topk leaves the choice among equal values unspecified, so rows whose k-th finite value is
+    tied with an unselected entry fall back to a stable full sort (rare: exact float ties).
+    """
+    vals, idx = x.topk(k, dim=1)  # (B, k)
+    idx, perm = idx.sort(dim=1)
+    vals, perm = vals.gather(1, perm).sort(dim=1, descending=True, stable=True)
+    idx = idx.gather(1, perm)
+    kth = vals[:, -1:]
+    tied = torch.isfinite(kth[:, 0]) & ((x >= kth).sum(1) > k)
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        v, i = x[rows].sort(dim=1, descending=True, stable=True)
+        vals[rows], idx[rows] = v[:, :k], i[:, :k]
+    return vals, idx
+
+
+class _TriePaths:
+    """Per item: its prefix node at every level, and how many items lie under each of its prefixes.
+
+    Used only for history exclusion: a history item's level-(l+1) prefix is dead for a user when
+    the user's history contains every item under it.
+    """
+
+    def __init__(self, trie: CodeTrie, item_codes: torch.Tensor) -> None:
+        L, K = trie.length, trie.k
+        codes = item_codes[1:].to(trie.child[0].device)  # (N, L)
+        n = codes.shape[0]
+        node = torch.zeros(n, dtype=torch.long, device=codes.device)
+        path, key, leaves = [], [], []
+        for level in range(L):
+            path.append(node)
+            nxt = trie.child[level][node, codes[:, level]]  # level+1 node, or the item at the last level
+            if level < L - 1:
+                size = torch.bincount(nxt.clamp(min=0), minlength=trie.child[level + 1].shape[0])
+                leaves.append(size[nxt.clamp(min=0)])
+            else:
+                expected = torch.arange(1, n + 1, device=codes.device)
+                if not torch.equal(nxt, expected):
+                    bad = int((nxt != expected).nonzero()[0, 0]) + 1
+                    raise ValueError(f"the model's code of item {bad} is not that item's code in the trie: "
+                                     "build the trie from the codes the generator was trained on")
+                leaves.append(torch.ones_like(nxt))
+            key.append(nxt)
+            node = nxt
+        pad = lambda t, v: torch.cat([torch.full((1,), v, dtype=t.dtype, device=t.device), t])  # noqa: E731
+        self.path = torch.stack([pad(p, -2) for p in path], 1)  # (N+1, L); row 0 matches no beam
+        self.key = torch.stack([pad(q, -1) for q in key], 1)  # (N+1, L) the level-(l+1) prefix id
+        self.leaves = torch.stack([pad(c, 1 << 30) for c in leaves], 1)  # (N+1, L)
+        self.codes = torch.cat([torch.zeros(1, L, dtype=torch.long, device=codes.device), codes])
+
+    def dead(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """history [B, S] -> (parent node [B, S, L], token [B, S, L], dead [B, S, L] bool): at level l,
+        token `token` after prefix `parent` leads only to items in the history when dead."""
+        valid = history > 0
+        same_item = history[:, :, None] == history[:, None, :]  # (B, S, S)
+        earlier = torch.ones_like(same_item[0]).tril(-1)  # (S, S): s' < s
+        first = valid & ~(same_item & earlier).any(-1)  # first occurrence of each distinct item
+        key = self.key[history]  # (B, S, L)
+        same = key[:, :, None, :] == key[:, None, :, :]  # (B, S, S, L)
+        count = (same & first[:, None, :, None]).sum(2)  # distinct history items under the prefix
+        dead = valid[..., None] & (count >= self.leaves[history])
+        return self.path[history], self.codes[history], dead
+
+
+class BeamSearch:
+    """Batched trie-constrained beam search of a `Generator`: `search(history) -> BeamResult`."""
+
+    def __init__(self, model: Generator, trie: CodeTrie, beam_size: int, topk: int,
+                 exclude_history: bool = False, autocast: bool = False) -> None:
+        if beam_size < topk:
+            raise ValueError(f"beam_size ({beam_size}) must be >= the largest top-k asked for ({topk}): "
+                             "the final beam is the ranked candidate list")
+        if trie.length != model.cfg.code_length or trie.k != model.cfg.k:
+            raise ValueError(f"trie (L={trie.length}, K={trie.k}) does not match the model "
+                             f"(L={model.cfg.code_length}, K={model.cfg.k})")
+        device = model.item_codes.device
+        self.model, self.beam_size, self.topk = model, beam_size, topk
+        self.trie = trie.to(device)
+        # A sentinel last row (nothing allowed, no child) lets dead beams (node -1) index the tables.
+        self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed]
+        self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
+        self.paths = _TriePaths(self.trie, model.item_codes) if exclude_history else None
+        self.autocast = autocast and device.type == "cuda"
+
+    @torch.inference_mode()
+    def search(self, history: torch.Tensor) -> BeamResult:
+        """history [B, S] item_idx (right-padded with 0) -> the top-`topk` items of each user."""
+        model, trie, W, K = self.model, self.trie, self.beam_size, self.trie.k
+        was_training = model.training
+        model.eval()
+        history = history.to(model.item_codes.device)
+        B = history.shape[0]
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        excl = self.paths.dead(history) if self.paths is not None else None
+        try:
+            with amp:
+                memory = model.encode(history)
+                cache = DecoderCache(len(model.decoder), trie.length)
+                scores = torch.zeros(B, 1, device=history.device)  # (B, G) log-prob of each beam
+                nodes = torch.zeros(B, 1, dtype=torch.long, device=history.device)  # trie node per beam
+                prev = None
+                for level in range(trie.length):
+                    G = nodes.shape[1]
+                    logits = model.step(memory, cache, level, prev, B)  # (B*G, K)
+                    logp = F.log_softmax(logits.float(), dim=-1).view(B, G, K)
+                    ok = self.allowed[level][nodes]  # (B, G, K); node -1 reads the sentinel row
+                    if excl is not None:
+                        self._exclude(ok, nodes, excl, level)
+                    cand = torch.where(ok, scores[..., None] + logp, NEG_INF).view(B, G * K)
+                    scores, flat = stable_topk(cand, min(W, G * K))  # (B, G')
+                    parent, token = flat // K, flat % K
+                    nodes = self.child[level][nodes.gather(1, parent), token]
+                    nodes = nodes.masked_fill(~torch.isfinite(scores), -1)
+                    if level < trie.length - 1:
+                        cache.reorder((torch.arange(B, device=nodes.device)[:, None] * G + parent).view(-1))
+                        prev = token.view(-1)
+        finally:
+            model.train(was_training)
+        n = self.topk
+        items, scores = nodes[:, :n], scores[:, :n]
+        if items.shape[1] < n:  # fewer candidates than topk (tiny catalogues)
+            pad = n - items.shape[1]
+            items = F.pad(items, (0, pad), value=-1)
+            scores = F.pad(scores, (0, pad), value=NEG_INF)
+        return BeamResult(items.masked_fill(~torch.isfinite(scores), -1), scores)
+
+    @staticmethod
+    def _exclude(ok: torch.Tensor, nodes: torch.Tensor, excl: tuple[torch.Tensor, ...], level: int) -> None:
+        """Clear ok [B, G, K] where the token's subtree holds only history items (in place)."""
+        parent, token, dead = (t[:, :, level] for t in excl)  # (B, S) each
+        hit = (nodes[:, :, None] == parent[:, None, :]) & dead[:, None, :]  # (B, G, S)
+        b, g, s = hit.nonzero(as_tuple=True)
+        ok[b, g, token[b, s]] = False
+
+
+def beam_search(model: Generator, history: torch.Tensor, trie: CodeTrie, beam_size: int, topk: int,
+                exclude_history: bool = False) -> BeamResult:
+    """One-off convenience wrapper; build a `BeamSearch` once when searching many batches."""
+    return BeamSearch(model, trie, beam_size, topk, exclude_history).search(history)
+
+
+# ----------------------------------------------------------------------------------------------
+# Brute-force reference
+
+def trie_codes(trie: CodeTrie) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every valid code of the trie: (codes [N, L] long, item_idx [N] long), in code order."""
+    prefixes = torch.zeros(1, 0, dtype=torch.long)
+    nodes = torch.zeros(1, dtype=torch.long)
+    for level in range(trie.length):
+        allowed, child = trie.allowed[level].cpu(), trie.child[level].cpu()
+        pairs = allowed[nodes].nonzero()  # (M, 2): (row in nodes, token), sorted
+        prefixes = torch.cat([prefixes[pairs[:, 0]], pairs[:, 1:]], dim=1)
+        nodes = child[nodes[pairs[:, 0]], pairs[:, 1]]
+    return prefixes, nodes
+
+
+@torch.inference_mode()
+def score_all_codes(model: Generator, history: torch.Tensor, trie: CodeTrie) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-force every valid code: (item_idx [N], logp [B, N]) with logp = sum_l log p(c_l | c_<l, history)."""
+    was_training = model.training
+    model.eval()
+    device = model.item_codes.device
+    codes, items = trie_codes(trie)
+    codes = codes.to(device)
+    out = []
+    for row in history.to(device):
+        memory = model.encode(row[None].expand(codes.shape[0], -1))
+        logits = model.code_logits(model.decode(memory, codes))  # (N, L, K)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(2, codes[..., None])[..., 0]  # (N, L)
+        out.append(logp.sum(1))
+    model.train(was_training)
+    return items.to(device), torch.stack(out)
+
+
+def brute_force_topk(model: Generator, history: torch.Tensor, trie: CodeTrie, topk: int,
+                     exclude_history: bool = False) -> BeamResult:
+    """The exact top-k of every user by `score_all_codes` (ties: lower code order first)."""
+    items, logp = score_all_codes(model, history, trie)
+    history = history.to(logp.device)
+    if exclude_history:
+        seen = (items[None, :, None] == history[:, None, :]).any(-1)  # (B, N)
+        logp = logp.masked_fill(seen, NEG_INF)
+    n = min(topk, items.shape[0])
+    scores, idx = stable_topk(logp, n)
+    top = items[idx].masked_fill(~torch.isfinite(scores), -1)
+    if n < topk:
+        top = F.pad(top, (0, topk - n), value=-1)
+        scores = F.pad(scores, (0, topk - n), value=NEG_INF)
+    return BeamResult(top, scores)

@@ -1,0 +1,127 @@
+"""Leave-one-out evaluation over the full catalogue, in-process or as a pool of Ray actors.
+
+Every user of the valid and test splits is ranked by the trie-constrained beam search: the beam
+runs over the trie of every item (minus the user's history when `exclude_history`), so the ranked
+list is drawn from the full catalogue, with no sampled negatives. Recall and NDCG @k follow.
+
+With `use_ray`, `num_actors` actors each load the model once and rank shards of users through a
+`ray.util.ActorPool`; shards are whole beam-search batches, so each user is searched in the same
+batch as in-process and the two give the same rankings.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from prorec.artifacts import write_json
+from prorec.beam import BeamSearch
+from prorec.codes import CodeTrie
+from prorec.config import EvalConfig
+from prorec.data.splits import read_split
+from prorec.metrics import ranking_metrics, target_ranks
+from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users, read_model_config
+
+SPLITS = ("valid", "test")
+PREDICTION_DEPTH = 20  # predictions.parquet holds the top 20 (or the beam, if narrower)
+
+
+class Ranker:
+    """Loads the generator and the trie once; ranks batches of users (the body of an actor)."""
+
+    def __init__(self, model_dir: str, codes_path: str, cfg: EvalConfig, depth: int, threads: int | None = None,
+                 use_gpu: bool = False) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_generator(Path(model_dir), device)
+        codes, k = item_code_table(Path(codes_path), self.model.cfg.n_items)
+        if k != self.model.cfg.k or not torch.equal(codes.to(device), self.model.item_codes):
+            raise ValueError(f"{codes_path} holds other codes than the ones {model_dir} was trained on")
+        trie = CodeTrie.from_codes(codes[1:].numpy(), np.arange(1, len(codes)), k)
+        self.search = BeamSearch(self.model, trie, cfg.beam_size, depth, cfg.exclude_history,
+                                 autocast=device.type == "cuda")
+        self.batch_size = cfg.batch_size
+
+    def rank(self, history: np.ndarray) -> np.ndarray:
+        """history [U, S] item_idx (right-padded) -> ranked item_idx [U, depth], -1 = empty slot."""
+        return rank_users(self.search, torch.from_numpy(np.ascontiguousarray(history)), self.batch_size)
+
+    def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
+        """`rank` of some rows of a shared array (Ray passes the array from the object store)."""
+        return self.rank(history[rows])
+
+
+def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
+    """Contiguous shards of whole batches (so batching is identical to the in-process run)."""
+    batches = -(-n // batch_size)
+    per = max(1, -(-batches // n_shards))
+    return [slice(s * batch_size, min(n, (s + per) * batch_size)) for s in range(0, batches, per)]
+
+
+def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
+                 histories: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import ray
+    from ray.util import ActorPool
+
+    threads = max(1, int(cfg.cpus_per_actor))
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(Ranker)
+    actors = [actor_cls.remote(str(model_dir), str(codes_path), cfg, depth, threads, cfg.num_gpus_per_actor > 0)
+              for _ in range(cfg.num_actors)]
+    # A few shards per actor so that a slow one does not leave the others idle at the end.
+    jobs = [(split, sl) for split, h in histories.items() for sl in _shards(len(h), cfg.batch_size, 4 * cfg.num_actors)]
+    refs = {split: ray.put(h) for split, h in histories.items()}
+    pool = ActorPool(actors)
+    try:
+        parts = list(pool.map(lambda a, job: a.rank_rows.remote(refs[job[0]], job[1]), jobs))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    out = {}
+    for split in histories:
+        mine = [p for (s, _), p in zip(jobs, parts) if s == split]
+        out[split] = np.concatenate(mine) if mine else np.zeros((0, depth), dtype=np.int64)
+    return out
+
+
+def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: Path, out_dir: Path) -> dict:
+    """Recall and NDCG @cfg.topk on the valid and test splits -> out_dir/metrics.json and
+    out_dir/predictions.parquet (test users, their top-20 item ids). Returns the metrics."""
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    depth = max(max(cfg.topk), min(PREDICTION_DEPTH, cfg.beam_size))
+    items = read_split(data_dir, "items")
+    item_ids = np.array([""] + items.column("item_id").to_pylist(), dtype=object)
+    item_ids[items.column("item_idx").to_numpy()] = items.column("item_id").to_pylist()
+    tables = {s: read_split(data_dir, s) for s in SPLITS}
+    max_history = read_model_config(model_dir)["max_history"]  # longer histories keep their most recent items
+    histories = {s: history_tensor(t.column("history"), max_history).numpy() for s, t in tables.items()}
+    n_users = sum(len(h) for h in histories.values())
+    t0 = time.perf_counter()
+    if cfg.use_ray:
+        ranked = _rank_on_ray(cfg, model_dir, codes_path, depth, histories)
+    else:
+        ranker = Ranker(str(model_dir), str(codes_path), cfg, depth, use_gpu=cfg.num_gpus_per_actor > 0)
+        ranked = {s: ranker.rank(h) for s, h in histories.items()}
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {}
+    for s, t in tables.items():
+        ranks = target_ranks(ranked[s], t.column("target").to_numpy().astype(np.int64))
+        metrics[s] = ranking_metrics(ranks, cfg.topk)
+    print(f"eval: {n_users} users in {seconds:.1f}s ({n_users / max(seconds, 1e-9):.0f} users/s); "
+          f"test {metrics['test']}", file=sys.stderr, flush=True)
+    write_json(out_dir / "metrics.json", metrics)
+    test_ranked = ranked["test"]
+    preds = [[item_ids[i] for i in row if i > 0] for row in test_ranked[:, :PREDICTION_DEPTH]]
+    table = pa.table({"user_id": tables["test"].column("user_id"), "items": pa.array(preds, pa.list_(pa.string()))})
+    tmp = out_dir / "predictions.tmp.parquet"
+    pq.write_table(table, tmp)
+    tmp.replace(out_dir / "predictions.parquet")
+    return metrics

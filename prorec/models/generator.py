@@ -1,0 +1,361 @@
+"""The encoder-decoder generator with the distillation token (PRORec §3.4).
+
+Encoder: one token per history item = the sum of its per-level code embeddings (+ an optional
+item-ID embedding) + a recency position embedding; padding is masked. Decoder: <BOS>, the target's
+code tokens, then the learnable distillation token [c_dis], under a causal mask; per-level heads
+predict code token l from position l. L = L_gen + beta * L_distill, where L_distill is an InfoNCE
+between a projection of [c_dis]'s last hidden state and the fixed Stage I embedding of the target.
+
+Attention is written out (nanoGPT style, fused `scaled_dot_product_attention`) so the decoder has
+a clean incremental path for beam search: a per-layer self-attention KV cache (`DecoderCache`) and
+cross-attention K/V computed once per user (`Generator.cross_kv`). In that path the beams of one
+user are extra *query positions* of the user's cross-attention, so the encoder K/V are never copied
+per beam.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GeneratorConfig:
+    """Everything that fixes the generator's shape. Built from Stage2Config + the artifacts."""
+
+    n_items: int  # items are 1..n_items; 0 is padding
+    k: int  # code vocabulary per level
+    code_length: int  # L
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 1
+    decoder_layers: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    item_id_embedding: bool = False
+    distill: bool = True
+    # Width of the Stage I embeddings [c_dis] is distilled towards (ignored when distill is off).
+    distill_dim: int = 128
+    tau: float = 0.07
+    beta: float = 1.0
+    n_negatives: int = 256
+    # Longest history the encoder sees; longer ones keep their most recent items.
+    max_history: int = 20
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_items >= 1, "n_items must be >= 1"),
+            (self.k >= 2, "k must be >= 2"),
+            (self.code_length >= 1, "code_length must be >= 1"),
+            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+            (self.encoder_layers >= 1 and self.decoder_layers >= 1, "need >= 1 encoder and decoder layer"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (not self.distill or self.distill_dim >= 1, "distill_dim must be >= 1 when distill is on"),
+            (self.tau > 0, "tau must be > 0"),
+            (self.max_history >= 1, "max_history must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GeneratorConfig: {msg}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeneratorConfig":
+        """Pick this config's fields out of a larger dict (e.g. model_config.json)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and blocks
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    b, t, c = x.shape
+    return x.view(b, t, n_heads, c // n_heads).transpose(1, 2)  # (B, nh, T, hs)
+
+
+def _merge(y: torch.Tensor) -> torch.Tensor:
+    b, nh, t, hs = y.shape
+    return y.transpose(1, 2).reshape(b, t, nh * hs)  # (B, T, C)
+
+
+class DecoderCache:
+    """Self-attention keys/values of the decoded prefix, per decoder layer, position-major:
+    (max_len, N, nh, hs), so that a step writes one contiguous slab and a beam reorder copies only
+    the filled positions (one index_select per layer per step; L is 3-4 tokens).
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (N, nh, hs) of the new position -> the keys/values so far, (t + 1, N, nh, hs) each."""
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(self.max_len, *k.shape)
+            self.v[layer] = v.new_empty(self.max_len, *v.shape)
+        t = self.length
+        self.k[layer][t] = k
+        self.v[layer][t] = v
+        if layer == len(self.k) - 1:
+            self.length += 1
+        return self.k[layer][: t + 1], self.v[layer][: t + 1]
+
+    @torch.no_grad()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """rows [N'] long: new row i continues old row rows[i]. (Decoding only: no gradients.)"""
+        t = self.length
+        for i in range(len(self.k)):
+            for buf in (self.k, self.v):
+                old = buf[i]
+                if old is None:
+                    continue
+                new = old.new_empty(self.max_len, rows.shape[0], *old.shape[2:])
+                torch.index_select(old[:t], 1, rows, out=new[:t])
+                buf[i] = new
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=2)
+        q, k, v = _heads(q, self.n_heads), _heads(k, self.n_heads), _heads(v, self.n_heads)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(_merge(y))
+
+    def step(self, x: torch.Tensor, cache: DecoderCache, layer: int) -> torch.Tensor:
+        """Incremental decoding, x (N, 1, C): the new position attends to the cached prefix and
+        itself (no mask needed). With at most L + 1 keys, a broadcast product beats a kernel call."""
+        n, _, c = x.shape
+        hs = c // self.n_heads
+        q, k, v = self.qkv(x[:, 0]).view(n, 3, self.n_heads, hs).unbind(1)  # (N, nh, hs) each
+        keys, values = cache.write(layer, k, v)  # (t+1, N, nh, hs)
+        att = ((keys * q).sum(-1) * hs ** -0.5).softmax(dim=0)  # (t+1, N, nh)
+        y = (att[..., None] * values).sum(0)  # (N, nh, hs)
+        return self.proj(y.reshape(n, 1, c))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(memory).split(memory.shape[-1], dim=2)
+        return _heads(k, self.n_heads), _heads(v, self.n_heads)  # (B, nh, S, hs) each
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mem_mask: torch.Tensor) -> torch.Tensor:
+        """x (N, T, C) with N = B * G: G groups (beams) share user b's memory; mem_mask (B, 1, 1, S)."""
+        n, t, c = x.shape
+        b = kv[0].shape[0]
+        q = _heads(self.q(x).reshape(b, (n // b) * t, c), self.n_heads)  # (B, nh, G*T, hs)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mem_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(_merge(y).reshape(n, t, c))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ff_dim)
+        self.out = nn.Linear(cfg.ff_dim, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.out(F.gelu(self.fc(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN: x + SA(LN(x)), then x + FF(LN(x))."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn, self.ff = SelfAttention(cfg), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask=attn_mask))
+        return x + self.ff(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention to the encoder, feed-forward."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn, self.cross_attn, self.ff = SelfAttention(cfg), CrossAttention(cfg), FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mem_mask: torch.Tensor,
+                cache: DecoderCache | None = None, layer: int = 0) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.self_attn(h, causal=True) if cache is None else self.self_attn.step(h, cache, layer))
+        x = x + self.drop(self.cross_attn(self.ln2(x), kv, mem_mask))
+        return x + self.ff(self.ln3(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator
+
+@dataclass
+class Memory:
+    """What the encoder hands the decoder, per user: cross-attention K/V of every decoder layer."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, nh, S, hs) each
+    mask: torch.Tensor  # (B, 1, 1, S) bool, True = a real history item
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: GeneratorConfig, item_codes: torch.Tensor) -> None:
+        """item_codes [n_items + 1, L] long: the code of every item (row 0, padding, is ignored)."""
+        super().__init__()
+        if tuple(item_codes.shape) != (cfg.n_items + 1, cfg.code_length):
+            raise ValueError(f"item_codes must have shape [{cfg.n_items + 1}, {cfg.code_length}], "
+                             f"got {tuple(item_codes.shape)}")
+        self.cfg = cfg
+        d, L, K = cfg.d_model, cfg.code_length, cfg.k
+        self.register_buffer("item_codes", item_codes.long().clone())
+        self.register_buffer("level_offset", torch.arange(L) * K, persistent=False)
+        # One table for all levels (level l's token c is row l*K + c), shared by the encoder's
+        # history tokens and the decoder's code tokens, as seq2seq models share their vocabulary.
+        self.code_emb = nn.Embedding(L * K, d)
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0) if cfg.item_id_embedding else None
+        self.enc_pos = nn.Embedding(cfg.max_history, d)  # by recency: 0 = the most recent item
+        self.dec_pos = nn.Embedding(L + 2, d)  # <BOS>, L code tokens, [c_dis]
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.enc_drop, self.dec_drop = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+        self.enc_ln = nn.LayerNorm(d)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.dec_ln = nn.LayerNorm(d)
+        self.head_w = nn.Parameter(torch.zeros(L, d, K))  # per-level output heads
+        self.head_b = nn.Parameter(torch.zeros(L, K))
+        if cfg.distill:
+            self.dis_token = nn.Parameter(torch.zeros(d))
+            self.dis_proj = nn.Linear(d, cfg.distill_dim)
+            # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_teacher).
+            self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
+        self.apply(self._init)
+        for p in (self.bos, self.head_w, *( [self.dis_token] if cfg.distill else [])):
+            nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def set_teacher(self, emb: torch.Tensor) -> None:
+        """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused)."""
+        if not self.cfg.distill:
+            return
+        if tuple(emb.shape) != tuple(self.teacher.shape):
+            raise ValueError(f"teacher embeddings must have shape {tuple(self.teacher.shape)}, got {tuple(emb.shape)}")
+        self.teacher.copy_(F.normalize(emb.float(), dim=-1))
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def encode(self, history: torch.Tensor) -> Memory:
+        """history [B, S] item_idx, oldest first, right-padded with 0; every row has >= 1 item."""
+        valid = history > 0  # (B, S)
+        codes = self.item_codes[history] + self.level_offset  # (B, S, L)
+        x = self.code_emb(codes).sum(dim=2)  # (B, S, d)
+        if self.item_emb is not None:
+            x = x + self.item_emb(history)
+        lengths = valid.sum(1, keepdim=True)  # (B, 1)
+        recency = (lengths - 1 - torch.arange(history.shape[1], device=history.device)).clamp(min=0)
+        x = self.enc_drop(x + self.enc_pos(recency))
+        mask = valid[:, None, None, :]  # (B, 1, 1, S)
+        for block in self.encoder:
+            x = block(x, mask)
+        x = self.enc_ln(x)
+        return Memory([blk.cross_attn.project_kv(x) for blk in self.decoder], mask)
+
+    # -- decoder -------------------------------------------------------------------------------
+
+    def _code_tokens(self, codes: torch.Tensor, first_level: int = 0) -> torch.Tensor:
+        """codes [..., T] of levels first_level.. -> embeddings [..., T, d]."""
+        levels = torch.arange(first_level, first_level + codes.shape[-1], device=codes.device)
+        return self.code_emb(codes + levels * self.cfg.k)
+
+    def decode(self, memory: Memory, codes: torch.Tensor, with_distill: bool = False) -> torch.Tensor:
+        """Teacher forcing. codes [B, L] -> final hidden states [B, L (+1), d]: position l predicts
+        code token l; with with_distill the last position is [c_dis] (which has seen all L codes)."""
+        b, L = codes.shape
+        tokens = [self.bos.expand(b, 1, -1), self._code_tokens(codes[:, : L - 1])]
+        if with_distill:
+            tokens += [self._code_tokens(codes[:, L - 1:], L - 1), self.dis_token.expand(b, 1, -1)]
+        x = torch.cat(tokens, dim=1)  # (B, T, d)
+        x = self.dec_drop(x + self.dec_pos.weight[: x.shape[1]])
+        for i, blk in enumerate(self.decoder):
+            x = blk(x, memory.kv[i], memory.mask)
+        x = self.dec_ln(x)
+        return torch.cat([x[:, :L], x[:, L + 1:]], dim=1) if with_distill else x
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, L, d] (position l) -> logits [B, L, K] from the level-l head."""
+        return torch.einsum("bld,ldk->blk", hidden, self.head_w) + self.head_b
+
+    def step(self, memory: Memory, cache: DecoderCache, level: int, prev: torch.Tensor | None,
+             n_users: int) -> torch.Tensor:
+        """One incremental decoder step for N = n_users * G beams (G beams per user, grouped by user).
+
+        prev [N] long: the code token chosen at level-1 (None at level 0, where the input is <BOS>).
+        Returns logits [N, K] for code level `level`.
+        """
+        if prev is None:
+            x = self.bos.expand(n_users, 1, -1)  # (N, 1, d)
+        else:
+            x = self._code_tokens(prev[:, None], level - 1)  # (N, 1, d)
+        x = x + self.dec_pos.weight[level]
+        for i, blk in enumerate(self.decoder):
+            x = blk(x, memory.kv[i], memory.mask, cache=cache, layer=i)
+        h = self.dec_ln(x[:, 0])  # (N, d)
+        return h @ self.head_w[level] + self.head_b[level]
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """history [B, S], target [B] item_idx -> {"loss", "gen", "distill"} (scalars)."""
+        memory = self.encode(history)
+        codes = self.item_codes[target]  # (B, L)
+        hidden = self.decode(memory, codes, with_distill=self.cfg.distill)
+        L = self.cfg.code_length
+        logits = self.code_logits(hidden[:, :L]).float()  # (B, L, K)
+        gen = F.cross_entropy(logits.reshape(-1, self.cfg.k), codes.reshape(-1))
+        out = {"gen": gen}
+        if self.cfg.distill:
+            out["distill"] = self.distill_loss(hidden[:, L], target)
+            out["loss"] = gen + self.cfg.beta * out["distill"]
+        else:
+            out["distill"] = torch.zeros((), device=gen.device)
+            out["loss"] = gen
+        return out
+
+    def distill_loss(self, h_dis: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """InfoNCE: [c_dis] -> the target's Stage I embedding, against n_negatives random items
+        shared by the batch (a negative that happens to be the target is masked out)."""
+        q = F.normalize(self.dis_proj(h_dis).float(), dim=-1)  # (B, D)
+        negs = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=target.device)
+        pos = (q * self.teacher[target]).sum(-1, keepdim=True)  # (B, 1)
+        neg = q @ self.teacher[negs].T  # (B, n_neg)
+        neg = neg.masked_fill(negs[None, :] == target[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], dim=1) / self.cfg.tau
+        return F.cross_entropy(logits, torch.zeros_like(target))

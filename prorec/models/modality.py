@@ -1,0 +1,70 @@
+"""Modality adaptation layer and cross-modality knowledge alignment (PRORec §3.3).
+
+The frozen semantic embedding E_S of an item (a language model's view of its text) lives in a
+different space from the collaborative embedding E_C that the sequential recommender learns. The
+modality adaptation layer maps E_S into the collaborative space,
+
+    E_T = AdaLN(W · E_S + b),
+
+and the cross-modality knowledge alignment (CKA) pulls E_C[i] towards E_T[i] with an InfoNCE loss
+whose negatives are the other items of the batch. Gradients flow into both E_C and the adapter, so
+semantic structure is written into the collaborative table that Stage I hands on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AdaLN(nn.Module):
+    """LayerNorm without its own affine; the scale and shift are regressed from a conditioning vector.
+
+    AdaLN(x | c) = LN(x) · (1 + γ(c)) + β(c), with [γ, β] = Linear(c).
+
+    Conditioning: we use the item's own raw semantic embedding E_S (before the projection). A learned
+    global vector would make γ and β constants, i.e. an ordinary LayerNorm affine; conditioning on
+    E_S lets the layer rescale each item's coordinates according to what the text says, which is
+    the point of an *adaptive* norm. The regressor starts at zero (as adaLN-Zero in DiT), so the
+    layer starts as a plain LayerNorm and only learns modulation the alignment asks for.
+    """
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+        self.modulation = nn.Linear(cond_dim, 2 * dim)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: (..., dim), cond: (..., cond_dim)
+        gamma, beta = self.modulation(cond).chunk(2, dim=-1)  # (..., dim) each
+        return self.norm(x) * (1.0 + gamma) + beta
+
+
+class ModalityAdapter(nn.Module):
+    """E_T = AdaLN(W · E_S + b): semantic space -> collaborative space."""
+
+    def __init__(self, semantic_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(semantic_dim, dim)
+        self.adaln = AdaLN(dim, cond_dim=semantic_dim)
+
+    def forward(self, e_s: torch.Tensor) -> torch.Tensor:
+        # e_s: (M, semantic_dim) -> (M, dim)
+        return self.adaln(self.proj(e_s), e_s)
+
+
+def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE between E_C[i] and E_T[i]; the other rows are the negatives.
+
+    e_c, e_t: (M, dim), row i of both is the same item and rows are distinct items (the caller
+    deduplicates). Cosine similarity with temperature tau. We average both directions (C -> T and
+    T -> C, as in CLIP): each side then gets a full set of negatives, and neither modality can satisfy
+    the loss by collapsing on its own.
+    """
+    if e_c.shape != e_t.shape:
+        raise ValueError(f"alignment_loss needs equal shapes, got {tuple(e_c.shape)} and {tuple(e_t.shape)}")
+    logits = F.normalize(e_c, dim=-1) @ F.normalize(e_t, dim=-1).T / tau  # (M, M)
+    labels = torch.arange(e_c.shape[0], device=e_c.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

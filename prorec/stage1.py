@@ -1,0 +1,457 @@
+"""PRORec Stage I (§3.3): DIN + modality adaptation layer + cross-modality alignment -> item embeddings.
+
+    L = L_seq + alpha * L_align
+
+L_seq is DIN's next-item prediction; L_align (CKA) is InfoNCE between E_C[i] and E_T[i] =
+AdaLN(W E_S[i] + b) over the distinct items of the batch. The stage writes the integrated item
+embeddings, `out_dir/item_embeddings.parquet`, chosen by `cfg.fusion`:
+  semantic       PCA(E_S) to cfg.dim (no training)
+  collaborative  E_C trained with alpha = 0
+  concat         PCA(E_S) ⊕ E_C trained with alpha = 0 (the paper's naive fusion, §4.3); 2 * dim
+  prorec         E_C trained with CKA (the default)
+
+Why L_seq is a sampled softmax. DIN's interest vector depends on the candidate, so a score costs
+O(T) attention work per (user, item) pair and a full softmax costs O(B * N * T) per batch. On Beauty
+(N = 12,101, T <= 20, B = 256) we measured the full softmax at about 25 s for a 32-user batch on
+one CPU core, against under a second for a 256-user batch with 128 shared negatives: 100x too slow
+on a CPU (it is what `negatives="full"` does, for a GPU or a small catalogue). The default
+"uniform" scores each user's target against `n_negatives` items drawn uniformly and shared by the
+batch (one (B, S) block, no per-user gathers). A uniform proposal needs no logQ correction (it is a
+constant that cancels), and uniform negatives cover the long tail, which full-catalogue ranking
+needs. "in_batch" (the batch's other targets, logQ-corrected) is the usual two-tower choice; we
+compared both on Beauty, see benchmarks/results/stage1_beauty.md.
+
+Training on Ray. `cfg.num_workers == 0` trains in this process (LocalContext, checkpoints in
+out_dir/checkpoint) and never imports Ray; >= 1 runs a Ray Train `TorchTrainer` whose workers each
+take a contiguous shard of train.parquet (`shard_rows`) and a per-worker batch of
+batch_size / num_workers, so the global batch and the number of steps match one worker; DDP
+(`prepare_model`) averages the gradients. DDP pitfalls we avoid: every parameter takes part in
+every loss (the adapter exists only when the alignment is computed, and the alignment is computed
+on every step when it does), and E_S is not a module buffer (DDP would broadcast the whole table
+from rank 0 on every forward). The embedding table gets dense gradients (sparse gradients and DDP
+do not mix well), which for 12k x 128 is cheap to all-reduce.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from prorec.artifacts import file_hash, read_embeddings, write_embeddings, write_json
+from prorec.config import Stage1Config
+from prorec.data.splits import read_split
+from prorec.models.din import DIN, DINConfig
+from prorec.models.modality import ModalityAdapter, alignment_loss
+from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, pick_device, run_epochs, set_seed, shard_rows,
+                            warmup_lambda)
+
+SCORE_KEY = "recall@10"
+EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
+BUCKET = 32  # batches whose examples are sorted by history length together (less padding)
+LOG_EVERY = 100  # steps between progress lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _right_aligned(table_col, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int32> column -> (rows, width) int64 histories, most recent item last, 0-padded; lengths."""
+    col = table_col.combine_chunks()
+    lens = np.minimum(col.value_lengths().to_numpy(zero_copy_only=False), width).astype(np.int64)
+    full = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(full)
+    within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
+    hist = np.zeros((len(lens), width), dtype=np.int64)
+    hist[np.repeat(np.arange(len(lens)), lens), np.repeat(width - lens, lens) + within] = \
+        values[np.repeat(ends - lens, lens) + within]
+    return hist, lens
+
+
+@dataclass
+class Stage1Data:
+    """Train and validation examples as arrays; item_idx 1..n_items, 0 = padding."""
+
+    n_items: int
+    item_ids: list[str]
+    width: int  # longest history
+    train_hist: np.ndarray  # (n_train, width) right-aligned
+    train_len: np.ndarray
+    train_target: np.ndarray
+    valid_hist: np.ndarray
+    valid_len: np.ndarray
+    valid_target: np.ndarray
+
+    @classmethod
+    def load(cls, data_dir: Path) -> "Stage1Data":
+        items = read_split(data_dir, "items")
+        idx = items.column("item_idx").to_numpy()
+        if not np.array_equal(np.sort(idx), np.arange(1, len(idx) + 1)):
+            raise ValueError(f"{data_dir}/items.parquet: item_idx must be exactly 1..{len(idx)}")
+        item_ids = [str(x) for x in np.asarray(items.column("item_id").to_pylist(), dtype=object)[np.argsort(idx)]]
+        train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
+        width = max(1, *(int(t.column("history").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).max(initial=1))
+                         for t in (train, valid)))
+        th, tl = _right_aligned(train.column("history"), width)
+        vh, vl = _right_aligned(valid.column("history"), width)
+        return cls(len(idx), item_ids, width, th, tl, train.column("target").to_numpy().astype(np.int64),
+                   vh, vl, valid.column("target").to_numpy().astype(np.int64))
+
+
+def load_semantic(semantic_path: Path, item_ids: list[str]) -> np.ndarray:
+    """E_S as (N + 1, d_s) float32 with row 0 (padding) zero; checked against items.parquet."""
+    idx, ids, vecs, _ = read_embeddings(semantic_path)
+    n = len(item_ids)
+    if not np.array_equal(idx, np.arange(1, n + 1)) or ids != item_ids:
+        raise ValueError(f"{semantic_path} does not cover the items of this dataset (item_idx 1..{n} with the "
+                         "same item_id): embed the items.parquet of this data dir")
+    return np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and trainer
+
+
+class Stage1Model(nn.Module):
+    """DIN (E_C) plus, when aligning, the modality adapter. forward returns the losses, so that a
+    DDP wrapper sees one call that touches every parameter."""
+
+    def __init__(self, din_cfg: DINConfig, semantic_dim: int | None, negatives: str, alpha: float, tau: float):
+        super().__init__()
+        self.din = DIN(din_cfg)
+        self.adapter = ModalityAdapter(semantic_dim, din_cfg.dim) if semantic_dim else None
+        self.negatives, self.alpha, self.tau = negatives, alpha, tau
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor, extra: torch.Tensor,
+                align_items: torch.Tensor, align_semantic: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """history (B, T), target (B,), extra: negatives (S,) or log_q (B,); align_items (M,) distinct
+        items of the batch with their E_S rows (M, d_s) -> (loss, L_seq, L_align)."""
+        if self.negatives == "uniform":
+            seq = self.din.sampled_softmax_loss(history, target, extra)
+        elif self.negatives == "in_batch":
+            seq = self.din.in_batch_loss(history, target, extra)
+        else:
+            seq = self.din.full_softmax_loss(history, target)
+        if self.adapter is None:
+            return seq, seq.detach(), torch.zeros((), device=seq.device)
+        align = alignment_loss(self.din.item_emb(align_items), self.adapter(align_semantic), self.tau)
+        return seq + self.alpha * align, seq.detach(), align.detach()
+
+
+def uses_alignment(cfg: Stage1Config) -> bool:
+    """The adapter is trained only for the prorec fusion; collaborative and concat are CKA-free."""
+    return cfg.fusion == "prorec"
+
+
+class Stage1Trainer:
+    """The EpochTrainer of Stage I (see prorec.trainer.run_epochs)."""
+
+    def __init__(self, cfg: Stage1Config, data: Stage1Data, semantic: np.ndarray | None, ctx: Any):
+        set_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.cfg, self.data, self.ctx = cfg, data, ctx
+        self.device = pick_device(cfg.use_gpu)
+        din_cfg = DINConfig(n_items=data.n_items, dim=cfg.dim, max_history=data.width, dropout=cfg.dropout)
+        core = Stage1Model(din_cfg, semantic.shape[1] if semantic is not None else None,
+                           cfg.negatives, cfg.alpha, cfg.tau).to(self.device)
+        self.core = core
+        self.model = ctx.prepare_model(core)
+        self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None
+        self.opt = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
+        # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
+        world, rank = ctx.world_size, ctx.rank
+        n = len(data.train_target)
+        self.shard = np.arange(n)[shard_rows(n, rank, world)]
+        smallest = min(len(range(n)[shard_rows(n, r, world)]) for r in range(world))
+        self.batch_size = max(2, cfg.batch_size // world)
+        self.steps = max(1, math.ceil(smallest / self.batch_size))
+        # logQ for in-batch negatives: expected count of an item among the batch's targets.
+        counts = np.bincount(data.train_target, minlength=data.n_items + 1).astype(np.float64)
+        self.log_q = torch.from_numpy(np.log(self.batch_size * np.maximum(counts, 1) / n)).float().to(self.device)
+        # A fixed random subset of validation users, split among the ranks.
+        vu = np.arange(len(data.valid_target))
+        if 0 < cfg.valid_users < len(vu):
+            vu = np.sort(np.random.default_rng(cfg.seed).choice(vu, cfg.valid_users, replace=False))
+        self.valid_users = vu
+        self.valid_shard = vu[rank::world]
+
+    # -- epochs
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        """Shuffled batches of this rank's shard; examples of similar history length share a batch."""
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.ctx.rank])
+        perm = rng.permutation(self.shard)
+        group = self.batch_size * BUCKET
+        batches = []
+        for lo in range(0, len(perm), group):
+            chunk = perm[lo:lo + group]
+            chunk = chunk[np.argsort(self.data.train_len[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = rng.permutation(len(batches))
+        return [batches[i] for i in order[:self.steps]]
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.device)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, data = self.cfg, self.data
+        self.model.train()
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + self.ctx.rank)  # dropout and negatives
+        sums = np.zeros(3)
+        t0 = time.perf_counter()
+        batches = self._batches(epoch)
+        for step, rows in enumerate(batches):
+            width = int(data.train_len[rows].max())
+            history = self._tensor(data.train_hist[rows, -width:])  # (B, T)
+            target = self._tensor(data.train_target[rows])  # (B,)
+            if cfg.negatives == "uniform":
+                extra = torch.randint(1, data.n_items + 1, (cfg.n_negatives,), device=self.device)
+            else:
+                extra = self.log_q[target]
+            align_items = align_sem = None
+            if self.semantic is not None:
+                align_items = torch.unique(torch.cat([history.flatten(), target]))
+                align_items = align_items[align_items > 0]  # (M,) distinct items of the batch
+                align_sem = self.semantic[align_items]
+            loss, seq, align = self.model(history, target, extra, align_items, align_sem)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            sums += [loss.item(), seq.item(), align.item()]
+            if self.ctx.rank == 0 and (step + 1) % LOG_EVERY == 0:
+                rate = (step + 1) / (time.perf_counter() - t0)
+                print(f"stage1 epoch {epoch} step {step + 1}/{len(batches)} loss {sums[0] / (step + 1):.4f} "
+                      f"({rate:.1f} steps/s)", flush=True)
+        k = max(1, len(batches))
+        # Plain floats: the checkpoint is loaded with weights_only=True, which refuses numpy scalars.
+        return {"loss": float(sums[0] / k), "seq_loss": float(sums[1] / k), "align_loss": float(sums[2] / k),
+                "lr": float(self.opt.param_groups[0]["lr"])}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Recall@10 and NDCG@10 of DIN as a retriever over the full catalogue (history items excluded)."""
+        data, din = self.data, self.core.din
+        din.eval()
+        t0 = time.perf_counter()
+        users = self.valid_shard[np.argsort(data.valid_len[self.valid_shard], kind="stable")]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # hits, ndcg, users
+        for lo in range(0, len(users), EVAL_BATCH):
+            rows = users[lo:lo + EVAL_BATCH]
+            width = int(data.valid_len[rows].max())
+            history = self._tensor(data.valid_hist[rows, -width:])
+            target = self._tensor(data.valid_target[rows])
+            scores = din.score_all(history)  # (U, N + 1), padding column is -inf
+            scores.scatter_(1, history, float("-inf"))  # never recommend what the user already has
+            rank = (scores > scores.gather(1, target[:, None])).sum(1)  # (U,) 0-based rank of the target
+            hit = rank < 10
+            sums += torch.stack([hit.sum().double(), torch.where(hit, 1.0 / torch.log2(rank.double() + 2), 0.0).sum(),
+                                 torch.tensor(float(len(rows)), dtype=torch.float64, device=self.device)])
+        if self.ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)  # every rank gets the same score, so early stopping agrees
+        n = max(1.0, float(sums[2]))
+        return {"recall@10": float(sums[0]) / n, "ndcg@10": float(sums[1]) / n,
+                "valid_seconds": time.perf_counter() - t0}
+
+    # -- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.core.state_dict()
+
+
+def build_trainer(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, ctx: Any) -> Stage1Trainer:
+    data = Stage1Data.load(Path(data_dir))
+    semantic = load_semantic(Path(semantic_path), data.item_ids) if uses_alignment(cfg) else None
+    return Stage1Trainer(cfg, data, semantic, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Train shell
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: build the trainer on this rank's shard and run the shared epoch loop."""
+    from prorec.trainer import RayTrainContext
+
+    cfg = Stage1Config(**config["cfg"])
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    ctx = RayTrainContext()
+    trainer = build_trainer(cfg, Path(config["data_dir"]), config["semantic_path"], ctx)
+    run_epochs(trainer, ctx, cfg.max_epochs, cfg.patience, SCORE_KEY, stop_after_epoch=config["stop_after_epoch"])
+
+
+def _fit_ray(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir: Path,
+             stop_after_epoch: int | None) -> dict[str, Any]:
+    """Train with Ray Train; rerunning with the same out_dir resumes from the latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "data_dir": str(data_dir),
+                           "semantic_path": str(semantic_path) if semantic_path else None,
+                           "stop_after_epoch": stop_after_epoch},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name="stage1", storage_path=str(out_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Stage I on Ray finished without a checkpoint (see {out_dir / 'ray' / 'stage1'})")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+
+
+def _fit_local(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir: Path,
+               stop_after_epoch: int | None) -> dict[str, Any]:
+    ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage1 ")
+    fit = run_epochs(build_trainer(cfg, data_dir, semantic_path, ctx), ctx, cfg.max_epochs, cfg.patience,
+                     SCORE_KEY, stop_after_epoch=stop_after_epoch)
+    return {"best_model": fit.best_model_state, "best_metrics": fit.best_metrics, "history": fit.history,
+            "epoch": fit.epochs_run - 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# Fusion and the stage function
+
+
+def pca(x: np.ndarray, k: int) -> np.ndarray:
+    """Rows of x projected on their top-k principal components (k columns; zero columns past the rank).
+
+    Component signs are fixed (largest |loading| positive) so the result is deterministic.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    xc = x - x.mean(0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    r = min(k, len(s))
+    vt = vt[:r] * np.sign(vt[:r][np.arange(r), np.abs(vt[:r]).argmax(1)])[:, None]
+    out = np.zeros((len(x), k), dtype=np.float32)
+    out[:, :r] = xc @ vt.T
+    return out
+
+
+def _unit_mean_norm(x: np.ndarray) -> np.ndarray:
+    return x / max(float(np.linalg.norm(x, axis=1).mean()), 1e-12)
+
+
+def fuse(fusion: str, e_c: np.ndarray | None, semantic_pca: np.ndarray | None) -> np.ndarray:
+    """The embedding Stage I hands on, (N, dim) or (N, 2 * dim) for concat.
+
+    concat scales each half to a mean row norm of 1 first, so neither half dominates merely by its
+    scale (E_C and a PCA of E_S have arbitrary, unrelated norms); whatever dominance remains comes
+    from the structure of the two spaces, which is what §4.3 measures.
+    """
+    if fusion == "semantic":
+        return semantic_pca
+    if fusion in ("collaborative", "prorec"):
+        return e_c
+    if fusion == "concat":
+        return np.concatenate([_unit_mean_norm(semantic_pca), _unit_mean_norm(e_c)], axis=1).astype(np.float32)
+    raise ValueError(f"unknown fusion {fusion!r}")
+
+
+def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None) -> dict[str, Any]:
+    """What a checkpoint depends on. max_epochs and patience may change on a resume (train longer),
+    and so may the workers (the checkpoint format does not depend on them). The fusion matters only
+    through whether it aligns: collaborative and concat train the same model, so one's checkpoint
+    serves the other (the Beauty benchmark trains it once)."""
+    c = {k: v for k, v in dataclasses.asdict(cfg).items()
+         if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker", "use_gpu", "fusion")}
+    c["alignment"] = uses_alignment(cfg)
+    return {"stage1": c, "train": file_hash(data_dir / "train.parquet"),
+            "semantic": file_hash(semantic_path) if semantic_path else None}
+
+
+def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: Path,
+               stop_after_epoch: int | None = None) -> Path:
+    """Train Stage I (or just fuse, for `semantic`) and write out_dir/item_embeddings.parquet + metrics.json.
+
+    A rerun with the same config and out_dir resumes from the last checkpoint (in-process:
+    out_dir/checkpoint; Ray: out_dir/ray/stage1). `stop_after_epoch` ends training after that epoch
+    on purpose, leaving the checkpoint as a crash would (tests use it).
+    """
+    cfg.validate()
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    semantic_path = Path(semantic_path).resolve() if semantic_path else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_split(data_dir, "items")
+    order = np.argsort(items.column("item_idx").to_numpy())
+    item_ids = [str(items.column("item_id")[int(i)]) for i in order]
+    needs_semantic = cfg.fusion in ("semantic", "concat") or uses_alignment(cfg)
+    if needs_semantic and (semantic_path is None or not semantic_path.is_file()):
+        raise FileNotFoundError(f"stage1.fusion={cfg.fusion} needs the semantic embeddings, {semantic_path} is missing")
+    semantic = load_semantic(semantic_path, item_ids)[1:] if needs_semantic else None
+    semantic_pca = pca(semantic, cfg.dim) if cfg.fusion in ("semantic", "concat") else None
+    metrics: dict[str, Any] = {"fusion": cfg.fusion, "n_items": len(item_ids), "dim": cfg.dim}
+
+    e_c = None
+    if cfg.fusion != "semantic":
+        sig = _run_signature(cfg, data_dir, semantic_path if uses_alignment(cfg) else None)
+        sig_path = out_dir / "run_signature.json"
+        if sig_path.is_file() and json.loads(sig_path.read_text()) != sig:
+            print(f"stage1: the config or inputs changed since the checkpoints in {out_dir} were written; "
+                  "starting afresh", flush=True)
+            clean_dir(out_dir / "checkpoint")
+            clean_dir(out_dir / "ray")
+        write_json(sig_path, sig)
+        t0 = time.perf_counter()
+        fit = (_fit_ray if cfg.num_workers >= 1 else _fit_local)(
+            cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
+        state = fit["best_model"]
+        e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
+        history = fit["history"]
+        best = fit["best_metrics"]
+        metrics.update({
+            "alpha": cfg.alpha if uses_alignment(cfg) else 0.0,
+            "negatives": cfg.negatives,
+            "valid": {"recall@10": best.get("recall@10"), "ndcg@10": best.get("ndcg@10")},
+            "valid_users": cfg.valid_users,
+            "best_epoch": best.get("epoch"),
+            "epochs": fit["epoch"] + 1,
+            "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])) if history else None,
+            "wall_seconds_this_run": time.perf_counter() - t0,
+            "num_workers": cfg.num_workers,
+            "history": history,
+        })
+        if uses_alignment(cfg):
+            metrics["align_cosine"] = aligned_cosine(state, semantic)
+    vectors = fuse(cfg.fusion, e_c, semantic_pca)
+    metrics["output_dim"] = int(vectors.shape[1])
+    out = write_embeddings(out_dir / "item_embeddings.parquet", np.arange(1, len(item_ids) + 1), item_ids, vectors,
+                           meta={"stage": "stage1", "fusion": cfg.fusion, "stage1": dataclasses.asdict(cfg),
+                                 "valid_recall@10": metrics.get("valid", {}).get("recall@10")})
+    write_json(out_dir / "metrics.json", metrics)
+    return out
+
+
+@torch.no_grad()
+def aligned_cosine(model_state: dict[str, torch.Tensor], semantic: np.ndarray) -> float:
+    """Mean cosine between E_C[i] and E_T[i] = adapter(E_S[i]) over all items (how aligned they are)."""
+    w = model_state["adapter.proj.weight"]
+    adapter = ModalityAdapter(w.shape[1], w.shape[0])
+    adapter.load_state_dict({k[len("adapter."):]: v for k, v in model_state.items() if k.startswith("adapter.")})
+    e_t = adapter(torch.from_numpy(np.asarray(semantic, np.float32)))
+    e_c = model_state["din.item_emb.weight"][1:]
+    return float(torch.nn.functional.cosine_similarity(e_c, e_t, dim=1).mean())

@@ -1,0 +1,145 @@
+"""The trie-constrained beam search (prorec/beam.py) against its brute-force reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prorec.beam import BeamSearch, brute_force_topk, score_all_codes, stable_topk, trie_codes
+from prorec.codes import CodeTrie
+from prorec.models.generator import Generator, GeneratorConfig
+
+torch.set_num_threads(1)
+K, L = 4, 3
+
+
+def catalogue(n_items: int, seed: int = 0) -> np.ndarray:
+    """n_items distinct random codes [n_items, L] (item i + 1 has row i)."""
+    every = np.stack(np.meshgrid(*[np.arange(K)] * L, indexing="ij"), -1).reshape(-1, L)
+    return every[np.random.default_rng(seed).choice(len(every), n_items, replace=False)]
+
+
+def make(n_items: int = 50, seed: int = 0) -> tuple[Generator, CodeTrie]:
+    codes = catalogue(n_items, seed)
+    torch.manual_seed(seed)
+    cfg = GeneratorConfig(n_items=n_items, k=K, code_length=L, d_model=32, n_heads=2, decoder_layers=2,
+                          ff_dim=64, distill=False, dropout=0.0)
+    model = Generator(cfg, torch.cat([torch.zeros(1, L, dtype=torch.long), torch.from_numpy(codes)]))
+    for p in model.parameters():  # spread the scores out: an untrained model is nearly uniform
+        torch.nn.init.normal_(p, std=0.4)
+    return model.eval(), CodeTrie.from_codes(codes, np.arange(1, n_items + 1), K)
+
+
+def histories(n_items: int, n_users: int = 9, seed: int = 1) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    h = np.zeros((n_users, 6), dtype=np.int64)
+    for u in range(n_users):
+        n = rng.integers(1, 7)
+        h[u, :n] = rng.choice(np.arange(1, n_items + 1), n, replace=False)
+    return torch.from_numpy(h)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_full_width_beam_equals_brute_force(exclude):
+    model, trie = make(50)
+    hist = histories(50)
+    beam = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=exclude).search(hist)
+    ref = brute_force_topk(model, hist, trie, 10, exclude_history=exclude)
+    assert torch.equal(beam.items, ref.items)
+    torch.testing.assert_close(beam.scores, ref.scores, atol=1e-5, rtol=0)
+    if exclude:
+        assert not (beam.items[:, :, None] == hist[:, None, :]).any()
+    else:  # the unconstrained lists do contain history items somewhere in this catalogue
+        assert (beam.items[:, :, None] == hist[:, None, :]).any()
+
+
+def test_scores_are_sums_of_level_log_probabilities():
+    model, trie = make(30)
+    hist = histories(30, n_users=2)
+    items, logp = score_all_codes(model, hist, trie)
+    assert torch.equal(items.sort().values, torch.arange(1, 31))
+    # A code's probabilities over the whole catalogue sum to at most 1 (the trie leaves out codes).
+    assert (logp.exp().sum(1) <= 1 + 1e-5).all()
+
+
+def test_narrow_beam_returns_distinct_real_items_best_first():
+    model, trie = make(60, seed=2)
+    hist = histories(60, n_users=12, seed=3)
+    res = BeamSearch(model, trie, beam_size=8, topk=5).search(hist)
+    _, all_logp = score_all_codes(model, hist, trie)
+    items_all, _ = score_all_codes(model, hist[:1], trie)
+    for row, scores in zip(res.items.tolist(), res.scores):
+        assert len(set(row)) == 5 and all(1 <= i <= 60 for i in row)
+        assert all(tuple(trie_code) in trie for trie_code in model.item_codes[row].tolist())
+        assert (scores[:-1] >= scores[1:]).all()
+    # The beam's scores are the items' true log-probabilities.
+    col = {int(i): j for j, i in enumerate(items_all)}
+    got = torch.stack([all_logp[u, [col[i] for i in row]] for u, row in enumerate(res.items.tolist())])
+    torch.testing.assert_close(res.scores, got, atol=1e-5, rtol=0)
+
+
+def test_history_exclusion_equals_a_search_over_the_catalogue_without_the_history():
+    """With a narrow beam, excluding prunes whole subtrees of seen items: it must match a plain beam
+    search over a trie built without the user's history items."""
+    n = 40
+    model, trie = make(n, seed=4)
+    codes = model.item_codes[1:].numpy()
+    # Users who have seen a whole level-1 or level-2 subtree, and users with random histories.
+    subtrees = [np.nonzero((codes[:, :d] == prefix).all(1))[0] + 1
+                for d in (1, 2) for prefix in np.unique(codes[:, :d], axis=0)]
+    subtrees = [t for t in subtrees if len(t) >= 2]
+    hist = torch.zeros(len(subtrees) + 6, max(map(len, subtrees)), dtype=torch.long)
+    for u, t in enumerate(subtrees):
+        hist[u, : len(t)] = torch.from_numpy(t)
+    hist[len(subtrees):, :6] = histories(n, n_users=6, seed=5)
+    # The test has teeth: without exclusion, some seen subtree fills part of the narrow beam.
+    plain_all = BeamSearch(model, trie, beam_size=4, topk=4).search(hist)
+    assert (plain_all.items[:, :, None] == hist[:, None, :]).any(-1).sum(1).max() >= 2
+    excl = BeamSearch(model, trie, beam_size=4, topk=4, exclude_history=True).search(hist)
+    for u in range(hist.shape[0]):
+        keep = np.setdiff1d(np.arange(1, n + 1), hist[u].numpy())
+        sub = CodeTrie.from_codes(codes[keep - 1], keep, K)
+        plain = BeamSearch(model, sub, beam_size=4, topk=4).search(hist[u:u + 1])
+        assert torch.equal(excl.items[u], plain.items[0]), u
+        torch.testing.assert_close(excl.scores[u], plain.scores[0])
+
+
+def test_small_catalogue_pads_with_minus_one():
+    model, trie = make(3)
+    res = BeamSearch(model, trie, beam_size=6, topk=5).search(histories(3, n_users=2))
+    assert (res.items[:, :3] > 0).all() and (res.items[:, 3:] == -1).all()
+    assert torch.isinf(res.scores[:, 3:]).all()
+    res = BeamSearch(model, trie, beam_size=6, topk=5, exclude_history=True).search(torch.tensor([[1, 2, 0]]))
+    assert res.items[0].tolist() == [3, -1, -1, -1, -1]
+
+
+def test_beam_must_cover_the_largest_k():
+    model, trie = make(20)
+    with pytest.raises(ValueError, match="beam_size"):
+        BeamSearch(model, trie, beam_size=5, topk=10)
+
+
+def test_search_is_deterministic_and_independent_of_batch_composition():
+    model, trie = make(50)
+    hist = histories(50, n_users=8)
+    search = BeamSearch(model, trie, beam_size=6, topk=6, exclude_history=True)
+    together = search.search(hist)
+    alone = [search.search(hist[u:u + 1, : int((hist[u] > 0).sum())]) for u in range(8)]
+    assert torch.equal(together.items, torch.cat([a.items for a in alone]))
+    assert torch.equal(search.search(hist).items, together.items)
+
+
+def test_stable_topk_breaks_ties_by_index():
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    vals, idx = stable_topk(x, 2)
+    assert idx.tolist() == [[1, 2], [0, 1]]
+    assert vals.tolist() == [[3.0, 3.0], [0.0, 0.0]]
+    x = torch.tensor([[float("-inf"), 5.0, 1.0, 5.0]])
+    assert stable_topk(x, 3)[1].tolist() == [[1, 3, 2]]
+
+
+def test_trie_codes_lists_every_item_once():
+    model, trie = make(25)
+    codes, items = trie_codes(trie)
+    assert sorted(items.tolist()) == list(range(1, 26))
+    assert torch.equal(model.item_codes[items], codes)

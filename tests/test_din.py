@@ -1,0 +1,91 @@
+"""DIN scorer, modality adapter and alignment loss: the factorised code against literal references."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prorec.models.din import DIN, DINConfig
+from prorec.models.modality import AdaLN, ModalityAdapter, alignment_loss
+
+
+def _din(softmax: bool = False, n_items: int = 40) -> DIN:
+    torch.manual_seed(0)
+    return DIN(DINConfig(n_items=n_items, dim=8, max_history=6, attention_hidden=5, mlp_hidden=(7, 3),
+                         dropout=0.0, attention_softmax=softmax)).eval()
+
+
+def _history(b: int = 5, t: int = 6, n_items: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randint(1, n_items + 1, (b, t), generator=g)
+    lens = torch.tensor([1, 2, 6, 3, 4][:b])
+    return torch.where(torch.arange(t)[None] >= t - lens[:, None], h, 0)  # right-aligned, 0-padded
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_factorised_scores_match_the_literal_din(softmax):
+    din, hist = _din(softmax), _history()
+    h, mask = din.encode_history(hist)
+    for cands in (torch.randint(1, 41, (1, 9)), torch.randint(1, 41, (5, 3))):  # shared and per-user
+        c = din.item_emb(cands)
+        torch.testing.assert_close(din.score_embedded(h, mask, c), din.score_embedded(h, mask, c, reference=True))
+
+
+def test_padding_never_changes_a_score():
+    din = _din()
+    short = torch.tensor([[0, 0, 0, 3, 7, 2]])
+    longer_padding = torch.tensor([[0, 3, 7, 2]])  # same items, less padding: recency is from the end
+    c = torch.tensor([[5, 9, 11]])
+    torch.testing.assert_close(din(short, c), din(longer_padding, c))
+
+
+def test_score_all_ranks_the_whole_catalogue_in_chunks():
+    din, hist = _din(), _history()
+    all_items = torch.arange(1, 41)[None]
+    full = din.score_all(hist, chunk=7)  # chunks that do not divide N
+    assert full.shape == (5, 41) and torch.isinf(full[:, 0]).all()
+    torch.testing.assert_close(full[:, 1:], din(hist, all_items))
+
+
+def test_sampled_softmax_ignores_a_negative_equal_to_the_target():
+    din, hist = _din(), _history(b=2)
+    target = torch.tensor([4, 9])
+    negs = torch.tensor([1, 2, 3])
+    base = din.sampled_softmax_loss(hist, target, negs)
+    with_dup = din.sampled_softmax_loss(hist, target, torch.tensor([1, 2, 3, 4]))  # 4 is user 0's target
+    scores = din(hist, torch.tensor([[4, 1, 2, 3], [9, 1, 2, 3]]).view(2, 4))
+    # user 1 still sees item 4 as a negative, user 0 must not
+    expected = 0.5 * (F.cross_entropy(scores[:1], torch.tensor([0])) +
+                      F.cross_entropy(torch.cat([scores[1:], din(hist[1:], torch.tensor([[4]]))], 1), torch.tensor([0])))
+    torch.testing.assert_close(with_dup, expected)
+    assert not torch.isclose(base, with_dup)
+
+
+def test_in_batch_loss_equals_the_full_softmax_when_the_batch_is_the_catalogue():
+    din = _din(n_items=4)
+    hist = torch.tensor([[0, 2], [1, 3], [0, 4], [2, 1]])
+    target = torch.tensor([1, 2, 3, 4])
+    # every item once in the batch: expected count 1, log_q = 0, so in-batch = full softmax
+    torch.testing.assert_close(din.in_batch_loss(hist, target, torch.zeros(4)), din.full_softmax_loss(hist, target))
+
+
+def test_adaln_starts_as_a_plain_layernorm_then_modulates_by_the_condition():
+    torch.manual_seed(0)
+    ln = AdaLN(6, cond_dim=4)
+    x, cond = torch.randn(3, 6), torch.randn(3, 4)
+    torch.testing.assert_close(ln(x, cond), F.layer_norm(x, (6,), eps=1e-6))
+    with torch.no_grad():
+        ln.modulation.weight.normal_()
+    a, b = ln(x, cond), ln(x, -cond)
+    assert not torch.allclose(a, b)  # the scale and shift follow the conditioning vector
+    assert ModalityAdapter(4, 6)(cond).shape == (3, 6)
+
+
+def test_alignment_loss_prefers_matched_pairs():
+    torch.manual_seed(0)
+    e = torch.randn(16, 8)
+    matched = alignment_loss(e, e + 0.01 * torch.randn(16, 8), tau=0.1)
+    shuffled = alignment_loss(e, e[torch.randperm(16)], tau=0.1)
+    assert matched < 0.1 < shuffled
+    with pytest.raises(ValueError):
+        alignment_loss(e, e[:3], tau=0.1)

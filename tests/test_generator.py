@@ -1,0 +1,112 @@
+"""The generator (prorec/models/generator.py): KV-cached decoding, masking, losses, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prorec.models.generator import DecoderCache, Generator, GeneratorConfig
+
+torch.set_num_threads(1)
+N, K, L = 40, 6, 3
+
+
+def make_model(**kw) -> Generator:
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(n_items=N, k=K, code_length=L, d_model=32, n_heads=4, decoder_layers=2, ff_dim=64,
+                          distill_dim=8, n_negatives=16, dropout=0.0, **kw)
+    codes = torch.randint(0, K, (N + 1, L))
+    model = Generator(cfg, codes)
+    for p in model.parameters():  # larger weights than the init, so that mistakes show in the outputs
+        torch.nn.init.normal_(p, std=0.3)
+    model.set_teacher(torch.randn(N + 1, 8))
+    return model.eval()
+
+
+def history() -> torch.Tensor:
+    return torch.tensor([[3, 9, 27, 4], [5, 0, 0, 0], [12, 33, 0, 0]])
+
+
+def test_kv_cached_decoding_equals_full_recomputation():
+    model = make_model(item_id_embedding=True)
+    hist = history()
+    B, G = hist.shape[0], 5
+    codes = torch.randint(0, K, (B, G, L))  # G different prefixes per user, decoded as G beams
+    memory = model.encode(hist)
+    cache = DecoderCache(len(model.decoder), L)
+    stepped = [model.step(memory, cache, 0, None, B).repeat_interleave(G, 0)]  # <BOS> is the same for all beams
+    cache.reorder(torch.arange(B).repeat_interleave(G))
+    for level in range(1, L):
+        stepped.append(model.step(memory, cache, level, codes[:, :, level - 1].reshape(-1), B))
+    stepped = torch.stack(stepped, 1).view(B, G, L, K)
+    for g in range(G):
+        full = model.code_logits(model.decode(memory, codes[:, g]))  # (B, L, K) by teacher forcing
+        torch.testing.assert_close(stepped[:, g], full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reorder_follows_the_surviving_beams():
+    model = make_model()
+    hist = history()[:1]
+    memory = model.encode(hist)
+    a, b = torch.tensor([1, 2]), torch.tensor([4, 0])
+    cache = DecoderCache(len(model.decoder), L)
+    model.step(memory, cache, 0, None, 1)
+    cache.reorder(torch.tensor([0, 0]))
+    model.step(memory, cache, 1, torch.tensor([a[0], b[0]]), 1)
+    cache.reorder(torch.tensor([1, 0]))  # swap the two beams: beam 0 now continues prefix b
+    swapped = model.step(memory, cache, 2, torch.tensor([b[1], a[1]]), 1)
+    full_b = model.code_logits(model.decode(memory, torch.tensor([[b[0], b[1], 0]])))[0, 2]
+    torch.testing.assert_close(swapped[0], full_b, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_the_encoding():
+    model = make_model(item_id_embedding=True)
+    short = torch.tensor([[7, 8, 9]])
+    padded = torch.tensor([[7, 8, 9, 0, 0, 0]])
+    codes = torch.tensor([[1, 2, 3]])
+    a = model.code_logits(model.decode(model.encode(short), codes))
+    b = model.code_logits(model.decode(model.encode(padded), codes))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_is_causal_and_the_distillation_token_sees_the_whole_code():
+    model = make_model()
+    memory = model.encode(history())
+    c1 = torch.tensor([[1, 2, 3]] * 3)
+    c2 = torch.tensor([[1, 2, 5]] * 3)
+    h1, h2 = model.decode(memory, c1, with_distill=True), model.decode(memory, c2, with_distill=True)
+    torch.testing.assert_close(h1[:, :L], h2[:, :L])  # code positions do not see the last token
+    assert (h1[:, L] - h2[:, L]).abs().max() > 1e-4  # [c_dis] does
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_losses_and_every_parameter_gets_a_gradient(distill):
+    model = make_model(distill=distill, item_id_embedding=True).train()
+    out = model(history(), torch.tensor([1, 2, 3]))
+    assert set(out) == {"loss", "gen", "distill"}
+    assert torch.isfinite(out["loss"])
+    assert out["gen"].item() > 0
+    if distill:
+        assert out["distill"].item() > 0
+        torch.testing.assert_close(out["loss"], out["gen"] + model.cfg.beta * out["distill"])
+    else:
+        assert not hasattr(model, "dis_token")  # "CKA only": no unused parameters (DDP would stall)
+        assert out["distill"].item() == 0 and out["loss"] is out["gen"]
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # item 0 (padding) row of item_emb never gets a gradient, but the table as a whole does
+    assert missing == []
+
+
+def test_generation_loss_is_the_mean_code_cross_entropy():
+    model = make_model(distill=False)
+    hist, target = history(), torch.tensor([1, 2, 3])
+    logits = model.code_logits(model.decode(model.encode(hist), model.item_codes[target]))
+    logp = torch.log_softmax(logits, -1).gather(2, model.item_codes[target][..., None])[..., 0]
+    torch.testing.assert_close(model(hist, target)["gen"], -logp.mean())
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="divisible"):
+        GeneratorConfig(n_items=5, k=4, code_length=2, d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="item_codes"):
+        Generator(GeneratorConfig(n_items=5, k=4, code_length=2), torch.zeros(5, 2, dtype=torch.long))

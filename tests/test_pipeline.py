@@ -1,0 +1,312 @@
+"""The pipeline job end to end on jobs/configs/tiny.yaml: outputs, resume, partial reruns, a killed
+Stage II, and `ray job submit` against a real head node.
+
+Every run goes through the real entry point (`python jobs/pipeline.py`) in a subprocess.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from prorec.manifest import STAGE_OUTPUTS, STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # these runs are configured without Ray and must not find one
+    return env
+
+
+def _cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(TINY), "--out", str(out), *args]
+
+
+def _pipeline(out: Path, *args: str, timeout: float = 480) -> str:
+    r = subprocess.run(_cmd(out, *args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        pytest.fail(f"pipeline exited with {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
+                    f"--- stderr\n{r.stderr[-4000:]}")
+    return r.stdout
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def _mtimes(run: Path, folders: tuple[str, ...] | None = None) -> dict[str, int]:
+    """mtime of every artifact (the manifest and config.yaml are rewritten by every invocation)."""
+    files = [p for p in run.rglob("*") if p.is_file() and p.name not in ("manifest.json", "config.yaml")]
+    if folders is not None:
+        files = [p for p in files if p.relative_to(run).parts[0] in folders]
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in files}
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)  # copy2 keeps the mtimes
+    return dest
+
+
+PIPELINE_CONFIGS = [TINY, REPO / "jobs" / "configs" / "default.yaml",
+                    *sorted((REPO / "jobs" / "configs" / "beauty").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "jobs" / "configs")))
+def test_every_shipped_config_is_valid(path):
+    from prorec.config import load_config
+
+    cfg = load_config(path)
+    # A config's header tells how to run it.
+    assert "python jobs/pipeline.py --config jobs/configs/" in path.read_text().split("\n\n")[0].replace("\\\n", "")
+    assert cfg.eval.beam_size >= max(cfg.eval.topk)
+
+
+def test_refuses_a_folder_that_is_not_a_run_directory(tmp_path, capsys):
+    from prorec.pipeline import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("not ours")
+    assert main(["--config", str(TINY), "--out", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert (tmp_path / "data" / "precious.txt").read_text() == "not ours"
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    return run, _pipeline(run)
+
+
+@pytest.mark.e2e
+def test_end_to_end_writes_manifest_metrics_and_predictions(tiny_run):
+    run, stdout = tiny_run
+    for i, stage in enumerate(STAGES, 1):
+        assert f"== [{i}/6] {stage} ==" in stdout
+        assert f"stage {stage}: done in" in stdout
+    m = _manifest(run)
+    assert m["ray"] == "not used"  # tiny.yaml runs every stage in-process, so Ray never starts
+    for stage in STAGES:
+        rec = m["stages"][stage]
+        assert rec["status"] == "done" and rec["wall_seconds"] > 0 and len(rec["key"]) == 16
+        assert set(rec["outputs"]) == set(STAGE_OUTPUTS[stage])
+    assert m["config"]["codes"]["k"] == 16 and m["packages"]["torch"] and m["packages"]["ray"]
+    assert set(m["inputs"]) == {"items.jsonl", "user_sequence.txt"}  # the generated synthetic files
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["metrics"] == metrics
+    for split in ("valid", "test"):
+        for name in METRICS:
+            assert 0.0 <= metrics[split][name] <= 1.0
+        for k in (5, 10, 20):
+            assert metrics[split][f"ndcg@{k}"] <= metrics[split][f"recall@{k}"] + 1e-9
+        assert metrics[split]["recall@5"] <= metrics[split]["recall@10"] <= metrics[split]["recall@20"]
+    # The closing table shows this run's test numbers beside the paper's Beauty numbers.
+    assert re.search(rf"recall@10\s+{metrics['test']['recall@10']:.4f}\s+0\.0939", stdout)
+    assert re.search(rf"ndcg@20\s+{metrics['test']['ndcg@20']:.4f}\s+0\.0646", stdout)
+    assert "paper's numbers are PRORec on Amazon Beauty" in stdout
+
+    preds = pq.read_table(run / "eval" / "predictions.parquet").to_pylist()
+    test_users = pq.read_table(run / "data" / "test.parquet").column("user_id").to_pylist()
+    item_ids = set(pq.read_table(run / "data" / "items.parquet").column("item_id").to_pylist())
+    assert [p["user_id"] for p in preds] == test_users
+    assert all(0 < len(p["items"]) <= 20 and set(p["items"]) <= item_ids for p in preds)
+    assert all(len(set(p["items"])) == len(p["items"]) for p in preds)
+
+
+@pytest.mark.e2e
+def test_a_rerun_skips_every_finished_stage(tiny_run):
+    run, _ = tiny_run
+    before = _mtimes(run)
+    stdout = _pipeline(run)
+    assert "plan: nothing to do" in stdout
+    for stage in STAGES:
+        assert f"stage {stage}: done, skipped (unchanged)" in stdout
+    m = _manifest(run)
+    assert all(m["stages"][s]["status"] == "done" and m["stages"][s]["skipped_last_run"] for s in STAGES)
+    assert set(m["inputs"]) == {"items.jsonl", "user_sequence.txt"}  # still recorded on a rerun
+    assert _mtimes(run) == before  # not one artifact was rewritten
+
+
+@pytest.mark.e2e
+def test_a_changed_codes_k_reruns_codes_onward_only(tiny_run, tmp_path):
+    run = _copy(tiny_run[0], tmp_path / "run")
+    upstream = _mtimes(run, ("raw", "data", "embeddings", "stage1"))
+    old_codes = _mtimes(run, ("codes",))
+    stdout = _pipeline(run, "codes.k=8")
+    for stage in ("data", "embed", "stage1"):
+        assert f"stage {stage}: done, skipped (unchanged)" in stdout
+    assert "stage codes: running (config changed (codes.k: 16 -> 8))" in stdout
+    assert "stage stage2: running (upstream stage codes reruns)" in stdout
+    assert "stage eval: running (upstream stage codes reruns)" in stdout
+    assert _mtimes(run, ("raw", "data", "embeddings", "stage1")) == upstream
+    assert all(_mtimes(run, ("codes",))[f] != t for f, t in old_codes.items())
+    assert json.loads((run / "codes" / "code_report.json").read_text())["k"] == 8
+    assert json.loads((run / "stage2" / "model_config.json").read_text())["k"] == 8
+    m = _manifest(run)
+    assert [s for s in STAGES if not m["stages"][s]["skipped_last_run"]] == ["codes", "stage2", "eval"]
+
+
+@pytest.mark.e2e
+def test_a_killed_stage2_resumes_from_its_checkpoint(tiny_run, tmp_path):
+    run = _copy(tiny_run[0], tmp_path / "run")
+    # More epochs than tiny.yaml, so that Stage II is still training when it is killed.
+    args = ("stage2.max_epochs=5", "stage2.patience=5")
+    ckpt = run / "stage2" / "checkpoint" / "state.pt"
+    ckpt.unlink()  # the copied run's own; the changed key makes Stage II start over and write a new one
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(_cmd(run, *args), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not ckpt.exists():
+            assert proc.poll() is None, "the pipeline ended before Stage II wrote a checkpoint:\n" + \
+                (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no Stage II checkpoint within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # no cleanup, no manifest update: a real crash
+    finally:
+        proc.wait(30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert _manifest(run)["stages"]["stage2"]["status"] == "running"
+    assert not (run / "stage2" / "model.safetensors").exists()
+
+    stdout = _pipeline(run, *args)
+    assert "stage stage2: running (interrupted last time; resuming with its folder kept)" in stdout
+    resumed = re.search(r"resuming from the checkpoint of epoch (\d+)", stdout)
+    assert resumed, stdout[-3000:]
+    n = int(resumed.group(1))
+    assert f"stage2: epoch={n + 1} " in stdout or n == 4
+    assert "stage2: epoch=0 " not in stdout  # the finished epochs were not trained again
+    history = json.loads((run / "stage2" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(5))  # the history spans the crash
+    assert _manifest(run)["stages"]["stage2"]["status"] == "done"
+    assert (run / "eval" / "metrics.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# ray job submit against a real head node
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Ids of this machine's processes whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+    return pids
+
+
+@contextlib.contextmanager
+def _ray_head(env: dict[str, str]):
+    """A `ray start --head` of our own: its own temp dir, ports and token; stopped without `ray stop`.
+
+    `ray stop` would stop every Ray on this machine (the test session's own instance too), so the
+    head runs with --block in its own process group; we end that group, then any process still
+    naming our private temp dir (Ray's processes carry it on their command lines).
+    """
+    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    gcs, dash = _free_port(), _free_port()
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp}/r", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # 401 without a token: the server is up
+            except OSError:
+                assert head.poll() is None, "ray start --head exited:\n" + (Path(temp) / "head.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the dashboard did not come up in 120 s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(15)
+        for pid in [*_processes_mentioning(temp), *([head.pid] if head.poll() is None else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path):
+    # Ray 2.60 turns token authentication on for `ray start --head` (RAY_AUTH_MODE=token); the head,
+    # the job's driver and the `ray job` client all read the token from RAY_AUTH_TOKEN_PATH.
+    # A private token file keeps this test away from ~/.ray/auth_token.
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    out = tmp_path / "run"
+    runtime_env = {"excludes": ["runs/", ".ci-venv/", ".venv/", ".git/", "*.egg-info/"],
+                   "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", "", "--working-dir", str(REPO),
+              "--runtime-env-json", json.dumps(runtime_env), "--",
+              # eval on a Ray actor: the driver must join the head's cluster, not start its own Ray
+              sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml", "--out", str(out),
+              "eval.use_ray=true", "eval.num_actors=1"]
+    with _ray_head(env) as address:
+        submit[4] = address
+        deadline = time.monotonic() + 90
+        while True:
+            r = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            # The job server answers before the node's agent has registered; the job is not created then.
+            if "No available agent" not in r.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        logs = r.stdout[-5000:] + "\n--- stderr\n" + r.stderr[-3000:]
+        assert r.returncode == 0, logs
+        assert re.search(r"Job 'raysubmit_\w+' succeeded", r.stdout + r.stderr), logs
+        # Without the token the job server refuses the client.
+        bare = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+        bare["HOME"] = str(tmp_path)  # so that no ~/.ray/auth_token is found either
+        denied = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
+                                env=bare, capture_output=True, text=True, timeout=60)
+        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+    assert "ray: connected to the cluster at" in r.stdout, logs
+    m = _manifest(out)
+    assert all(m["stages"][s]["status"] == "done" for s in STAGES)
+    assert m["ray"].startswith("connected to the cluster")
+    assert set(json.loads((out / "eval" / "metrics.json").read_text())["test"]) >= set(METRICS)
+    assert (out / "eval" / "predictions.parquet").is_file()

@@ -1,0 +1,172 @@
+"""Stage I end to end on the tiny synthetic dataset: alignment, retrieval quality, Ray Train, resume, fusions.
+
+The semantic embeddings are a deterministic bag-of-words hash of each item's text: the text names the
+item's category (e.g. "...; Beauty > Hair Care > Shampoos"), so they reveal the synthetic category
+the way a language model's embeddings would, without loading one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prorec.artifacts import read_embeddings, write_embeddings
+from prorec.config import ConfigError, Stage1Config
+from prorec.data.splits import read_split
+from prorec.stage1 import Stage1Data, load_semantic, pca, run_stage1
+
+SEM_DIM = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids thrashing (10x faster here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bag_of_words(text: str, dim: int = SEM_DIM) -> np.ndarray:
+    v = np.zeros(dim, np.float32)
+    for tok in text.lower().replace(">", " ").replace(";", " ").split():
+        v[int(hashlib.md5(tok.encode()).hexdigest(), 16) % dim] += 1.0
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+@pytest.fixture(scope="module")
+def semantic_path(tiny_data, tmp_path_factory) -> Path:
+    items = read_split(tiny_data, "items")
+    vecs = np.stack([bag_of_words(t) for t in items.column("text").to_pylist()])
+    return write_embeddings(tmp_path_factory.mktemp("sem") / "semantic.parquet", items.column("item_idx").to_numpy(),
+                            items.column("item_id").to_pylist(), vecs)
+
+
+def small_cfg(**kw) -> Stage1Config:
+    """A small, fast Stage I (dim 16, batch 64): the tiny dataset has about 1,300 training examples."""
+    base = dict(dim=16, batch_size=64, lr=3e-3, warmup_steps=5, max_epochs=10, patience=10, num_workers=0,
+                n_negatives=64, seed=0)
+    return Stage1Config(**{**base, **kw})
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out.parent / "metrics.json").read_text())
+
+
+def categories(data_dir: Path) -> np.ndarray:
+    return np.array([t.split(";")[1] for t in read_split(data_dir, "items").column("text").to_pylist()])
+
+
+def knn_category_agreement(x: np.ndarray, cats: np.ndarray, k: int = 5) -> float:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    nn = np.argsort(-s, axis=1)[:, :k]
+    return float((cats[nn] == cats[:, None]).mean())
+
+
+@pytest.fixture(scope="module")
+def with_and_without_cka(tiny_data, semantic_path, tmp_path_factory) -> dict[float, Path]:
+    """The same prorec run with alpha = 1 and alpha = 0 (the adapter exists in both; only the loss differs)."""
+    return {alpha: run_stage1(small_cfg(alpha=alpha), tiny_data, semantic_path,
+                              tmp_path_factory.mktemp(f"cka{alpha}"))
+            for alpha in (1.0, 0.0)}
+
+
+def test_cka_aligns_collaborative_with_semantic(with_and_without_cka, tiny_data):
+    with_cka, without = (metrics_of(with_and_without_cka[a]) for a in (1.0, 0.0))
+    assert with_cka["align_cosine"] > without["align_cosine"] + 0.3
+    assert with_cka["history"][-1]["align_loss"] < with_cka["history"][0]["align_loss"]
+    # and semantics reach E_C itself: its nearest neighbours share the (text-revealed) category more often
+    cats = categories(tiny_data)
+    e_cka, e_plain = (read_embeddings(with_and_without_cka[a])[2] for a in (1.0, 0.0))
+    assert knn_category_agreement(e_cka, cats) > knn_category_agreement(e_plain, cats) + 0.05
+
+
+def test_stage1_retriever_beats_random_and_popularity(with_and_without_cka, tiny_data):
+    data = Stage1Data.load(tiny_data)
+    n = data.n_items
+    random_recall = np.mean([min(1.0, 10 / (n - len(set(h[h > 0])))) for h in data.valid_hist])
+    counts = np.bincount(data.train_target, minlength=n + 1).astype(float)
+    counts[0] = -1
+    pop_hits = []
+    for h, t in zip(data.valid_hist, data.valid_target):
+        s = counts.copy()
+        s[h] = -1
+        pop_hits.append((s > s[t]).sum() < 10)
+    for alpha in (1.0, 0.0):
+        recall = metrics_of(with_and_without_cka[alpha])["valid"]["recall@10"]
+        assert recall > 3 * random_recall, (alpha, recall, random_recall)
+        assert recall > 1.5 * np.mean(pop_hits), (alpha, recall, np.mean(pop_hits))
+
+
+def test_resume_after_a_crash_continues_from_the_next_epoch(tiny_data, semantic_path, tmp_path, capsys):
+    cfg = small_cfg(max_epochs=4, patience=4)
+    run_stage1(cfg, tiny_data, semantic_path, tmp_path, stop_after_epoch=1)  # "crashes" after epoch 1
+    assert [h["epoch"] for h in metrics_of(tmp_path / "item_embeddings.parquet")["history"]] == [0, 1]
+    capsys.readouterr()
+    out = run_stage1(cfg, tiny_data, semantic_path, tmp_path)
+    assert "resuming from the checkpoint of epoch 1" in capsys.readouterr().out
+    m = metrics_of(out)
+    assert [h["epoch"] for h in m["history"]] == [0, 1, 2, 3] and m["epochs"] == 4
+    assert m["history"][3]["seq_loss"] < m["history"][0]["seq_loss"]
+    # A changed config must not resume from checkpoints written for another one.
+    run_stage1(small_cfg(max_epochs=4, patience=4, alpha=0.5), tiny_data, semantic_path, tmp_path, stop_after_epoch=0)
+    assert "starting afresh" in capsys.readouterr().out
+    assert [h["epoch"] for h in metrics_of(out)["history"]] == [0]
+
+
+def test_every_fusion_has_the_right_shape(with_and_without_cka, tiny_data, semantic_path, tmp_path):
+    n = read_split(tiny_data, "items").num_rows
+    shapes = {"prorec": read_embeddings(with_and_without_cka[1.0])[2].shape}
+    for fusion in ("semantic", "collaborative", "concat"):
+        out = run_stage1(small_cfg(fusion=fusion, max_epochs=1), tiny_data, semantic_path, tmp_path / fusion)
+        idx, ids, vecs, meta = read_embeddings(out)
+        assert list(idx) == list(range(1, n + 1)) and meta["fusion"] == fusion and np.isfinite(vecs).all()
+        shapes[fusion] = vecs.shape
+    assert shapes == {"prorec": (n, 16), "semantic": (n, 16), "collaborative": (n, 16), "concat": (n, 32)}
+    # concat = PCA(E_S) ⊕ E_C, each half scaled to a mean row norm of 1
+    concat = read_embeddings(tmp_path / "concat" / "item_embeddings.parquet")[2]
+    for half in (concat[:, :16], concat[:, 16:]):
+        assert np.linalg.norm(half, axis=1).mean() == pytest.approx(1.0, rel=1e-4)
+    assert metrics_of(tmp_path / "semantic" / "item_embeddings.parquet").get("epochs") is None  # no training
+
+
+def test_pca_keeps_the_leading_variance_and_pads_past_the_rank():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3)) @ rng.normal(size=(3, 10))  # rank 3
+    y = pca(x, 5)
+    assert y.shape == (50, 5) and np.allclose(y[:, 3:], 0, atol=1e-6)
+    assert np.allclose(np.var(y, axis=0).sum(), np.var(x, axis=0).sum(), rtol=1e-5)
+
+
+def test_mismatched_semantic_embeddings_are_refused(tiny_data, tmp_path):
+    items = read_split(tiny_data, "items")
+    bad = write_embeddings(tmp_path / "bad.parquet", np.arange(1, 11), [f"X{i}" for i in range(10)],
+                           np.ones((10, 4), np.float32))
+    with pytest.raises(ValueError, match="does not cover the items"):
+        load_semantic(bad, items.column("item_id").to_pylist())
+    with pytest.raises(FileNotFoundError):
+        run_stage1(small_cfg(), tiny_data, tmp_path / "missing.parquet", tmp_path / "out")
+    with pytest.raises(ConfigError):
+        run_stage1(small_cfg(negatives="hard"), tiny_data, tmp_path / "missing.parquet", tmp_path / "out")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_two_ray_workers_reach_the_quality_of_one(ray_session, tiny_data, semantic_path, tmp_path):
+    """Ray Train with DDP: 2 workers (half the data each, half the batch each) match 1 worker."""
+    recalls = {}
+    for workers in (1, 2):
+        out = run_stage1(small_cfg(num_workers=workers, max_epochs=8, patience=8), tiny_data, semantic_path,
+                         tmp_path / f"w{workers}")
+        m = metrics_of(out)
+        assert m["num_workers"] == workers and m["epochs"] == 8
+        assert (tmp_path / f"w{workers}" / "ray" / "stage1").is_dir()
+        recalls[workers] = m["valid"]["recall@10"]
+    assert recalls[1] > 0.2 and abs(recalls[2] - recalls[1]) < 0.08, recalls

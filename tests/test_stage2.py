@@ -1,0 +1,151 @@
+"""Stage II training (prorec/stage2.py) and the evaluation (prorec/evaluate.py) on tiny synthetic data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prorec.artifacts import write_embeddings
+from prorec.beam import BeamSearch
+from prorec.codes import CodesConfig, quantize, write_codes
+from prorec.config import EvalConfig, Stage2Config
+from prorec.data.splits import read_split
+from prorec.evaluate import run_evaluate
+from prorec.metrics import ranking_metrics, target_ranks
+from prorec.models.generator import Generator, GeneratorConfig
+from prorec.stage2 import history_tensor, load_generator, rank_users, run_stage2
+
+torch.set_num_threads(1)
+K = 8
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """Codes and 'Stage I' embeddings for the tiny dataset: each item's category (from its text)
+    plus noise, so that the first code token is roughly the category."""
+    out = tmp_path_factory.mktemp("stage2_inputs")
+    items = read_split(tiny_data, "items")
+    cats = [t.split("; ")[-1] for t in items.column("text").to_pylist()]
+    names = sorted(set(cats))
+    onehot = np.eye(len(names))[[names.index(c) for c in cats]]
+    emb = np.concatenate([3 * onehot, np.random.default_rng(0).normal(size=(len(cats), 8))], 1).astype(np.float32)
+    idx, ids = items.column("item_idx").to_numpy(), items.column("item_id").to_pylist()
+    stage1 = write_embeddings(out / "stage1" / "item_embeddings.parquet", idx, ids, emb)
+    codes, _ = quantize(CodesConfig(method="hkmeans", k=K, use_ray=False), emb)
+    return {"data": tiny_data, "codes": write_codes(out / "codes" / "codes.parquet", idx, ids, codes, K),
+            "stage1": stage1}
+
+
+def small(**kw) -> Stage2Config:
+    base = dict(num_workers=0, d_model=64, n_heads=2, ff_dim=128, decoder_layers=2, batch_size=32, lr=3e-3, beta=0.1,
+                warmup_steps=10, n_negatives=32, max_epochs=6, patience=6, valid_users=0)
+    return Stage2Config(**{**base, **kw})
+
+
+EVAL = EvalConfig(beam_size=20, use_ray=False, batch_size=128)
+
+
+@pytest.fixture(scope="module")
+def trained(artifacts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage2")
+    return run_stage2(small(), EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"], out)
+
+
+def valid_ndcg10(model: Generator, artifacts: dict[str, Path]) -> float:
+    valid = read_split(artifacts["data"], "valid")
+    search = BeamSearch(model, tiny_trie(artifacts), 20, 20, exclude_history=True)
+    ranked = rank_users(search, history_tensor(valid.column("history")), 128)
+    return ranking_metrics(target_ranks(ranked, valid.column("target").to_numpy()), [10])["ndcg@10"]
+
+
+def tiny_trie(artifacts):  # noqa: N802
+    from prorec.codes import trie_from_file
+
+    return trie_from_file(artifacts["codes"])
+
+
+def test_training_beats_the_untrained_model(trained, artifacts):
+    conf = json.loads((trained / "model_config.json").read_text())
+    assert conf["k"] == K and conf["code_length"] >= 2 and conf["n_items"] == 120
+    assert conf["decoder_layers"] == 2 and conf["distill"] is True and conf["lr"] == 3e-3
+    torch.manual_seed(0)
+    untrained = Generator(GeneratorConfig.from_dict(conf), load_file(str(trained / "model.safetensors"))["item_codes"])
+    before = valid_ndcg10(untrained, artifacts)
+    model = load_generator(trained)
+    after = valid_ndcg10(model, artifacts)
+    metrics = json.loads((trained / "metrics.json").read_text())
+    # The saved weights are the best epoch's, scored with the same beam search on every valid user.
+    assert after == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-12)
+    assert after == max(h["valid_ndcg@10"] for h in metrics["history"])
+    assert after > before + 0.02, (before, after)
+    assert metrics["history"][-1]["train_gen"] < metrics["history"][0]["train_gen"]
+
+
+def test_evaluation_writes_metrics_and_predictions(trained, artifacts, tmp_path):
+    cfg = EvalConfig(beam_size=20, use_ray=False, batch_size=128)
+    metrics = run_evaluate(cfg, artifacts["data"], artifacts["codes"], trained, tmp_path)
+    assert set(metrics) == {"valid", "test"}
+    assert set(metrics["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    best = json.loads((trained / "metrics.json").read_text())["best"]
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(best["valid_ndcg@10"], abs=1e-12)
+    preds = pq.read_table(tmp_path / "predictions.parquet")
+    test = read_split(artifacts["data"], "test")
+    assert preds.column("user_id").to_pylist() == test.column("user_id").to_pylist()
+    items = read_split(artifacts["data"], "items")
+    id_of = dict(zip(items.column("item_idx").to_pylist(), items.column("item_id").to_pylist()))
+    hits = 0
+    for row, hist, target in zip(preds.column("items").to_pylist(), test.column("history").to_pylist(),
+                                 test.column("target").to_pylist()):
+        assert len(row) == 20 and len(set(row)) == 20
+        assert not set(row) & {id_of[i] for i in hist}  # exclude_history
+        hits += id_of[target] in row[:10]
+    assert hits / test.num_rows == pytest.approx(metrics["test"]["recall@10"])
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(artifacts, tmp_path):
+    cfg = small(max_epochs=2, d_model=16, distill=False, valid_users=60)
+    args = (EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"])
+    straight = run_stage2(cfg, *args, tmp_path / "straight")
+    run_stage2(cfg, *args, tmp_path / "crashed", stop_after_epoch=0)  # "crashes" after epoch 0
+    first = json.loads((tmp_path / "crashed" / "metrics.json").read_text())
+    assert first["epochs_run"] == 1
+    resumed = run_stage2(cfg, *args, tmp_path / "crashed")
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((straight / "metrics.json").read_text())["history"]
+    hb = json.loads((resumed / "metrics.json").read_text())["history"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in h.items() if not k.endswith(drop)} for h in ha] == \
+           [{k: v for k, v in h.items() if not k.endswith(drop)} for h in hb]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, artifacts, tmp_path):
+    local = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64), artifacts["data"],
+                         artifacts["codes"], trained, tmp_path / "local")
+    pooled = run_evaluate(EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=64), artifacts["data"],
+                          artifacts["codes"], trained, tmp_path / "pool")
+    assert pooled == local
+    assert pq.read_table(tmp_path / "pool" / "predictions.parquet").equals(
+        pq.read_table(tmp_path / "local" / "predictions.parquet"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):
+    cfg = small(num_workers=2, max_epochs=2, d_model=16, valid_users=60)
+    out = run_stage2(cfg, EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
+    assert (out / "ray" / "stage2").is_dir()
+    model = load_generator(out)
+    assert 0.0 <= valid_ndcg10(model, artifacts) <= 1.0
+    assert metrics["best"]["valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in metrics["history"])
