@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prorec.beam import BeamSearch  # noqa: E402
-from prorec.codes import CodeTrie, CodesConfig, codes_meta, load_codes, quantize  # noqa: E402
-from prorec.config import Stage2Config  # noqa: E402
+from prorec.codes import CodeTrie, codes_meta, load_codes, quantize  # noqa: E402
+from prorec.config import CodesConfig, Stage2Config  # noqa: E402
 from prorec.models.generator import Generator, GeneratorConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,12 +2,13 @@
 semantic-domination shares of concat and prorec (PRORec Table 4).
 
     /work/venv/bin/python benchmarks/stage1_beauty.py [--max-epochs 10] [--patience 2] \
-        [--valid-users 2000] [--threads 1] [--data /work/cache/beauty/data] \
+        [--valid-users 1000] [--threads 1] [--data /work/cache/beauty/data] \
         [--semantic /work/cache/beauty/embeddings/semantic.parquet] [--out-root /work/cache/beauty]
 
 Writes OUT_ROOT/stage1_<fusion>/ (item_embeddings.parquet, metrics.json, checkpoint/) for the four
 fusions, so later stages can reuse them, and benchmarks/results/stage1_beauty.{json,md,png}.
-Only two models are trained: collaborative (alpha = 0) and prorec (alpha = 1). concat is
+Only two models are trained, side by side in two processes: collaborative (alpha = 0) and
+prorec (alpha = 1). concat is
 PCA(E_S) ⊕ the collaborative E_C, built from the collaborative checkpoint (the two train the
 same model), and semantic needs no training. Rerunning resumes unfinished trainings.
 """
@@ -16,11 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import shlex
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +38,16 @@ from prorec.stage1 import run_stage1  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _train(cfg: Stage1Config, data: Path, semantic: Path, out_dir: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    print(f"== stage1 {cfg.fusion} -> {out_dir}", flush=True)
+    out = run_stage1(cfg, data, semantic, out_dir)
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/work/cache/beauty/data")
@@ -42,8 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out-root", default="/work/cache/beauty")
     ap.add_argument("--max-epochs", type=int, default=10)
     ap.add_argument("--patience", type=int, default=2)
-    ap.add_argument("--valid-users", type=int, default=2000)
+    ap.add_argument("--valid-users", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results-name", default="stage1_beauty", help="benchmarks/results/NAME.{json,md}")
     ap.add_argument("--fusions", nargs="+", default=["collaborative", "prorec"],
                     help="trainings to run (concat and semantic are always derived)")
     args = ap.parse_args(argv)
@@ -51,13 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     data, semantic, root = Path(args.data), Path(args.semantic), Path(args.out_root)
     base = Stage1Config(num_workers=0, max_epochs=args.max_epochs, patience=args.patience,
                         valid_users=args.valid_users)
-    runs = {}
-    for fusion in args.fusions:
-        t0 = time.perf_counter()
-        print(f"== stage1 {fusion}", flush=True)
-        out = run_stage1(dataclasses.replace(base, fusion=fusion), data, semantic, root / f"stage1_{fusion}")
-        runs[fusion] = json.loads((out.parent / "metrics.json").read_text())
-        runs[fusion]["wall_seconds"] = time.perf_counter() - t0
+    # The trainings run side by side, one process (and --threads torch threads) each.
+    jobs = [(dataclasses.replace(base, fusion=f), data, semantic, root / f"stage1_{f}", args.threads)
+            for f in args.fusions]
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = dict(zip(args.fusions, pool.map(_train, *zip(*jobs))))
     # concat reuses the collaborative training: same model, same checkpoint signature.
     col_dir, cat_dir = root / "stage1_collaborative", root / "stage1_concat"
     cat_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     analysis = semantic_domination_report(e_s, emb["collaborative"], {"concat": emb["concat"], "prorec": emb["prorec"]})
     from prorec.analysis import tsne_figure
 
-    png = tsne_figure({"semantic": e_s, **emb}, e_s, RESULTS / "stage1_beauty_tsne.png")
+    png = tsne_figure({"semantic": e_s, **emb}, e_s, RESULTS / f"{args.results_name}_tsne.png")
     analysis["tsne"] = str(png.relative_to(RESULTS.parent.parent))
     analysis["seconds"] = time.perf_counter() - t0
 
@@ -90,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "outputs": {f: str(root / f"stage1_{f}") for f in ("semantic", "collaborative", "concat", "prorec")},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stage1_beauty.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "stage1_beauty.md").write_text(to_markdown(result))
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.results_name}.md").write_text(to_markdown(result))
     print(to_markdown(result))
     return result
 

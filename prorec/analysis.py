@@ -38,8 +38,8 @@ def kl_divergence(fused: np.ndarray, reference: np.ndarray, temperature: float =
     """mean_i KL(P_fused(· | i) || P_reference(· | i)) over all items (see the module docstring)."""
     if len(fused) != len(reference):
         raise ValueError(f"embedding sets must cover the same items: {len(fused)} vs {len(reference)} rows")
-    f = F.normalize(torch.as_tensor(np.asarray(fused, np.float32)), dim=1)
-    r = F.normalize(torch.as_tensor(np.asarray(reference, np.float32)), dim=1)
+    f = F.normalize(torch.tensor(np.asarray(fused, np.float32)), dim=1)
+    r = F.normalize(torch.tensor(np.asarray(reference, np.float32)), dim=1)
     total = 0.0
     for lo in range(0, len(f), chunk):
         rows = torch.arange(lo, min(len(f), lo + chunk))

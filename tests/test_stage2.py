@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from prorec.artifacts import write_embeddings
 from prorec.beam import BeamSearch
-from prorec.codes import CodesConfig, quantize, write_codes
-from prorec.config import EvalConfig, Stage2Config
+from prorec.codes import quantize, trie_from_file, write_codes
+from prorec.config import CodesConfig, EvalConfig, Stage2Config
 from prorec.data.splits import read_split
 from prorec.evaluate import run_evaluate
 from prorec.metrics import ranking_metrics, target_ranks
@@ -58,15 +58,9 @@ def trained(artifacts, tmp_path_factory) -> Path:
 
 def valid_ndcg10(model: Generator, artifacts: dict[str, Path]) -> float:
     valid = read_split(artifacts["data"], "valid")
-    search = BeamSearch(model, tiny_trie(artifacts), 20, 20, exclude_history=True)
+    search = BeamSearch(model, trie_from_file(artifacts["codes"]), 20, 20, exclude_history=True)
     ranked = rank_users(search, history_tensor(valid.column("history")), 128)
     return ranking_metrics(target_ranks(ranked, valid.column("target").to_numpy()), [10])["ndcg@10"]
-
-
-def tiny_trie(artifacts):  # noqa: N802
-    from prorec.codes import trie_from_file
-
-    return trie_from_file(artifacts["codes"])
 
 
 def test_training_beats_the_untrained_model(trained, artifacts):

@@ -251,8 +251,10 @@ class Generator(nn.Module):
             # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_teacher).
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
         self.apply(self._init)
-        for p in (self.bos, self.head_w, *( [self.dis_token] if cfg.distill else [])):
-            nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.bos, std=0.02)
+        nn.init.normal_(self.head_w, std=0.02)
+        if cfg.distill:
+            nn.init.normal_(self.dis_token, std=0.02)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
