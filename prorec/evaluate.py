@@ -54,8 +54,9 @@ class Ranker:
         return rank_users(self.search, torch.from_numpy(np.ascontiguousarray(history)), self.batch_size)
 
     def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
-        """`rank` of some rows of a shared array (Ray passes the array from the object store)."""
-        return self.rank(history[rows])
+        """`rank` of some rows of a shared array (Ray passes the array from the object store,
+        read-only, so the rows are copied before torch sees them)."""
+        return self.rank(np.array(history[rows]))
 
 
 def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
