@@ -1,6 +1,7 @@
 """Tests for prorec/embed.py and prorec/encoders.py: the semantic item embeddings."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def minilm() -> Iterator[TextEncoder]:
+    """The shipped MiniLM, loaded once for the tests that call the encoder directly."""
+    enc = TextEncoder(spec_dict(resolve_encoder(EmbedConfig())))
+    yield enc
+    enc.spec.pooling = "mean"
+
+
 def test_tiny_llama_by_path_shape_and_rerun(tiny_llama, tmp_path):
     items = write_items(tmp_path / "data", LLAMA_TEXTS)
     cfg = EmbedConfig(model=str(tiny_llama), use_ray=False, batch_size=3)
@@ -93,9 +102,11 @@ def test_tiny_llama_by_path_shape_and_rerun(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("model,pooling", [("llama", "last"), ("llama", "mean"), ("minilm", "mean"),
                                            ("minilm", "cls")])
-def test_padding_side_does_not_change_vectors(tiny_llama, model, pooling):
-    name = str(tiny_llama) if model == "llama" else "all-MiniLM-L6-v2"
-    enc = TextEncoder(spec_dict(resolve_encoder(EmbedConfig(model=name, pooling=pooling))))
+def test_padding_side_does_not_change_vectors(tiny_llama, minilm, model, pooling):
+    if model == "llama":
+        enc = TextEncoder(spec_dict(resolve_encoder(EmbedConfig(model=str(tiny_llama), pooling=pooling))))
+    else:
+        enc, minilm.spec.pooling = minilm, pooling
     if model == "llama":
         assert enc.tokenizer.pad_token == "</s>"  # Llama-style tokenizer without pad: pad = eos
     alone = np.concatenate([enc.encode([t]) for t in LLAMA_TEXTS])  # no padding at all
@@ -124,12 +135,12 @@ def test_minilm_groups_similar_products(tmp_path):
     assert (labels[sim.argmax(1)] == labels).mean() >= 0.9
 
 
-def test_minilm_matches_sentence_transformers(tmp_path):
+def test_minilm_matches_sentence_transformers(minilm):
     st = pytest.importorskip("sentence_transformers")
     texts = [t for group in GROUPS.values() for t in group][:10]
-    spec = resolve_encoder(EmbedConfig())
-    ours = TextEncoder(spec_dict(spec)).encode(texts)
-    ref = st.SentenceTransformer(spec.path, device="cpu").encode(texts, convert_to_numpy=True)
+    minilm.spec.pooling, minilm.tokenizer.padding_side = "mean", "right"
+    ours = minilm.encode(texts)
+    ref = st.SentenceTransformer(minilm.spec.path, device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
