@@ -63,17 +63,19 @@ LOG_EVERY = 100  # steps between progress lines
 # Data
 
 
-def _right_aligned(table_col, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int32> column -> (rows, width) int64 histories, most recent item last, 0-padded; lengths."""
-    col = table_col.combine_chunks()
-    lens = np.minimum(col.value_lengths().to_numpy(zero_copy_only=False), width).astype(np.int64)
-    full = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    ends = np.cumsum(full)
+def _lengths(table) -> np.ndarray:
+    return table.column("history").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _right_aligned(table, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split's histories -> (rows, width) int64, most recent item last, 0-padded; and their lengths."""
+    full = _lengths(table)
+    lens = np.minimum(full, width)
+    values = table.column("history").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    row = np.repeat(np.arange(len(lens)), lens)
     within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
     hist = np.zeros((len(lens), width), dtype=np.int64)
-    hist[np.repeat(np.arange(len(lens)), lens), np.repeat(width - lens, lens) + within] = \
-        values[np.repeat(ends - lens, lens) + within]
+    hist[row, (width - lens)[row] + within] = values[(np.cumsum(full) - lens)[row] + within]
     return hist, lens
 
 
@@ -97,12 +99,11 @@ class Stage1Data:
         idx = items.column("item_idx").to_numpy()
         if not np.array_equal(np.sort(idx), np.arange(1, len(idx) + 1)):
             raise ValueError(f"{data_dir}/items.parquet: item_idx must be exactly 1..{len(idx)}")
-        item_ids = [str(x) for x in np.asarray(items.column("item_id").to_pylist(), dtype=object)[np.argsort(idx)]]
+        item_ids = items.sort_by("item_idx").column("item_id").to_pylist()
         train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
-        width = max(1, *(int(t.column("history").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).max(initial=1))
-                         for t in (train, valid)))
-        th, tl = _right_aligned(train.column("history"), width)
-        vh, vl = _right_aligned(valid.column("history"), width)
+        width = int(max(1, _lengths(train).max(initial=1), _lengths(valid).max(initial=1)))
+        th, tl = _right_aligned(train, width)
+        vh, vl = _right_aligned(valid, width)
         return cls(len(idx), item_ids, width, th, tl, train.column("target").to_numpy().astype(np.int64),
                    vh, vl, valid.column("target").to_numpy().astype(np.int64))
 
@@ -396,9 +397,8 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     semantic_path = Path(semantic_path).resolve() if semantic_path else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = read_split(data_dir, "items")
-    order = np.argsort(items.column("item_idx").to_numpy())
-    item_ids = [str(items.column("item_id")[int(i)]) for i in order]
+    items = read_split(data_dir, "items").sort_by("item_idx")
+    item_ids = items.column("item_id").to_pylist()
     needs_semantic = cfg.fusion in ("semantic", "concat") or uses_alignment(cfg)
     if needs_semantic and (semantic_path is None or not semantic_path.is_file()):
         raise FileNotFoundError(f"stage1.fusion={cfg.fusion} needs the semantic embeddings, {semantic_path} is missing")

@@ -160,13 +160,37 @@ def test_mismatched_semantic_embeddings_are_refused(tiny_data, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_ray_workers_reach_the_quality_of_one(ray_session, tiny_data, semantic_path, tmp_path):
-    """Ray Train with DDP: 2 workers (half the data each, half the batch each) match 1 worker."""
+def test_two_ray_workers_reach_the_quality_of_one_and_resume(ray_session, tiny_data, semantic_path, tmp_path):
+    """Ray Train with DDP: 2 workers (half the data each, half the batch each) match 1 worker; and a
+    2-worker run stopped after epoch 2 resumes from its Ray checkpoint when rerun."""
     recalls = {}
     for workers in (1, 2):
-        out = run_stage1(small_cfg(num_workers=workers), tiny_data, semantic_path, tmp_path / f"w{workers}")
-        m = metrics_of(out)
-        assert m["num_workers"] == workers and m["epochs"] == 6
-        assert (tmp_path / f"w{workers}" / "ray" / "stage1").is_dir()
+        out_dir = tmp_path / f"w{workers}"
+        if workers == 2:  # "crash" after epoch 2, then rerun with the same storage path and name
+            first = metrics_of(run_stage1(small_cfg(num_workers=2), tiny_data, semantic_path, out_dir,
+                                          stop_after_epoch=2))
+            assert [h["epoch"] for h in first["history"]] == [0, 1, 2]
+        m = metrics_of(run_stage1(small_cfg(num_workers=workers), tiny_data, semantic_path, out_dir))
+        assert m["num_workers"] == workers and [h["epoch"] for h in m["history"]] == list(range(6))
+        assert (out_dir / "ray" / "stage1").is_dir()
         recalls[workers] = m["valid"]["recall@10"]
+    # resumed, not restarted: the first three epochs are the checkpointed ones, timings included
+    assert m["history"][:3] == first["history"]
     assert recalls[1] > 0.2 and abs(recalls[2] - recalls[1]) < 0.08, recalls
+
+
+def test_modality_shares_follow_which_space_the_fused_neighbourhoods_come_from(tmp_path):
+    from prorec.analysis import kl_divergence, modality_shares, semantic_domination_report
+
+    rng = np.random.default_rng(0)
+    sem, col = rng.normal(size=(80, 12)), rng.normal(size=(80, 6))
+    assert kl_divergence(sem, sem) == pytest.approx(0.0, abs=1e-6)
+    assert modality_shares(sem, sem, col)["semantic_share"] == pytest.approx(1.0)
+    assert modality_shares(col, sem, col)["collaborative_share"] == pytest.approx(1.0)
+    # A concatenation whose semantic half has the larger scale is dominated by it, and the other way round.
+    loud_sem = modality_shares(np.hstack([4 * sem / 12 ** 0.5, col / 6 ** 0.5]), sem, col)
+    loud_col = modality_shares(np.hstack([sem / 12 ** 0.5, 4 * col / 6 ** 0.5]), sem, col)
+    assert loud_sem["semantic_share"] > 0.7 and loud_col["semantic_share"] < 0.3
+    report = semantic_domination_report(sem, col, {"concat": np.hstack([sem, col])}, out_dir=tmp_path,
+                                        tsne_points=60)
+    assert set(report["shares"]) == {"concat"} and Path(report["tsne"]).stat().st_size > 10_000
