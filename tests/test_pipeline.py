@@ -233,11 +233,15 @@ def _ray_head(env: dict[str, str]):
     """
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     gcs, dash = _free_port(), _free_port()
+    # The per-node agents default to fixed ports (52365 and others) that the test session's own Ray
+    # already holds; a second node on the same machine must get its own or its agent never comes up.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     log = open(Path(temp) / "head.log", "w")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={temp}/r", "--disable-usage-stats"],
+         "--include-dashboard=true", f"--temp-dir={temp}/r", "--disable-usage-stats", *agent_ports],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dash}"
