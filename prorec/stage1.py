@@ -253,7 +253,9 @@ class Stage1Trainer:
             target = self._tensor(data.valid_target[rows])
             scores = din.score_all(history)  # (U, N + 1), padding column is -inf
             scores.scatter_(1, history, float("-inf"))  # never recommend what the user already has
-            rank = (scores > scores.gather(1, target[:, None])).sum(1)  # (U,) 0-based rank of the target
+            # 0-based rank of the target, ties counted against it: a collapsed model that scores
+            # everything alike must not look perfect.
+            rank = (scores >= scores.gather(1, target[:, None])).sum(1) - 1  # (U,)
             hit = rank < 10
             sums += torch.stack([hit.sum().double(), torch.where(hit, 1.0 / torch.log2(rank.double() + 2), 0.0).sum(),
                                  torch.tensor(float(len(rows)), dtype=torch.float64, device=self.device)])

@@ -159,7 +159,7 @@ def test_mismatched_semantic_embeddings_are_refused(tiny_data, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_ray_workers_reach_the_quality_of_one_and_resume(ray_session, tiny_data, semantic_path, tmp_path):
     """Ray Train with DDP: 2 workers (half the data each, half the batch each) match 1 worker; and a
     2-worker run stopped after epoch 2 resumes from its Ray checkpoint when rerun."""
@@ -194,3 +194,17 @@ def test_modality_shares_follow_which_space_the_fused_neighbourhoods_come_from(t
     report = semantic_domination_report(sem, col, {"concat": np.hstack([sem, col])}, out_dir=tmp_path,
                                         tsne_points=60)
     assert set(report["shares"]) == {"concat"} and Path(report["tsne"]).stat().st_size > 10_000
+
+
+def test_validation_counts_ties_against_the_target(tiny_data):
+    """A collapsed model that scores every item alike must get Recall@10 = 0, not 1."""
+    import torch
+
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    trainer = Stage1Trainer(small_cfg(fusion="collaborative"), Stage1Data.load(tiny_data), None, LocalContext(None))
+    with torch.no_grad():
+        for p in trainer.core.parameters():
+            p.zero_()
+    assert trainer.validate()["recall@10"] == 0.0
