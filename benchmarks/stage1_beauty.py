@@ -44,7 +44,8 @@ def _train(cfg: Stage1Config, data: Path, semantic: Path, out_dir: Path, threads
     print(f"== stage1 {cfg.fusion} -> {out_dir}", flush=True)
     out = run_stage1(cfg, data, semantic, out_dir)
     metrics = json.loads((out.parent / "metrics.json").read_text())
-    metrics["wall_seconds"] = time.perf_counter() - t0
+    metrics["wall_seconds_this_run"] = time.perf_counter() - t0
+    metrics["train_seconds_total"] = sum(h["epoch_seconds"] for h in metrics.get("history") or [])
     return metrics
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU shared with other jobs",
         "config": dataclasses.asdict(base),
         "runs": {f: {k: m.get(k) for k in ("valid", "valid_all", "best_epoch", "epochs", "seconds_per_epoch",
-                                           "align_cosine", "alpha", "negatives", "valid_users", "wall_seconds")}
+                                           "align_cosine", "alpha", "negatives", "valid_users", "train_seconds_total")}
                  for f, m in runs.items()},
         "history": {f: m.get("history") for f, m in runs.items()},
         "semantic_domination": analysis,

@@ -139,7 +139,6 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         best_state, best_metrics, history = saved["best_model"], saved["best_metrics"], saved["history"]
         if ctx.rank == 0:
             print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
-    epoch = start - 1
     for epoch in range(start, max_epochs):
         if bad >= patience:
             break
@@ -160,7 +159,10 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
             break
     if best_state is None:
         best_state = {k: v.detach().cpu().clone() for k, v in trainer.model_state().items()}
-    return FitResult(best_metrics, best_state, epoch + 1, history)
+    # Count from the history, not the loop variable: when patience ends the loop, `epoch` has
+    # already moved on to an epoch that never ran.
+    epochs_run = history[-1]["epoch"] + 1 if history else start
+    return FitResult(best_metrics, best_state, epochs_run, history)
 
 
 def shard_rows(n: int, rank: int, world_size: int) -> slice:
