@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -18,25 +18,33 @@ import pyarrow.parquet as pq
 META_KEY = b"prorec"
 
 
-def write_embeddings(path: str | Path, item_idx: np.ndarray, item_id: list[str], vectors: np.ndarray,
-                     meta: dict[str, Any] | None = None) -> Path:
+def write_item_table(path: str | Path, item_idx: np.ndarray, item_id: list[str], column: str, rows: np.ndarray,
+                     to_arrow: Callable[[np.ndarray], pa.Array], meta: dict[str, Any]) -> Path:
+    """Write `item_idx`, `item_id` and one per-item column built by `to_arrow` from `rows` [N, W],
+    sorted by item_idx, with `meta` as the schema metadata; atomically (tmp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     order = np.argsort(np.asarray(item_idx), kind="stable")
-    n, d = vectors.shape
-    flat = pa.array(vectors[order].reshape(-1), pa.float32())
     table = pa.table({
         "item_idx": pa.array(np.asarray(item_idx, dtype=np.int32)[order]),
         "item_id": pa.array([item_id[i] for i in order], pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+        column: to_arrow(np.ascontiguousarray(rows[order])),
     })
-    meta = {"dim": int(d), "count": int(n), **(meta or {})}
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     tmp = path.with_suffix(".tmp.parquet")
     pq.write_table(table, tmp)
     tmp.replace(path)
     return path
+
+
+def write_embeddings(path: str | Path, item_idx: np.ndarray, item_id: list[str], vectors: np.ndarray,
+                     meta: dict[str, Any] | None = None) -> Path:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    return write_item_table(
+        path, item_idx, item_id, "embedding", vectors,
+        lambda rows: pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), pa.float32()), d),
+        {"dim": int(d), "count": int(n), **(meta or {})})
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:

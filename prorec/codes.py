@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from prorec.artifacts import META_KEY, file_hash, read_embeddings, write_json
+from prorec.artifacts import META_KEY, file_hash, read_embeddings, write_item_table, write_json
 from prorec.config import CodesConfig
 
 CODES_FILE = "codes.parquet"
@@ -117,24 +117,13 @@ def write_codes(path: str | Path, item_idx: np.ndarray, item_id: list[str], code
                 meta: dict[str, Any] | None = None) -> Path:
     """codes.parquet: item_idx int32, item_id str, code list<int32> (all of length L), sorted by
     item_idx; the schema metadata holds k and code_length so a reader never has to guess K."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     codes = np.asarray(codes, dtype=np.int32)
-    order = np.argsort(np.asarray(item_idx), kind="stable")
     n, length = codes.shape
-    flat = pa.array(codes[order].reshape(-1), pa.int32())
     offsets = pa.array(np.arange(0, n * length + 1, length, dtype=np.int32))
-    table = pa.table({
-        "item_idx": pa.array(np.asarray(item_idx, dtype=np.int32)[order]),
-        "item_id": pa.array([item_id[i] for i in order], pa.string()),
-        "code": pa.ListArray.from_arrays(offsets, flat),
-    })
-    meta = {"k": int(k), "code_length": int(length), "n_items": int(n), **(meta or {})}
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    tmp = path.with_suffix(".tmp.parquet")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
+    return write_item_table(
+        path, item_idx, item_id, "code", codes,
+        lambda rows: pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), pa.int32())),
+        {"k": int(k), "code_length": int(length), "n_items": int(n), **(meta or {})})
 
 
 def load_codes(codes_path: str | Path) -> tuple[np.ndarray, list[str], np.ndarray]:
