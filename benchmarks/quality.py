@@ -4,8 +4,10 @@
     python benchmarks/quality.py --data ../shared/data/amazon-beauty --out runs/quality \
         --config jobs/configs/beauty/prorec.yaml stage2.max_epochs=5     # any override applies to every variant
 
-Variants (fixed seeds; every one runs jobs/pipeline.py's `run_pipeline` into its own run directory, and
-they share the data split and the semantic embeddings, which are computed once):
+Variants (fixed seeds; every one runs jobs/pipeline.py's `run_pipeline` into its own run directory,
+which starts as a copy of the earlier run that shares the most stages with it, so the split and the
+semantic embeddings are computed once and `cka` reuses `prorec`'s Stage I and codes; `--reuse DIR`
+offers a run made by jobs/pipeline.py with the same config):
 - semantic:      Stage I hands on PCA(E_S)                       (stage1.fusion=semantic)
 - collaborative: E_C trained without alignment                   (stage1.fusion=collaborative)
 - concat:        PCA(E_S) (+) E_C, as in the paper's §4.3         (stage1.fusion=concat)
@@ -34,29 +36,56 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prorec.config import load_config  # noqa: E402
-from prorec.pipeline import PAPER_BEAUTY, run_pipeline  # noqa: E402
+from prorec.manifest import MANIFEST_FILE, STAGES, stage_keys  # noqa: E402
+from prorec.pipeline import PAPER_BEAUTY, _dataset_hashes, run_pipeline  # noqa: E402
 
 VARIANTS = {
     "semantic": ["stage1.fusion=semantic"],
     "collaborative": ["stage1.fusion=collaborative"],
     "concat": ["stage1.fusion=concat"],
-    "cka": ["stage1.fusion=prorec", "stage2.distill=false"],
     "prorec": ["stage1.fusion=prorec", "stage2.distill=true"],
+    "cka": ["stage1.fusion=prorec", "stage2.distill=false"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
-def seed_shared(first: Path, run_dir: Path) -> None:
-    """Give a variant's run directory the first variant's split and semantic embeddings.
+def stage_keys_of(run_dir: Path) -> dict[str, str]:
+    """The keys of the stages a run directory finished (from its manifest.json)."""
+    path = run_dir / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    stages = json.loads(path.read_text()).get("stages", {})
+    return {s: v["key"] for s, v in stages.items() if v.get("status") == "done"}
 
-    The embed stage checks its own cache (model, pooling, template, item set), so a copied file is
-    reused, not recomputed; the data stage is cheap and reruns.
+
+def stage_walls(run_dir: Path) -> dict[str, float]:
+    """Each stage's wall time when it last ran (a stage reused from a copied run keeps its time)."""
+    stages = json.loads((run_dir / MANIFEST_FILE).read_text()).get("stages", {})
+    return {s: v.get("wall_seconds", 0.0) for s, v in stages.items()}
+
+
+def seed_from_closest(run_dir: Path, keys: dict[str, str], candidates: list[Path]) -> Path | None:
+    """Start a new variant's run directory as a copy of the candidate run that shares the most
+    leading stages with it (same stage keys: same config and inputs), so that the pipeline's own
+    resume skips them: every variant reuses the split and the semantic embeddings, and `cka`
+    reuses `prorec`'s Stage I and codes. Returns the run copied, or None.
     """
-    src = first / "embeddings" / "semantic.parquet"
-    dst = run_dir / "embeddings" / "semantic.parquet"
-    if src.is_file() and not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+    if run_dir.exists():
+        return None  # an earlier attempt of this variant: the pipeline resumes it
+    best, best_n = None, 0
+    for cand in candidates:
+        done, n = stage_keys_of(cand), 0
+        for stage in STAGES:
+            if done.get(stage) != keys[stage]:
+                break
+            n += 1
+        if n > best_n:
+            best, best_n = cand, n
+    if best is None:
+        return None
+    shutil.copytree(best, run_dir, ignore=shutil.ignore_patterns("ray", "checkpoint"))
+    print(f"variant {run_dir.name}: starting from a copy of {best} (its first {best_n} stages are the same)", flush=True)
+    return best
 
 
 def table(results: dict[str, dict], split: str) -> str:
@@ -77,25 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=ROOT / "jobs/configs/beauty/prorec.yaml")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--name", default="beauty_quality", help="results file stem in benchmarks/results/")
+    p.add_argument("--reuse", action="append", type=Path, default=[], metavar="RUN_DIR",
+                   help="(repeatable) an earlier run directory (e.g. a jobs/pipeline.py run) whose finished stages a variant "
+                        "with the same stage keys starts from")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every variant")
     args = p.parse_args(argv)
 
     results_dir = ROOT / "benchmarks" / "results"
     results: dict[str, dict] = {}
-    first: Path | None = None
     t_all = time.perf_counter()
     for name in args.variants:
         overrides = [f"data.path={Path(args.data).resolve()}", *args.overrides, *VARIANTS[name]]
         cfg = load_config(args.config, overrides)
         run_dir = args.out / name
-        if first is not None:
-            seed_shared(first, run_dir)
+        candidates = [*args.reuse, *(d for d in sorted(args.out.glob("*")) if d.is_dir() and d != run_dir)]
+        seed_from_closest(run_dir, stage_keys(cfg, _dataset_hashes(cfg)), candidates)
         print(f"\n######## variant {name}: {' '.join(VARIANTS[name])} -> {run_dir}", flush=True)
         t0 = time.perf_counter()
         metrics = run_pipeline(cfg, run_dir)
         results[name] = {"overrides": overrides, "run_dir": str(run_dir), "metrics": metrics,
-                         "wall_seconds": round(time.perf_counter() - t0, 1)}
-        first = first or run_dir
+                         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
+                         "stage_wall_seconds": stage_walls(run_dir)}
         if name == "prorec":
             shutil.copy2(run_dir / "eval" / "predictions.parquet", results_dir / "beauty_predictions.parquet")
 
@@ -111,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# {args.name}", "", f"Command: `{out['command']}`", "",
           f"Hardware: {out['hardware']}; total wall {out['wall_seconds']} s.", "",
           "Items already in a user's history are removed from every variant's ranked list.", "",
-          "## Test", "", table(results, "test"), "", "## Validation", "", table(results, "valid"), ""]
+          "## Test", "", table(results, "test"), "", "## Validation", "", table(results, "valid"), "",
+          "## Wall time of each stage (s), as recorded in each run's manifest", "",
+          "| variant | " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 2)]
+    for name, r in results.items():
+        w = r["stage_wall_seconds"]
+        md.append(f"| {name} | " + " | ".join(f"{w.get(s, 0):.0f}" for s in STAGES) + f" | {sum(w.values()):.0f} |")
+    md.append("")
     (results_dir / f"{args.name}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The K x decoder-depth sweep of PRORec on Amazon Beauty (paper Figs. 9 and 6): 9 trials of
+# The K x decoder-depth sweep of PRORec on Amazon Beauty (paper Figs. 9 and 6): 12 trials of
 # Stage II on the Stage I embeddings of one pipeline run, then the best config's test metrics.
 #
 # Needs a GPU (out of reach on the 2-core CPU machine where this project is developed; no

@@ -138,7 +138,10 @@ def connect_ray() -> tuple[str, bool]:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init()
         return f"connected to the cluster at {os.environ.get('RAY_ADDRESS', 'auto')}", True
-    env = {"TOKENIZERS_PARALLELISM": "false"}  # two levels of parallelism thrash a small machine
+    env = {"TOKENIZERS_PARALLELISM": "false",  # two levels of parallelism thrash a small machine
+           # Ray Train 2.60 routes a worker's print through the root logger *and* the original
+           # print, so each progress line reached the console twice.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})

@@ -53,8 +53,8 @@ from prorec.config import Stage1Config
 from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.models.modality import ModalityAdapter, alignment_loss
-from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, pick_device, run_epochs, set_seed, shard_rows,
-                            warmup_lambda)
+from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, length_grouped_batches, pick_device, run_epochs,
+                            set_seed, shard_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -193,15 +193,7 @@ class Stage1Trainer:
     def _batches(self, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of this rank's shard; examples of similar history length share a batch."""
         rng = np.random.default_rng([self.cfg.seed, epoch, self.ctx.rank])
-        perm = rng.permutation(self.shard)
-        group = self.batch_size * BUCKET
-        batches = []
-        for lo in range(0, len(perm), group):
-            chunk = perm[lo:lo + group]
-            chunk = chunk[np.argsort(self.data.train_len[chunk], kind="stable")]
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        order = rng.permutation(len(batches))
-        return [batches[i] for i in order[:self.steps]]
+        return length_grouped_batches(self.shard, self.data.train_len, self.batch_size, self.steps, rng, BUCKET)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device)

@@ -34,13 +34,15 @@ from prorec.config import EvalConfig, Stage2Config
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import Generator, GeneratorConfig
-from prorec.trainer import (CKPT_FILE, FitResult, LocalContext, RayTrainContext, pick_device, run_epochs,
-                            shard_rows, warmup_lambda)
+from prorec.trainer import (CKPT_FILE, FitResult, LocalContext, RayTrainContext, length_grouped_batches, pick_device,
+                            run_epochs, shard_rows, warmup_lambda)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
+LOG_EVERY = 100  # training steps between progress lines
+BUCKET = 32  # batches whose rows are sorted by history length together (trainer.length_grouped_batches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +178,7 @@ class Stage2Trainer:
         hist, tgt = inputs.splits["train"]
         shard = shard_rows(hist.shape[0], ctx.rank, ctx.world_size)
         self.hist, self.tgt = hist[shard], tgt[shard]
+        self.lengths = (self.hist > 0).sum(1).numpy()
         smallest = min(s.stop - s.start for s in (shard_rows(hist.shape[0], r, ctx.world_size)
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
@@ -201,15 +204,16 @@ class Stage2Trainer:
         # the run was resumed, so a resumed run ends with the same weights as an uninterrupted one.
         seed = self.cfg.seed * 1_000_003 + epoch * 1_009 + self.ctx.rank
         torch.manual_seed(seed)
-        order = torch.randperm(self.hist.shape[0], generator=torch.Generator().manual_seed(seed))
+        batches = length_grouped_batches(np.arange(self.hist.shape[0]), self.lengths, self.batch_size, self.steps,
+                                         np.random.default_rng(seed), BUCKET)
         self.model.train()
         keys = ("loss", "gen", "distill")
         sums = torch.zeros(len(keys), device=self.device)  # summed on the device: no sync a step
         t0 = time.perf_counter()
-        for step in range(self.steps):  # a larger shard's few extra rows wait for another epoch's shuffle
-            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+        for step, idx in enumerate(batches):  # a larger shard's few extra rows wait for another epoch's shuffle
+            rows = torch.from_numpy(idx)
             h = self.hist[rows]
-            h = h[:, : int((h > 0).sum(1).max())].to(self.device, non_blocking=True)
+            h = h[:, : int(self.lengths[idx].max())].to(self.device, non_blocking=True)
             t = self.tgt[rows].to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(h, t)
@@ -218,7 +222,11 @@ class Stage2Trainer:
             self.opt.step()
             self.sched.step()
             sums += torch.stack([out[k].detach().float() for k in keys])
-        means = (sums / self.steps).tolist()
+            if self.ctx.rank == 0 and (step + 1) % LOG_EVERY == 0:
+                rate = (step + 1) / (time.perf_counter() - t0)
+                print(f"stage2 epoch {epoch} step {step + 1}/{len(batches)} loss {sums[0].item() / (step + 1):.4f} "
+                      f"({rate:.1f} steps/s)", file=sys.stderr, flush=True)
+        means = (sums / max(1, len(batches))).tolist()
         return {**{f"train_{k}": v for k, v in zip(keys, means)},
                 "lr": self.sched.get_last_lr()[0], "train_seconds": time.perf_counter() - t0}
 

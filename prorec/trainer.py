@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 CKPT_FILE = "state.pt"
@@ -38,9 +39,9 @@ def warmup_lambda(warmup_steps: int):
 
 
 def set_seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    import numpy as np
     import random
+
+    torch.manual_seed(seed)
 
     np.random.seed(seed)
     random.seed(seed)
@@ -173,3 +174,23 @@ def shard_rows(n: int, rank: int, world_size: int) -> slice:
 
 def clean_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, steps: int,
+                           rng: np.random.Generator, group: int = 32) -> list[np.ndarray]:
+    """One epoch's batches of `rows`, shuffled, with examples of similar length in the same batch.
+
+    The rows are shuffled, cut into groups of `group` batches, sorted by `lengths[row]` inside
+    each group and cut into batches; then the batches are shuffled. A batch is padded only to
+    its own longest history, so on Beauty (mean history 6.7, padded width 20) a step sees about a
+    third of the tokens a plain shuffle gives it. The first `steps` batches are returned (every
+    data-parallel worker must run the same number of steps).
+    """
+    perm = rng.permutation(rows)
+    batches = []
+    for lo in range(0, len(perm), batch_size * group):
+        chunk = perm[lo:lo + batch_size * group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order[:steps]]
