@@ -18,7 +18,6 @@ of peak (2 x 6.7 GFLOP a token over --peak-tflops). Texts are tokenised with the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -141,7 +140,7 @@ def cpu_benchmark(args: argparse.Namespace, work: Path) -> dict:
 
     # Each Ray run is sandwiched between two loop runs and compared with their mean: other
     # processes share this CPU, and its load drifts over minutes. Ray is down during loop runs.
-    before = loop("loop_0")
+    loop("loop_0")
     for k, a in enumerate(args.ray_actors, 1):
         t0 = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
@@ -152,11 +151,9 @@ def cpu_benchmark(args: argparse.Namespace, work: Path) -> dict:
         out = work / f"ray{a}.parquet"
         runs.append(timed_embed(EmbedConfig(use_ray=True, num_actors=a, batch_size=args.batch_size), items, out,
                                 label))
-        ray_run = runs[-1]
         vectors[a] = read_embeddings(out)[2]
         ray.shutdown()
-        after = loop(f"loop_{k}")
-        before = after
+        loop(f"loop_{k}")
     loop_vec = read_embeddings(work / "loop_0.parquet")[2]
     return {"mode": "cpu_minilm", "model": "all-MiniLM-L6-v2", "items": runs[0]["items"],
             "batch_size": args.batch_size, "ray_init_s": ray_init_s, "runs": runs, **summarize(runs),

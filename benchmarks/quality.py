@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from prorec.config import load_config  # noqa: E402
 from prorec.manifest import MANIFEST_FILE, STAGES, stage_keys  # noqa: E402
-from prorec.pipeline import PAPER_BEAUTY, _dataset_hashes, run_pipeline  # noqa: E402
+from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: E402
 
 VARIANTS = {
     "semantic": ["stage1.fusion=semantic"],
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         run_dir = args.out / name
         candidates = [*args.reuse, *(d for d in sorted(args.out.glob("*")) if d.is_dir() and d != run_dir)]
-        seed_from_closest(run_dir, stage_keys(cfg, _dataset_hashes(cfg)), candidates)
+        seed_from_closest(run_dir, stage_keys(cfg, dataset_hashes(cfg)), candidates)
         print(f"\n######## variant {name}: {' '.join(VARIANTS[name])} -> {run_dir}", flush=True)
         t0 = time.perf_counter()
         metrics = run_pipeline(cfg, run_dir)

@@ -65,7 +65,7 @@ class _TriePaths:
     """
 
     def __init__(self, trie: CodeTrie, item_codes: torch.Tensor) -> None:
-        L, K = trie.length, trie.k
+        L = trie.length
         codes = item_codes[1:].to(trie.child[0].device)  # (N, L)
         n = codes.shape[0]
         node = torch.zeros(n, dtype=torch.long, device=codes.device)

@@ -175,7 +175,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | Non
                           "pass a new or empty folder, or an earlier run directory to resume it")
     run.dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run.dir)
-    inputs = _dataset_hashes(cfg)
+    inputs = dataset_hashes(cfg)
     keys = stage_keys(cfg, inputs)
     plan = manifest.plan(keys, cfg, from_stage)
     # The synthetic dataset's files are recorded once generated (below, and here on a rerun).
@@ -236,7 +236,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | Non
     return metrics
 
 
-def _dataset_hashes(cfg: PipelineConfig) -> dict[str, str]:
+def dataset_hashes(cfg: PipelineConfig) -> dict[str, str]:
     """Hashes of the canonical dataset's two files; {} for the synthetic default (its config is its identity)."""
     if not cfg.data.path:
         return {}

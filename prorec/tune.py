@@ -43,6 +43,7 @@ import yaml
 from prorec.artifacts import write_json
 from prorec.config import ConfigError, PipelineConfig, load_config, save_config
 from prorec.manifest import STAGE_DIRS, STAGE_OUTPUTS, Manifest, stage_config, stage_keys
+from prorec.pipeline import dataset_hashes, run_pipeline
 
 SCORE_KEY = "valid_ndcg@10"  # the Stage II validation metric (prorec.stage2.SCORE_KEY)
 RECALL_KEY = "valid_recall@10"
@@ -206,13 +207,6 @@ def _name(params: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Artifacts the trials read, prepared once
 
-def dataset_inputs(cfg: PipelineConfig) -> dict[str, str]:
-    """The input hashes the pipeline keys its data stage with (so our keys equal the pipeline's)."""
-    from prorec.pipeline import _dataset_hashes
-
-    return _dataset_hashes(cfg)
-
-
 def _has_stage(run_dir: Path, stage: str, key: str) -> bool:
     """Whether run_dir's manifest holds a finished `stage` with this key and all of its outputs."""
     path = Path(run_dir) / "manifest.json"
@@ -275,7 +269,7 @@ def prepare_artifacts(base: PipelineConfig, sweep: SweepConfig, out: Path, sourc
     """
     from prorec.codes import run_codes
 
-    inputs = dataset_inputs(base)
+    inputs = dataset_hashes(base)
     stage1_keys = [k for k in sweep.keys if k.startswith("stage1.")]
     codes_keys = [k for k in sweep.keys if k.startswith("codes.")]
     sources = [source_run] if source_run else []
@@ -524,8 +518,6 @@ class SweepResult:
 def run_final(best: PipelineConfig, out: Path, artifacts: dict[str, Any]) -> dict[str, Any]:
     """The pipeline on the best config in out/final, with its upstream stages and codes copied in
     (recorded in its manifest, so the pipeline skips them): Stage II trains again, then the test."""
-    from prorec.pipeline import run_pipeline
-
     inputs = artifacts["inputs"]
     keys = stage_keys(best, inputs)
     final = out / "final"

@@ -39,7 +39,8 @@ def _rows(sweep: Path) -> list[dict[str, str]]:
 
 def test_shipped_sweep_files_parse():
     default = load_sweep(SPACES / "default.yaml")
-    assert default.keys == ["codes.k", "stage2.decoder_layers"] and default.n_trials() == 9
+    assert default.keys == ["codes.k", "stage2.decoder_layers"] and default.n_trials() == 12
+    assert load_sweep(SPACES / "beauty_cpu.yaml").n_trials() == 12
     assert {p.key for p in load_sweep(SPACES / "alpha.yaml").space} == {"stage1.alpha", "codes.k", "stage2.decoder_layers"}
     tiny = load_sweep(SPACES / "tiny.yaml")
     assert finite_combinations(tiny) == [{"codes.k": k, "stage2.decoder_layers": d} for k in (4, 8) for d in (1, 2)]
