@@ -13,6 +13,7 @@ offers a run made by jobs/pipeline.py with the same config):
 - concat:        PCA(E_S) (+) E_C, as in the paper's §4.3         (stage1.fusion=concat)
 - cka:           E_C trained with CKA, no distillation in Stage II (stage1.fusion=prorec stage2.distill=false)
 - prorec:        CKA + IKD, the full model                         (stage1.fusion=prorec stage2.distill=true)
+- prorec_item_id (only when named): prorec plus an item-ID embedding in the encoder's history tokens
 
 Hyper-parameters come from the config and are chosen on validation only; the test split is read
 once per variant, by the final evaluation. Items already in a user's history are removed from every
@@ -45,6 +46,9 @@ VARIANTS = {
     "concat": ["stage1.fusion=concat"],
     "prorec": ["stage1.fusion=prorec", "stage2.distill=true"],
     "cka": ["stage1.fusion=prorec", "stage2.distill=false"],
+    # Not a paper variant: the full model with an item-ID embedding added to each history token
+    # of the encoder (issue 6 asks whether it helps).
+    "prorec_item_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_id_embedding=true"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="canonical dataset folder, e.g. ../shared/data/amazon-beauty")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="parent of the variants' run directories")
     p.add_argument("--config", type=Path, default=ROOT / "jobs/configs/beauty/prorec.yaml")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:5],
+                   help="default: the paper's five (not prorec_item_id)")
     p.add_argument("--name", default="beauty_quality", help="results file stem in benchmarks/results/")
     p.add_argument("--reuse", action="append", type=Path, default=[], metavar="RUN_DIR",
                    help="(repeatable) an earlier run directory (e.g. a jobs/pipeline.py run) whose finished stages a variant "
