@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     (results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# {args.name}", "", f"Command: `{out['command']}`", "",
-          f"Hardware: {out['hardware']}; total wall {out['wall_seconds']} s.", "",
+          f"Hardware: {out['hardware']}; this call took {out['wall_seconds']} s (stages already done in a "
+          "variant's run directory are skipped; each stage's wall time when it ran is in the last table).", "",
           "Items already in a user's history are removed from every variant's ranked list.", "",
+          f"Conditions, the attempts and what limits the numbers: {args.name}.notes.md (written by hand).", "",
+          f"Conditions, the attempts and what limits the numbers: {args.name}.notes.md (written by hand).", "",
           "## Test", "", table(results, "test"), "", "## Validation", "", table(results, "valid"), "",
           "## Wall time of each stage (s), as recorded in each run's manifest", "",
           "| variant | " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 2)]
