@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from prorec.config import load_config  # noqa: E402
-from prorec.manifest import MANIFEST_FILE, STAGES, stage_keys  # noqa: E402
+from prorec.manifest import MANIFEST_FILE, STAGES, has_finished_stage, stage_keys  # noqa: E402
 from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: E402
 
 VARIANTS = {
@@ -51,15 +51,6 @@ VARIANTS = {
     "prorec_item_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_id_embedding=true"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
-
-
-def stage_keys_of(run_dir: Path) -> dict[str, str]:
-    """The keys of the stages a run directory finished (from its manifest.json)."""
-    path = run_dir / MANIFEST_FILE
-    if not path.is_file():
-        return {}
-    stages = json.loads(path.read_text()).get("stages", {})
-    return {s: v["key"] for s, v in stages.items() if v.get("status") == "done"}
 
 
 def stage_walls(run_dir: Path) -> dict[str, float]:
@@ -78,10 +69,8 @@ def seed_from_closest(run_dir: Path, keys: dict[str, str], candidates: list[Path
         return None  # an earlier attempt of this variant: the pipeline resumes it
     best, best_n = None, 0
     for cand in candidates:
-        done, n = stage_keys_of(cand), 0
-        for stage in STAGES:
-            if done.get(stage) != keys[stage]:
-                break
+        n = 0
+        while n < len(STAGES) and has_finished_stage(cand, STAGES[n], keys[STAGES[n]]):
             n += 1
         if n > best_n:
             best, best_n = cand, n
@@ -148,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
           f"Hardware: {out['hardware']}; this call took {out['wall_seconds']} s (stages already done in a "
           "variant's run directory are skipped; each stage's wall time when it ran is in the last table).", "",
           "Items already in a user's history are removed from every variant's ranked list.", "",
-          f"Conditions, the attempts and what limits the numbers: {args.name}.notes.md (written by hand).", "",
           f"Conditions, the attempts and what limits the numbers: {args.name}.notes.md (written by hand).", "",
           "## Test", "", table(results, "test"), "", "## Validation", "", table(results, "valid"), "",
           "## Wall time of each stage (s), as recorded in each run's manifest", "",

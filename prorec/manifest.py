@@ -111,6 +111,16 @@ def stage_keys(cfg: PipelineConfig, inputs: dict[str, str]) -> dict[str, str]:
     return keys
 
 
+def has_finished_stage(run_dir: str | Path, stage: str, key: str) -> bool:
+    """Whether run_dir's manifest holds a finished `stage` with this key and all of its outputs."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return False
+    rec = json.loads(path.read_text()).get("stages", {}).get(stage, {})
+    return (rec.get("status") == "done" and rec.get("key") == key
+            and all((Path(run_dir) / o).is_file() for o in STAGE_OUTPUTS[stage]))
+
+
 def input_hashes(data_dir: str | Path) -> dict[str, str]:
     """sha256 prefix of every file of a canonical dataset folder."""
     folder = Path(data_dir)

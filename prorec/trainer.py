@@ -42,7 +42,6 @@ def set_seed(seed: int) -> None:
     import random
 
     torch.manual_seed(seed)
-
     np.random.seed(seed)
     random.seed(seed)
 

@@ -42,7 +42,7 @@ import yaml
 
 from prorec.artifacts import write_json
 from prorec.config import ConfigError, PipelineConfig, load_config, save_config
-from prorec.manifest import STAGE_DIRS, STAGE_OUTPUTS, Manifest, stage_config, stage_keys
+from prorec.manifest import STAGE_DIRS, STAGE_OUTPUTS, Manifest, has_finished_stage, stage_config, stage_keys
 from prorec.pipeline import dataset_hashes, run_pipeline
 
 SCORE_KEY = "valid_ndcg@10"  # the Stage II validation metric (prorec.stage2.SCORE_KEY)
@@ -207,16 +207,6 @@ def _name(params: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Artifacts the trials read, prepared once
 
-def _has_stage(run_dir: Path, stage: str, key: str) -> bool:
-    """Whether run_dir's manifest holds a finished `stage` with this key and all of its outputs."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        return False
-    rec = json.loads(path.read_text()).get("stages", {}).get(stage, {})
-    return (rec.get("status") == "done" and rec.get("key") == key
-            and all((Path(run_dir) / o).is_file() for o in STAGE_OUTPUTS[stage]))
-
-
 def _adopt(manifest: Manifest, cfg: PipelineConfig, stage: str, key: str, files: dict[str, Path], why: str) -> None:
     """Copy a stage's finished outputs into manifest's run directory and record them as done."""
     for rel, src in files.items():
@@ -239,10 +229,10 @@ def ensure_upstream(cfg: PipelineConfig, dest: Path, sources: list[Path], inputs
     manifest = Manifest(dest)
     manifest.begin_run(cfg, inputs, sys.argv)
     for stage in UPSTREAM_STAGES:
-        if _has_stage(dest, stage, keys[stage]):
+        if has_finished_stage(dest, stage, keys[stage]):
             print(f"  {stage}: up to date in {dest}", flush=True)
             continue
-        src = next((s for s in sources if _has_stage(s, stage, keys[stage])), None)
+        src = next((s for s in sources if has_finished_stage(s, stage, keys[stage])), None)
         if src is not None:
             files = {o: Path(src) / o for o in STAGE_OUTPUTS[stage]}
             _adopt(manifest, cfg, stage, keys[stage], files, f"copied from {src}")
@@ -279,7 +269,7 @@ def prepare_artifacts(base: PipelineConfig, sweep: SweepConfig, out: Path, sourc
         key = stage_keys(cfg, inputs)["stage1"]
         if key in upstream:
             continue
-        if source_run and all(_has_stage(source_run, s, stage_keys(cfg, inputs)[s]) for s in UPSTREAM_STAGES):
+        if source_run and all(has_finished_stage(source_run, s, stage_keys(cfg, inputs)[s]) for s in UPSTREAM_STAGES):
             print(f"upstream {_name(params)}: reusing {source_run} (data, embed, stage1 are up to date there)", flush=True)
             upstream[key] = str(source_run)
             continue
@@ -523,7 +513,7 @@ def run_final(best: PipelineConfig, out: Path, artifacts: dict[str, Any]) -> dic
     final = out / "final"
     upstream = Path(artifacts["upstream"][keys["stage1"]])
     ensure_upstream(best, final, [upstream], inputs)
-    if not _has_stage(final, "codes", keys["codes"]):
+    if not has_finished_stage(final, "codes", keys["codes"]):
         codes = Path(artifacts["codes"][keys["codes"]]).parent
         files = {o: codes / Path(o).name for o in STAGE_OUTPUTS["codes"]}
         _adopt(Manifest(final), best, "codes", keys["codes"], files, f"copied from {codes}")
