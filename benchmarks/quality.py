@@ -14,6 +14,8 @@ offers a run made by jobs/pipeline.py with the same config):
 - cka:           E_C trained with CKA, no distillation in Stage II (stage1.fusion=prorec stage2.distill=false)
 - prorec:        CKA + IKD, the full model                         (stage1.fusion=prorec stage2.distill=true)
 - prorec_item_id (only when named): prorec plus an item-ID embedding in the encoder's history tokens
+- prorec_item_head (only when named): prorec with the last code level scored per item (stage2.item_head)
+- prorec_item_head_id (only when named): both of the above
 
 Hyper-parameters come from the config and are chosen on validation only; the test split is read
 once per variant, by the final evaluation. Items already in a user's history are removed from every
@@ -49,6 +51,11 @@ VARIANTS = {
     # Not a paper variant: the full model with an item-ID embedding added to each history token
     # of the encoder (issue 6 asks whether it helps).
     "prorec_item_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_id_embedding=true"],
+    # Not a paper variant: the full model with the last code level scored per item (stage2.item_head),
+    # alone and with the item-ID embedding.
+    "prorec_item_head": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true"],
+    "prorec_item_head_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
+                            "stage2.item_id_embedding=true"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 

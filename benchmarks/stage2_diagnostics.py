@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prorec.beam import BeamSearch  # noqa: E402
 from prorec.codes import CodeTrie  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
+from prorec.models.generator import sibling_tables  # noqa: E402
 from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,13 +40,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @torch.no_grad()
 def teacher_forced_accuracy(model, history: torch.Tensor, target: torch.Tensor, batch: int = 512) -> list[float]:
-    hits = torch.zeros(model.cfg.code_length)
+    """Per level: how often the argmax token is the target's, given the target's earlier tokens. The
+    last level's argmax is taken over the tokens valid after the target's prefix (as the beam does)."""
+    L = model.cfg.code_length
+    hits = torch.zeros(L)
+    siblings, item_prefix = sibling_tables(model.item_codes, model.cfg.k)
     for s in range(0, len(target), batch):
         h = history[s:s + batch]
         h = h[:, : int((h > 0).sum(1).max())]
-        codes = model.item_codes[target[s:s + batch]]
+        t = target[s:s + batch]
+        codes = model.item_codes[t]
         hidden = model.decode(model.encode(h), codes)
-        pred = model.code_logits(hidden[:, : model.cfg.code_length]).argmax(-1)
+        logits = model.code_logits(hidden[:, :L], t)
+        logits[:, L - 1] = logits[:, L - 1].masked_fill(siblings[item_prefix[t]] <= 0, float("-inf"))
+        pred = logits.argmax(-1)
         hits += (pred == codes).float().sum(0)
     return (hits / len(target)).tolist()
 

@@ -144,7 +144,10 @@ class BeamSearch:
                 prev = None
                 for level in range(trie.length):
                     G = nodes.shape[1]
-                    logits = model.step(memory, cache, level, prev, B)  # (B*G, K)
+                    kids = None
+                    if model.item_out is not None and level == trie.length - 1:
+                        kids = self.child[level][nodes].view(B * G, K)  # the item head scores items
+                    logits = model.step(memory, cache, level, prev, B, kids)  # (B*G, K)
                     logp = F.log_softmax(logits.float(), dim=-1).view(B, G, K)
                     ok = self.allowed[level][nodes]  # (B, G, K); node -1 reads the sentinel row
                     if excl is not None:
@@ -208,7 +211,7 @@ def score_all_codes(model: Generator, history: torch.Tensor, trie: CodeTrie) -> 
     out = []
     for row in history.to(device):
         memory = model.encode(row[None].expand(codes.shape[0], -1))
-        logits = model.code_logits(model.decode(memory, codes))  # (N, L, K)
+        logits = model.code_logits(model.decode(memory, codes), items.to(device))  # (N, L, K)
         logp = F.log_softmax(logits.float(), dim=-1).gather(2, codes[..., None])[..., 0]  # (N, L)
         out.append(logp.sum(1))
     model.train(was_training)

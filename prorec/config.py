@@ -198,6 +198,9 @@ class Stage2Config(TrainConfig):
     dropout: float = 0.1
     # Add an item-ID embedding to each history token on top of its code embeddings.
     item_id_embedding: bool = False
+    # Score the last code level per item (output embeddings over the prefix's own items) instead of
+    # with a shared K-way head whose token t means unrelated items in different groups.
+    item_head: bool = False
     distill: bool = True  # False = the paper's "CKA only" ablation
     beta: float = 1.0  # weight of L_distill
     tau: float = 0.07

@@ -136,7 +136,8 @@ def generator_config(cfg: Stage2Config, inputs: Stage2Inputs) -> GeneratorConfig
     return GeneratorConfig(
         n_items=inputs.n_items, k=inputs.k, code_length=inputs.code_length, d_model=cfg.d_model,
         n_heads=cfg.n_heads, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-        ff_dim=cfg.ff_dim, dropout=cfg.dropout, item_id_embedding=cfg.item_id_embedding, distill=cfg.distill,
+        ff_dim=cfg.ff_dim, dropout=cfg.dropout, item_id_embedding=cfg.item_id_embedding,
+        item_head=cfg.item_head, distill=cfg.distill,
         distill_dim=inputs.teacher.shape[1] if inputs.teacher is not None else 1, tau=cfg.tau, beta=cfg.beta,
         n_negatives=cfg.n_negatives, max_history=inputs.max_history)
 

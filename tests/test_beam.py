@@ -19,11 +19,11 @@ def catalogue(n_items: int, seed: int = 0) -> np.ndarray:
     return every[np.random.default_rng(seed).choice(len(every), n_items, replace=False)]
 
 
-def make(n_items: int = 50, seed: int = 0) -> tuple[Generator, CodeTrie]:
+def make(n_items: int = 50, seed: int = 0, item_head: bool = False) -> tuple[Generator, CodeTrie]:
     codes = catalogue(n_items, seed)
     torch.manual_seed(seed)
     cfg = GeneratorConfig(n_items=n_items, k=K, code_length=L, d_model=32, n_heads=2, decoder_layers=2,
-                          ff_dim=64, distill=False, dropout=0.0)
+                          ff_dim=64, distill=False, dropout=0.0, item_head=item_head)
     model = Generator(cfg, torch.cat([torch.zeros(1, L, dtype=torch.long), torch.from_numpy(codes)]))
     for p in model.parameters():  # spread the scores out: an untrained model is nearly uniform
         torch.nn.init.normal_(p, std=0.4)
@@ -39,9 +39,10 @@ def histories(n_items: int, n_users: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(h)
 
 
+@pytest.mark.parametrize("item_head", [False, True])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_full_width_beam_equals_brute_force(exclude):
-    model, trie = make(50)
+def test_full_width_beam_equals_brute_force(exclude, item_head):
+    model, trie = make(50, item_head=item_head)
     hist = histories(50)
     beam = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=exclude).search(hist)
     ref = brute_force_topk(model, hist, trie, 10, exclude_history=exclude)
@@ -53,8 +54,9 @@ def test_full_width_beam_equals_brute_force(exclude):
         assert (beam.items[:, :, None] == hist[:, None, :]).any()
 
 
-def test_scores_are_sums_of_level_log_probabilities():
-    model, trie = make(30)
+@pytest.mark.parametrize("item_head", [False, True])
+def test_scores_are_sums_of_level_log_probabilities(item_head):
+    model, trie = make(30, item_head=item_head)
     hist = histories(30, n_users=2)
     items, logp = score_all_codes(model, hist, trie)
     assert torch.equal(items.sort().values, torch.arange(1, 31))

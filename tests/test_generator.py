@@ -14,7 +14,8 @@ def make_model(**kw) -> Generator:
     torch.manual_seed(0)
     cfg = GeneratorConfig(n_items=N, k=K, code_length=L, d_model=32, n_heads=4, decoder_layers=2, ff_dim=64,
                           distill_dim=8, n_negatives=16, dropout=0.0, **kw)
-    codes = torch.randint(0, K, (N + 1, L))
+    every = torch.cartesian_prod(*[torch.arange(K)] * L)  # [K^L, L]: N distinct codes, row 0 padding
+    codes = torch.cat([torch.zeros(1, L, dtype=torch.long), every[torch.randperm(len(every))[:N]]])
     model = Generator(cfg, codes)
     for p in model.parameters():  # larger weights than the init, so that mistakes show in the outputs
         torch.nn.init.normal_(p, std=0.3)
@@ -110,3 +111,64 @@ def test_config_rejects_bad_values():
         GeneratorConfig(n_items=5, k=4, code_length=2, d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="item_codes"):
         Generator(GeneratorConfig(n_items=5, k=4, code_length=2), torch.zeros(5, 2, dtype=torch.long))
+
+
+def siblings_of(model: Generator, items: torch.Tensor) -> torch.Tensor:
+    """[B, K] item_idx after each item's code prefix, by brute force over the code table (0 = none)."""
+    codes = model.item_codes
+    out = torch.zeros(len(items), K, dtype=torch.long)
+    for r, item in enumerate(items.tolist()):
+        for j in range(1, N + 1):
+            if torch.equal(codes[j, : L - 1], codes[item, : L - 1]):
+                out[r, codes[j, L - 1]] = j
+    return out
+
+
+def test_item_head_scores_the_prefix_items_and_decodes_like_teacher_forcing():
+    model = make_model(item_head=True, distill=False)
+    hist, target = history(), torch.tensor([4, 17, 33])
+    kids = siblings_of(model, target)
+    codes = model.item_codes[target]
+    memory = model.encode(hist)
+    full = model.code_logits(model.decode(memory, codes), target)  # (B, L, K)
+    last = full[:, L - 1]
+    assert torch.equal(torch.isfinite(last), kids > 0)  # only the prefix's own items can be scored
+    # by hand: h . item_out[item] + b[item] at the last position, for every sibling
+    hidden = model.decode(memory, codes)[:, L - 1]
+    for b in range(3):
+        for t in (kids[b] > 0).nonzero()[:, 0].tolist():
+            j = kids[b, t]
+            want = hidden[b] @ model.item_out.weight[j] + model.item_out_b[j]
+            torch.testing.assert_close(last[b, t], want, atol=1e-5, rtol=1e-5)
+    # the incremental path with the beams' children gives the same logits
+    cache = DecoderCache(len(model.decoder), L)
+    stepped = [model.step(memory, cache, 0, None, 3)]
+    for level in range(1, L):
+        stepped.append(model.step(memory, cache, level, codes[:, level - 1], 3,
+                                  kids if level == L - 1 else None))
+    torch.testing.assert_close(torch.stack(stepped, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="children"):
+        model.step(memory, DecoderCache(len(model.decoder), L), L - 1, codes[:, 0], 3)
+
+
+def test_item_head_loss_is_normalised_over_the_prefix_items_and_trains_every_parameter():
+    model = make_model(item_head=True, distill=True).train()
+    hist, target = history(), torch.tensor([4, 17, 33])
+    out = model(hist, target)
+    codes = model.item_codes[target]
+    logits = model.code_logits(model.decode(model.encode(hist), codes), target)
+    logp = torch.log_softmax(logits, -1).gather(2, codes[..., None])[..., 0]
+    torch.testing.assert_close(out["gen"], -logp.mean())
+    # the last level's probabilities sum to 1 over the prefix's items alone
+    torch.testing.assert_close(logits[:, L - 1].softmax(-1).sum(-1), torch.ones(3))
+    assert model.head_w.shape[0] == L - 1  # no unused shared head for the last level (DDP)
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_item_head_rejects_shared_codes():
+    cfg = GeneratorConfig(n_items=3, k=4, code_length=2, d_model=8, n_heads=2, item_head=True, distill=False)
+    codes = torch.tensor([[0, 0], [1, 2], [3, 0], [1, 2]])
+    with pytest.raises(ValueError, match="share a code"):
+        Generator(cfg, codes)

@@ -80,6 +80,22 @@ def test_training_beats_the_untrained_model(trained, artifacts):
     assert metrics["history"][-1]["train_gen"] < metrics["history"][0]["train_gen"]
 
 
+def test_item_head_model_trains_saves_and_reloads(artifacts, tmp_path):
+    """stage2.item_head through the stage: the model learns, and the saved weights reload into a model
+    whose beam search reproduces the recorded validation NDCG@10."""
+    out = run_stage2(small(item_head=True, max_epochs=3), EVAL, artifacts["data"], artifacts["codes"],
+                     artifacts["stage1"], tmp_path)
+    assert json.loads((out / "model_config.json").read_text())["item_head"] is True
+    model = load_generator(out)
+    assert model.item_out is not None
+    metrics = json.loads((out / "metrics.json").read_text())
+    after = valid_ndcg10(model, artifacts)
+    assert after == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-12)
+    torch.manual_seed(0)
+    untrained = Generator(model.cfg, model.item_codes)
+    assert after > valid_ndcg10(untrained, artifacts) + 0.02
+
+
 def test_evaluation_writes_metrics_and_predictions(trained, artifacts, tmp_path):
     cfg = EvalConfig(beam_size=20, use_ray=False, batch_size=128)
     metrics = run_evaluate(cfg, artifacts["data"], artifacts["codes"], trained, tmp_path)

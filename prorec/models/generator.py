@@ -3,7 +3,10 @@
 Encoder: one token per history item = the sum of its per-level code embeddings (+ an optional
 item-ID embedding) + a recency position embedding; padding is masked. Decoder: <BOS>, the target's
 code tokens, then the learnable distillation token [c_dis], under a causal mask; per-level heads
-predict code token l from position l. L = L_gen + beta * L_distill, where L_distill is an InfoNCE
+predict code token l from position l. With `item_head`, the last level is scored per item instead:
+the logit of last token t after prefix p is h . e_out[item(p, t)] + b[item(p, t)], normalised over
+the prefix's own items, so that token t no longer has to mean unrelated items in different groups.
+L = L_gen + beta * L_distill, where L_distill is an InfoNCE
 between a projection of [c_dis]'s last hidden state and the fixed Stage I embedding of the target.
 
 Attention is written out (nanoGPT style, fused `scaled_dot_product_attention`) so the decoder has
@@ -37,6 +40,8 @@ class GeneratorConfig:
     ff_dim: int = 512
     dropout: float = 0.1
     item_id_embedding: bool = False
+    # Score the last code level with per-item output embeddings over the prefix's own items.
+    item_head: bool = False
     distill: bool = True
     # Width of the Stage I embeddings [c_dis] is distilled towards (ignored when distill is off).
     distill_dim: int = 128
@@ -212,6 +217,26 @@ class DecoderBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The generator
 
+NEG_INF = float("-inf")
+
+
+def sibling_tables(item_codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """item_codes [n_items + 1, L] -> (siblings [P, K]: the item_idx of last token t after prefix p,
+    0 = none; item_prefix [n_items + 1]: each item's prefix id p). Row 0 (padding) gets prefix 0."""
+    codes = item_codes[1:]
+    n, L = codes.shape
+    if L > 1:
+        _, prefix = torch.unique(codes[:, : L - 1], dim=0, return_inverse=True)
+    else:
+        prefix = torch.zeros(n, dtype=torch.long)
+    siblings = torch.zeros(int(prefix.max()) + 1, k, dtype=torch.long)
+    siblings[prefix, codes[:, L - 1]] = torch.arange(1, n + 1)
+    if int((siblings > 0).sum()) != n:
+        raise ValueError("item_head needs one code per item, but some items share a code "
+                         "(every quantizer in prorec.quantizers makes unique codes)")
+    return siblings, torch.cat([prefix.new_zeros(1), prefix])
+
+
 @dataclass
 class Memory:
     """What the encoder hands the decoder, per user: cross-attention K/V of every decoder layer."""
@@ -243,8 +268,18 @@ class Generator(nn.Module):
         self.enc_ln = nn.LayerNorm(d)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
         self.dec_ln = nn.LayerNorm(d)
-        self.head_w = nn.Parameter(torch.zeros(L, d, K))  # per-level output heads
-        self.head_b = nn.Parameter(torch.zeros(L, K))
+        # Per-level output heads; with item_head the last level is scored by item_out instead.
+        n_heads = L - 1 if cfg.item_head else L
+        self.head_w = nn.Parameter(torch.zeros(n_heads, d, K))
+        self.head_b = nn.Parameter(torch.zeros(n_heads, K))
+        if cfg.item_head:
+            self.item_out = nn.Embedding(cfg.n_items + 1, d)
+            self.item_out_b = nn.Parameter(torch.zeros(cfg.n_items + 1))
+            siblings, item_prefix = sibling_tables(self.item_codes, K)
+            self.register_buffer("siblings", siblings, persistent=False)  # [n_prefixes, K] item_idx, 0 = none
+            self.register_buffer("item_prefix", item_prefix, persistent=False)  # [n_items + 1] prefix id
+        else:
+            self.item_out = None
         if cfg.distill:
             self.dis_token = nn.Parameter(torch.zeros(d))
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
@@ -311,16 +346,34 @@ class Generator(nn.Module):
         x = self.dec_ln(x)
         return torch.cat([x[:, :L], x[:, L + 1:]], dim=1) if with_distill else x
 
-    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, L, d] (position l) -> logits [B, L, K] from the level-l head."""
-        return torch.einsum("bld,ldk->blk", hidden, self.head_w) + self.head_b
+    def code_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, L, d] (position l) -> logits [B, L, K] from the level-l head.
+
+        With item_head, items [B] (the item each row's code belongs to) names the last level's prefix:
+        the last level's logits are over that prefix's items, -inf where token t leads to no item."""
+        n = self.head_w.shape[0]
+        logits = torch.einsum("bld,ldk->blk", hidden[:, :n], self.head_w) + self.head_b
+        if self.item_out is None:
+            return logits
+        if items is None:
+            raise ValueError("code_logits: a model with item_head needs the rows' items")
+        last = self.item_logits(hidden[:, n], self.siblings[self.item_prefix[items]])
+        return torch.cat([logits.float(), last[:, None]], dim=1)
+
+    def item_logits(self, h: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
+        """The item head: h [N, d], children [N, K] item_idx after each row's prefix (<= 0 = none)
+        -> float32 logits [N, K], -inf where there is no item."""
+        idx = children.clamp(min=0)
+        logits = torch.einsum("nd,nkd->nk", h, self.item_out(idx)).float() + self.item_out_b[idx].float()
+        return logits.masked_fill(children <= 0, NEG_INF)
 
     def step(self, memory: Memory, cache: DecoderCache, level: int, prev: torch.Tensor | None,
-             n_users: int) -> torch.Tensor:
+             n_users: int, children: torch.Tensor | None = None) -> torch.Tensor:
         """One incremental decoder step for N = n_users * G beams (G beams per user, grouped by user).
 
         prev [N] long: the code token chosen at level-1 (None at level 0, where the input is <BOS>).
-        Returns logits [N, K] for code level `level`.
+        children [N, K]: each beam's items by last token (item_idx, <= 0 = none); needed at the last
+        level of a model with item_head. Returns logits [N, K] for code level `level`.
         """
         if prev is None:
             x = self.bos.expand(n_users, 1, -1)  # (N, 1, d)
@@ -330,6 +383,10 @@ class Generator(nn.Module):
         for i, blk in enumerate(self.decoder):
             x = blk(x, memory.kv[i], memory.mask, cache=cache, layer=i)
         h = self.dec_ln(x[:, 0])  # (N, d)
+        if self.item_out is not None and level == self.cfg.code_length - 1:
+            if children is None:
+                raise ValueError("step: a model with item_head needs the beams' children at the last level")
+            return self.item_logits(h, children)
         return h @ self.head_w[level] + self.head_b[level]
 
     # -- training ------------------------------------------------------------------------------
@@ -340,7 +397,7 @@ class Generator(nn.Module):
         codes = self.item_codes[target]  # (B, L)
         hidden = self.decode(memory, codes, with_distill=self.cfg.distill)
         L = self.cfg.code_length
-        logits = self.code_logits(hidden[:, :L]).float()  # (B, L, K)
+        logits = self.code_logits(hidden[:, :L], target).float()  # (B, L, K)
         gen = F.cross_entropy(logits.reshape(-1, self.cfg.k), codes.reshape(-1))
         out = {"gen": gen}
         if self.cfg.distill:
