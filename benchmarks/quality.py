@@ -16,6 +16,7 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_id (only when named): prorec plus an item-ID embedding in the encoder's history tokens
 - prorec_item_head (only when named): prorec with the last code level scored per item (stage2.item_head)
 - prorec_item_head_id (only when named): both of the above
+- prorec_item_head_id_init (only when named): and the item head starts from the Stage I embeddings
 
 Hyper-parameters come from the config and are chosen on validation only; the test split is read
 once per variant, by the final evaluation. Items already in a user's history are removed from every
@@ -56,6 +57,8 @@ VARIANTS = {
     "prorec_item_head": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true"],
     "prorec_item_head_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
                             "stage2.item_id_embedding=true"],
+    "prorec_item_head_id_init": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
+                                 "stage2.item_id_embedding=true", "stage2.item_head_init=stage1"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 

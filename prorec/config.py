@@ -201,6 +201,9 @@ class Stage2Config(TrainConfig):
     # Score the last code level per item (output embeddings over the prefix's own items) instead of
     # with a shared K-way head whose token t means unrelated items in different groups.
     item_head: bool = False
+    # The item head's output embeddings start as "random" or as the L2-normalised Stage I item
+    # embeddings ("stage1"; needs stage1.dim == stage2.d_model).
+    item_head_init: str = "random"
     distill: bool = True  # False = the paper's "CKA only" ablation
     beta: float = 1.0  # weight of L_distill
     tau: float = 0.07
@@ -219,6 +222,7 @@ class Stage2Config(TrainConfig):
         _check(self.tau > 0, "stage2.tau must be > 0")
         _check(self.n_negatives >= 1, "stage2.n_negatives must be >= 1")
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
+        _check(self.item_head_init in ("random", "stage1"), "stage2.item_head_init must be random or stage1")
 
 
 @dataclass

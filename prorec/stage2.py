@@ -119,7 +119,8 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
                 splits: tuple[str, ...] = ("train", "valid")) -> Stage2Inputs:
     n_items = read_split(data_dir, "items").num_rows
     item_codes, k = item_code_table(Path(codes_path), n_items)
-    teacher = teacher_table(Path(stage1_path), n_items) if cfg.distill else None
+    need = cfg.distill or (cfg.item_head and cfg.item_head_init == "stage1")
+    teacher = teacher_table(Path(stage1_path), n_items) if need else None
     tables = {s: read_split(data_dir, s) for s in ("train", "valid", "test")}
     # The encoder's position table covers the longest history of any split.
     max_history = max(_longest(t.column("history")) for t in tables.values())
@@ -170,6 +171,8 @@ class Stage2Trainer:
         model = Generator(self.gcfg, inputs.item_codes)
         if inputs.teacher is not None:
             model.set_teacher(inputs.teacher)
+        if cfg.item_head and cfg.item_head_init == "stage1":
+            model.init_item_head(inputs.teacher)
         self.model = ctx.prepare_model(model.to(device))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))

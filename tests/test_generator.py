@@ -172,3 +172,14 @@ def test_item_head_rejects_shared_codes():
     codes = torch.tensor([[0, 0], [1, 2], [3, 0], [1, 2]])
     with pytest.raises(ValueError, match="share a code"):
         Generator(cfg, codes)
+
+
+def test_item_head_starts_from_the_stage1_embeddings_when_asked():
+    model = make_model(item_head=True, distill=False)
+    emb = torch.randn(N + 1, 32)
+    model.init_item_head(emb)
+    torch.testing.assert_close(model.item_out.weight[1:], torch.nn.functional.normalize(emb[1:], dim=-1))
+    with pytest.raises(ValueError, match="stage1.dim equal to stage2.d_model"):
+        model.init_item_head(torch.randn(N + 1, 16))
+    with pytest.raises(ValueError, match="no item head"):
+        make_model(distill=False).init_item_head(emb)

@@ -307,6 +307,18 @@ class Generator(nn.Module):
             raise ValueError(f"teacher embeddings must have shape {tuple(self.teacher.shape)}, got {tuple(emb.shape)}")
         self.teacher.copy_(F.normalize(emb.float(), dim=-1))
 
+    @torch.no_grad()
+    def init_item_head(self, emb: torch.Tensor) -> None:
+        """Start the item head's output embeddings at emb [n_items + 1, d_model] (Stage I item
+        embeddings), L2-normalised; row 0 is padding and stays as it is."""
+        if self.item_out is None:
+            raise ValueError("init_item_head: this model has no item head (item_head=False)")
+        want = tuple(self.item_out.weight.shape)
+        if tuple(emb.shape) != want:
+            raise ValueError(f"item head init: Stage I embeddings have shape {tuple(emb.shape)}, the item head "
+                             f"needs {want}: set stage1.dim equal to stage2.d_model, or stage2.item_head_init=random")
+        self.item_out.weight[1:] = F.normalize(emb[1:].float(), dim=-1).to(self.item_out.weight.dtype)
+
     # -- encoder -------------------------------------------------------------------------------
 
     def encode(self, history: torch.Tensor) -> Memory:
