@@ -67,6 +67,9 @@ EXECUTION_ONLY = {
 # Stage II validates with a beam search to pick its best epoch; it reads these EvalConfig fields.
 # eval.beam_size is left out on purpose: changing the test-time beam reruns only the evaluation.
 STAGE2_EVAL_FIELDS = ("topk", "exclude_history")
+# Options added after run directories existed, with the value that reproduces the older behaviour.
+# At that value they are left out of the stage key, so an upgrade does not invalidate finished stages.
+ADDED_LATER = {"stage2.item_head": False, "stage2.item_head_init": "random"}
 
 
 def _now() -> str:
@@ -81,7 +84,8 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The config values `stage` depends on, as a flat {"section.key": value} mapping."""
     def section(name: str, drop: set[str] = frozenset()) -> dict[str, Any]:
         d = dataclasses.asdict(getattr(cfg, name))
-        return {f"{name}.{k}": v for k, v in d.items() if k not in drop}
+        d = {f"{name}.{k}": v for k, v in d.items() if k not in drop}
+        return {k: v for k, v in d.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
     if stage == "data":
         # A canonical dataset is identified by its files' hashes, not by where it lies; the
