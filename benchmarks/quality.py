@@ -17,6 +17,7 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_head (only when named): prorec with the last code level scored per item (stage2.item_head)
 - prorec_item_head_id (only when named): both of the above
 - prorec_item_head_id_init (only when named): and the item head starts from the Stage I embeddings
+- prorec_item_head_id_drop3 (only when named): prorec_item_head_id with dropout 0.3 instead of 0.1
 
 Hyper-parameters come from the config and are chosen on validation only; the test split is read
 once per variant, by the final evaluation. Items already in a user's history are removed from every
@@ -59,6 +60,8 @@ VARIANTS = {
                             "stage2.item_id_embedding=true"],
     "prorec_item_head_id_init": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
                                  "stage2.item_id_embedding=true", "stage2.item_head_init=stage1"],
+    "prorec_item_head_id_drop3": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
+                                  "stage2.item_id_embedding=true", "stage2.dropout=0.3"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
