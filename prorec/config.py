@@ -196,11 +196,13 @@ class Stage2Config(TrainConfig):
     decoder_layers: int = 4
     ff_dim: int = 512
     dropout: float = 0.1
-    # Add an item-ID embedding to each history token on top of its code embeddings.
-    item_id_embedding: bool = False
+    # Add an item-ID embedding to each history token on top of its code embeddings. On by default:
+    # chosen on validation (Beauty and the synthetic default; benchmarks/results/beauty_quality.md).
+    item_id_embedding: bool = True
     # Score the last code level per item (output embeddings over the prefix's own items) instead of
-    # with a shared K-way head whose token t means unrelated items in different groups.
-    item_head: bool = False
+    # with a shared K-way head whose token t means unrelated items in different groups. On by
+    # default, chosen on validation as above; false + item_id_embedding false is the paper's Stage II.
+    item_head: bool = True
     # The item head's output embeddings start as "random" or as the L2-normalised Stage I item
     # embeddings ("stage1"; needs stage1.dim == stage2.d_model).
     item_head_init: str = "random"

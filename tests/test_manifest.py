@@ -24,7 +24,7 @@ def _changed(base: list[str], new: list[str], inputs: dict | None = None, new_in
     ("embed.pooling=cls", "embed"),
     ("data.max_history=10", "data"),
     ("data.synthetic.seed=3", "data"),
-    ("stage2.item_head=true", "stage2"),
+    ("stage2.item_head=false", "stage2"),
     ("stage2.item_head_init=stage1", "stage2"),
 ])
 def test_a_change_invalidates_its_stage_and_everything_after(override, first):
@@ -41,10 +41,10 @@ def test_where_a_stage_runs_does_not_invalidate_it(override):
 def test_options_added_later_keep_older_keys_at_their_old_value():
     """An option added after runs existed is left out of the key at the value that reproduces the old
     behaviour, so the run directories made before it stay finished."""
-    cfg = load_config(None, [])
-    conf = stage_config(cfg, "stage2")
+    conf = stage_config(load_config(None, ["stage2.item_head=false"]), "stage2")
     assert "stage2.item_head" not in conf and "stage2.item_head_init" not in conf
-    assert stage_config(load_config(None, ["stage2.item_head=true"]), "stage2")["stage2.item_head"] is True
+    conf = stage_config(load_config(None, ["stage2.item_head_init=stage1"]), "stage2")
+    assert conf["stage2.item_head"] is True and conf["stage2.item_head_init"] == "stage1"
 
 
 def test_canonical_data_is_keyed_by_content_not_path():
