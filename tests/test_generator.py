@@ -183,3 +183,17 @@ def test_item_head_starts_from_the_stage1_embeddings_when_asked():
         model.init_item_head(torch.randn(N + 1, 16))
     with pytest.raises(ValueError, match="no item head"):
         make_model(distill=False).init_item_head(emb)
+
+
+def test_item_head_with_one_level_codes_is_a_softmax_over_the_catalogue():
+    """K >= n_items gives codes of length 1: the item head then scores every item, and no parameter
+    is left without a gradient (DDP refuses those)."""
+    cfg = GeneratorConfig(n_items=5, k=8, code_length=1, d_model=16, n_heads=2, decoder_layers=1, ff_dim=32,
+                          item_head=True, distill=False, dropout=0.0)
+    model = Generator(cfg, torch.tensor([[0], [3], [0], [7], [1], [5]]))
+    hist, target = torch.tensor([[1, 2], [4, 0]]), torch.tensor([3, 5])
+    out = model(hist, target)
+    logits = model.code_logits(model.decode(model.encode(hist), model.item_codes[target]), target)[:, 0]
+    assert torch.isfinite(logits).sum(1).tolist() == [5, 5]
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -270,8 +270,12 @@ class Generator(nn.Module):
         self.dec_ln = nn.LayerNorm(d)
         # Per-level output heads; with item_head the last level is scored by item_out instead.
         n_heads = L - 1 if cfg.item_head else L
-        self.head_w = nn.Parameter(torch.zeros(n_heads, d, K))
-        self.head_b = nn.Parameter(torch.zeros(n_heads, K))
+        if n_heads > 0:
+            self.head_w = nn.Parameter(torch.zeros(n_heads, d, K))
+            self.head_b = nn.Parameter(torch.zeros(n_heads, K))
+        else:  # one-level codes with the item head: no shared head, and no empty parameter for DDP
+            self.register_buffer("head_w", torch.zeros(0, d, K), persistent=False)
+            self.register_buffer("head_b", torch.zeros(0, K), persistent=False)
         if cfg.item_head:
             self.item_out = nn.Embedding(cfg.n_items + 1, d)
             self.item_out_b = nn.Parameter(torch.zeros(cfg.n_items + 1))
