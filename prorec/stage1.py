@@ -58,7 +58,6 @@ from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, length_grouped_b
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
-BUCKET = 32  # batches whose examples are sorted by history length together (less padding)
 LOG_EVERY = 100  # steps between progress lines
 
 
@@ -193,7 +192,7 @@ class Stage1Trainer:
     def _batches(self, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of this rank's shard; examples of similar history length share a batch."""
         rng = np.random.default_rng([self.cfg.seed, epoch, self.ctx.rank])
-        return length_grouped_batches(self.shard, self.data.train_len, self.batch_size, self.steps, rng, BUCKET)
+        return length_grouped_batches(self.shard, self.data.train_len, self.batch_size, self.steps, rng)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(self.device)

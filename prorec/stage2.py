@@ -42,7 +42,6 @@ CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
 LOG_EVERY = 100  # training steps between progress lines
-BUCKET = 32  # batches whose rows are sorted by history length together (trainer.length_grouped_batches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +208,7 @@ class Stage2Trainer:
         seed = self.cfg.seed * 1_000_003 + epoch * 1_009 + self.ctx.rank
         torch.manual_seed(seed)
         batches = length_grouped_batches(np.arange(self.hist.shape[0]), self.lengths, self.batch_size, self.steps,
-                                         np.random.default_rng(seed), BUCKET)
+                                         np.random.default_rng(seed))
         self.model.train()
         keys = ("loss", "gen", "distill")
         sums = torch.zeros(len(keys), device=self.device)  # summed on the device: no sync a step
