@@ -18,6 +18,7 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_head_id (only when named): both of the above
 - prorec_item_head_id_init (only when named): and the item head starts from the Stage I embeddings
 - prorec_item_head_id_drop3 (only when named): prorec_item_head_id with dropout 0.3 instead of 0.1
+- prorec_item_head_id_k128, prorec_item_head_id_wd (only when named): with K=128, with weight decay 1e-4
 - semantic_item_head_id, cka_item_head_id (only when named): the semantic and cka variants with the
   item head and item IDs (the ablation of the chosen Stage II)
 
@@ -71,6 +72,12 @@ VARIANTS = {
                                  "stage2.item_id_embedding=true", "stage2.item_head_init=stage1"],
     "prorec_item_head_id_drop3": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
                                   "stage2.item_id_embedding=true", "stage2.dropout=0.3"],
+    # The chosen Stage II with K=128 codes (a 128-way first level, groups of about 95 items), and
+    # with weight decay against its overfitting.
+    "prorec_item_head_id_k128": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
+                                 "stage2.item_id_embedding=true", "codes.k=128"],
+    "prorec_item_head_id_wd": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
+                               "stage2.item_id_embedding=true", "stage2.weight_decay=0.0001"],
     # The chosen Stage II (item head + item IDs) on semantic-only codes, and without distillation.
     "semantic_item_head_id": ["stage1.fusion=semantic", "stage2.item_head=true", "stage2.item_id_embedding=true"],
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", "stage2.item_head=true",
