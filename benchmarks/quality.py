@@ -83,6 +83,11 @@ VARIANTS = {
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", "stage2.item_head=true",
                          "stage2.item_id_embedding=true"],
 }
+# Every variant but the weight-decay attempt was measured without weight decay, before the Beauty
+# configs chose it: pin that, so a config's weight decay does not rerun them.
+for _name, _ov in VARIANTS.items():
+    if not any(o.startswith("stage2.weight_decay=") for o in _ov):
+        _ov.append("stage2.weight_decay=0.0")
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
