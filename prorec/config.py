@@ -242,6 +242,9 @@ class EvalConfig:
     exclude_history: bool = True
     # CPUs (and torch threads) each evaluation actor takes (added by the evaluation stage).
     cpus_per_actor: float = 1.0
+    # Not in the paper: rank the beam's beam_size candidates by log p(item) + rerank_weight * the
+    # Stage I DIN's score (prorec/rerank.py). 0 = the generator alone, the paper's inference.
+    rerank_weight: float = 0.0
 
     def validate(self) -> None:
         _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "eval.topk must be a non-empty list of ints >= 1")
@@ -250,6 +253,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
         _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
+        _check(self.rerank_weight >= 0, "eval.rerank_weight must be >= 0 (0 = no reranking)")
 
 
 @dataclass

@@ -106,7 +106,8 @@ def run_stage2(run: Run) -> None:
 def run_eval(run: Run) -> None:
     from prorec.evaluate import run_evaluate
 
-    run_evaluate(run.cfg.eval, run.data_dir, run.path("codes", "codes.parquet"), run.path("stage2"), run.path("eval"))
+    run_evaluate(run.cfg.eval, run.data_dir, run.path("codes", "codes.parquet"), run.path("stage2"), run.path("eval"),
+                 run.path("stage1"))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {

@@ -53,6 +53,7 @@ from prorec.config import Stage1Config
 from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.models.modality import ModalityAdapter, alignment_loss
+from prorec.rerank import save_din
 from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, length_grouped_batches, pick_device, run_epochs,
                             set_seed, shard_rows, warmup_lambda)
 
@@ -383,7 +384,8 @@ def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None
 
 def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: Path,
                stop_after_epoch: int | None = None) -> Path:
-    """Train Stage I (or just fuse, for `semantic`) and write out_dir/item_embeddings.parquet + metrics.json.
+    """Train Stage I (or just fuse, for `semantic`) and write out_dir/item_embeddings.parquet + metrics.json
+    (and the trained DIN, out_dir/din.safetensors, which `eval.rerank_weight` reads).
 
     A rerun with the same config and out_dir resumes from the last checkpoint (in-process:
     out_dir/checkpoint; Ray: out_dir/ray/stage1). `stop_after_epoch` ends training after that epoch
@@ -417,6 +419,7 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
             cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
         state = fit["best_model"]
         e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
+        save_din(out_dir, {k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})  # for eval.rerank_weight
         history = fit["history"]
         best = fit["best_metrics"]
         metrics.update({

@@ -167,6 +167,23 @@ def test_a_changed_codes_k_reruns_codes_onward_only(tiny_run, tmp_path):
 
 
 @pytest.mark.e2e
+def test_reranking_reruns_eval_only_with_the_din_stage1_saved(tiny_run, tmp_path):
+    """eval.rerank_weight reads the DIN that Stage I saved, and changes the evaluation alone."""
+    run = _copy(tiny_run[0], tmp_path / "run")
+    assert (run / "stage1" / "din.safetensors").is_file()
+    before = _mtimes(run, ("raw", "data", "embeddings", "stage1", "codes", "stage2"))
+    plain = json.loads((run / "eval" / "metrics.json").read_text())
+    stdout = _pipeline(run, "eval.rerank_weight=1.0", "eval.beam_size=40")
+    assert "stage eval: running (config changed" in stdout
+    assert _mtimes(run, ("raw", "data", "embeddings", "stage1", "codes", "stage2")) == before
+    m = _manifest(run)
+    assert [s for s in STAGES if not m["stages"][s]["skipped_last_run"]] == ["eval"]
+    assert m["config"]["eval"]["rerank_weight"] == 1.0
+    reranked = json.loads((run / "eval" / "metrics.json").read_text())
+    assert reranked != plain and set(reranked["test"]) == set(plain["test"])
+
+
+@pytest.mark.e2e
 def test_a_killed_stage2_resumes_from_its_checkpoint(tiny_run, tmp_path):
     run = _copy(tiny_run[0], tmp_path / "run")
     # More epochs than tiny.yaml, so that Stage II is still training when it is killed.

@@ -16,6 +16,7 @@ import pytest
 from prorec.artifacts import read_embeddings, write_embeddings
 from prorec.config import ConfigError, Stage1Config
 from prorec.data.splits import read_split
+from prorec.rerank import DIN_FILE, load_din
 from prorec.stage1 import Stage1Data, load_semantic, pca, run_stage1
 
 SEM_DIM = 64
@@ -136,6 +137,10 @@ def test_every_fusion_has_the_right_shape(with_and_without_cka, tiny_data, seman
     for half in (concat[:, :32], concat[:, 32:]):
         assert np.linalg.norm(half, axis=1).mean() == pytest.approx(1.0, rel=1e-4)
     assert metrics_of(tmp_path / "semantic" / "item_embeddings.parquet").get("epochs") is None  # no training
+    # The trained DIN is saved for eval.rerank_weight; its item table is the E_C handed on.
+    assert not (tmp_path / "semantic" / DIN_FILE).exists()
+    din = load_din(tmp_path / "collaborative")
+    assert np.allclose(din.item_emb.weight[1:].detach().numpy(), read_embeddings(tmp_path / "collaborative" / "item_embeddings.parquet")[2])
 
 
 def test_pca_keeps_the_leading_variance_and_pads_past_the_rank():

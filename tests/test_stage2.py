@@ -17,7 +17,9 @@ from prorec.config import CodesConfig, EvalConfig, Stage2Config
 from prorec.data.splits import read_split
 from prorec.evaluate import run_evaluate
 from prorec.metrics import ranking_metrics, target_ranks
+from prorec.models.din import DIN, DINConfig
 from prorec.models.generator import Generator, GeneratorConfig
+from prorec.rerank import load_din, right_aligned, save_din
 from prorec.stage2 import history_tensor, load_generator, rank_users, run_stage2
 
 torch.set_num_threads(1)
@@ -135,16 +137,53 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(artifacts, tmp_path
            [{k: v for k, v in h.items() if not k.endswith(drop)} for h in hb]
 
 
+def random_din_dir(path: Path, n_items: int = 120) -> Path:
+    """A Stage I folder holding a (random) DIN over the tiny catalogue."""
+    torch.manual_seed(3)
+    din = DIN(DINConfig(n_items=n_items, dim=16, max_history=20, attention_hidden=4, mlp_hidden=(8, 4)))
+    path.mkdir(parents=True, exist_ok=True)
+    save_din(path, din.state_dict())
+    return path
+
+
+def test_reranked_evaluation_reorders_the_beam_by_din(trained, artifacts, tmp_path):
+    """eval.rerank_weight: the ranked list is the same beam, reordered; a huge weight orders it by DIN."""
+    stage1 = random_din_dir(tmp_path / "stage1")
+    cfg = EvalConfig(beam_size=20, use_ray=False, batch_size=64)
+    plain = run_evaluate(cfg, artifacts["data"], artifacts["codes"], trained, tmp_path / "plain")
+    with pytest.raises(ValueError, match="Stage I folder"):
+        run_evaluate(EvalConfig(beam_size=20, use_ray=False, rerank_weight=1.0), artifacts["data"], artifacts["codes"],
+                     trained, tmp_path / "x")
+    huge = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64, rerank_weight=1e6), artifacts["data"],
+                        artifacts["codes"], trained, tmp_path / "huge", stage1)
+    assert huge["test"]["recall@20"] == plain["test"]["recall@20"]  # the same 20 candidates
+    assert huge["test"]["ndcg@10"] != plain["test"]["ndcg@10"]
+    items = read_split(artifacts["data"], "items")
+    idx_of = dict(zip(items.column("item_id").to_pylist(), items.column("item_idx").to_pylist()))
+    test = read_split(artifacts["data"], "test")
+    hist = history_tensor(test.column("history"))
+    din = load_din(stage1)
+    ranked = {name: [[idx_of[i] for i in row] for row in pq.read_table(tmp_path / name / "predictions.parquet")
+                     .column("items").to_pylist()] for name in ("plain", "huge")}
+    for u in range(0, test.num_rows, 7):
+        assert set(ranked["huge"][u]) == set(ranked["plain"][u])
+        with torch.no_grad():
+            d = din(right_aligned(hist[u:u + 1]), torch.tensor([ranked["huge"][u]]))[0]
+        assert (d[:-1] >= d[1:]).all()
+
+
 @pytest.mark.ray
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, artifacts, tmp_path):
-    local = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64), artifacts["data"],
-                         artifacts["codes"], trained, tmp_path / "local")
-    pooled = run_evaluate(EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=64), artifacts["data"],
-                          artifacts["codes"], trained, tmp_path / "pool")
-    assert pooled == local
-    assert pq.read_table(tmp_path / "pool" / "predictions.parquet").equals(
-        pq.read_table(tmp_path / "local" / "predictions.parquet"))
+    stage1 = random_din_dir(tmp_path / "stage1")
+    for rerank in (0.0, 0.5):
+        local = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64, rerank_weight=rerank),
+                             artifacts["data"], artifacts["codes"], trained, tmp_path / f"local{rerank}", stage1)
+        pooled = run_evaluate(EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=64, rerank_weight=rerank),
+                              artifacts["data"], artifacts["codes"], trained, tmp_path / f"pool{rerank}", stage1)
+        assert pooled == local
+        assert pq.read_table(tmp_path / f"pool{rerank}" / "predictions.parquet").equals(
+            pq.read_table(tmp_path / f"local{rerank}" / "predictions.parquet"))
 
 
 @pytest.mark.ray
