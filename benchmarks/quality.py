@@ -18,7 +18,10 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_head_id (only when named): both of the above
 - prorec_item_head_id_init (only when named): and the item head starts from the Stage I embeddings
 - prorec_item_head_id_drop3 (only when named): prorec_item_head_id with dropout 0.3 instead of 0.1
-- prorec_item_head_id_k128, prorec_item_head_id_wd (only when named): with K=128, with weight decay 1e-4
+- prorec_item_head_id_k128, prorec_item_head_id_wd, prorec_item_head_id_wd3 (only when named): with K=128,
+  with weight decay 1e-4, with weight decay 1e-3
+- prorec_rerank (only when named): prorec_item_head_id_wd with the beam of 200 reranked by Stage I's DIN
+  (eval.rerank_weight 1.0), the Beauty configs' default
 - semantic_item_head_id, cka_item_head_id (only when named): the semantic and cka variants with the
   item head and item IDs (the ablation of the chosen Stage II)
 
@@ -49,45 +52,45 @@ from prorec.config import load_config  # noqa: E402
 from prorec.manifest import MANIFEST_FILE, STAGES, has_finished_stage, stage_keys  # noqa: E402
 from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: E402
 
+# The variants were measured before the Beauty configs chose weight decay and the reranked beam:
+# they pin what they were measured with, so that a config's later choice does not rerun them.
+# (A later override of the same key wins, e.g. the weight-decay attempts' own value.)
+NO_WD = "stage2.weight_decay=0.0"
+GENERATOR_ONLY = ["eval.rerank_weight=0.0", "eval.beam_size=20"]
 # The paper's variants pin the paper's Stage II (a shared K-way head at every code level, code tokens
 # only), whatever the config file turns on.
-PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false"]
+PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false", NO_WD]
+# The Stage II chosen on validation in the item-head session (not in the paper): the last code level
+# scored per item (stage2.item_head) and an item-ID embedding on each history token.
+HEAD_ID = ["stage2.item_head=true", "stage2.item_id_embedding=true", NO_WD]
+PRORec = ["stage1.fusion=prorec", "stage2.distill=true"]
 VARIANTS = {
     "semantic": ["stage1.fusion=semantic", *PAPER_STAGE2],
     "collaborative": ["stage1.fusion=collaborative", *PAPER_STAGE2],
     "concat": ["stage1.fusion=concat", *PAPER_STAGE2],
-    "prorec": ["stage1.fusion=prorec", "stage2.distill=true", *PAPER_STAGE2],
+    "prorec": [*PRORec, *PAPER_STAGE2],
     "cka": ["stage1.fusion=prorec", "stage2.distill=false", *PAPER_STAGE2],
-    # Not a paper variant: the full model with an item-ID embedding added to each history token
-    # of the encoder (issue 6 asks whether it helps).
-    "prorec_item_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=false",
-                       "stage2.item_id_embedding=true"],
-    # Not a paper variant: the full model with the last code level scored per item (stage2.item_head),
-    # alone and with the item-ID embedding.
-    "prorec_item_head": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                         "stage2.item_id_embedding=false"],
-    "prorec_item_head_id": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                            "stage2.item_id_embedding=true"],
-    "prorec_item_head_id_init": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                                 "stage2.item_id_embedding=true", "stage2.item_head_init=stage1"],
-    "prorec_item_head_id_drop3": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                                  "stage2.item_id_embedding=true", "stage2.dropout=0.3"],
-    # The chosen Stage II with K=128 codes (a 128-way first level, groups of about 95 items), and
-    # with weight decay against its overfitting.
-    "prorec_item_head_id_k128": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                                 "stage2.item_id_embedding=true", "codes.k=128"],
-    "prorec_item_head_id_wd": ["stage1.fusion=prorec", "stage2.distill=true", "stage2.item_head=true",
-                               "stage2.item_id_embedding=true", "stage2.weight_decay=0.0001"],
-    # The chosen Stage II (item head + item IDs) on semantic-only codes, and without distillation.
-    "semantic_item_head_id": ["stage1.fusion=semantic", "stage2.item_head=true", "stage2.item_id_embedding=true"],
-    "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", "stage2.item_head=true",
-                         "stage2.item_id_embedding=true"],
+    # Not paper variants: the item-ID embedding alone (issue 6 asks whether it helps), the item head
+    # alone, and both.
+    "prorec_item_id": [*PRORec, "stage2.item_head=false", "stage2.item_id_embedding=true", NO_WD],
+    "prorec_item_head": [*PRORec, "stage2.item_head=true", "stage2.item_id_embedding=false", NO_WD],
+    "prorec_item_head_id": [*PRORec, *HEAD_ID],
+    # Attempts on top of item head + item IDs (a later override of the same key wins).
+    "prorec_item_head_id_init": [*PRORec, *HEAD_ID, "stage2.item_head_init=stage1"],
+    "prorec_item_head_id_drop3": [*PRORec, *HEAD_ID, "stage2.dropout=0.3"],
+    "prorec_item_head_id_k128": [*PRORec, *HEAD_ID, "codes.k=128"],
+    "prorec_item_head_id_wd": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001"],
+    "prorec_item_head_id_wd3": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.001"],
+    # The ablation of the chosen Stage II: semantic-only codes, and no distillation.
+    "semantic_item_head_id": ["stage1.fusion=semantic", *HEAD_ID],
+    "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", *HEAD_ID],
 }
-# Every variant but the weight-decay attempt was measured without weight decay, before the Beauty
-# configs chose it: pin that, so a config's weight decay does not rerun them.
-for _name, _ov in VARIANTS.items():
-    if not any(o.startswith("stage2.weight_decay=") for o in _ov):
-        _ov.append("stage2.weight_decay=0.0")
+for _overrides in VARIANTS.values():
+    _overrides[:0] = GENERATOR_ONLY
+# The Beauty configs' default (only when named): item head + item IDs + weight decay 1e-4, and the
+# beam of 200 reranked by Stage I's DIN (eval.rerank_weight 1.0, chosen in beauty_rerank.md).
+VARIANTS["prorec_rerank"] = [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "eval.beam_size=200",
+                             "eval.rerank_weight=1.0"]
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 

@@ -215,6 +215,11 @@ class Stage2Config(TrainConfig):
     # bfloat16 autocast for training and beam search on CUDA (added by Stage II); CPU runs in fp32.
     bf16: bool = True
 
+    @property
+    def item_head_from_stage1(self) -> bool:
+        """Whether the item head starts at the Stage I item embeddings (which Stage II then reads)."""
+        return self.item_head and self.item_head_init == "stage1"
+
     def validate(self) -> None:
         TrainConfig.validate(self, "stage2")
         _check(self.d_model % self.n_heads == 0, "stage2.d_model must be divisible by stage2.n_heads")
@@ -268,6 +273,9 @@ class PipelineConfig:
     def validate(self) -> "PipelineConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        _check(not (self.eval.rerank_weight > 0 and self.stage1.fusion == "semantic"),
+               "eval.rerank_weight > 0 reranks with the DIN that Stage I trains, and stage1.fusion=semantic trains "
+               "none: set eval.rerank_weight=0 (or another fusion)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

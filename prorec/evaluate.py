@@ -80,6 +80,22 @@ class Ranker:
         return self.rank(np.array(history[rows]))
 
 
+class _Progress:
+    """One line on stderr each time another tenth of the users is ranked."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.shown, self.t0 = total, 0, 0, time.perf_counter()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.done * 10 // max(1, self.total) > self.shown or self.done == self.total:
+            self.shown = self.done * 10 // max(1, self.total)
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            left = (self.total - self.done) / max(rate, 1e-9)
+            print(f"eval: {self.done}/{self.total} users ranked ({rate:.0f} users/s, about {left:.0f} s left)",
+                  file=sys.stderr, flush=True)
+
+
 def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
     """Contiguous shards of whole batches (so batching is identical to the in-process run)."""
     batches = -(-n // batch_size)
@@ -102,7 +118,11 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     refs = {split: ray.put(h) for split, h in histories.items()}
     pool = ActorPool(actors)
     try:
-        parts = list(pool.map(lambda a, job: a.rank_rows.remote(refs[job[0]], job[1]), jobs))
+        progress = _Progress(sum(len(h) for h in histories.values()))
+        parts = []
+        for (_, rows), part in zip(jobs, pool.map(lambda a, job: a.rank_rows.remote(refs[job[0]], job[1]), jobs)):
+            parts.append(part)  # map yields in job order, each as soon as it and those before it are done
+            progress.add(rows.stop - rows.start)
     finally:
         for a in actors:
             ray.kill(a)
@@ -139,7 +159,14 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     else:
         ranker = Ranker(str(model_dir), str(codes_path), cfg, depth, use_gpu=cfg.num_gpus_per_actor > 0,
                         stage1_dir=str(stage1_dir) if stage1_dir else None)
-        ranked = {s: ranker.rank(h) for s, h in histories.items()}
+        progress = _Progress(sum(len(h) for h in histories.values()))
+        ranked = {}
+        for s, h in histories.items():
+            parts = []
+            for rows in _shards(len(h), cfg.batch_size, 8):
+                parts.append(ranker.rank(h[rows]))
+                progress.add(rows.stop - rows.start)
+            ranked[s] = np.concatenate(parts) if parts else np.zeros((0, depth), dtype=np.int64)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {}
     for s, t in tables.items():

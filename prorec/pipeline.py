@@ -145,8 +145,18 @@ def connect_ray() -> tuple[str, bool]:
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
-    ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", include_dashboard=False,
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "prorec.pipeline.quiet_ray_worker"})
     return "started locally", True
+
+
+def quiet_ray_worker() -> None:
+    """Setup hook of the local Ray instance's workers. Without the dashboard, Ray Train 2.60's
+    PlacementGroupCleaner cannot reach the State API and warns about it once a second for the whole
+    training ("Failed to query Ray Train Controller actor state"); only its real errors are kept."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def describe_resources(cfg: PipelineConfig, stage: str) -> str:

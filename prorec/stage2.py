@@ -118,7 +118,7 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
                 splits: tuple[str, ...] = ("train", "valid")) -> Stage2Inputs:
     n_items = read_split(data_dir, "items").num_rows
     item_codes, k = item_code_table(Path(codes_path), n_items)
-    need = cfg.distill or (cfg.item_head and cfg.item_head_init == "stage1")
+    need = cfg.distill or cfg.item_head_from_stage1
     teacher = teacher_table(Path(stage1_path), n_items) if need else None
     tables = {s: read_split(data_dir, s) for s in ("train", "valid", "test")}
     # The encoder's position table covers the longest history of any split.
@@ -170,7 +170,7 @@ class Stage2Trainer:
         model = Generator(self.gcfg, inputs.item_codes)
         if inputs.teacher is not None:
             model.set_teacher(inputs.teacher)
-        if cfg.item_head and cfg.item_head_init == "stage1":
+        if cfg.item_head_from_stage1:
             model.init_item_head(inputs.teacher)
         self.model = ctx.prepare_model(model.to(device))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

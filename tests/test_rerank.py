@@ -71,3 +71,9 @@ def test_no_din_and_no_checkpoint_says_what_to_do(tmp_path):
 def test_a_negative_weight_is_refused():
     with pytest.raises(ConfigError, match="eval.rerank_weight"):
         load_config(None, ["eval.rerank_weight=-1"])
+
+
+def test_reranking_without_a_trained_din_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match="stage1.fusion=semantic trains none"):
+        load_config(None, ["eval.rerank_weight=1.0", "stage1.fusion=semantic"])
+    assert load_config(None, ["eval.rerank_weight=1.0", "stage1.fusion=collaborative"]).eval.rerank_weight == 1.0
