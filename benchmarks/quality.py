@@ -19,7 +19,8 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_head_id_init (only when named): and the item head starts from the Stage I embeddings
 - prorec_item_head_id_drop3 (only when named): prorec_item_head_id with dropout 0.3 instead of 0.1
 - prorec_item_head_id_k128, prorec_item_head_id_wd, prorec_item_head_id_wd3 (only when named): with K=128,
-  with weight decay 1e-4, with weight decay 1e-3
+  with weight decay 1e-4, with weight decay 1e-3; prorec_item_head_id_wd_enc2: weight decay 1e-4 and
+  two encoder layers
 - prorec_rerank (only when named): prorec_item_head_id_wd with the beam of 200 reranked by Stage I's DIN
   (eval.rerank_weight 1.0), the Beauty configs' default
 - semantic_item_head_id, cka_item_head_id (only when named): the semantic and cka variants with the
@@ -81,6 +82,7 @@ VARIANTS = {
     "prorec_item_head_id_k128": [*PRORec, *HEAD_ID, "codes.k=128"],
     "prorec_item_head_id_wd": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001"],
     "prorec_item_head_id_wd3": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.001"],
+    "prorec_item_head_id_wd_enc2": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "stage2.encoder_layers=2"],
     # The ablation of the chosen Stage II: semantic-only codes, and no distillation.
     "semantic_item_head_id": ["stage1.fusion=semantic", *HEAD_ID],
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", *HEAD_ID],
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
           "Items already in a user's history are removed from every variant's ranked list.", "",
           f"Chosen on validation (best NDCG@10 over all validation users): **{best}**; its test predictions "
           f"are in {preds_name}.parquet.", "",
-          f"Conditions, the attempts and what limits the numbers: {args.name}.notes.md (written by hand).", "",
+          "Conditions, the attempts and what limits the numbers: beauty_quality.notes.md (written by hand).", "",
           "## Test", "", table(results, "test"), "", "## Validation", "", table(results, "valid"), "",
           "## Wall time of each stage (s), as recorded in each run's manifest", "",
           "| variant | " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 2)]
