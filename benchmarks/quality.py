@@ -20,7 +20,7 @@ offers a run made by jobs/pipeline.py with the same config):
 - prorec_item_head_id_drop3 (only when named): prorec_item_head_id with dropout 0.3 instead of 0.1
 - prorec_item_head_id_k128, prorec_item_head_id_wd, prorec_item_head_id_wd3 (only when named): with K=128,
   with weight decay 1e-4, with weight decay 1e-3; prorec_item_head_id_wd_enc2: weight decay 1e-4 and
-  two encoder layers
+  two encoder layers; prorec_item_head_id_adamw: decoupled weight decay 0.1 (AdamW)
 - prorec_rerank (only when named): prorec_item_head_id_wd with the beam of 200 reranked by Stage I's DIN
   (eval.rerank_weight 1.0), the Beauty configs' default
 - semantic_item_head_id, cka_item_head_id (only when named): the semantic and cka variants with the
@@ -83,6 +83,7 @@ VARIANTS = {
     "prorec_item_head_id_wd": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001"],
     "prorec_item_head_id_wd3": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.001"],
     "prorec_item_head_id_wd_enc2": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "stage2.encoder_layers=2"],
+    "prorec_item_head_id_adamw": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.1", "stage2.decoupled_weight_decay=true"],
     # The ablation of the chosen Stage II: semantic-only codes, and no distillation.
     "semantic_item_head_id": ["stage1.fusion=semantic", *HEAD_ID],
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", *HEAD_ID],

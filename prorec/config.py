@@ -113,6 +113,8 @@ class TrainConfig:
     # Early stopping: stop after this many epochs without a better validation metric.
     patience: int = 3
     weight_decay: float = 0.0
+    # True: the weight decay is decoupled from the gradient (AdamW); False: L2 added to it (Adam).
+    decoupled_weight_decay: bool = False
     seed: int = 0
     # Ray Train workers; 0 = train in this process without Ray (tests, single GPU boxes).
     num_workers: int = 1

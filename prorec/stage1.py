@@ -54,7 +54,7 @@ from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.models.modality import ModalityAdapter, alignment_loss
 from prorec.rerank import save_din
-from prorec.trainer import (CKPT_FILE, LocalContext, clean_dir, length_grouped_batches, pick_device, run_epochs,
+from prorec.trainer import (CKPT_FILE, LocalContext, adam, clean_dir, length_grouped_batches, pick_device, run_epochs,
                             set_seed, shard_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
@@ -169,7 +169,7 @@ class Stage1Trainer:
         self.core = core
         self.model = ctx.prepare_model(core)
         self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None
-        self.opt = torch.optim.Adam(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adam(core.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
         world, rank = ctx.world_size, ctx.rank

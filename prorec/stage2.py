@@ -34,7 +34,7 @@ from prorec.config import EvalConfig, Stage2Config
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import Generator, GeneratorConfig
-from prorec.trainer import (CKPT_FILE, FitResult, LocalContext, RayTrainContext, length_grouped_batches, pick_device,
+from prorec.trainer import (CKPT_FILE, FitResult, LocalContext, RayTrainContext, adam, length_grouped_batches, pick_device,
                             run_epochs, shard_rows, warmup_lambda)
 
 MODEL_FILE = "model.safetensors"
@@ -173,7 +173,7 @@ class Stage2Trainer:
         if cfg.item_head_from_stage1:
             model.init_item_head(inputs.teacher)
         self.model = ctx.prepare_model(model.to(device))
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adam(self.model.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.amp = cfg.bf16 and device.type == "cuda"
         # Training rows: this worker's contiguous shard; every worker runs the same number of steps

@@ -33,6 +33,14 @@ class EpochTrainer(Protocol):
     def model_state(self) -> dict[str, torch.Tensor]: ...
 
 
+def adam(params, cfg: Any) -> torch.optim.Adam:
+    """The optimiser of both training stages: Adam with cfg.lr and cfg.weight_decay, the decay added
+    to the gradient (L2, torch's Adam) or, with cfg.decoupled_weight_decay, applied to the weights
+    directly (AdamW), so that Adam's per-parameter scaling does not rescale it."""
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            decoupled_weight_decay=cfg.decoupled_weight_decay)
+
+
 def warmup_lambda(warmup_steps: int):
     """Linear warm-up to the base learning rate, then constant."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0

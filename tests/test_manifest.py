@@ -27,6 +27,8 @@ def _changed(base: list[str], new: list[str], inputs: dict | None = None, new_in
     ("stage2.item_head=false", "stage2"),
     ("stage2.item_head_init=stage1", "stage2"),
     ("eval.rerank_weight=0.5", "eval"),
+    ("stage2.decoupled_weight_decay=true", "stage2"),
+    ("stage1.decoupled_weight_decay=true", "stage1"),
 ])
 def test_a_change_invalidates_its_stage_and_everything_after(override, first):
     assert _changed([], [override]) == list(STAGES[STAGES.index(first):])
@@ -47,6 +49,7 @@ def test_options_added_later_keep_older_keys_at_their_old_value():
     conf = stage_config(load_config(None, ["stage2.item_head_init=stage1"]), "stage2")
     assert conf["stage2.item_head"] is True and conf["stage2.item_head_init"] == "stage1"
     assert "eval.rerank_weight" not in stage_config(load_config(None, []), "eval")
+    assert "stage2.decoupled_weight_decay" not in stage_config(load_config(None, []), "stage2")
 
 
 def test_canonical_data_is_keyed_by_content_not_path():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from prorec.trainer import LocalContext, length_grouped_batches, run_epochs
@@ -65,3 +66,21 @@ def test_length_grouped_batches_cover_rows_once_and_cut_padding():
     other = length_grouped_batches(rows, lengths, 64, steps=10_000, rng=np.random.default_rng(2), group=8)
     assert not np.array_equal(batches[0], other[0])
     assert len(length_grouped_batches(rows, lengths, 64, steps=5, rng=np.random.default_rng(1))) == 5
+
+
+def test_decoupled_weight_decay_shrinks_the_weights_whatever_the_gradient_scale():
+    """With a zero gradient, Adam's L2 decay is rescaled by Adam itself (each step moves the weight
+    by about lr, whatever the decay); the decoupled decay shrinks it by lr * weight_decay a step."""
+
+    from prorec.config import Stage2Config
+    from prorec.trainer import adam
+
+    def after_one_step(decoupled: bool) -> float:
+        w = torch.nn.Parameter(torch.tensor([2.0]))
+        opt = adam([w], Stage2Config(lr=0.1, weight_decay=0.01, decoupled_weight_decay=decoupled))
+        w.grad = torch.zeros(1)
+        opt.step()
+        return float(w)
+
+    assert after_one_step(True) == pytest.approx(2.0 * (1 - 0.1 * 0.01))
+    assert after_one_step(False) == pytest.approx(2.0 - 0.1, abs=1e-4)  # Adam normalises the L2 gradient
