@@ -80,7 +80,7 @@ def test_decoupled_weight_decay_shrinks_the_weights_whatever_the_gradient_scale(
         opt = adam([w], Stage2Config(lr=0.1, weight_decay=0.01, decoupled_weight_decay=decoupled))
         w.grad = torch.zeros(1)
         opt.step()
-        return float(w)
+        return float(w.detach())
 
     assert after_one_step(True) == pytest.approx(2.0 * (1 - 0.1 * 0.01))
     assert after_one_step(False) == pytest.approx(2.0 - 0.1, abs=1e-4)  # Adam normalises the L2 gradient
