@@ -17,8 +17,6 @@ and for a run directory made before that file existed it exports it from Stage I
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from prorec.models.din import DIN, DINConfig
@@ -39,13 +37,13 @@ def save_din(stage1_dir: Path, din_state: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-def din_config_of(state: dict[str, torch.Tensor], **flags: Any) -> DINConfig:
-    """The DINConfig whose model has these weights (sizes read from the tensors' shapes)."""
+def din_config_of(state: dict[str, torch.Tensor]) -> DINConfig:
+    """The DINConfig whose model has these weights: sizes read from the tensors' shapes, the rest
+    (attention without softmax, dot residual) as Stage I builds it."""
     n_items, dim = state["item_emb.weight"].shape
     return DINConfig(n_items=n_items - 1, dim=dim, max_history=state["recency_emb.weight"].shape[0],
                      attention_hidden=state["attention.lin2.weight"].shape[1],
-                     mlp_hidden=(state["score_mlp.lin2.weight"].shape[1], state["score_mlp.lin2.weight"].shape[0]),
-                     **flags)
+                     mlp_hidden=(state["score_mlp.lin2.weight"].shape[1], state["score_mlp.lin2.weight"].shape[0]))
 
 
 def _from_checkpoint(stage1_dir: Path) -> dict[str, torch.Tensor] | None:
@@ -71,7 +69,8 @@ def load_din(stage1_dir: str | Path, device: torch.device | str = "cpu") -> DIN:
             raise FileNotFoundError(
                 f"{path} is missing, and {stage1_dir} holds no Stage I checkpoint to export it from: "
                 "eval.rerank_weight > 0 needs the DIN that Stage I trained (fusion prorec, collaborative or concat). "
-                "Rerun Stage I (python jobs/pipeline.py ... --from-stage stage1) or set eval.rerank_weight=0")
+                "Set eval.rerank_weight=0, or rerun Stage I (python jobs/pipeline.py ... --from-stage stage1; "
+                "that retrains it, and the codes and Stage II after it)")
         save_din(stage1_dir, state)
         print(f"rerank: exported Stage I's DIN from its checkpoint to {path}", flush=True)
     din = DIN(din_config_of(state))
