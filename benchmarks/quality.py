@@ -56,14 +56,13 @@ from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: 
 # The variants were measured before the Beauty configs chose weight decay and the reranked beam:
 # they pin what they were measured with, so that a config's later choice does not rerun them.
 # (A later override of the same key wins, e.g. the weight-decay attempts' own value.)
-NO_WD = "stage2.weight_decay=0.0"
-GENERATOR_ONLY = ["eval.rerank_weight=0.0", "eval.beam_size=20"]
+AS_MEASURED = ["stage2.weight_decay=0.0", "eval.rerank_weight=0.0", "eval.beam_size=20"]  # generator alone
 # The paper's variants pin the paper's Stage II (a shared K-way head at every code level, code tokens
 # only), whatever the config file turns on.
-PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false", NO_WD]
+PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false", *AS_MEASURED]
 # The Stage II chosen on validation in the item-head session (not in the paper): the last code level
 # scored per item (stage2.item_head) and an item-ID embedding on each history token.
-HEAD_ID = ["stage2.item_head=true", "stage2.item_id_embedding=true", NO_WD]
+HEAD_ID = ["stage2.item_head=true", "stage2.item_id_embedding=true", *AS_MEASURED]
 PRORec = ["stage1.fusion=prorec", "stage2.distill=true"]
 VARIANTS = {
     "semantic": ["stage1.fusion=semantic", *PAPER_STAGE2],
@@ -73,8 +72,8 @@ VARIANTS = {
     "cka": ["stage1.fusion=prorec", "stage2.distill=false", *PAPER_STAGE2],
     # Not paper variants: the item-ID embedding alone (issue 6 asks whether it helps), the item head
     # alone, and both.
-    "prorec_item_id": [*PRORec, "stage2.item_head=false", "stage2.item_id_embedding=true", NO_WD],
-    "prorec_item_head": [*PRORec, "stage2.item_head=true", "stage2.item_id_embedding=false", NO_WD],
+    "prorec_item_id": [*PRORec, "stage2.item_head=false", "stage2.item_id_embedding=true", *AS_MEASURED],
+    "prorec_item_head": [*PRORec, "stage2.item_head=true", "stage2.item_id_embedding=false", *AS_MEASURED],
     "prorec_item_head_id": [*PRORec, *HEAD_ID],
     # Attempts on top of item head + item IDs (a later override of the same key wins).
     "prorec_item_head_id_init": [*PRORec, *HEAD_ID, "stage2.item_head_init=stage1"],
@@ -87,13 +86,10 @@ VARIANTS = {
     # The ablation of the chosen Stage II: semantic-only codes, and no distillation.
     "semantic_item_head_id": ["stage1.fusion=semantic", *HEAD_ID],
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", *HEAD_ID],
+    # The Beauty configs' default (only when named): item head + item IDs + weight decay 1e-4, and the
+    # beam of 200 reranked by Stage I's DIN (eval.rerank_weight 1.0, chosen in beauty_rerank.md).
+    "prorec_rerank": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "eval.beam_size=200", "eval.rerank_weight=1.0"],
 }
-for _overrides in VARIANTS.values():
-    _overrides[:0] = GENERATOR_ONLY
-# The Beauty configs' default (only when named): item head + item IDs + weight decay 1e-4, and the
-# beam of 200 reranked by Stage I's DIN (eval.rerank_weight 1.0, chosen in beauty_rerank.md).
-VARIANTS["prorec_rerank"] = [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "eval.beam_size=200",
-                             "eval.rerank_weight=1.0"]
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 

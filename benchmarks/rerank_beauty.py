@@ -24,23 +24,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prorec.beam import BeamSearch  # noqa: E402
-from prorec.codes import CodeTrie  # noqa: E402
+from prorec.config import EvalConfig  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
+from prorec.evaluate import Ranker  # noqa: E402
 from prorec.metrics import ranking_metrics, target_ranks  # noqa: E402
-from prorec.rerank import Reranker, load_din, rerank  # noqa: E402
-from prorec.stage2 import history_tensor, item_code_table, load_generator, read_model_config  # noqa: E402
+from prorec.rerank import rerank  # noqa: E402
+from prorec.stage2 import history_tensor, read_model_config  # noqa: E402
 
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
 def beam_and_din(run: Path, stage1: Path, split: str, beam: int, batch: int) -> dict[str, torch.Tensor]:
-    """The beam's items and log-probs and DIN's scores of them for every user of `split`."""
-    model = load_generator(run / "stage2")
-    codes, k = item_code_table(run / "codes" / "codes.parquet", model.cfg.n_items)
-    trie = CodeTrie.from_codes(codes[1:].numpy(), np.arange(1, len(codes)), k)
-    search = BeamSearch(model, trie, beam, beam, exclude_history=True)
-    scorer = Reranker(load_din(stage1), 1.0)
+    """The beam's items and log-probs and DIN's scores of them for every user of `split` (the
+    evaluation's Ranker, asked for the whole beam and DIN's scores instead of the reordered list)."""
+    ranker = Ranker(str(run / "stage2"), str(run / "codes" / "codes.parquet"),
+                    EvalConfig(beam_size=beam, rerank_weight=1.0, exclude_history=True), beam, stage1_dir=str(stage1))
     table = read_split(run / "data", split)
     hist = history_tensor(table.column("history"), read_model_config(run / "stage2")["max_history"])
     parts: dict[str, list[torch.Tensor]] = {"items": [], "scores": [], "din": []}
@@ -48,10 +46,10 @@ def beam_and_din(run: Path, stage1: Path, split: str, beam: int, batch: int) -> 
     for s in range(0, len(hist), batch):
         h = hist[s:s + batch]
         h = h[:, : int((h > 0).sum(1).max())]
-        res = search.search(h)
+        res = ranker.search.search(h)
         parts["items"].append(res.items)
         parts["scores"].append(res.scores)
-        parts["din"].append(scorer.din_scores(h, res.items))
+        parts["din"].append(ranker.reranker.din_scores(h, res.items))
         if (s // batch) % 20 == 0:
             print(f"beam {beam}: {s + len(h)}/{len(hist)} users, {time.perf_counter() - t0:.0f} s", flush=True)
     out = {k: torch.cat(v) for k, v in parts.items()}

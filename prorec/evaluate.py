@@ -64,15 +64,8 @@ class Ranker:
     def rank(self, history: np.ndarray) -> np.ndarray:
         """history [U, S] item_idx (right-padded) -> ranked item_idx [U, depth], -1 = empty slot."""
         history = torch.from_numpy(np.ascontiguousarray(history))
-        if self.reranker is None:
-            return rank_users(self.search, history, self.batch_size)
-        ranked = [np.zeros((0, self.depth), dtype=np.int64)]
-        for s in range(0, history.shape[0], self.batch_size):
-            h = history[s:s + self.batch_size]
-            h = h[:, : int((h > 0).sum(1).max())].to(self.model.item_codes.device)
-            res = self.search.search(h)
-            ranked.append(self.reranker(h, res.items, res.scores)[:, :self.depth].cpu().numpy())
-        return np.concatenate(ranked)
+        # With a reranker the beam returns all beam_size candidates; the reordered list keeps depth.
+        return rank_users(self.search, history, self.batch_size, self.reranker)[:, :self.depth]
 
     def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
         """`rank` of some rows of a shared array (Ray passes the array from the object store,
@@ -108,6 +101,8 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     import ray
     from ray.util import ActorPool
 
+    if cfg.rerank_weight > 0:
+        load_din(stage1_dir)  # fail (or export it from a checkpoint, once) here, before the actors load it
     threads = max(1, int(cfg.cpus_per_actor))
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(Ranker)
     actors = [actor_cls.remote(str(model_dir), str(codes_path), cfg, depth, threads, cfg.num_gpus_per_actor > 0,
@@ -142,7 +137,6 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     if cfg.rerank_weight > 0:
         if stage1_dir is None:
             raise ValueError("eval.rerank_weight > 0 needs the Stage I folder (its DIN): pass stage1_dir")
-        load_din(stage1_dir)  # fail (or export from a checkpoint) here, before any actor starts
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     depth = max(max(cfg.topk), min(PREDICTION_DEPTH, cfg.beam_size))

@@ -19,11 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 import torch
 
+from prorec.beam import NEG_INF, BeamResult
 from prorec.models.din import DIN, DINConfig
 from prorec.trainer import CKPT_FILE
 
 DIN_FILE = "din.safetensors"
-NEG_INF = float("-inf")
+DIN_PREFIX = "din."  # Stage I's model holds its DIN under this prefix
+
+
+def din_state(stage1_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DIN's weights out of Stage I's model state (its "din." entries, prefix removed)."""
+    return {k[len(DIN_PREFIX):]: v for k, v in stage1_state.items() if k.startswith(DIN_PREFIX)}
 
 
 def save_din(stage1_dir: Path, din_state: dict[str, torch.Tensor]) -> Path:
@@ -51,8 +57,7 @@ def _from_checkpoint(stage1_dir: Path) -> dict[str, torch.Tensor] | None:
     found = sorted((p for p in stage1_dir.rglob(CKPT_FILE)), key=lambda p: p.stat().st_mtime)
     if not found:
         return None
-    state = torch.load(found[-1], weights_only=True, map_location="cpu")["best_model"]
-    return {k[len("din."):]: v for k, v in state.items() if k.startswith("din.")}
+    return din_state(torch.load(found[-1], weights_only=True, map_location="cpu")["best_model"])
 
 
 def load_din(stage1_dir: str | Path, device: torch.device | str = "cpu") -> DIN:
@@ -102,10 +107,10 @@ class Reranker:
 
     @torch.inference_mode()
     def din_scores(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """history [U, S] right-padded, items [U, W] (-1 = empty) -> DIN's scores [U, W]."""
-        h = right_aligned(history)[:, -self.din.cfg.max_history:]
+        """history [U, S] right-padded, items [U, W] (-1 = empty) -> DIN's scores [U, W] (on items' device)."""
+        h = right_aligned(history.to(items.device))[:, -self.din.cfg.max_history:]
         return self.din(h, items.clamp(min=0)).float()
 
-    def __call__(self, history: torch.Tensor, items: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """history [U, S] right-padded, items [U, W], scores [U, W] log-probs -> items [U, W] reordered."""
-        return rerank(items, scores, self.din_scores(history, items), self.weight)
+    def __call__(self, history: torch.Tensor, beam: BeamResult) -> torch.Tensor:
+        """history [U, S] right-padded and the beam's result -> its items [U, W] reordered."""
+        return rerank(beam.items, beam.scores, self.din_scores(history, beam.items), self.weight)

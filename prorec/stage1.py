@@ -53,7 +53,7 @@ from prorec.config import Stage1Config
 from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.models.modality import ModalityAdapter, alignment_loss
-from prorec.rerank import save_din
+from prorec.rerank import din_state, save_din
 from prorec.trainer import (CKPT_FILE, LocalContext, adam, clean_dir, length_grouped_batches, pick_device, run_epochs,
                             set_seed, shard_rows, warmup_lambda)
 
@@ -419,7 +419,7 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
             cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
         state = fit["best_model"]
         e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
-        save_din(out_dir, {k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})  # for eval.rerank_weight
+        save_din(out_dir, din_state(state))  # for eval.rerank_weight
         history = fit["history"]
         best = fit["best_metrics"]
         metrics.update({

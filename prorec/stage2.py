@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from prorec.artifacts import read_embeddings, write_json
-from prorec.beam import BeamSearch
+from prorec.beam import BeamResult, BeamSearch
 from prorec.codes import CodeTrie, codes_meta, load_codes
 from prorec.config import EvalConfig, Stage2Config
 from prorec.data.splits import read_split
@@ -149,13 +149,17 @@ def _unwrap(model: torch.nn.Module) -> Generator:
     return getattr(model, "module", model)
 
 
-def rank_users(search: BeamSearch, history: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Beam-search users in batches of batch_size: ranked items [U, topk] (-1 = empty slot)."""
+def rank_users(search: BeamSearch, history: torch.Tensor, batch_size: int,
+               reorder: Callable[[torch.Tensor, BeamResult], torch.Tensor] | None = None) -> np.ndarray:
+    """Beam-search users in batches of batch_size: ranked items [U, topk] (-1 = empty slot).
+
+    `reorder(history_batch, result) -> items` replaces the beam's order (e.g. `prorec.rerank.Reranker`)."""
     ranked = [np.zeros((0, search.topk), dtype=np.int64)]
     for s in range(0, history.shape[0], batch_size):
         h = history[s:s + batch_size]
         h = h[:, : int((h > 0).sum(1).max())]  # trim the padding this batch does not need
-        ranked.append(search.search(h).items.cpu().numpy())
+        res = search.search(h)
+        ranked.append((res.items if reorder is None else reorder(h, res)).cpu().numpy())
     return np.concatenate(ranked)
 
 

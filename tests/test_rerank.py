@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prorec.beam import BeamResult
 from prorec.config import ConfigError, load_config
 from prorec.models.din import DIN, DINConfig
 from prorec.rerank import DIN_FILE, Reranker, load_din, right_aligned, save_din
@@ -26,9 +27,9 @@ def test_weight_trades_the_beam_order_for_the_din_order():
     items = torch.tensor([[10, 11, 12, 13, -1], [20, 21, 22, 23, 24]])
     scores = torch.tensor([[-1.0, -2.0, -3.0, -4.0, float("-inf")], [-1.0, -1.5, -2.0, -2.5, -3.0]])
     # A tiny weight keeps the beam's order, and empty slots stay last.
-    assert torch.equal(Reranker(din, 1e-9)(history, items, scores), items)
+    assert torch.equal(Reranker(din, 1e-9)(history, BeamResult(items, scores)), items)
     # A huge weight orders the candidates by DIN's score of the same user.
-    got = Reranker(din, 1e9)(history, items, scores)
+    got = Reranker(din, 1e9)(history, BeamResult(items, scores))
     with torch.no_grad():
         d = din(right_aligned(history), items.clamp(min=0))
     for u in range(2):
@@ -39,7 +40,7 @@ def test_weight_trades_the_beam_order_for_the_din_order():
     # In between, the order follows log p + w * DIN exactly.
     w = 0.7
     total = (scores + w * d)[1]
-    assert Reranker(din, w)(history, items, scores)[1].tolist() == items[1][total.argsort(descending=True)].tolist()
+    assert Reranker(din, w)(history, BeamResult(items, scores))[1].tolist() == items[1][total.argsort(descending=True)].tolist()
 
 
 def test_saved_din_reloads_with_the_same_scores(tmp_path):
