@@ -22,7 +22,10 @@ offers a run made by jobs/pipeline.py with the same config):
   with weight decay 1e-4, with weight decay 1e-3; prorec_item_head_id_wd_enc2: weight decay 1e-4 and
   two encoder layers; prorec_item_head_id_adamw: decoupled weight decay 0.1 (AdamW)
 - prorec_rerank (only when named): prorec_item_head_id_wd with the beam of 200 reranked by Stage I's DIN
-  (eval.rerank_weight 1.0), the Beauty configs' default
+  (eval.rerank_weight 1.0)
+- prorec_rerank_signals (only when named): the same beam reranked by the DIN, semantic affinity and
+  transitions (eval.rerank_weight 0.75, rerank_semantic_weight 6, rerank_transition_weight 2.5), the
+  Beauty configs' default
 - semantic_item_head_id, cka_item_head_id (only when named): the semantic and cka variants with the
   item head and item IDs (the ablation of the chosen Stage II)
 
@@ -56,7 +59,8 @@ from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: 
 # The variants were measured before the Beauty configs chose weight decay and the reranked beam:
 # they pin what they were measured with, so that a config's later choice does not rerun them.
 # (A later override of the same key wins, e.g. the weight-decay attempts' own value.)
-AS_MEASURED = ["stage2.weight_decay=0.0", "eval.rerank_weight=0.0", "eval.beam_size=20"]  # generator alone
+AS_MEASURED = ["stage2.weight_decay=0.0", "eval.rerank_weight=0.0", "eval.rerank_semantic_weight=0.0",
+               "eval.rerank_transition_weight=0.0", "eval.beam_size=20"]  # generator alone
 # The paper's variants pin the paper's Stage II (a shared K-way head at every code level, code tokens
 # only), whatever the config file turns on.
 PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false", *AS_MEASURED]
@@ -86,9 +90,12 @@ VARIANTS = {
     # The ablation of the chosen Stage II: semantic-only codes, and no distillation.
     "semantic_item_head_id": ["stage1.fusion=semantic", *HEAD_ID],
     "cka_item_head_id": ["stage1.fusion=prorec", "stage2.distill=false", *HEAD_ID],
-    # The Beauty configs' default (only when named): item head + item IDs + weight decay 1e-4, and the
-    # beam of 200 reranked by Stage I's DIN (eval.rerank_weight 1.0, chosen in beauty_rerank.md).
+    # Item head + item IDs + weight decay 1e-4 and the beam of 200 reranked (weights chosen in
+    # beauty_rerank.md): by Stage I's DIN alone, and by the DIN, semantic affinity and transitions
+    # (the Beauty configs' default). Only when named.
     "prorec_rerank": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "eval.beam_size=200", "eval.rerank_weight=1.0"],
+    "prorec_rerank_signals": [*PRORec, *HEAD_ID, "stage2.weight_decay=0.0001", "eval.beam_size=200",
+                              "eval.rerank_weight=0.75", "eval.rerank_semantic_weight=6", "eval.rerank_transition_weight=2.5"],
 }
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 

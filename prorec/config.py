@@ -250,8 +250,18 @@ class EvalConfig:
     # CPUs (and torch threads) each evaluation actor takes (added by the evaluation stage).
     cpus_per_actor: float = 1.0
     # Not in the paper: rank the beam's beam_size candidates by log p(item) + rerank_weight * the
-    # Stage I DIN's score (prorec/rerank.py). 0 = the generator alone, the paper's inference.
+    # Stage I DIN's score + rerank_semantic_weight * the candidate's largest cosine to the history in
+    # the semantic embeddings + rerank_transition_weight * log(1 + how often the user's last item was
+    # followed by it in the train split) (prorec/rerank.py). All 0 = the generator alone, the paper's
+    # inference.
     rerank_weight: float = 0.0
+    rerank_semantic_weight: float = 0.0
+    rerank_transition_weight: float = 0.0
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the beam is reordered (some rerank weight > 0)."""
+        return self.rerank_weight > 0 or self.rerank_semantic_weight > 0 or self.rerank_transition_weight > 0
 
     def validate(self) -> None:
         _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "eval.topk must be a non-empty list of ints >= 1")
@@ -260,7 +270,8 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
         _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
-        _check(self.rerank_weight >= 0, "eval.rerank_weight must be >= 0 (0 = no reranking)")
+        for name in ("rerank_weight", "rerank_semantic_weight", "rerank_transition_weight"):
+            _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
 
 
 @dataclass

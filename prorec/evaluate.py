@@ -4,8 +4,9 @@ Every user of the valid and test splits is ranked by the trie-constrained beam s
 runs over the trie of every item (minus the user's history when `exclude_history`), so the ranked
 list is drawn from the full catalogue, with no sampled negatives. Recall and NDCG @k follow.
 
-With `rerank_weight` > 0 the beam keeps all `beam_size` candidates and Stage I's DIN reorders them
-(`prorec.rerank`): the list is still drawn from the full catalogue by the beam search.
+With a rerank weight > 0 (`eval.rerank_weight`, `rerank_semantic_weight`, `rerank_transition_weight`)
+the beam keeps all `beam_size` candidates and `prorec.rerank` reorders them (Stage I's DIN, semantic
+affinity, transitions): the list is still drawn from the full catalogue by the beam search.
 
 With `use_ray`, `num_actors` actors each load the model once and rank shards of users through a
 `ray.util.ActorPool`; shards are whole beam-search batches, so each user is searched in the same
@@ -29,7 +30,7 @@ from prorec.codes import CodeTrie
 from prorec.config import EvalConfig
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
-from prorec.rerank import Reranker, load_din
+from prorec.rerank import build_reranker, load_din
 from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users, read_model_config
 
 SPLITS = ("valid", "test")
@@ -39,11 +40,13 @@ PREDICTION_DEPTH = 20  # predictions.parquet holds the top 20 (or the beam, if n
 class Ranker:
     """Loads the generator and the trie once; ranks batches of users (the body of an actor).
 
-    With `cfg.rerank_weight > 0` it also loads Stage I's DIN from `stage1_dir` and reorders each
+    With a rerank weight > 0 it also loads what the signals need (Stage I's DIN from `stage1_dir`,
+    the semantic embeddings from `semantic_path`, the train split from `data_dir`) and reorders each
     user's whole beam by `prorec.rerank.Reranker` before keeping the top `depth`."""
 
     def __init__(self, model_dir: str, codes_path: str, cfg: EvalConfig, depth: int, threads: int | None = None,
-                 use_gpu: bool = False, stage1_dir: str | None = None) -> None:
+                 use_gpu: bool = False, stage1_dir: str | None = None, semantic_path: str | None = None,
+                 data_dir: str | None = None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -52,11 +55,7 @@ class Ranker:
         if k != self.model.cfg.k or not torch.equal(codes.to(device), self.model.item_codes):
             raise ValueError(f"{codes_path} holds other codes than the ones {model_dir} was trained on")
         trie = CodeTrie.from_codes(codes[1:].numpy(), np.arange(1, len(codes)), k)
-        self.reranker = None
-        if cfg.rerank_weight > 0:
-            if stage1_dir is None:
-                raise ValueError("eval.rerank_weight > 0 needs the Stage I folder (its DIN)")
-            self.reranker = Reranker(load_din(stage1_dir, device), cfg.rerank_weight)
+        self.reranker = build_reranker(cfg, self.model.cfg.n_items, device, stage1_dir, semantic_path, data_dir)
         self.search = BeamSearch(self.model, trie, cfg.beam_size, cfg.beam_size if self.reranker else depth,
                                  cfg.exclude_history, autocast=device.type == "cuda")
         self.batch_size, self.depth = cfg.batch_size, depth
@@ -97,16 +96,16 @@ def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
 
 
 def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
-                 histories: dict[str, np.ndarray], stage1_dir: Path | None) -> dict[str, np.ndarray]:
+                 histories: dict[str, np.ndarray], rerank_inputs: dict[str, str | None]) -> dict[str, np.ndarray]:
     import ray
     from ray.util import ActorPool
 
     if cfg.rerank_weight > 0:
-        load_din(stage1_dir)  # fail (or export it from a checkpoint, once) here, before the actors load it
+        load_din(rerank_inputs["stage1_dir"])  # fail (or export it from a checkpoint, once) here, before the actors load it
     threads = max(1, int(cfg.cpus_per_actor))
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(Ranker)
     actors = [actor_cls.remote(str(model_dir), str(codes_path), cfg, depth, threads, cfg.num_gpus_per_actor > 0,
-                               str(stage1_dir) if stage1_dir else None)
+                               **rerank_inputs)
               for _ in range(cfg.num_actors)]
     # A few shards per actor so that a slow one does not leave the others idle at the end.
     jobs = [(split, sl) for split, h in histories.items() for sl in _shards(len(h), cfg.batch_size, 4 * cfg.num_actors)]
@@ -129,14 +128,19 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
 
 
 def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: Path, out_dir: Path,
-                 stage1_dir: Path | None = None) -> dict:
+                 stage1_dir: Path | None = None, semantic_path: Path | None = None) -> dict:
     """Recall and NDCG @cfg.topk on the valid and test splits -> out_dir/metrics.json and
     out_dir/predictions.parquet (test users, their top-20 item ids). Returns the metrics.
-    `stage1_dir` (Stage I's folder) is read only when cfg.rerank_weight > 0."""
+    `stage1_dir` (Stage I's folder) is read only when cfg.rerank_weight > 0, `semantic_path` (the
+    semantic embeddings' Parquet) only when cfg.rerank_semantic_weight > 0."""
     cfg.validate()
-    if cfg.rerank_weight > 0:
-        if stage1_dir is None:
-            raise ValueError("eval.rerank_weight > 0 needs the Stage I folder (its DIN): pass stage1_dir")
+    for key, w, path, what in (("eval.rerank_weight", cfg.rerank_weight, stage1_dir, "the Stage I folder (its DIN): pass stage1_dir"),
+                               ("eval.rerank_semantic_weight", cfg.rerank_semantic_weight, semantic_path,
+                                "the semantic embeddings: pass semantic_path")):
+        if w > 0 and path is None:
+            raise ValueError(f"{key} > 0 needs {what}")
+    rerank_inputs = {"stage1_dir": str(stage1_dir) if stage1_dir else None,
+                     "semantic_path": str(semantic_path) if semantic_path else None, "data_dir": str(data_dir)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     depth = max(max(cfg.topk), min(PREDICTION_DEPTH, cfg.beam_size))
@@ -149,10 +153,10 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     n_users = sum(len(h) for h in histories.values())
     t0 = time.perf_counter()
     if cfg.use_ray:
-        ranked = _rank_on_ray(cfg, model_dir, codes_path, depth, histories, stage1_dir)
+        ranked = _rank_on_ray(cfg, model_dir, codes_path, depth, histories, rerank_inputs)
     else:
         ranker = Ranker(str(model_dir), str(codes_path), cfg, depth, use_gpu=cfg.num_gpus_per_actor > 0,
-                        stage1_dir=str(stage1_dir) if stage1_dir else None)
+                        **rerank_inputs)
         progress = _Progress(sum(len(h) for h in histories.values()))
         ranked = {}
         for s, h in histories.items():
@@ -166,7 +170,9 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     for s, t in tables.items():
         ranks = target_ranks(ranked[s], t.column("target").to_numpy().astype(np.int64))
         metrics[s] = ranking_metrics(ranks, cfg.topk)
-    how = f", beam {cfg.beam_size} reranked by Stage I's DIN (weight {cfg.rerank_weight:g})" if cfg.rerank_weight else ""
+    weights = {"DIN": cfg.rerank_weight, "semantic": cfg.rerank_semantic_weight, "transition": cfg.rerank_transition_weight}
+    how = (f", beam {cfg.beam_size} reranked by " + ", ".join(f"{k} x {w:g}" for k, w in weights.items() if w > 0)
+           if cfg.reranks else "")
     print(f"eval: {n_users} users{how} in {seconds:.1f}s ({n_users / max(seconds, 1e-9):.0f} users/s); "
           f"test {metrics['test']}", file=sys.stderr, flush=True)
     write_json(out_dir / "metrics.json", metrics)

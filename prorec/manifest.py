@@ -70,6 +70,7 @@ STAGE2_EVAL_FIELDS = ("topk", "exclude_history")
 # Options added after run directories existed, with the value that reproduces the older behaviour.
 # At that value they are left out of the stage key, so an upgrade does not invalidate finished stages.
 ADDED_LATER = {"stage2.item_head": False, "stage2.item_head_init": "random", "eval.rerank_weight": 0.0,
+               "eval.rerank_semantic_weight": 0.0, "eval.rerank_transition_weight": 0.0,
                "stage1.decoupled_weight_decay": False, "stage2.decoupled_weight_decay": False}
 
 

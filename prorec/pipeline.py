@@ -107,7 +107,7 @@ def run_eval(run: Run) -> None:
     from prorec.evaluate import run_evaluate
 
     run_evaluate(run.cfg.eval, run.data_dir, run.path("codes", "codes.parquet"), run.path("stage2"), run.path("eval"),
-                 run.path("stage1"))
+                 run.path("stage1"), run.path("embed", "semantic.parquet"))
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {

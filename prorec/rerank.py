@@ -1,14 +1,23 @@
-"""Rerank the generator's beam with Stage I's DIN (not in the paper; `eval.rerank_weight`).
+"""Rerank the generator's beam with other signals the pipeline already has (not in the paper).
 
 The beam search returns each user's `eval.beam_size` most likely items under the generator, with
-their log-probabilities log p_G(i | u). Stage I trained a DIN retriever on the same histories; its
-score s_D(u, i) is a logit of a softmax over the catalogue. The reranked order is
+their log-probabilities log p_G(i | u). The reranked order is
 
-    log p_G(i | u) + w * s_D(u, i)      over the beam's candidates,
+    log p_G(i | u) + w_din * s_D(u, i) + w_sem * a_S(u, i) + w_tr * t(u, i)    over the beam's candidates,
 
-a product of the two models' distributions restricted to the beam (DIN's normaliser is the same
-for every candidate of a user, so it drops out). w = 0 is the generator alone, the paper's
-inference. Scoring 100 candidates costs DIN O(100 * T) per user, small beside the beam search.
+with three signals, each on when its weight (`eval.rerank_weight`, `eval.rerank_semantic_weight`,
+`eval.rerank_transition_weight`) is > 0; all 0 is the generator alone, the paper's inference:
+
+- s_D, Stage I's DIN: the logit of DIN's softmax over the catalogue. With the first term alone the
+  order is the product of the two models' distributions restricted to the beam (DIN's normaliser is
+  the same for every candidate of a user, so it drops out).
+- a_S, semantic affinity: the largest cosine between the candidate's semantic embedding (the frozen
+  encoder's, embeddings/semantic.parquet) and those of the items in the user's history.
+- t, transitions: log(1 + n), n = how many training rows have the user's last item directly
+  followed by the candidate (the train split only, so validation and test targets are never counted).
+
+The list is still drawn from the full catalogue by the beam search; the signals only reorder it.
+Scoring 200 candidates costs O(200 * T) per user for each signal, small beside the beam search.
 Why it helps, measured on Beauty: benchmarks/results/beauty_rerank.md.
 
 Stage I writes the DIN it trained to `stage1/din.safetensors` (`save_din`); `load_din` rebuilds it,
@@ -17,9 +26,15 @@ and for a run directory made before that file existed it exports it from Stage I
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 import torch
 
+from prorec.artifacts import read_embeddings
 from prorec.beam import NEG_INF, BeamResult
+from prorec.config import EvalConfig
+from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.trainer import CKPT_FILE
 
@@ -92,18 +107,90 @@ def right_aligned(history: torch.Tensor) -> torch.Tensor:
     return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))
 
 
-def rerank(items: torch.Tensor, scores: torch.Tensor, din_scores: torch.Tensor, weight: float) -> torch.Tensor:
-    """items [U, W] (-1 = empty), their beam log-probs and DIN scores [U, W] -> items reordered by
-    log p + weight * DIN (stable: ties keep the beam's order; empty slots last)."""
-    total = torch.where(items >= 0, scores.float() + weight * din_scores.float(), NEG_INF)
+class SemanticAffinity:
+    """a_S(u, i) = max over u's history h of cos(e_h, e_i), e = the frozen encoder's item embeddings."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = torch.nn.functional.normalize(table.float(), dim=1)  # [N + 1, D], row 0 = padding
+
+    @classmethod
+    def from_parquet(cls, path: str | Path, n_items: int) -> "SemanticAffinity":
+        idx, _, vectors, _ = read_embeddings(path)
+        if len(idx) != n_items or idx.min() < 1 or idx.max() > n_items:
+            raise ValueError(f"{path}: expected semantic embeddings of items 1..{n_items}, got {len(idx)} rows; "
+                             "rerun the embed stage on this dataset (or set eval.rerank_semantic_weight=0)")
+        table = torch.zeros(n_items + 1, vectors.shape[1])
+        table[torch.from_numpy(idx)] = torch.tensor(vectors)
+        return cls(table)
+
+    def to(self, device: torch.device | str) -> "SemanticAffinity":
+        self.table = self.table.to(device)
+        return self
+
+    def __call__(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history [U, S] (0 = padding), items [U, W] (-1 = empty) -> [U, W]."""
+        h = history.to(self.table.device)
+        sim = self.table[items.clamp(min=0).to(h.device)] @ self.table[h].transpose(1, 2)  # [U, W, S]
+        return sim.masked_fill((h == 0)[:, None, :], -1.0).amax(dim=2)
+
+
+class Transitions:
+    """t(u, i) = log(1 + n(last item of u -> i)), counted over the training rows (history, target)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, n_items: int) -> None:
+        self.keys, self.values, self.n_items = keys, values, n_items  # sorted pair keys a * (N + 1) + b
+
+    @classmethod
+    def from_rows(cls, last: np.ndarray, target: np.ndarray, n_items: int) -> "Transitions":
+        keys, counts = np.unique(last.astype(np.int64) * (n_items + 1) + target.astype(np.int64), return_counts=True)
+        return cls(torch.from_numpy(keys), torch.from_numpy(np.log1p(counts).astype(np.float32)), n_items)
+
+    @classmethod
+    def from_split(cls, table: pa.Table, n_items: int) -> "Transitions":
+        """From a split table (history list<int>, target): each row's last history item -> its target."""
+        hist = table.column("history").combine_chunks()
+        ends = hist.offsets.to_numpy()[1:].astype(np.int64) - 1
+        last = hist.values.to_numpy(zero_copy_only=False)[ends]
+        return cls.from_rows(last, table.column("target").to_numpy(), n_items)
+
+    def to(self, device: torch.device | str) -> "Transitions":
+        self.keys, self.values = self.keys.to(device), self.values.to(device)
+        return self
+
+    def __call__(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history [U, S] right-padded with 0, items [U, W] (-1 = empty) -> [U, W]."""
+        h = history.to(self.keys.device)
+        last = h.gather(1, ((h > 0).sum(1, keepdim=True) - 1).clamp(min=0))  # [U, 1]
+        want = last * (self.n_items + 1) + items.clamp(min=0).to(h.device)
+        if len(self.keys) == 0:
+            return torch.zeros(want.shape, device=want.device)
+        at = torch.searchsorted(self.keys, want).clamp(max=len(self.keys) - 1)
+        return torch.where(self.keys[at] == want, self.values[at], 0.0)
+
+
+def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
+           weights: dict[str, float]) -> torch.Tensor:
+    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> items reordered by
+    log p + sum of weights[name] * signals[name] (stable: ties keep the beam's order; empty slots last)."""
+    total = scores.float()
+    for name, w in weights.items():
+        if w:
+            total = total + w * signals[name].float().to(total.device)
+    total = torch.where(items >= 0, total, NEG_INF)
     return items.gather(1, total.argsort(dim=1, descending=True, stable=True))
 
 
 class Reranker:
-    """Reorders a beam's candidates by log p_G + weight * DIN score."""
+    """Reorders a beam's candidates by log p_G + the weighted signals it was given (`SIGNALS` names)."""
 
-    def __init__(self, din: DIN, weight: float) -> None:
-        self.din, self.weight = din, weight
+    def __init__(self, din: DIN | None = None, weight: float = 0.0, *, semantic: SemanticAffinity | None = None,
+                 semantic_weight: float = 0.0, transitions: Transitions | None = None,
+                 transition_weight: float = 0.0) -> None:
+        self.weights = {"din": weight, "semantic": semantic_weight, "transition": transition_weight}
+        self.din, self.semantic, self.transitions = din, semantic, transitions
+        for name, model in (("din", din), ("semantic", semantic), ("transition", transitions)):
+            if self.weights[name] > 0 and model is None:
+                raise ValueError(f"a {name} weight > 0 needs its model")
 
     @torch.inference_mode()
     def din_scores(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -111,6 +198,39 @@ class Reranker:
         h = right_aligned(history.to(items.device))[:, -self.din.cfg.max_history:]
         return self.din(h, items.clamp(min=0)).float()
 
+    @torch.inference_mode()
+    def signals(self, history: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every signal this reranker has, for items [U, W] of users with history [U, S] right-padded."""
+        out = {}
+        if self.din is not None:
+            out["din"] = self.din_scores(history, items)
+        if self.semantic is not None:
+            out["semantic"] = self.semantic(history, items)
+        if self.transitions is not None:
+            out["transition"] = self.transitions(history, items)
+        return out
+
     def __call__(self, history: torch.Tensor, beam: BeamResult) -> torch.Tensor:
         """history [U, S] right-padded and the beam's result -> its items [U, W] reordered."""
-        return rerank(beam.items, beam.scores, self.din_scores(history, beam.items), self.weight)
+        return rerank(beam.items, beam.scores, self.signals(history, beam.items), self.weights)
+
+
+def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, stage1_dir: str | Path | None,
+                   semantic_path: str | Path | None, data_dir: str | Path | None) -> Reranker | None:
+    """The reranker `cfg` asks for (None when every weight is 0), each signal loaded from its artifact:
+    the DIN from stage1_dir, the semantic embeddings from semantic_path, transitions from data_dir's train split."""
+    if not cfg.reranks:
+        return None
+    need = {"eval.rerank_weight": (cfg.rerank_weight, stage1_dir, "the Stage I folder (its DIN)"),
+            "eval.rerank_semantic_weight": (cfg.rerank_semantic_weight, semantic_path, "the semantic embeddings' Parquet"),
+            "eval.rerank_transition_weight": (cfg.rerank_transition_weight, data_dir, "the dataset folder (its train split)")}
+    for key, (w, path, what) in need.items():
+        if w > 0 and path is None:
+            raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
+    din = load_din(stage1_dir, device) if cfg.rerank_weight > 0 else None
+    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items).to(device)
+                if cfg.rerank_semantic_weight > 0 else None)
+    transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
+                   if cfg.rerank_transition_weight > 0 else None)
+    return Reranker(din, cfg.rerank_weight, semantic=semantic, semantic_weight=cfg.rerank_semantic_weight,
+                    transitions=transitions, transition_weight=cfg.rerank_transition_weight)

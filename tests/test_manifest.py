@@ -27,6 +27,8 @@ def _changed(base: list[str], new: list[str], inputs: dict | None = None, new_in
     ("stage2.item_head=false", "stage2"),
     ("stage2.item_head_init=stage1", "stage2"),
     ("eval.rerank_weight=0.5", "eval"),
+    ("eval.rerank_semantic_weight=2", "eval"),
+    ("eval.rerank_transition_weight=1", "eval"),
     ("stage2.decoupled_weight_decay=true", "stage2"),
     ("stage1.decoupled_weight_decay=true", "stage1"),
 ])
@@ -48,7 +50,8 @@ def test_options_added_later_keep_older_keys_at_their_old_value():
     assert "stage2.item_head" not in conf and "stage2.item_head_init" not in conf
     conf = stage_config(load_config(None, ["stage2.item_head_init=stage1"]), "stage2")
     assert conf["stage2.item_head"] is True and conf["stage2.item_head_init"] == "stage1"
-    assert "eval.rerank_weight" not in stage_config(load_config(None, []), "eval")
+    conf = stage_config(load_config(None, []), "eval")
+    assert not {"eval.rerank_weight", "eval.rerank_semantic_weight", "eval.rerank_transition_weight"} & set(conf)
     assert "stage2.decoupled_weight_decay" not in stage_config(load_config(None, []), "stage2")
 
 

@@ -1,13 +1,20 @@
-"""Reranking the beam with Stage I's DIN (prorec/rerank.py): layout, order, and the saved model."""
+"""Reranking the beam (prorec/rerank.py): Stage I's DIN, semantic affinity, transitions; layout,
+order, and the saved model."""
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from prorec.artifacts import write_embeddings
+
 from prorec.beam import BeamResult
-from prorec.config import ConfigError, load_config
+from prorec.config import ConfigError, EvalConfig, load_config
 from prorec.models.din import DIN, DINConfig
-from prorec.rerank import DIN_FILE, Reranker, load_din, right_aligned, save_din
+from prorec.rerank import (DIN_FILE, Reranker, SemanticAffinity, Transitions, build_reranker, load_din, rerank,
+                           right_aligned, save_din)
 from prorec.trainer import CKPT_FILE
 
 
@@ -78,3 +85,64 @@ def test_reranking_without_a_trained_din_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="stage1.fusion=semantic trains none"):
         load_config(None, ["eval.rerank_weight=1.0", "stage1.fusion=semantic"])
     assert load_config(None, ["eval.rerank_weight=1.0", "stage1.fusion=collaborative"]).eval.rerank_weight == 1.0
+
+
+def test_semantic_affinity_is_the_largest_cosine_to_the_history():
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]])
+    aff = SemanticAffinity(table)
+    history = torch.tensor([[1, 0, 0], [2, 4, 0]])
+    items = torch.tensor([[3, 4, -1], [1, 3, 2]])
+    got = aff(history, items)
+    r = 2 ** -0.5
+    # Padding never counts: user 0's only history item is 1 (its cosine to item 4 is -1, not 0).
+    assert torch.allclose(got[0, :2], torch.tensor([r, -1.0]), atol=1e-6)
+    assert torch.allclose(got[1], torch.tensor([0.0, r, 1.0]), atol=1e-6)
+
+
+def test_semantic_affinity_reads_the_embedding_parquet_and_checks_it(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    path = write_embeddings(tmp_path / "semantic.parquet", np.array([3, 1, 2, 4]), ["c", "a", "b", "d"], vectors)
+    aff = SemanticAffinity.from_parquet(path, 4)
+    e = torch.nn.functional.normalize(torch.from_numpy(vectors), dim=1)
+    assert torch.allclose(aff(torch.tensor([[3]]), torch.tensor([[1]])), (e[0] @ e[1])[None, None], atol=1e-6)
+    with pytest.raises(ValueError, match="items 1..5.*rerank_semantic_weight=0"):
+        SemanticAffinity.from_parquet(path, 5)
+
+
+def test_transitions_count_what_followed_the_last_item_in_training_rows():
+    table = pa.table({"history": [[1], [1, 2], [5, 1], [3]], "target": [2, 3, 2, 1]})
+    tr = Transitions.from_split(table, n_items=6)
+    history = torch.tensor([[4, 1, 0], [3, 0, 0], [2, 0, 0]])
+    items = torch.tensor([[2, 3, -1], [1, 2, 6], [3, 1, 1]])
+    got = tr(history, items)
+    want = torch.tensor([[np.log1p(2), 0.0, 0.0], [np.log1p(1), 0.0, 0.0], [np.log1p(1), 0.0, 0.0]])
+    assert torch.allclose(got, want.float())
+    assert torch.equal(Transitions.from_split(table.slice(0, 0), 6)(history, items), torch.zeros(3, 3))
+
+
+def test_the_weighted_sum_of_signals_orders_the_beam():
+    items = torch.tensor([[10, 11, 12, -1]])
+    scores = torch.tensor([[-1.0, -1.2, -3.0, float("-inf")]])
+    signals = {"semantic": torch.tensor([[0.0, 1.0, 0.0, 5.0]]), "transition": torch.tensor([[0.0, 0.0, 3.0, 9.0]])}
+    assert rerank(items, scores, signals, {"semantic": 0.0, "transition": 0.0}).tolist() == [[10, 11, 12, -1]]
+    assert rerank(items, scores, signals, {"semantic": 1.0, "transition": 0.0}).tolist() == [[11, 10, 12, -1]]
+    assert rerank(items, scores, signals, {"semantic": 1.0, "transition": 1.0}).tolist() == [[12, 11, 10, -1]]
+
+
+def test_each_signal_comes_from_its_artifact_and_a_missing_one_is_named(tmp_path):
+    save_din(tmp_path, tiny_din(3, n_items=4).state_dict())
+    write_embeddings(tmp_path / "semantic.parquet", np.arange(1, 5), list("abcd"), np.eye(4, dtype=np.float32))
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"user_id": ["u", "u"], "history": [[1], [1, 2]], "target": [2, 3]}), data / "train.parquet")
+    cfg = EvalConfig(rerank_weight=0.5, rerank_semantic_weight=2.0, rerank_transition_weight=1.0)
+    rr = build_reranker(cfg, 4, "cpu", tmp_path, tmp_path / "semantic.parquet", data)
+    assert rr.weights == {"din": 0.5, "semantic": 2.0, "transition": 1.0}
+    assert set(rr.signals(torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))) == {"din", "semantic", "transition"}
+    only = build_reranker(EvalConfig(rerank_transition_weight=1.0), 4, "cpu", None, None, data)
+    assert only.din is None and only.semantic is None and only.transitions is not None
+    assert build_reranker(EvalConfig(), 4, "cpu", None, None, None) is None
+    with pytest.raises(ValueError, match="eval.rerank_semantic_weight > 0 needs the semantic embeddings"):
+        build_reranker(EvalConfig(rerank_semantic_weight=1.0), 4, "cpu", tmp_path, None, data)
+    with pytest.raises(ConfigError, match="eval.rerank_transition_weight"):
+        load_config(None, ["eval.rerank_transition_weight=-0.5"])

@@ -158,6 +158,13 @@ def test_reranked_evaluation_reorders_the_beam_by_din(trained, artifacts, tmp_pa
                         artifacts["codes"], trained, tmp_path / "huge", stage1)
     assert huge["test"]["recall@20"] == plain["test"]["recall@20"]  # the same 20 candidates
     assert huge["test"]["ndcg@10"] != plain["test"]["ndcg@10"]
+    with pytest.raises(ValueError, match="eval.rerank_semantic_weight > 0 needs the semantic embeddings"):
+        run_evaluate(EvalConfig(beam_size=20, use_ray=False, rerank_semantic_weight=1.0), artifacts["data"],
+                     artifacts["codes"], trained, tmp_path / "x", stage1)
+    signals = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64, rerank_semantic_weight=1e3,
+                                      rerank_transition_weight=1.0), artifacts["data"], artifacts["codes"], trained,
+                           tmp_path / "signals", stage1, artifacts["stage1"])
+    assert signals["test"]["recall@20"] == plain["test"]["recall@20"] and signals != plain
     items = read_split(artifacts["data"], "items")
     idx_of = dict(zip(items.column("item_id").to_pylist(), items.column("item_idx").to_pylist()))
     test = read_split(artifacts["data"], "test")
@@ -176,14 +183,19 @@ def test_reranked_evaluation_reorders_the_beam_by_din(trained, artifacts, tmp_pa
 @pytest.mark.timeout(240)
 def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, artifacts, tmp_path):
     stage1 = random_din_dir(tmp_path / "stage1")
-    for rerank in (0.0, 0.5):
-        local = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64, rerank_weight=rerank),
-                             artifacts["data"], artifacts["codes"], trained, tmp_path / f"local{rerank}", stage1)
-        pooled = run_evaluate(EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=64, rerank_weight=rerank),
-                              artifacts["data"], artifacts["codes"], trained, tmp_path / f"pool{rerank}", stage1)
+    semantic = artifacts["stage1"]  # any item-embedding Parquet serves as the semantic table here
+    weights = {"plain": {}, "din": {"rerank_weight": 0.5},
+               "all": {"rerank_weight": 0.5, "rerank_semantic_weight": 1.0, "rerank_transition_weight": 1.0}}
+    for name, w in weights.items():
+        local = run_evaluate(EvalConfig(beam_size=20, use_ray=False, batch_size=64, **w),
+                             artifacts["data"], artifacts["codes"], trained, tmp_path / f"local{name}", stage1, semantic)
+        pooled = run_evaluate(EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=64, **w),
+                              artifacts["data"], artifacts["codes"], trained, tmp_path / f"pool{name}", stage1, semantic)
         assert pooled == local
-        assert pq.read_table(tmp_path / f"pool{rerank}" / "predictions.parquet").equals(
-            pq.read_table(tmp_path / f"local{rerank}" / "predictions.parquet"))
+        assert pq.read_table(tmp_path / f"pool{name}" / "predictions.parquet").equals(
+            pq.read_table(tmp_path / f"local{name}" / "predictions.parquet"))
+    assert json.loads((tmp_path / "localall" / "metrics.json").read_text()) != json.loads(
+        (tmp_path / "localdin" / "metrics.json").read_text())
 
 
 @pytest.mark.ray
