@@ -30,7 +30,7 @@ from prorec.codes import CodeTrie
 from prorec.config import EvalConfig
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
-from prorec.rerank import build_reranker, load_din
+from prorec.rerank import build_reranker, check_inputs, load_din
 from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users, read_model_config
 
 SPLITS = ("valid", "test")
@@ -134,11 +134,7 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     `stage1_dir` (Stage I's folder) is read only when cfg.rerank_weight > 0, `semantic_path` (the
     semantic embeddings' Parquet) only when cfg.rerank_semantic_weight > 0."""
     cfg.validate()
-    for key, w, path, what in (("eval.rerank_weight", cfg.rerank_weight, stage1_dir, "the Stage I folder (its DIN): pass stage1_dir"),
-                               ("eval.rerank_semantic_weight", cfg.rerank_semantic_weight, semantic_path,
-                                "the semantic embeddings: pass semantic_path")):
-        if w > 0 and path is None:
-            raise ValueError(f"{key} > 0 needs {what}")
+    check_inputs(cfg, stage1_dir, semantic_path, data_dir)  # before any work (or any Ray actor)
     rerank_inputs = {"stage1_dir": str(stage1_dir) if stage1_dir else None,
                      "semantic_path": str(semantic_path) if semantic_path else None, "data_dir": str(data_dir)}
     out_dir = Path(out_dir)

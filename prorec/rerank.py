@@ -215,18 +215,24 @@ class Reranker:
         return rerank(beam.items, beam.scores, self.signals(history, beam.items), self.weights)
 
 
-def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, stage1_dir: str | Path | None,
-                   semantic_path: str | Path | None, data_dir: str | Path | None) -> Reranker | None:
-    """The reranker `cfg` asks for (None when every weight is 0), each signal loaded from its artifact:
-    the DIN from stage1_dir, the semantic embeddings from semantic_path, transitions from data_dir's train split."""
-    if not cfg.reranks:
-        return None
+def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: str | Path | None,
+                 data_dir: str | Path | None) -> None:
+    """ValueError naming the weight and what it needs, for each signal that is on without its input."""
     need = {"eval.rerank_weight": (cfg.rerank_weight, stage1_dir, "the Stage I folder (its DIN)"),
             "eval.rerank_semantic_weight": (cfg.rerank_semantic_weight, semantic_path, "the semantic embeddings' Parquet"),
             "eval.rerank_transition_weight": (cfg.rerank_transition_weight, data_dir, "the dataset folder (its train split)")}
     for key, (w, path, what) in need.items():
         if w > 0 and path is None:
             raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
+
+
+def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, stage1_dir: str | Path | None,
+                   semantic_path: str | Path | None, data_dir: str | Path | None) -> Reranker | None:
+    """The reranker `cfg` asks for (None when every weight is 0), each signal loaded from its artifact:
+    the DIN from stage1_dir, the semantic embeddings from semantic_path, transitions from data_dir's train split."""
+    if not cfg.reranks:
+        return None
+    check_inputs(cfg, stage1_dir, semantic_path, data_dir)
     din = load_din(stage1_dir, device) if cfg.rerank_weight > 0 else None
     semantic = (SemanticAffinity.from_parquet(semantic_path, n_items).to(device)
                 if cfg.rerank_semantic_weight > 0 else None)

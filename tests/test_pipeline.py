@@ -181,6 +181,12 @@ def test_reranking_reruns_eval_only_with_the_din_stage1_saved(tiny_run, tmp_path
     assert m["config"]["eval"]["rerank_weight"] == 1.0
     reranked = json.loads((run / "eval" / "metrics.json").read_text())
     assert reranked != plain and set(reranked["test"]) == set(plain["test"])
+    # The other two signals read the run's semantic embeddings and train split; still eval only.
+    stdout = _pipeline(run, "eval.rerank_weight=1.0", "eval.beam_size=40", "eval.rerank_semantic_weight=5.0",
+                       "eval.rerank_transition_weight=2.0")
+    assert "eval.rerank_semantic_weight: None -> 5.0" in stdout
+    assert _mtimes(run, ("raw", "data", "embeddings", "stage1", "codes", "stage2")) == before
+    assert json.loads((run / "eval" / "metrics.json").read_text()) != reranked
 
 
 @pytest.mark.e2e
