@@ -234,6 +234,10 @@ class Stage2Config(TrainConfig):
         _check(self.item_head_init in ("random", "stage1"), "stage2.item_head_init must be random or stage1")
 
 
+# The evaluation's rerank signals (prorec/rerank.py) and the EvalConfig field holding each one's weight.
+RERANK_FIELDS = {"din": "rerank_weight", "semantic": "rerank_semantic_weight", "transition": "rerank_transition_weight"}
+
+
 @dataclass
 class EvalConfig:
     """Leave-one-out evaluation over the full catalogue."""
@@ -259,9 +263,14 @@ class EvalConfig:
     rerank_transition_weight: float = 0.0
 
     @property
+    def rerank_weights(self) -> dict[str, float]:
+        """Each rerank signal's weight, by signal name (RERANK_FIELDS)."""
+        return {signal: getattr(self, name) for signal, name in RERANK_FIELDS.items()}
+
+    @property
     def reranks(self) -> bool:
         """Whether the beam is reordered (some rerank weight > 0)."""
-        return self.rerank_weight > 0 or self.rerank_semantic_weight > 0 or self.rerank_transition_weight > 0
+        return any(w > 0 for w in self.rerank_weights.values())
 
     def validate(self) -> None:
         _check(len(self.topk) >= 1 and all(k >= 1 for k in self.topk), "eval.topk must be a non-empty list of ints >= 1")
@@ -270,7 +279,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
         _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
-        for name in ("rerank_weight", "rerank_semantic_weight", "rerank_transition_weight"):
+        for name in RERANK_FIELDS.values():
             _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
 
 

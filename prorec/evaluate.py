@@ -166,8 +166,7 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     for s, t in tables.items():
         ranks = target_ranks(ranked[s], t.column("target").to_numpy().astype(np.int64))
         metrics[s] = ranking_metrics(ranks, cfg.topk)
-    weights = {"DIN": cfg.rerank_weight, "semantic": cfg.rerank_semantic_weight, "transition": cfg.rerank_transition_weight}
-    how = (f", beam {cfg.beam_size} reranked by " + ", ".join(f"{k} x {w:g}" for k, w in weights.items() if w > 0)
+    how = (f", beam {cfg.beam_size} reranked by " + ", ".join(f"{k} x {w:g}" for k, w in cfg.rerank_weights.items() if w > 0)
            if cfg.reranks else "")
     print(f"eval: {n_users} users{how} in {seconds:.1f}s ({n_users / max(seconds, 1e-9):.0f} users/s); "
           f"test {metrics['test']}", file=sys.stderr, flush=True)

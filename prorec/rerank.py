@@ -33,7 +33,7 @@ import torch
 
 from prorec.artifacts import read_embeddings
 from prorec.beam import NEG_INF, BeamResult
-from prorec.config import EvalConfig
+from prorec.config import RERANK_FIELDS, EvalConfig
 from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig
 from prorec.trainer import CKPT_FILE
@@ -159,9 +159,8 @@ class Transitions:
 
     def __call__(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """history [U, S] right-padded with 0, items [U, W] (-1 = empty) -> [U, W]."""
-        h = history.to(self.keys.device)
-        last = h.gather(1, ((h > 0).sum(1, keepdim=True) - 1).clamp(min=0))  # [U, 1]
-        want = last * (self.n_items + 1) + items.clamp(min=0).to(h.device)
+        last = right_aligned(history.to(self.keys.device))[:, -1:]  # [U, 1]
+        want = last * (self.n_items + 1) + items.clamp(min=0).to(last.device)
         if len(self.keys) == 0:
             return torch.zeros(want.shape, device=want.device)
         at = torch.searchsorted(self.keys, want).clamp(max=len(self.keys) - 1)
@@ -181,7 +180,8 @@ def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.T
 
 
 class Reranker:
-    """Reorders a beam's candidates by log p_G + the weighted signals it was given (`SIGNALS` names)."""
+    """Reorders a beam's candidates by log p_G + the weighted signals it was given ("din", "semantic",
+    "transition": the keys of `prorec.config.RERANK_FIELDS`)."""
 
     def __init__(self, din: DIN | None = None, weight: float = 0.0, *, semantic: SemanticAffinity | None = None,
                  semantic_weight: float = 0.0, transitions: Transitions | None = None,
@@ -218,11 +218,13 @@ class Reranker:
 def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: str | Path | None,
                  data_dir: str | Path | None) -> None:
     """ValueError naming the weight and what it needs, for each signal that is on without its input."""
-    need = {"eval.rerank_weight": (cfg.rerank_weight, stage1_dir, "the Stage I folder (its DIN)"),
-            "eval.rerank_semantic_weight": (cfg.rerank_semantic_weight, semantic_path, "the semantic embeddings' Parquet"),
-            "eval.rerank_transition_weight": (cfg.rerank_transition_weight, data_dir, "the dataset folder (its train split)")}
-    for key, (w, path, what) in need.items():
+    need = {"din": (stage1_dir, "the Stage I folder (its DIN)"),
+            "semantic": (semantic_path, "the semantic embeddings' Parquet"),
+            "transition": (data_dir, "the dataset folder (its train split)")}
+    for signal, w in cfg.rerank_weights.items():
+        path, what = need[signal]
         if w > 0 and path is None:
+            key = f"eval.{RERANK_FIELDS[signal]}"
             raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
 
 
@@ -233,10 +235,10 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
     if not cfg.reranks:
         return None
     check_inputs(cfg, stage1_dir, semantic_path, data_dir)
-    din = load_din(stage1_dir, device) if cfg.rerank_weight > 0 else None
-    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items).to(device)
-                if cfg.rerank_semantic_weight > 0 else None)
+    w = cfg.rerank_weights
+    din = load_din(stage1_dir, device) if w["din"] > 0 else None
+    semantic = SemanticAffinity.from_parquet(semantic_path, n_items).to(device) if w["semantic"] > 0 else None
     transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
-                   if cfg.rerank_transition_weight > 0 else None)
-    return Reranker(din, cfg.rerank_weight, semantic=semantic, semantic_weight=cfg.rerank_semantic_weight,
-                    transitions=transitions, transition_weight=cfg.rerank_transition_weight)
+                   if w["transition"] > 0 else None)
+    return Reranker(din, w["din"], semantic=semantic, semantic_weight=w["semantic"],
+                    transitions=transitions, transition_weight=w["transition"])
