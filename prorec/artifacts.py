@@ -78,3 +78,45 @@ def write_json(path: str | Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
+                    item_ids: list[str] | None = None) -> np.ndarray:
+    """An embeddings file of items 1..n_items -> [n_items + 1, D] float32, row 0 (padding) zero.
+
+    Every item must have exactly one row (and, given `item_ids`, the item_id of items.parquet); `what`
+    names the file's role in the error."""
+    idx, ids, vectors, _ = read_embeddings(path)
+    if (len(idx) != n_items or (len(idx) and (idx.min() < 1 or idx.max() > n_items)) or len(np.unique(idx)) != len(idx)
+            or (item_ids is not None and ids != list(item_ids))):
+        raise ValueError(f"{path}: expected {what} of this dataset's items 1..{n_items} (one row each, the same "
+                         f"item_id as items.parquet); got {len(idx)} rows. Fix: rerun the stage that wrote it on this dataset")
+    table = np.zeros((n_items + 1, vectors.shape[1]), dtype=np.float32)
+    table[idx] = vectors
+    return table
+
+
+def save_weights(folder: str | Path, weights_file: str, state: dict[str, Any], config_file: str,
+                 config: dict[str, Any]) -> Path:
+    """A model's weights (safetensors) and its config (JSON) side by side in `folder`, each atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (weights_file + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(folder / weights_file)
+    write_json(folder / config_file, config)
+    return folder / weights_file
+
+
+def load_weights(folder: str | Path, weights_file: str, config_file: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, config) written by `save_weights`; a missing file is a FileNotFoundError naming it."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (weights_file, config_file):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: a model is saved as {weights_file} with "
+                                    f"{config_file} beside it. Fix: rerun the stage that trains it")
+    return load_file(str(folder / weights_file)), json.loads((folder / config_file).read_text())

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -233,3 +235,17 @@ def brute_force_topk(model: Generator, history: torch.Tensor, trie: CodeTrie, to
         top = F.pad(top, (0, topk - n), value=-1)
         scores = F.pad(scores, (0, topk - n), value=NEG_INF)
     return BeamResult(top, scores)
+
+
+def rank_users(search: BeamSearch, history: torch.Tensor, batch_size: int,
+               reorder: Callable[[torch.Tensor, BeamResult], torch.Tensor] | None = None) -> np.ndarray:
+    """Beam-search users in batches of batch_size: ranked items [U, topk] (-1 = empty slot).
+
+    `reorder(history_batch, result) -> items` replaces the beam's order (e.g. `prorec.rerank.Reranker`)."""
+    ranked = [np.zeros((0, search.topk), dtype=np.int64)]
+    for s in range(0, history.shape[0], batch_size):
+        h = history[s:s + batch_size]
+        h = h[:, : int((h > 0).sum(1).max())]  # trim the padding this batch does not need
+        res = search.search(h)
+        ranked.append((res.items if reorder is None else reorder(h, res)).cpu().numpy())
+    return np.concatenate(ranked)

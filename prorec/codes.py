@@ -21,6 +21,7 @@ import torch
 
 from prorec.artifacts import META_KEY, file_hash, read_embeddings, write_item_table, write_json
 from prorec.config import CodesConfig
+from prorec.stage import Input, Stage
 
 CODES_FILE = "codes.parquet"
 REPORT_FILE = "code_report.json"
@@ -138,15 +139,29 @@ def load_codes(codes_path: str | Path) -> tuple[np.ndarray, list[str], np.ndarra
 
 
 def codes_meta(codes_path: str | Path) -> dict[str, Any]:
-    """k, code_length, ... from codes.parquet's metadata, else from code_report.json beside it."""
+    """k, code_length, ... from codes.parquet's schema metadata."""
     md = json.loads((pq.read_schema(codes_path).metadata or {}).get(META_KEY, b"{}"))
     if "k" not in md:
-        report = Path(codes_path).parent / REPORT_FILE
-        if report.is_file():
-            md = {**json.loads(report.read_text()), **md}
-    if "k" not in md:
-        raise ValueError(f"{codes_path}: no k in its metadata and no {REPORT_FILE} beside it")
+        raise ValueError(f"{codes_path}: no k in its metadata, so not a codes file of this version. "
+                         "Fix: rerun the codes stage (--from-stage codes)")
     return md
+
+
+def item_code_table(codes_path: str | Path, n_items: int) -> tuple[torch.Tensor, int]:
+    """codes.parquet -> ([n_items + 1, L] long, row 0 = padding, K); every item 1..n_items must have a code."""
+
+    item_idx, _, codes = load_codes(codes_path)
+    k = int(codes_meta(codes_path)["k"])
+    table = np.full((n_items + 1, codes.shape[1]), -1, dtype=np.int64)
+    if item_idx.min() < 1 or item_idx.max() > n_items:
+        raise ValueError(f"{codes_path}: item_idx outside 1..{n_items}; were the codes made for this dataset?")
+    table[item_idx] = codes
+    table[0] = 0
+    missing = np.nonzero(table[:, 0] < 0)[0]
+    if len(missing):
+        raise ValueError(f"{codes_path}: {len(missing)} items have no code (e.g. item_idx {missing[0]}); "
+                         "rerun the codes stage on this dataset's Stage I embeddings")
+    return torch.from_numpy(table), k
 
 
 def trie_from_file(path: str | Path) -> CodeTrie:
@@ -198,3 +213,13 @@ def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
     write_json(out_dir / REPORT_FILE, report)
     print(f"codes: L={report['code_length']} in {seconds:.1f}s -> {path}", file=sys.stderr, flush=True)
     return path
+
+
+def run(cfg: CodesConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
+    return run_codes(cfg, inputs["embeddings"], out_dir)
+
+
+STAGE = Stage(name="codes", folder="codes", section="codes", run=run,
+              inputs={"embeddings": Input("stage1", "item_embeddings.parquet")}, outputs=(CODES_FILE, REPORT_FILE),
+              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray,
+              resources=lambda c: f"Ray tasks{' on GPU' if c.use_gpu else ''}")

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from prorec.models.generator_config import GeneratorArch
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -189,31 +191,23 @@ class CodesConfig:
 
 
 @dataclass
-class Stage2Config(TrainConfig):
-    """Encoder-decoder generator with the distillation token (PRORec §3.4)."""
+class Stage2Config(TrainConfig, GeneratorArch):
+    """Encoder-decoder generator with the distillation token (PRORec §3.4).
 
-    d_model: int = 128
-    n_heads: int = 4
-    encoder_layers: int = 1
-    decoder_layers: int = 4
-    ff_dim: int = 512
-    dropout: float = 0.1
-    # Add an item-ID embedding to each history token on top of its code embeddings. On by default:
-    # chosen on validation (Beauty and the synthetic default; benchmarks/results/beauty_quality.md).
-    item_id_embedding: bool = True
-    # Score the last code level per item (output embeddings over the prefix's own items) instead of
-    # with a shared K-way head whose token t means unrelated items in different groups. On by
-    # default, chosen on validation as above; false + item_id_embedding false is the paper's Stage II.
-    item_head: bool = True
+    The model's own settings (d_model, n_heads, ..., item_head, item_id_embedding, distill, beta,
+    tau, n_negatives) and their defaults live in `prorec.models.generator_config.GeneratorArch`."""
+
     # The item head's output embeddings start as "random" or as the L2-normalised Stage I item
     # embeddings ("stage1"; needs stage1.dim == stage2.d_model).
     item_head_init: str = "random"
-    distill: bool = True  # False = the paper's "CKA only" ablation
-    beta: float = 1.0  # weight of L_distill
-    tau: float = 0.07
-    n_negatives: int = 256  # random other items per batch for L_distill
-    # Validation beam search during training runs on at most this many users (0 = all).
+    # Early stopping: NDCG@10 of a trie-constrained beam search of this width over at most
+    # valid_users validation users (0 = all), in batches of valid_batch_size users. A Stage II
+    # setting, not the evaluation's: the test-time beam (eval.beam_size) never changes the weights.
+    valid_beam_size: int = 20
     valid_users: int = 2000
+    valid_batch_size: int = 256
+    # Drop the user's history items from the validation ranking, as eval.exclude_history does.
+    valid_exclude_history: bool = True
     # bfloat16 autocast for training and beam search on CUDA (added by Stage II); CPU runs in fp32.
     bf16: bool = True
 
@@ -224,14 +218,17 @@ class Stage2Config(TrainConfig):
 
     def validate(self) -> None:
         TrainConfig.validate(self, "stage2")
-        _check(self.d_model % self.n_heads == 0, "stage2.d_model must be divisible by stage2.n_heads")
-        _check(self.encoder_layers >= 1, "stage2.encoder_layers must be >= 1")
-        _check(self.decoder_layers >= 1, "stage2.decoder_layers must be >= 1")
-        _check(self.beta >= 0, "stage2.beta must be >= 0")
-        _check(self.tau > 0, "stage2.tau must be > 0")
-        _check(self.n_negatives >= 1, "stage2.n_negatives must be >= 1")
+        for problem in self.arch_problems():
+            _check(False, f"stage2: {problem}")
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
+        _check(self.valid_beam_size >= VALID_TOPK,
+               f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")
+        _check(self.valid_batch_size >= 1, "stage2.valid_batch_size must be >= 1")
         _check(self.item_head_init in ("random", "stage1"), "stage2.item_head_init must be random or stage1")
+
+
+# Stage II's validation reports Recall and NDCG at 5, 10 and 20 (and early-stops on NDCG@10).
+VALID_TOPK = 20
 
 
 # The evaluation's rerank signals (prorec/rerank.py) and the EvalConfig field holding each one's weight.

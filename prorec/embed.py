@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from prorec.artifacts import read_meta, write_embeddings
 from prorec.config import EmbedConfig
+from prorec.stage import Input, Stage
 from prorec.encoders import EncoderSpec, TextEncoder, load_tokenizer, resolve_encoder, spec_dict
 
 
@@ -53,11 +54,12 @@ def length_order(spec: EncoderSpec, texts: list[str]) -> np.ndarray:
     return np.argsort(-lengths, kind="stable")
 
 
-def cache_key(spec: EncoderSpec, template_hash: str, item_set_hash: str) -> dict[str, Any]:
-    """Everything that changes the vectors. The execution (Ray or not, actors, batch size) does not."""
+def cache_key(spec: EncoderSpec, item_set_hash: str) -> dict[str, Any]:
+    """Everything that changes the vectors (the items' texts are in the items hash). The execution
+    (Ray or not, actors, batch size) does not."""
     return {"model": spec.name, "model_fingerprint": spec.fingerprint, "pooling": spec.pooling,
             "normalize": spec.normalize, "max_length": spec.max_length, "dtype_requested": spec.dtype,
-            "template_hash": template_hash, "items_hash": item_set_hash}
+            "items_hash": item_set_hash}
 
 
 def _cached(out_path: Path, key: dict[str, Any]) -> bool:
@@ -131,13 +133,13 @@ def encode_ray(spec: EncoderSpec, table: pa.Table, cfg: EmbedConfig) -> tuple[np
     return np.concatenate(idx), np.concatenate(vecs)
 
 
-def embed_items(cfg: EmbedConfig, items_path: Path, out_path: Path, template_hash: str) -> Path:
+def embed_items(cfg: EmbedConfig, items_path: Path, out_path: Path) -> Path:
     """Encode every item's text with the frozen encoder; write `out_path` (embeddings Parquet)."""
     cfg.validate()
     out_path = Path(out_path)
     items = read_items(items_path)
     spec = resolve_encoder(cfg)
-    key = cache_key(spec, template_hash, items_hash(items))
+    key = cache_key(spec, items_hash(items))
     if _cached(out_path, key):
         print(f"embed: reusing {out_path} (same model, pooling, template and items)", flush=True)
         return out_path
@@ -165,9 +167,29 @@ def embed_items(cfg: EmbedConfig, items_path: Path, out_path: Path, template_has
         raise RuntimeError(f"embed: {spec.name} produced non-finite vectors; try embed.dtype=float32")
     meta = {"model": spec.name, "model_path": spec.path, "dim": int(vectors.shape[1]), "pooling": spec.pooling,
             "normalize": spec.normalize, "dtype": dtype, "max_length": spec.max_length,
-            "template_hash": template_hash, "items_hash": key["items_hash"], "cache_key": key,
+            "items_hash": key["items_hash"], "cache_key": key,
             "seconds": round(seconds, 2)}
     write_embeddings(out_path, item_idx, items.column("item_id").to_pylist(), vectors, meta)
     print(f"embed: wrote {out_path} ({items.num_rows} x {vectors.shape[1]}) in {seconds:.1f} s "
           f"({items.num_rows / seconds:.0f} items/s)", flush=True)
     return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# The embed stage
+
+SEMANTIC_FILE = "semantic.parquet"
+
+
+def run(cfg: EmbedConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
+    return embed_items(cfg, inputs["items"], Path(out_dir) / SEMANTIC_FILE)
+
+
+STAGE = Stage(
+    name="embed", folder="embeddings", section="embed", run=run,
+    inputs={"items": Input("data", "items.parquet")}, outputs=(SEMANTIC_FILE,),
+    # embed.num_gpus_per_actor stays in the key: with embed.dtype=auto it picks bfloat16 on GPUs.
+    execution_only=frozenset({"num_actors", "use_ray", "batch_size"}),
+    keep_folder=True,  # embed_items checks its own cache (model, pooling, item texts)
+    uses_ray=lambda c: c.use_ray,
+    resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

@@ -25,13 +25,15 @@ import pyarrow.parquet as pq
 import torch
 
 from prorec.artifacts import write_json
-from prorec.beam import BeamSearch
-from prorec.codes import CodeTrie
+from prorec.beam import BeamSearch, rank_users
+from prorec.codes import CodeTrie, item_code_table
 from prorec.config import EvalConfig
+from prorec.data.history import history_tensor
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
-from prorec.rerank import build_reranker, check_inputs, load_din
-from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users, read_model_config
+from prorec.models.generator import load_generator, load_generator_config
+from prorec.rerank import build_reranker, check_inputs
+from prorec.stage import Input, Stage
 
 SPLITS = ("valid", "test")
 PREDICTION_DEPTH = 20  # predictions.parquet holds the top 20 (or the beam, if narrower)
@@ -100,8 +102,6 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     import ray
     from ray.util import ActorPool
 
-    if cfg.rerank_weight > 0:
-        load_din(rerank_inputs["stage1_dir"])  # fail (or export it from a checkpoint, once) here, before the actors load it
     threads = max(1, int(cfg.cpus_per_actor))
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(Ranker)
     actors = [actor_cls.remote(str(model_dir), str(codes_path), cfg, depth, threads, cfg.num_gpus_per_actor > 0,
@@ -144,7 +144,7 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     item_ids = np.array([""] + items.column("item_id").to_pylist(), dtype=object)
     item_ids[items.column("item_idx").to_numpy()] = items.column("item_id").to_pylist()
     tables = {s: read_split(data_dir, s) for s in SPLITS}
-    max_history = read_model_config(model_dir)["max_history"]  # longer histories keep their most recent items
+    max_history = load_generator_config(model_dir).max_history  # longer histories keep their most recent items
     histories = {s: history_tensor(t.column("history"), max_history).numpy() for s, t in tables.items()}
     n_users = sum(len(h) for h in histories.values())
     t0 = time.perf_counter()
@@ -178,3 +178,19 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     pq.write_table(table, tmp)
     tmp.replace(out_dir / "predictions.parquet")
     return metrics
+
+
+def run(cfg: EvalConfig, inputs: dict[str, Path], out_dir: Path) -> dict:
+    return run_evaluate(cfg, inputs["data"], inputs["codes"], inputs["model"], out_dir,
+                        inputs["stage1"], inputs["semantic"])
+
+
+STAGE = Stage(
+    name="eval", folder="eval", section="eval", run=run,
+    # Stage I's folder (its DIN) and the semantic embeddings are read only when their rerank weight is > 0.
+    inputs={"data": Input("data"), "semantic": Input("embed", "semantic.parquet"), "stage1": Input("stage1"),
+            "codes": Input("codes", "codes.parquet"), "model": Input("stage2")},
+    outputs=("metrics.json", "predictions.parquet"),
+    execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size"}),
+    uses_ray=lambda c: c.use_ray,
+    resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

@@ -1,120 +1,43 @@
 """The run directory's `manifest.json`: what ran, with what, from what, and what can be skipped.
 
-A run directory holds one folder per stage (`data/`, `embeddings/`, `stage1/`, `codes/`, `stage2/`,
-`eval/`) and `manifest.json`, which records the resolved config, package versions, the git commit,
-the input files' hashes, each stage's status, wall time and *key*, and the final metrics.
+A run directory holds one folder per stage (the layout comes from the stage declarations,
+`prorec.stages`) and `manifest.json`, which records the resolved config, package versions, the git
+commit, the input files' hashes, each stage's status, wall time and *key*, and the final metrics.
 
-A stage's key hashes exactly what its output depends on: the config fields it reads, the input
-hashes (data stage) and its upstream stages' keys. A rerun compares keys to decide what to redo:
-the first stage whose key changed, that never finished or whose outputs are gone reruns, and so
-does every stage after it (each stage reads the one before, directly or not). A stage that was
-interrupted with an unchanged key keeps its folder, so Stage II resumes from its checkpoint; a
-stage whose key changed starts from an empty folder, so no stale checkpoint is ever resumed.
+A stage's key hashes exactly what its output depends on (`prorec.stages.stage_keys`). A rerun
+compares keys to decide what to redo: the first stage whose key changed, that never finished or
+whose outputs are gone reruns, and so does every stage after it. A stage that was interrupted with
+an unchanged key keeps its folder, so Stage I and Stage II resume from their checkpoints; a stage
+whose key changed starts from an empty folder, so no stale checkpoint is ever resumed.
+
+A finished stage can also be *reused* from another run directory that holds it with the same key
+(`reuse_source`, `Manifest.adopt`): its folder is linked (or copied) in and recorded as done. The
+pipeline (`--reuse`), Tune's artifact preparation and the quality harness all reuse this way.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
+import os
 import platform
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prorec.artifacts import file_hash, write_json
-from prorec.config import PipelineConfig
+from prorec.stages import BY_NAME, NAMES, folder_of, output_files, stage_config
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
-
-STAGES = ("data", "embed", "stage1", "codes", "stage2", "eval")
-
-# The stages whose artifacts each stage reads (see the artifact contract in the README).
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "embed": ("data",),
-    "stage1": ("data", "embed"),
-    "codes": ("stage1",),
-    "stage2": ("data", "stage1", "codes"),
-    "eval": ("data", "codes", "stage2"),
-}
-
-# Folder of each stage inside the run directory, and the files that must exist for it to count as done.
-STAGE_DIRS = {"data": "data", "embed": "embeddings", "stage1": "stage1", "codes": "codes",
-              "stage2": "stage2", "eval": "eval"}
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "data": ("data/items.parquet", "data/train.parquet", "data/valid.parquet", "data/test.parquet"),
-    "embed": ("embeddings/semantic.parquet",),
-    "stage1": ("stage1/item_embeddings.parquet",),
-    "codes": ("codes/codes.parquet", "codes/code_report.json"),
-    "stage2": ("stage2/model.safetensors", "stage2/model_config.json"),
-    "eval": ("eval/metrics.json", "eval/predictions.parquet"),
-}
-
-# Fields that only say *where* a stage runs (actors, GPUs, Ray or not, inference batch size), not
-# what it computes. They stay out of the keys, so moving a finished run from a laptop to a
-# cluster does not redo it. Training stages keep everything: their worker count changes the
-# batches each step sees, hence the model. embed.num_gpus_per_actor stays in: with
-# embed.dtype=auto it picks bfloat16 on GPUs, which changes the vectors.
-EXECUTION_ONLY = {
-    "embed": {"num_actors", "use_ray", "batch_size"},
-    "codes": {"use_ray"},
-    "eval": {"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size"},
-}
-# Stage II validates with a beam search to pick its best epoch; it reads these EvalConfig fields.
-# eval.beam_size is left out on purpose: changing the test-time beam reruns only the evaluation.
-STAGE2_EVAL_FIELDS = ("topk", "exclude_history")
-# Options added after run directories existed, with the value that reproduces the older behaviour.
-# At that value they are left out of the stage key, so an upgrade does not invalidate finished stages.
-ADDED_LATER = {"stage2.item_head": False, "stage2.item_head_init": "random", "eval.rerank_weight": 0.0,
-               "eval.rerank_semantic_weight": 0.0, "eval.rerank_transition_weight": 0.0,
-               "stage1.decoupled_weight_decay": False, "stage2.decoupled_weight_decay": False}
+MANIFEST_VERSION = 2
+# Sub-folders of a stage folder that are never reused: training checkpoints belong to their run.
+NOT_REUSED = ("ray", "checkpoint")
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """The config values `stage` depends on, as a flat {"section.key": value} mapping."""
-    def section(name: str, drop: set[str] = frozenset()) -> dict[str, Any]:
-        d = dataclasses.asdict(getattr(cfg, name))
-        d = {f"{name}.{k}": v for k, v in d.items() if k not in drop}
-        return {k: v for k, v in d.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
-
-    if stage == "data":
-        # A canonical dataset is identified by its files' hashes, not by where it lies; the
-        # synthetic generator's settings only matter when no dataset is given.
-        d = section("data", {"path", "synthetic"})
-        d["data.source"] = "canonical" if cfg.data.path else "synthetic"
-        if not cfg.data.path:
-            d.update({f"data.synthetic.{k}": v for k, v in dataclasses.asdict(cfg.data.synthetic).items()})
-        return d
-    if stage == "stage2":
-        d = section("stage2")
-        d.update({f"eval.{k}": getattr(cfg.eval, k) for k in STAGE2_EVAL_FIELDS})
-        return d
-    name = {"embed": "embed", "stage1": "stage1", "codes": "codes", "eval": "eval"}[stage]
-    return section(name, EXECUTION_ONLY.get(stage, set()))
-
-
-def stage_keys(cfg: PipelineConfig, inputs: dict[str, str]) -> dict[str, str]:
-    """Every stage's key, in pipeline order (a stage's key includes its upstream keys)."""
-    keys: dict[str, str] = {}
-    for stage in STAGES:
-        blob = {"stage": stage, "config": stage_config(cfg, stage),
-                "upstream": {u: keys[u] for u in UPSTREAM[stage]}}
-        if stage == "data":
-            blob["inputs"] = inputs
-        keys[stage] = _digest(blob)
-    return keys
 
 
 def has_finished_stage(run_dir: str | Path, stage: str, key: str) -> bool:
@@ -124,7 +47,26 @@ def has_finished_stage(run_dir: str | Path, stage: str, key: str) -> bool:
         return False
     rec = json.loads(path.read_text()).get("stages", {}).get(stage, {})
     return (rec.get("status") == "done" and rec.get("key") == key
-            and all((Path(run_dir) / o).is_file() for o in STAGE_OUTPUTS[stage]))
+            and all((Path(run_dir) / o).is_file() for o in output_files(stage)))
+
+
+def reuse_source(sources: list[Path], stage: str, key: str, exclude: Path | None = None) -> Path | None:
+    """The first run directory of `sources` (other than `exclude`) that holds `stage` finished with `key`."""
+    for src in sources:
+        if exclude is not None and Path(src).resolve() == Path(exclude).resolve():
+            continue
+        if has_finished_stage(src, stage, key):
+            return Path(src)
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows it (artifacts are replaced, never edited in place, so
+    a link is never changed behind the other run's back), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def input_hashes(data_dir: str | Path) -> dict[str, str]:
@@ -170,6 +112,8 @@ class Decision:
     reason: str
     # True: empty the stage folder first. False: keep it, so an interrupted stage resumes.
     fresh: bool = True
+    # True: --from-stage asked for it; it runs even if another run directory has it finished.
+    forced: bool = False
 
 
 class Manifest:
@@ -186,13 +130,13 @@ class Manifest:
         self._previous = {s: dict(r) for s, r in self.data.get("stages", {}).items()}
 
     # -- recording ------------------------------------------------------------------------------
-    def begin_run(self, cfg: PipelineConfig, inputs: dict[str, str], command: list[str]) -> None:
+    def begin_run(self, cfg: Any, inputs: dict[str, str], command: list[str]) -> None:
         """Record this invocation's config and environment (stage records keep their history)."""
         self.data.update({"version": MANIFEST_VERSION, "command": command, "config": cfg.to_dict(),
                           "packages": package_versions(), "git": git_state(), "host": platform.node(),
                           "inputs": inputs, "ray": "not used"})
         stages = self.data.setdefault("stages", {})
-        for s in STAGES:
+        for s in NAMES:
             stages.setdefault(s, {"status": "pending"})
         self.save()
 
@@ -214,7 +158,19 @@ class Manifest:
         else:
             rec.update({"finished": _now(), "wall_seconds": round(wall_seconds, 3),
                         "cpu_seconds": round(cpu_seconds, 3), "skipped_last_run": False,
-                        "outputs": {o: file_hash(self.run_dir / o) for o in STAGE_OUTPUTS[stage]}})
+                        "outputs": {o: file_hash(self.run_dir / o) for o in output_files(stage)}})
+            rec.pop("reused_from", None)
+        self.save()
+
+    def adopt(self, stage: str, key: str, depends_on: dict[str, Any], source: Path) -> None:
+        """Take `stage`'s finished folder from the run directory `source` (same key) and record it as done."""
+        dst = self.run_dir / folder_of(stage)
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(Path(source) / folder_of(stage), dst, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(*NOT_REUSED))
+        self.start(stage, key, depends_on, f"reused from {source}")
+        self.finish(stage, 0.0)
+        self.data["stages"][stage]["reused_from"] = str(Path(source).resolve())
         self.save()
 
     def fail(self, stage: str, wall_seconds: float, error: BaseException) -> None:
@@ -232,19 +188,19 @@ class Manifest:
         write_json(self.path, self.data)
 
     # -- deciding -------------------------------------------------------------------------------
-    def plan(self, keys: dict[str, str], cfg: PipelineConfig, from_stage: str | None = None) -> dict[str, Decision]:
+    def plan(self, keys: dict[str, str], cfg: Any, from_stage: str | None = None) -> dict[str, Decision]:
         """Which stages run now, and why. Everything after the first stage that runs runs too."""
-        if from_stage is not None and from_stage not in STAGES:
-            raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}; got {from_stage!r}")
+        if from_stage is not None and from_stage not in NAMES:
+            raise ValueError(f"--from-stage must be one of {', '.join(NAMES)}; got {from_stage!r}")
         plan: dict[str, Decision] = {}
         first: str | None = None
-        for stage in STAGES:
+        for stage in NAMES:
             if first is not None:
                 never = "key" not in self._previous.get(stage, {})
                 plan[stage] = Decision(True, "not run before" if never else f"upstream stage {first} reruns")
                 continue
             if from_stage == stage:
-                decision = Decision(True, "forced by --from-stage")
+                decision = Decision(True, "forced by --from-stage", forced=True)
             else:
                 decision = self._decide(stage, keys[stage], cfg)
             plan[stage] = decision
@@ -252,7 +208,7 @@ class Manifest:
                 first = stage
         return plan
 
-    def _decide(self, stage: str, key: str, cfg: PipelineConfig) -> Decision:
+    def _decide(self, stage: str, key: str, cfg: Any) -> Decision:
         rec = self._previous.get(stage)
         if not rec or rec.get("status", "pending") == "pending" or "key" not in rec:
             return Decision(True, "not run before")
@@ -262,18 +218,18 @@ class Manifest:
             return Decision(True, "interrupted last time; resuming with its folder kept", fresh=False)
         if rec["status"] == "failed":
             return Decision(True, f"failed last time ({rec.get('error', 'unknown error')}); retrying", fresh=False)
-        missing = [o for o in STAGE_OUTPUTS[stage] if not (self.run_dir / o).is_file()]
+        missing = [o for o in output_files(stage) if not (self.run_dir / o).is_file()]
         if missing:
             return Decision(True, f"output(s) missing: {', '.join(missing)}")
         return Decision(False, "done, skipped (unchanged)")
 
-    def _what_changed(self, stage: str, rec: dict[str, Any], cfg: PipelineConfig) -> str:
+    def _what_changed(self, stage: str, rec: dict[str, Any], cfg: Any) -> str:
         before = rec.get("depends_on", {})
         now = stage_config(cfg, stage)
         changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                    if before.get(k) != now.get(k)]
         if changed:
             return "config changed (" + "; ".join(changed) + ")"
-        if stage == "data":
+        if BY_NAME[stage].external_inputs is not None:
             return "input files changed"
         return "upstream changed"

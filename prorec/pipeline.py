@@ -16,110 +16,22 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from prorec.artifacts import file_hash
 from prorec.config import ConfigError, PipelineConfig, load_config, save_config
-from prorec.data.canonical import ITEMS_FILE, SEQUENCES_FILE, DataError, load_canonical
-from prorec.manifest import MANIFEST_FILE, STAGE_DIRS, STAGES, Manifest, input_hashes, stage_config, stage_keys
+from prorec.data.canonical import DataError
+from prorec.data.splits import RAW_FOLDER
+from prorec.manifest import MANIFEST_FILE, Manifest, input_hashes, reuse_source
+from prorec.stages import BY_NAME, NAMES, folder_of, input_paths, section, stage_config, stage_keys
 
 # PRORec, Table 3, Amazon Beauty. The paper reports @10 and @20 only.
 PAPER_BEAUTY = {"recall@10": 0.0939, "ndcg@10": 0.0559, "recall@20": 0.1289, "ndcg@20": 0.0646}
 
-# Stages whose folder survives a rerun with a changed key: the embedding stage checks its own
-# cache (model, pooling, template, item texts), so a change elsewhere in the data stage (e.g.
-# data.max_history) does not re-encode the catalogue. Every other stage starts from an empty
-# folder, so that no stale checkpoint is resumed.
-KEEP_FOLDER = {"embed"}
 
-
-@dataclass
-class Run:
-    """Where one pipeline run reads and writes."""
-
-    cfg: PipelineConfig
-    dir: Path
-
-    def path(self, stage: str, name: str = "") -> Path:
-        return self.dir / STAGE_DIRS[stage] / name if name else self.dir / STAGE_DIRS[stage]
-
-    @property
-    def data_dir(self) -> Path:
-        return self.path("data")
-
-    @property
-    def raw_dir(self) -> Path:
-        """The canonical dataset this run reads: the given folder, or the synthetic one generated into RUN/raw."""
-        return Path(self.cfg.data.path) if self.cfg.data.path else self.dir / "raw"
-
-
-# ----------------------------------------------------------------------------------------------
-# The stages: thin calls into the stage modules (imported lazily: a skipped stage costs nothing)
-
-def run_data(run: Run) -> None:
-    from prorec.data.splits import write_splits
-
-    cfg = run.cfg.data
-    if not cfg.path:
-        from prorec.data.synthetic import write_synthetic
-
-        s = cfg.synthetic
-        print(f"data: generating the synthetic dataset ({s.n_users} users, {s.n_items} items, seed {s.seed}) "
-              f"into {run.raw_dir}", flush=True)
-        write_synthetic(run.raw_dir, s)
-    ds = load_canonical(run.raw_dir)
-    stats = ", ".join(f"{v} {k}" for k, v in ds.stats().items())
-    print(f"data: {run.raw_dir}: {stats}", flush=True)
-    write_splits(ds, run.data_dir, cfg.max_history, cfg.text_template)
-    print(f"data: wrote the leave-one-out splits to {run.data_dir}", flush=True)
-
-
-def run_embed(run: Run) -> None:
-    from prorec.data.text import template_hash
-    from prorec.embed import embed_items
-
-    embed_items(run.cfg.embed, run.data_dir / "items.parquet", run.path("embed", "semantic.parquet"),
-                template_hash(run.cfg.data.text_template))
-
-
-def run_stage1(run: Run) -> None:
-    from prorec.stage1 import run_stage1 as stage1
-
-    stage1(run.cfg.stage1, run.data_dir, run.path("embed", "semantic.parquet"), run.path("stage1"))
-
-
-def run_codes(run: Run) -> None:
-    from prorec.codes import run_codes as codes
-
-    codes(run.cfg.codes, run.path("stage1", "item_embeddings.parquet"), run.path("codes"))
-
-
-def run_stage2(run: Run) -> None:
-    from prorec.stage2 import run_stage2 as stage2
-
-    stage2(run.cfg.stage2, run.cfg.eval, run.data_dir, run.path("codes", "codes.parquet"),
-           run.path("stage1", "item_embeddings.parquet"), run.path("stage2"))
-
-
-def run_eval(run: Run) -> None:
-    from prorec.evaluate import run_evaluate
-
-    run_evaluate(run.cfg.eval, run.data_dir, run.path("codes", "codes.parquet"), run.path("stage2"), run.path("eval"),
-                 run.path("stage1"), run.path("embed", "semantic.parquet"))
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
-    "data": run_data, "embed": run_embed, "stage1": run_stage1, "codes": run_codes,
-    "stage2": run_stage2, "eval": run_eval,
-}
-
-
-def uses_ray(cfg: PipelineConfig, stage: str) -> bool:
-    """Whether a stage is configured to run on Ray (training: num_workers > 0; the rest: use_ray)."""
-    return {"data": False, "embed": cfg.embed.use_ray, "stage1": cfg.stage1.num_workers > 0,
-            "codes": cfg.codes.use_ray, "stage2": cfg.stage2.num_workers > 0, "eval": cfg.eval.use_ray}[stage]
+def dataset_folder(cfg: PipelineConfig, run_dir: Path) -> Path:
+    """The canonical dataset a run reads: the given folder, or the synthetic one its data stage generates."""
+    return Path(cfg.data.path) if cfg.data.path else Path(run_dir) / folder_of("data") / RAW_FOLDER
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,102 +71,98 @@ def quiet_ray_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def describe_resources(cfg: PipelineConfig, stage: str) -> str:
-    """One line on what a Ray stage asks the cluster for (read from the config, which the stage passes on)."""
-    if stage == "embed":
-        return f"{cfg.embed.num_actors} actor(s) x {cfg.embed.num_gpus_per_actor:g} GPU"
-    if stage in ("stage1", "stage2"):
-        t = getattr(cfg, stage)
-        return (f"{t.num_workers} Ray Train worker(s) x {t.cpus_per_worker:g} CPU"
-                f"{' + 1 GPU' if t.use_gpu else ''}")
-    if stage == "codes":
-        return f"Ray tasks{' on GPU' if cfg.codes.use_gpu else ''}"
-    if stage == "eval":
-        return f"{cfg.eval.num_actors} actor(s) x {cfg.eval.num_gpus_per_actor:g} GPU"
-    return ""
-
-
 # ----------------------------------------------------------------------------------------------
 # The driver
 
-def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage into `out_dir`; returns eval/metrics.json's content."""
-    run = Run(cfg, Path(out_dir).resolve())
-    if run.dir.is_dir() and any(run.dir.iterdir()) and not (run.dir / MANIFEST_FILE).is_file():
-        # Stages empty their folders (data/, codes/, ...) before they run: never do that to a stranger's files.
-        raise ConfigError(f"--out {run.dir} is a non-empty folder without {MANIFEST_FILE}, so not a run directory; "
-                          "pass a new or empty folder, or an earlier run directory to resume it")
-    run.dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run.dir)
-    inputs = dataset_hashes(cfg)
-    keys = stage_keys(cfg, inputs)
-    plan = manifest.plan(keys, cfg, from_stage)
-    # The synthetic dataset's files are recorded once generated (below, and here on a rerun).
-    generated = input_hashes(run.raw_dir) if not cfg.data.path and run.raw_dir.is_dir() else {}
-    manifest.begin_run(cfg, inputs or generated, sys.argv)
-    save_config(cfg, run.dir / "config.yaml")
+def run_stages(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None = None,
+               reuse: list[str | Path] | tuple = (), until: str | None = None) -> Manifest:
+    """Run (or resume) the stages into `out_dir`, up to and including `until` (default: all).
 
-    source = cfg.data.path or "synthetic (generated into RUN/raw)"
-    print(f"PRORec pipeline: run directory {run.dir}\n  data: {source}", flush=True)
-    to_run = [s for s in STAGES if plan[s].run]
+    A stage that has to run is first looked for, finished with the same key, in the `reuse` run
+    directories; if one has it, its folder is linked in instead (`Manifest.adopt`). Returns the manifest.
+    """
+    run_dir = Path(out_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder, or an earlier run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST_FILE).is_file():
+        # Stages empty their folders (data/, codes/, ...) before they run: never do that to a stranger's files.
+        raise ConfigError(f"--out {run_dir} is a non-empty folder without {MANIFEST_FILE}, so not a run directory; "
+                          "pass a new or empty folder, or an earlier run directory to resume it")
+    if until is not None and until not in NAMES:
+        raise ValueError(f"until must be one of {', '.join(NAMES)}; got {until!r}")
+    stages = NAMES[: NAMES.index(until) + 1] if until else NAMES
+    sources = [Path(r).resolve() for r in reuse]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir)
+    keys = stage_keys(cfg)
+    plan = manifest.plan(keys, cfg, from_stage)
+    dataset = dataset_folder(cfg, run_dir)
+    manifest.begin_run(cfg, input_hashes(dataset) if dataset.is_dir() else {}, sys.argv)
+    save_config(cfg, run_dir / "config.yaml")
+
+    print(f"PRORec pipeline: run directory {run_dir}\n  data: {cfg.data.path or 'synthetic (generated into RUN/data/raw)'}",
+          flush=True)
+    to_run = [s for s in stages if plan[s].run]
     print(f"  plan: {', '.join(to_run) if to_run else 'nothing to do (every stage is up to date)'}", flush=True)
 
     ray_started = False
     ray_mode = "not used"
     try:
-        for i, stage in enumerate(STAGES, 1):
-            decision = plan[stage]
-            print(f"\n== [{i}/{len(STAGES)}] {stage} ==", flush=True)
+        for i, name in enumerate(stages, 1):
+            stage, decision = BY_NAME[name], plan[name]
+            print(f"\n== [{i}/{len(stages)}] {name} ==", flush=True)
             if not decision.run:
-                print(f"stage {stage}: {decision.reason}", flush=True)
-                manifest.finish(stage, 0.0, skipped=True)
+                print(f"stage {name}: {decision.reason}", flush=True)
+                manifest.finish(name, 0.0, skipped=True)
                 continue
-            print(f"stage {stage}: running ({decision.reason})", flush=True)
-            if uses_ray(cfg, stage):
+            source = None if decision.forced else reuse_source(sources, name, keys[name], exclude=run_dir)
+            if source is not None:
+                manifest.adopt(name, keys[name], stage_config(cfg, name), source)
+                print(f"stage {name}: reused from {source} (finished there with the same key)", flush=True)
+                continue
+            print(f"stage {name}: running ({decision.reason})", flush=True)
+            cfg_section = section(cfg, name)
+            if stage.uses_ray(cfg_section):
                 if ray_mode == "not used":
                     ray_mode, ray_started = connect_ray()
                     manifest.data["ray"] = ray_mode  # saved with the stage's start below
                     print(f"ray: {ray_mode}", flush=True)
-                print(f"stage {stage}: on Ray, {describe_resources(cfg, stage)}", flush=True)
-            if decision.fresh and stage not in KEEP_FOLDER:
-                shutil.rmtree(run.path(stage), ignore_errors=True)
-                if stage == "data" and not cfg.data.path:
-                    shutil.rmtree(run.raw_dir, ignore_errors=True)
-            manifest.start(stage, keys[stage], stage_config(cfg, stage), decision.reason)
+                print(f"stage {name}: on Ray, {stage.resources(cfg_section)}", flush=True)
+            out = run_dir / stage.folder
+            if decision.fresh and not stage.keep_folder:
+                shutil.rmtree(out, ignore_errors=True)
+            manifest.start(name, keys[name], stage_config(cfg, name), decision.reason)
             t0, cpu0 = time.perf_counter(), time.process_time()
             try:
-                STAGE_FUNCTIONS[stage](run)
+                out.mkdir(parents=True, exist_ok=True)
+                stage.run(cfg_section, input_paths(run_dir, name), out)
             except BaseException as e:  # KeyboardInterrupt too: the manifest must say what happened
-                manifest.fail(stage, time.perf_counter() - t0, e)
-                print(f"stage {stage}: FAILED after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e}",
+                manifest.fail(name, time.perf_counter() - t0, e)
+                print(f"stage {name}: FAILED after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e}",
                       flush=True)
                 raise
             wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            if stage == "data" and not cfg.data.path:
-                manifest.data["inputs"] = input_hashes(run.raw_dir)
-            manifest.finish(stage, wall, cpu)
-            print(f"stage {stage}: done in {wall:.1f} s (CPU time of this process {cpu:.1f} s)", flush=True)
+            manifest.finish(name, wall, cpu)
+            print(f"stage {name}: done in {wall:.1f} s (CPU time of this process {cpu:.1f} s)", flush=True)
+            if name == "data":
+                manifest.data["inputs"] = input_hashes(dataset)
     finally:
         if ray_started:
             import ray
 
             ray.shutdown()
+    return manifest
 
-    metrics = json.loads((run.path("eval") / "metrics.json").read_text())
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None = None,
+                 reuse: list[str | Path] | tuple = ()) -> dict[str, Any]:
+    """Run (or resume) every stage into `out_dir`; returns eval/metrics.json's content."""
+    manifest = run_stages(cfg, out_dir, from_stage, reuse)
+    metrics = json.loads((manifest.run_dir / folder_of("eval") / "metrics.json").read_text())
     manifest.set_metrics(metrics)
     print("\n" + metrics_table(metrics, cfg), flush=True)
     print(f"\nmanifest: {manifest.path}", flush=True)
     return metrics
-
-
-def dataset_hashes(cfg: PipelineConfig) -> dict[str, str]:
-    """Hashes of the canonical dataset's two files; {} for the synthetic default (its config is its identity)."""
-    if not cfg.data.path:
-        return {}
-    folder = Path(cfg.data.path)
-    if not all((folder / f).is_file() for f in (SEQUENCES_FILE, ITEMS_FILE)):
-        load_canonical(folder)  # raises the loader's DataError, which names the file and the fix
-    return {f: file_hash(folder / f) for f in (SEQUENCES_FILE, ITEMS_FILE)}
 
 
 def metrics_table(metrics: dict[str, Any], cfg: PipelineConfig) -> str:
@@ -283,7 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", help="a canonical dataset folder (user_sequence.txt + items.jsonl); "
                                        "without it the synthetic default dataset runs")
     parser.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
-    parser.add_argument("--from-stage", choices=STAGES, help="rerun from this stage on, even if it is up to date")
+    parser.add_argument("--from-stage", choices=NAMES, help="rerun from this stage on, even if it is up to date")
+    parser.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                        help="another run directory whose finished stages with the same key are linked in "
+                             "instead of run again (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, e.g. codes.k=32 stage2.max_epochs=5")
     return parser
@@ -296,7 +207,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={Path(args.data).expanduser().resolve()}")
     try:
         cfg = load_config(args.config, overrides)
-        run_pipeline(cfg, args.out.expanduser(), args.from_stage)
+        run_pipeline(cfg, args.out.expanduser(), args.from_stage, args.reuse)
     except (ConfigError, DataError) as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ The list is still drawn from the full catalogue by the beam search; the signals 
 Scoring 200 candidates costs O(200 * T) per user for each signal, small beside the beam search.
 Why it helps, measured on Beauty: benchmarks/results/beauty_rerank.md.
 
-Stage I writes the DIN it trained to `stage1/din.safetensors` (`save_din`); `load_din` rebuilds it,
-and for a run directory made before that file existed it exports it from Stage I's last checkpoint.
+Stage I writes the DIN it trained to `stage1/din.safetensors` with its config beside it
+(`prorec.models.din.save_din`); `prorec.models.din.load_din` rebuilds it.
 """
 from __future__ import annotations
 
@@ -31,80 +31,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prorec.artifacts import read_embeddings
+from prorec.artifacts import read_item_table
 from prorec.beam import NEG_INF, BeamResult
 from prorec.config import RERANK_FIELDS, EvalConfig
+from prorec.data.history import realign_right
 from prorec.data.splits import read_split
-from prorec.models.din import DIN, DINConfig
-from prorec.trainer import CKPT_FILE
-
-DIN_FILE = "din.safetensors"
-DIN_PREFIX = "din."  # Stage I's model holds its DIN under this prefix
-
-
-def din_state(stage1_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The DIN's weights out of Stage I's model state (its "din." entries, prefix removed)."""
-    return {k[len(DIN_PREFIX):]: v for k, v in stage1_state.items() if k.startswith(DIN_PREFIX)}
-
-
-def save_din(stage1_dir: Path, din_state: dict[str, torch.Tensor]) -> Path:
-    """Write DIN's weights (keys of `DIN.state_dict()`) to stage1_dir/din.safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(stage1_dir) / DIN_FILE
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in din_state.items()}, str(tmp))
-    tmp.replace(path)
-    return path
-
-
-def din_config_of(state: dict[str, torch.Tensor]) -> DINConfig:
-    """The DINConfig whose model has these weights: sizes read from the tensors' shapes, the rest
-    (attention without softmax, dot residual) as Stage I builds it."""
-    n_items, dim = state["item_emb.weight"].shape
-    return DINConfig(n_items=n_items - 1, dim=dim, max_history=state["recency_emb.weight"].shape[0],
-                     attention_hidden=state["attention.lin2.weight"].shape[1],
-                     mlp_hidden=(state["score_mlp.lin2.weight"].shape[1], state["score_mlp.lin2.weight"].shape[0]))
-
-
-def _from_checkpoint(stage1_dir: Path) -> dict[str, torch.Tensor] | None:
-    """DIN's best weights from the newest Stage I checkpoint under stage1_dir (in-process or Ray), if any."""
-    found = sorted((p for p in stage1_dir.rglob(CKPT_FILE)), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return None
-    return din_state(torch.load(found[-1], weights_only=True, map_location="cpu")["best_model"])
-
-
-def load_din(stage1_dir: str | Path, device: torch.device | str = "cpu") -> DIN:
-    """Stage I's DIN from stage1_dir/din.safetensors, in eval mode."""
-    from safetensors.torch import load_file
-
-    stage1_dir = Path(stage1_dir)
-    path = stage1_dir / DIN_FILE
-    if path.is_file():
-        state = load_file(str(path))
-    else:
-        state = _from_checkpoint(stage1_dir)
-        if state is None:
-            raise FileNotFoundError(
-                f"{path} is missing, and {stage1_dir} holds no Stage I checkpoint to export it from: "
-                "eval.rerank_weight > 0 needs the DIN that Stage I trained (fusion prorec, collaborative or concat). "
-                "Set eval.rerank_weight=0, or rerun Stage I (python jobs/pipeline.py ... --from-stage stage1; "
-                "that retrains it, and the codes and Stage II after it)")
-        save_din(stage1_dir, state)
-        print(f"rerank: exported Stage I's DIN from its checkpoint to {path}", flush=True)
-    din = DIN(din_config_of(state))
-    din.load_state_dict(state)
-    return din.to(device).eval()
-
-
-def right_aligned(history: torch.Tensor) -> torch.Tensor:
-    """[U, S] histories right-padded with 0 (the generator's layout) -> left-padded, most recent item
-    in the last column (DIN's layout)."""
-    s = history.shape[1]
-    lens = (history > 0).sum(1, keepdim=True)
-    src = torch.arange(s, device=history.device)[None, :] - (s - lens)  # column each slot copies from
-    return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))
+from prorec.models.din import DIN, DIN_FILE, load_din
 
 
 class SemanticAffinity:
@@ -115,13 +47,7 @@ class SemanticAffinity:
 
     @classmethod
     def from_parquet(cls, path: str | Path, n_items: int) -> "SemanticAffinity":
-        idx, _, vectors, _ = read_embeddings(path)
-        if len(idx) != n_items or idx.min() < 1 or idx.max() > n_items:
-            raise ValueError(f"{path}: expected semantic embeddings of items 1..{n_items}, got {len(idx)} rows; "
-                             "rerun the embed stage on this dataset (or set eval.rerank_semantic_weight=0)")
-        table = torch.zeros(n_items + 1, vectors.shape[1])
-        table[torch.from_numpy(idx)] = torch.tensor(vectors)
-        return cls(table)
+        return cls(torch.from_numpy(read_item_table(path, n_items, "semantic embeddings")))
 
     def to(self, device: torch.device | str) -> "SemanticAffinity":
         self.table = self.table.to(device)
@@ -159,7 +85,7 @@ class Transitions:
 
     def __call__(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """history [U, S] right-padded with 0, items [U, W] (-1 = empty) -> [U, W]."""
-        last = right_aligned(history.to(self.keys.device))[:, -1:]  # [U, 1]
+        last = realign_right(history.to(self.keys.device))[:, -1:]  # [U, 1]
         want = last * (self.n_items + 1) + items.clamp(min=0).to(last.device)
         if len(self.keys) == 0:
             return torch.zeros(want.shape, device=want.device)
@@ -195,7 +121,7 @@ class Reranker:
     @torch.inference_mode()
     def din_scores(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """history [U, S] right-padded, items [U, W] (-1 = empty) -> DIN's scores [U, W] (on items' device)."""
-        h = right_aligned(history.to(items.device))[:, -self.din.cfg.max_history:]
+        h = realign_right(history.to(items.device))[:, -self.din.cfg.max_history:]
         return self.din(h, items.clamp(min=0)).float()
 
     @torch.inference_mode()
@@ -223,9 +149,13 @@ def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: 
             "transition": (data_dir, "the dataset folder (its train split)")}
     for signal, w in cfg.rerank_weights.items():
         path, what = need[signal]
+        key = f"eval.{RERANK_FIELDS[signal]}"
         if w > 0 and path is None:
-            key = f"eval.{RERANK_FIELDS[signal]}"
             raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
+    if cfg.rerank_weights["din"] > 0 and not (Path(stage1_dir) / DIN_FILE).is_file():
+        raise ValueError(f"eval.rerank_weight > 0 reranks with the DIN that Stage I trains, and {Path(stage1_dir) / DIN_FILE} "
+                         "is missing (stage1.fusion=semantic trains none). Fix: set eval.rerank_weight=0, or rerun "
+                         "Stage I with another fusion")
 
 
 def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, stage1_dir: str | Path | None,

@@ -48,14 +48,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from prorec.artifacts import file_hash, read_embeddings, write_embeddings, write_json
+from prorec.artifacts import file_hash, read_item_table, write_embeddings, write_json
 from prorec.config import Stage1Config
+from prorec.data.history import history_lengths, pad_histories
 from prorec.data.splits import read_split
-from prorec.models.din import DIN, DINConfig
+from prorec.models.din import DIN, DIN_CONFIG_FILE, DIN_FILE, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss
-from prorec.rerank import din_state, save_din
-from prorec.trainer import (CKPT_FILE, LocalContext, adam, clean_dir, length_grouped_batches, pick_device, run_epochs,
-                            set_seed, shard_rows, warmup_lambda)
+from prorec.stage import Input, Stage
+from prorec.trainer import (FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
+                            run_epochs, set_seed, shard_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -66,20 +67,16 @@ LOG_EVERY = 100  # steps between progress lines
 # Data
 
 
-def _lengths(table) -> np.ndarray:
-    return table.column("history").combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def _right_aligned(table, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A split's histories -> (rows, width) int64, most recent item last, 0-padded; and their lengths."""
-    full = _lengths(table)
-    lens = np.minimum(full, width)
-    values = table.column("history").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    row = np.repeat(np.arange(len(lens)), lens)
-    within = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
-    hist = np.zeros((len(lens), width), dtype=np.int64)
-    hist[row, (width - lens)[row] + within] = values[(np.cumsum(full) - lens)[row] + within]
-    return hist, lens
+    lens = np.minimum(history_lengths(table.column("history")), width)
+    return pad_histories(table.column("history"), align="right", width=width), lens
+
+
+def history_width(data_dir: Path) -> int:
+    """The longest history of the train and valid splits: DIN's recency table covers it."""
+    return int(max(1, *(history_lengths(read_split(data_dir, s).column("history")).max(initial=1)
+                        for s in ("train", "valid"))))
 
 
 @dataclass
@@ -104,7 +101,7 @@ class Stage1Data:
             raise ValueError(f"{data_dir}/items.parquet: item_idx must be exactly 1..{len(idx)}")
         item_ids = items.sort_by("item_idx").column("item_id").to_pylist()
         train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
-        width = int(max(1, _lengths(train).max(initial=1), _lengths(valid).max(initial=1)))
+        width = history_width(data_dir)
         th, tl = _right_aligned(train, width)
         vh, vl = _right_aligned(valid, width)
         return cls(len(idx), item_ids, width, th, tl, train.column("target").to_numpy().astype(np.int64),
@@ -113,12 +110,7 @@ class Stage1Data:
 
 def load_semantic(semantic_path: Path, item_ids: list[str]) -> np.ndarray:
     """E_S as (N + 1, d_s) float32 with row 0 (padding) zero; checked against items.parquet."""
-    idx, ids, vecs, _ = read_embeddings(semantic_path)
-    n = len(item_ids)
-    if not np.array_equal(idx, np.arange(1, n + 1)) or ids != item_ids:
-        raise ValueError(f"{semantic_path} does not cover the items of this dataset (item_idx 1..{n} with the "
-                         "same item_id): embed the items.parquet of this data dir")
-    return np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs]).astype(np.float32)
+    return read_item_table(semantic_path, len(item_ids), "semantic embeddings", item_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,6 +143,11 @@ class Stage1Model(nn.Module):
         return seq + self.alpha * align, seq.detach(), align.detach()
 
 
+def din_config(cfg: Stage1Config, n_items: int, width: int) -> DINConfig:
+    """The DIN Stage I trains: cfg's width and dropout, a recency table as long as the longest history."""
+    return DINConfig(n_items=n_items, dim=cfg.dim, max_history=width, dropout=cfg.dropout)
+
+
 def uses_alignment(cfg: Stage1Config) -> bool:
     """The adapter is trained only for the prorec fusion; collaborative and concat are CKA-free."""
     return cfg.fusion == "prorec"
@@ -163,7 +160,7 @@ class Stage1Trainer:
         set_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.cfg, self.data, self.ctx = cfg, data, ctx
         self.device = pick_device(cfg.use_gpu)
-        din_cfg = DINConfig(n_items=data.n_items, dim=cfg.dim, max_history=data.width, dropout=cfg.dropout)
+        din_cfg = din_config(cfg, data.n_items, data.width)
         core = Stage1Model(din_cfg, semantic.shape[1] if semantic is not None else None,
                            cfg.negatives, cfg.alpha, cfg.tau).to(self.device)
         self.core = core
@@ -298,37 +295,16 @@ def train_loop_per_worker(config: dict) -> None:
     run_epochs(trainer, ctx, cfg.max_epochs, cfg.patience, SCORE_KEY, stop_after_epoch=config["stop_after_epoch"])
 
 
-def _fit_ray(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir: Path,
-             stop_after_epoch: int | None) -> dict[str, Any]:
-    """Train with Ray Train; rerunning with the same out_dir resumes from the latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "data_dir": str(data_dir),
-                           "semantic_path": str(semantic_path) if semantic_path else None,
-                           "stop_after_epoch": stop_after_epoch},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name="stage1", storage_path=str(out_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"Stage I on Ray finished without a checkpoint (see {out_dir / 'ray' / 'stage1'})")
-    with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
-
-
-def _fit_local(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir: Path,
-               stop_after_epoch: int | None) -> dict[str, Any]:
+def _fit(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir: Path,
+         stop_after_epoch: int | None) -> FitResult:
+    """Train in this process (num_workers 0) or on Ray Train; a rerun with the same out_dir resumes."""
+    if cfg.num_workers >= 1:
+        config = {"cfg": dataclasses.asdict(cfg), "data_dir": str(data_dir),
+                  "semantic_path": str(semantic_path) if semantic_path else None, "stop_after_epoch": stop_after_epoch}
+        return FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage1", out_dir))
     ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage1 ")
-    fit = run_epochs(build_trainer(cfg, data_dir, semantic_path, ctx), ctx, cfg.max_epochs, cfg.patience,
-                     SCORE_KEY, stop_after_epoch=stop_after_epoch)
-    return {"best_model": fit.best_model_state, "best_metrics": fit.best_metrics, "history": fit.history,
-            "epoch": fit.epochs_run - 1}
+    return run_epochs(build_trainer(cfg, data_dir, semantic_path, ctx), ctx, cfg.max_epochs, cfg.patience,
+                      SCORE_KEY, stop_after_epoch=stop_after_epoch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,20 +391,21 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
             clean_dir(out_dir / "ray")
         write_json(sig_path, sig)
         t0 = time.perf_counter()
-        fit = (_fit_ray if cfg.num_workers >= 1 else _fit_local)(
-            cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
-        state = fit["best_model"]
+        fit = _fit(cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
+        state = fit.best_model_state
         e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
-        save_din(out_dir, din_state(state))  # for eval.rerank_weight
-        history = fit["history"]
-        best = fit["best_metrics"]
+        din = DIN(din_config(cfg, len(item_ids), history_width(data_dir)))
+        din.load_state_dict({k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})
+        save_din(out_dir, din)  # read by the evaluation's reranker (eval.rerank_weight)
+        history = fit.history
+        best = fit.best_metrics
         metrics.update({
             "alpha": cfg.alpha if uses_alignment(cfg) else 0.0,
             "negatives": cfg.negatives,
             "valid": {"recall@10": best.get("recall@10"), "ndcg@10": best.get("ndcg@10")},
             "valid_users": cfg.valid_users,
             "best_epoch": best.get("epoch"),
-            "epochs": fit["epoch"] + 1,
+            "epochs": fit.epochs_run,
             "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])) if history else None,
             "wall_seconds_this_run": time.perf_counter() - t0,
             "num_workers": cfg.num_workers,
@@ -454,3 +431,17 @@ def aligned_cosine(model_state: dict[str, torch.Tensor], semantic: np.ndarray) -
     e_t = adapter(torch.from_numpy(np.asarray(semantic, np.float32)))
     e_c = model_state["din.item_emb.weight"][1:]
     return float(torch.nn.functional.cosine_similarity(e_c, e_t, dim=1).mean())
+
+
+def run(cfg: Stage1Config, inputs: dict[str, Path], out_dir: Path) -> Path:
+    return run_stage1(cfg, inputs["data"], inputs["semantic"], out_dir)
+
+
+STAGE = Stage(
+    name="stage1", folder="stage1", section="stage1", run=run,
+    inputs={"data": Input("data"), "semantic": Input("embed", "semantic.parquet")},
+    # din.safetensors and din_config.json too, except for fusion=semantic, which trains no DIN.
+    outputs=("item_embeddings.parquet", "metrics.json"),
+    # Training keeps every field in its key: the worker count changes the batches each step sees.
+    uses_ray=lambda c: c.num_workers > 0,
+    resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -14,58 +14,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from prorec.artifacts import read_embeddings, write_json
-from prorec.beam import BeamResult, BeamSearch
-from prorec.codes import CodeTrie, codes_meta, load_codes
-from prorec.config import EvalConfig, Stage2Config
+from prorec.artifacts import read_item_table, write_json
+from prorec.beam import BeamSearch, rank_users
+from prorec.codes import CodeTrie, item_code_table
+from prorec.config import VALID_TOPK, Stage2Config
+from prorec.data.history import history_tensor
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
-from prorec.models.generator import Generator, GeneratorConfig
-from prorec.trainer import (CKPT_FILE, FitResult, LocalContext, RayTrainContext, adam, length_grouped_batches, pick_device,
-                            run_epochs, shard_rows, warmup_lambda)
+from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
+from prorec.stage import Input, Stage
+from prorec.trainer import (FitResult, LocalContext, RayTrainContext, adam, fit_on_ray, length_grouped_batches,
+                            pick_device, run_epochs, shard_rows, warmup_lambda)
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "model_config.json"
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
+VALID_KS = (5, 10, VALID_TOPK)  # the validation metrics reported each epoch
 LOG_EVERY = 100  # training steps between progress lines
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
-
-def history_tensor(col: pa.ChunkedArray | pa.Array, max_len: int | None = None) -> torch.Tensor:
-    """A list<int> column of histories (oldest first) -> [U, S] long, right-padded with 0, keeping
-    each history's `max_len` most recent items."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = np.diff(offsets)
-    if len(lengths) and lengths.min() < 1:
-        raise ValueError("every history needs at least one item")
-    if max_len is not None:
-        lengths = np.minimum(lengths, max_len)
-    starts = offsets[1:] - lengths
-    width = int(lengths.max()) if len(lengths) else 1
-    out = np.zeros((len(lengths), width), dtype=np.int64)
-    for j in range(width):
-        has = j < lengths
-        out[has, j] = values[starts[has] + j]
-    return torch.from_numpy(out)
-
 
 @dataclass
 class Stage2Inputs:
@@ -89,37 +69,12 @@ class Stage2Inputs:
         return CodeTrie.from_codes(self.item_codes[1:].numpy(), np.arange(1, self.n_items + 1), self.k)
 
 
-def item_code_table(codes_path: Path, n_items: int) -> tuple[torch.Tensor, int]:
-    """codes.parquet -> ([n_items + 1, L] long, K); every item 1..n_items must have a code."""
-    item_idx, _, codes = load_codes(codes_path)
-    k = int(codes_meta(codes_path)["k"])
-    table = np.full((n_items + 1, codes.shape[1]), -1, dtype=np.int64)
-    if item_idx.min() < 1 or item_idx.max() > n_items:
-        raise ValueError(f"{codes_path}: item_idx outside 1..{n_items}; were the codes made for this dataset?")
-    table[item_idx] = codes
-    table[0] = 0
-    missing = np.nonzero(table[:, 0] < 0)[0]
-    if len(missing):
-        raise ValueError(f"{codes_path}: {len(missing)} items have no code (e.g. item_idx {missing[0]}); "
-                         "rerun the codes stage on this dataset's Stage I embeddings")
-    return torch.from_numpy(table), k
-
-
-def teacher_table(stage1_path: Path, n_items: int) -> torch.Tensor:
-    item_idx, _, vectors, _ = read_embeddings(stage1_path)
-    table = np.zeros((n_items + 1, vectors.shape[1]), dtype=np.float32)
-    if len(item_idx) != n_items or item_idx.min() < 1 or item_idx.max() > n_items:
-        raise ValueError(f"{stage1_path}: expected embeddings of items 1..{n_items}, got {len(item_idx)} rows")
-    table[item_idx] = vectors
-    return torch.from_numpy(table)
-
-
 def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None,
                 splits: tuple[str, ...] = ("train", "valid")) -> Stage2Inputs:
     n_items = read_split(data_dir, "items").num_rows
     item_codes, k = item_code_table(Path(codes_path), n_items)
     need = cfg.distill or cfg.item_head_from_stage1
-    teacher = teacher_table(Path(stage1_path), n_items) if need else None
+    teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings")) if need else None)
     tables = {s: read_split(data_dir, s) for s in ("train", "valid", "test")}
     # The encoder's position table covers the longest history of any split.
     max_history = max(_longest(t.column("history")) for t in tables.values())
@@ -133,13 +88,10 @@ def _longest(col: pa.ChunkedArray) -> int:
 
 
 def generator_config(cfg: Stage2Config, inputs: Stage2Inputs) -> GeneratorConfig:
-    return GeneratorConfig(
-        n_items=inputs.n_items, k=inputs.k, code_length=inputs.code_length, d_model=cfg.d_model,
-        n_heads=cfg.n_heads, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-        ff_dim=cfg.ff_dim, dropout=cfg.dropout, item_id_embedding=cfg.item_id_embedding,
-        item_head=cfg.item_head, distill=cfg.distill,
-        distill_dim=inputs.teacher.shape[1] if inputs.teacher is not None else 1, tau=cfg.tau, beta=cfg.beta,
-        n_negatives=cfg.n_negatives, max_history=inputs.max_history)
+    """The generator's full config: cfg's architecture plus what the artifacts fix."""
+    return GeneratorConfig(**cfg.arch(), n_items=inputs.n_items, k=inputs.k, code_length=inputs.code_length,
+                           distill_dim=inputs.teacher.shape[1] if inputs.teacher is not None else 1,
+                           max_history=inputs.max_history)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,25 +101,10 @@ def _unwrap(model: torch.nn.Module) -> Generator:
     return getattr(model, "module", model)
 
 
-def rank_users(search: BeamSearch, history: torch.Tensor, batch_size: int,
-               reorder: Callable[[torch.Tensor, BeamResult], torch.Tensor] | None = None) -> np.ndarray:
-    """Beam-search users in batches of batch_size: ranked items [U, topk] (-1 = empty slot).
-
-    `reorder(history_batch, result) -> items` replaces the beam's order (e.g. `prorec.rerank.Reranker`)."""
-    ranked = [np.zeros((0, search.topk), dtype=np.int64)]
-    for s in range(0, history.shape[0], batch_size):
-        h = history[s:s + batch_size]
-        h = h[:, : int((h > 0).sum(1).max())]  # trim the padding this batch does not need
-        res = search.search(h)
-        ranked.append((res.items if reorder is None else reorder(h, res)).cpu().numpy())
-    return np.concatenate(ranked)
-
-
 class Stage2Trainer:
     """One Stage II training run on one worker: its model, optimiser, data shard and validation."""
 
-    def __init__(self, cfg: Stage2Config, eval_cfg: EvalConfig, inputs: Stage2Inputs, device: torch.device,
-                 ctx: LocalContext | RayTrainContext) -> None:
+    def __init__(self, cfg: Stage2Config, inputs: Stage2Inputs, device: torch.device, ctx: Any) -> None:
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.gcfg = generator_config(cfg, inputs)
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
@@ -197,10 +134,7 @@ class Stage2Trainer:
             vh, vt = vh[pick], vt[pick]
         vshard = shard_rows(vh.shape[0], ctx.rank, ctx.world_size)
         self.valid_hist, self.valid_tgt = vh[vshard], vt[vshard]
-        self.ks = sorted(set(eval_cfg.topk) | {10})
-        self.beam_size = max(eval_cfg.beam_size, max(self.ks))
-        self.eval_batch = eval_cfg.batch_size
-        self.exclude_history = eval_cfg.exclude_history
+        self.ks = VALID_KS
         self.trie = inputs.trie()
 
     def _autocast(self):
@@ -239,8 +173,9 @@ class Stage2Trainer:
 
     def validate(self) -> dict[str, float]:
         model = _unwrap(self.model)
-        search = BeamSearch(model, self.trie, self.beam_size, max(self.ks), self.exclude_history, autocast=self.amp)
-        ranks = target_ranks(rank_users(search, self.valid_hist, self.eval_batch), self.valid_tgt.numpy())
+        search = BeamSearch(model, self.trie, self.cfg.valid_beam_size, VALID_TOPK, self.cfg.valid_exclude_history,
+                            autocast=self.amp)
+        ranks = target_ranks(rank_users(search, self.valid_hist, self.cfg.valid_batch_size), self.valid_tgt.numpy())
         # Sums of per-user gains, all-reduced, so every worker sees the same score and early-stops
         # at the same epoch (ray.train.report is a barrier).
         per_user = ranking_metrics(ranks, self.ks)
@@ -267,10 +202,10 @@ class Stage2Trainer:
 # ----------------------------------------------------------------------------------------------
 # Running it: in-process or on Ray Train
 
-def _fit(config: dict[str, Any], ctx: LocalContext | RayTrainContext, device: torch.device) -> FitResult:
-    cfg, eval_cfg = Stage2Config(**config["stage2"]), EvalConfig(**config["eval"])
+def _fit(config: dict[str, Any], ctx: Any, device: torch.device) -> FitResult:
+    cfg = Stage2Config(**config["stage2"])
     inputs = load_inputs(cfg, Path(config["data_dir"]), Path(config["codes_path"]), config["stage1_path"])
-    trainer = Stage2Trainer(cfg, eval_cfg, inputs, device, ctx)
+    trainer = Stage2Trainer(cfg, inputs, device, ctx)
     if ctx.rank == 0:
         n = sum(p.numel() for p in trainer.model.parameters())
         print(f"stage2: {n / 1e6:.2f}M parameters, {inputs.splits['train'][0].shape[0]} training rows, "
@@ -288,39 +223,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _fit(config, RayTrainContext(), ray.train.torch.get_device())
 
 
-def _fit_on_ray(config: dict[str, Any], cfg: Stage2Config, out_dir: Path) -> FitResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name="stage2", storage_path=str((out_dir / "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError("Stage II training failed on Ray Train") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError("Stage II training on Ray Train reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
-    return FitResult(state["best_metrics"], state["best_model"], state["epoch"] + 1, state["history"])
-
-
-def run_stage2(cfg: Stage2Config, eval_cfg: EvalConfig, data_dir: Path, codes_path: Path, stage1_path: Path,
-               out_dir: Path, stop_after_epoch: int | None = None) -> Path:
+def run_stage2(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None, out_dir: Path,
+               stop_after_epoch: int | None = None) -> Path:
     """Train the generator; returns out_dir holding model.safetensors, model_config.json, metrics.json.
 
     Rerunning with the same out_dir resumes from the last checkpoint (out_dir/checkpoint in-process,
     out_dir/ray on Ray Train). `stop_after_epoch` ends training early on purpose (crash tests).
     """
     cfg.validate()
-    eval_cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"stage2": dataclasses.asdict(cfg), "eval": dataclasses.asdict(eval_cfg),
+    config = {"stage2": dataclasses.asdict(cfg),
               "data_dir": str(Path(data_dir).resolve()), "codes_path": str(Path(codes_path).resolve()),
               "stage1_path": str(Path(stage1_path).resolve()) if stage1_path else None,
               "stop_after_epoch": stop_after_epoch}
@@ -329,40 +242,24 @@ def run_stage2(cfg: Stage2Config, eval_cfg: EvalConfig, data_dir: Path, codes_pa
         ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage2: ")
         fit = _fit(config, ctx, pick_device(cfg.use_gpu))
     else:
-        fit = _fit_on_ray(config, cfg, out_dir)
+        fit = FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage2", out_dir))
     # Rebuild the config from the artifacts once more (cheap) so that model_config.json is exact.
     inputs = load_inputs(cfg, Path(data_dir), Path(codes_path), stage1_path, splits=())
-    save_generator(out_dir, generator_config(cfg, inputs), fit.best_model_state, cfg)
+    save_generator(out_dir, generator_config(cfg, inputs), fit.best_model_state)
     write_json(out_dir / METRICS_FILE, {"best": fit.best_metrics, "score_key": SCORE_KEY, "epochs_run": fit.epochs_run,
                                         "seconds": time.perf_counter() - t0, "history": fit.history})
     return out_dir
 
 
-# ----------------------------------------------------------------------------------------------
-# The model artifact
-
-def save_generator(out_dir: Path, gcfg: GeneratorConfig, state: dict[str, torch.Tensor], cfg: Stage2Config) -> None:
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    tmp = out_dir / (MODEL_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(out_dir / MODEL_FILE)
-    # Stage2Config's fields, then the generator's (k, code_length, n_items, distill_dim, max_history).
-    write_json(out_dir / CONFIG_FILE, {**dataclasses.asdict(cfg), **dataclasses.asdict(gcfg)})
+def run(cfg: Stage2Config, inputs: dict[str, Path], out_dir: Path) -> Path:
+    return run_stage2(cfg, inputs["data"], inputs["codes"], inputs["stage1_embeddings"], out_dir)
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(model_dir) / CONFIG_FILE).read_text())
-
-
-def load_generator(model_dir: Path, device: torch.device | str = "cpu") -> Generator:
-    """Rebuild the trained generator from model_dir (eval mode; no Stage I teacher needed)."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    gcfg = GeneratorConfig.from_dict(read_model_config(model_dir))
-    state = load_file(str(model_dir / MODEL_FILE))
-    model = Generator(gcfg, state["item_codes"])
-    model.load_state_dict(state)
-    return model.to(device).eval()
+STAGE = Stage(
+    name="stage2", folder="stage2", section="stage2", run=run,
+    inputs={"data": Input("data"), "stage1_embeddings": Input("stage1", "item_embeddings.parquet"),
+            "codes": Input("codes", "codes.parquet")},
+    outputs=(MODEL_FILE, CONFIG_FILE, METRICS_FILE),
+    # Training keeps every field in its key: the worker count changes the batches each step sees.
+    uses_ray=lambda c: c.num_workers > 0,
+    resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -1,10 +1,13 @@
 """The epoch loop every trained stage shares: warm-up, early stopping, checkpoints and resume.
 
 A stage supplies an `EpochTrainer` (its model, its optimiser and its own `train_epoch` and
-`validate`); `run_epochs` drives it through a context. `LocalContext` runs in this process with
-no Ray at all (tests, a single GPU box without Ray); `RayTrainContext` runs inside a Ray Train
-worker and turns each epoch into a `ray.train.report` with a `Checkpoint`. The science stays in
-the stage; this file only knows about epochs.
+`validate`); `run_epochs` drives it through a context, one of a family that differ only in where a
+checkpoint goes:
+- `LocalContext`: this process, no Ray at all (tests, a single GPU box without Ray);
+- `RayTrainContext`: inside a Ray Train worker, each epoch a `ray.train.report` with a `Checkpoint`;
+- `TuneContext`: inside a Ray Tune trial, each epoch a `ray.tune.report` with a checkpoint.
+`fit_on_ray` is the one Ray Train shell both training stages use. The science stays in the stage;
+this file only knows about epochs.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -88,6 +91,26 @@ class LocalContext:
             print(f"{self.log_prefix}{shown}", flush=True)
 
 
+def _save_checkpoint_dir(state: dict[str, Any]):
+    """A temporary folder holding `state` as CKPT_FILE (a context manager yielding its path)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def folder():
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / CKPT_FILE)
+            yield d
+    return folder()
+
+
+def _load_checkpoint_dir(ckpt: Any) -> dict[str, Any] | None:
+    """The state inside a Ray `Checkpoint` (Train's or Tune's), or None."""
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+
+
 class RayTrainContext:
     """Inside a Ray Train worker. Every rank calls `report` once an epoch (it is a barrier)."""
 
@@ -106,21 +129,71 @@ class RayTrainContext:
     def load_checkpoint(self) -> dict[str, Any] | None:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+        return _load_checkpoint_dir(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
         import ray.train
 
         if self.rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state, Path(d) / CKPT_FILE)
+            with _save_checkpoint_dir(state) as d:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+class TuneContext:
+    """Inside a Ray Tune trial (one process): `ray.tune.report` with a checkpoint each epoch.
+
+    `epoch` is reported as epochs *completed* (1-based): ASHA's rungs count from its grace period,
+    so its time attribute must reach 1 after the first epoch. `describe(metrics)` gives the
+    progress line printed each epoch.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, describe: Callable[[dict[str, Any]], str]) -> None:
+        self.describe = describe
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        from ray import tune
+
+        return _load_checkpoint_dir(tune.get_checkpoint())
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        from ray import tune
+
+        metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
+        print(self.describe(metrics), flush=True)
+        with _save_checkpoint_dir(state) as d:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def fit_on_ray(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], cfg: Any, name: str,
+               out_dir: str | Path, max_failures: int = 2) -> dict[str, Any]:
+    """Run `loop` on a Ray Train `TorchTrainer` with cfg's workers (cfg: a TrainConfig) and return the
+    last checkpoint's state. Checkpoints go under out_dir/ray/<name>, so a rerun with the same
+    out_dir resumes from the latest one; a failed run raises with Ray's error as the cause."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = (Path(out_dir) / "ray").resolve()
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"{name} failed on Ray Train (logs and checkpoints: {storage / name})") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} on Ray Train reported no checkpoint (see {storage / name})")
+    return _load_checkpoint_dir(result.checkpoint)
 
 
 @dataclass
@@ -129,6 +202,11 @@ class FitResult:
     best_model_state: dict[str, torch.Tensor]
     epochs_run: int
     history: list[dict[str, float]]
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "FitResult":
+        """The result recorded in a checkpoint that `run_epochs` wrote (e.g. the last one of a Ray run)."""
+        return cls(state["best_metrics"], state["best_model"], state["epoch"] + 1, state["history"])
 
 
 def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_epochs: int, patience: int,

@@ -6,13 +6,16 @@ is training. Every prefix of the training part is a training example. Histories 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prorec.config import DataConfig
 from prorec.data.canonical import Dataset
 from prorec.data.text import item_text
+from prorec.stage import Stage
 
 SPLITS = ("train", "valid", "test")
 _EXAMPLE_SCHEMA = pa.schema([("user_id", pa.string()), ("history", pa.list_(pa.int32())), ("target", pa.int32())])
@@ -62,3 +65,57 @@ def write_splits(ds: Dataset, out_dir: str | Path, max_history: int = 20,
 def read_split(data_dir: str | Path, split: str) -> pa.Table:
     """One split (train/valid/test) or `items`, as written by `write_splits`."""
     return pq.read_table(Path(data_dir) / f"{split}.parquet")
+
+
+# ----------------------------------------------------------------------------------------------
+# The data stage
+
+RAW_FOLDER = "raw"  # inside the data stage's folder: the synthetic dataset, in the canonical format
+
+
+def dataset_hashes(cfg: DataConfig) -> dict[str, str]:
+    """Hashes of a canonical dataset's two files; {} for the synthetic default (its config is its identity)."""
+    from prorec.artifacts import file_hash
+    from prorec.data.canonical import ITEMS_FILE, SEQUENCES_FILE, load_canonical
+
+    if not cfg.path:
+        return {}
+    folder = Path(cfg.path)
+    if not all((folder / f).is_file() for f in (SEQUENCES_FILE, ITEMS_FILE)):
+        load_canonical(folder)  # raises the loader's DataError, which names the file and the fix
+    return {f: file_hash(folder / f) for f in (SEQUENCES_FILE, ITEMS_FILE)}
+
+
+def run(cfg: DataConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
+    """The data stage: the canonical dataset at cfg.path (or the synthetic default, generated into
+    out_dir/raw) -> the leave-one-out splits in out_dir."""
+    from prorec.data.canonical import load_canonical
+
+    raw = Path(cfg.path) if cfg.path else Path(out_dir) / RAW_FOLDER
+    if not cfg.path:
+        from prorec.data.synthetic import write_synthetic
+
+        s = cfg.synthetic
+        print(f"data: generating the synthetic dataset ({s.n_users} users, {s.n_items} items, seed {s.seed}) "
+              f"into {raw}", flush=True)
+        write_synthetic(raw, s)
+    ds = load_canonical(raw)
+    print(f"data: {raw}: " + ", ".join(f"{v} {k}" for k, v in ds.stats().items()), flush=True)
+    write_splits(ds, out_dir, cfg.max_history, cfg.text_template)
+    print(f"data: wrote the leave-one-out splits to {out_dir}", flush=True)
+    return Path(out_dir)
+
+
+def _key_fields(cfg: DataConfig) -> dict:
+    # A canonical dataset is known by its files' hashes (external_inputs), not by where it lies;
+    # the synthetic generator's settings only matter when no dataset is given.
+    d = {"source": "canonical" if cfg.path else "synthetic", "max_history": cfg.max_history,
+         "text_template": cfg.text_template}
+    if not cfg.path:
+        d.update({f"synthetic.{k}": v for k, v in dataclasses.asdict(cfg.synthetic).items()})
+    return d
+
+
+STAGE = Stage(name="data", folder="data", section="data", run=run,
+              outputs=("items.parquet", "train.parquet", "valid.parquet", "test.parquet"),
+              key_fields=_key_fields, external_inputs=dataset_hashes)

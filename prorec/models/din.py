@@ -33,7 +33,10 @@ that both agree.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +66,12 @@ class DINConfig:
             raise ValueError(f"DINConfig sizes must be positive: {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DINConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DINConfig":
+        d = dict(d)
+        d["mlp_hidden"] = tuple(d["mlp_hidden"])  # JSON has no tuples
+        return cls(**d)
 
 
 def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -232,3 +241,27 @@ class DIN(nn.Module):
         """Cross-entropy over the whole catalogue (cost O(B * N * T); for small N or a GPU)."""
         logits = self(history, torch.arange(1, self.cfg.n_items + 1, device=history.device)[None])  # (B, N)
         return F.cross_entropy(logits, target - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's files: weights and the config that rebuilds it
+
+DIN_FILE = "din.safetensors"
+DIN_CONFIG_FILE = "din_config.json"
+
+
+def save_din(folder: str | Path, din: DIN) -> Path:
+    """Write `din` to folder/din.safetensors with its config in folder/din_config.json."""
+    from prorec.artifacts import save_weights
+
+    return save_weights(folder, DIN_FILE, din.state_dict(), DIN_CONFIG_FILE, dataclasses.asdict(din.cfg))
+
+
+def load_din(folder: str | Path, device: torch.device | str = "cpu") -> DIN:
+    """The DIN that `save_din` wrote to `folder`, in eval mode."""
+    from prorec.artifacts import load_weights
+
+    state, cfg = load_weights(folder, DIN_FILE, DIN_CONFIG_FILE)
+    din = DIN(DINConfig.from_dict(cfg))
+    din.load_state_dict(state)
+    return din.to(device).eval()

@@ -17,61 +17,14 @@ per beam.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class GeneratorConfig:
-    """Everything that fixes the generator's shape. Built from Stage2Config + the artifacts."""
-
-    n_items: int  # items are 1..n_items; 0 is padding
-    k: int  # code vocabulary per level
-    code_length: int  # L
-    d_model: int = 128
-    n_heads: int = 4
-    encoder_layers: int = 1
-    decoder_layers: int = 4
-    ff_dim: int = 512
-    dropout: float = 0.1
-    item_id_embedding: bool = False
-    # Score the last code level with per-item output embeddings over the prefix's own items.
-    item_head: bool = False
-    distill: bool = True
-    # Width of the Stage I embeddings [c_dis] is distilled towards (ignored when distill is off).
-    distill_dim: int = 128
-    tau: float = 0.07
-    beta: float = 1.0
-    n_negatives: int = 256
-    # Longest history the encoder sees; longer ones keep their most recent items.
-    max_history: int = 20
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.n_items >= 1, "n_items must be >= 1"),
-            (self.k >= 2, "k must be >= 2"),
-            (self.code_length >= 1, "code_length must be >= 1"),
-            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
-            (self.encoder_layers >= 1 and self.decoder_layers >= 1, "need >= 1 encoder and decoder layer"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
-            (not self.distill or self.distill_dim >= 1, "distill_dim must be >= 1 when distill is on"),
-            (self.tau > 0, "tau must be > 0"),
-            (self.max_history >= 1, "max_history must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"GeneratorConfig: {msg}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GeneratorConfig":
-        """Pick this config's fields out of a larger dict (e.g. model_config.json)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from prorec.models.generator_config import GeneratorArch, GeneratorConfig  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,3 +387,37 @@ class Generator(nn.Module):
         neg = neg.masked_fill(negs[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1) / self.cfg.tau
         return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's files: weights and the config that rebuilds it
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+def save_generator(folder: str | Path, cfg: GeneratorConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Write a generator's weights (`state`, its state_dict) to folder/model.safetensors and its
+    GeneratorConfig to folder/model_config.json."""
+    from prorec.artifacts import save_weights
+
+    return save_weights(folder, MODEL_FILE, state, CONFIG_FILE, cfg.to_dict())
+
+
+def load_generator_config(folder: str | Path) -> GeneratorConfig:
+    import json
+
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing. Fix: rerun Stage II")
+    return GeneratorConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_generator(folder: str | Path, device: torch.device | str = "cpu") -> Generator:
+    """The generator `save_generator` wrote to `folder`, in eval mode (no Stage I teacher needed)."""
+    from prorec.artifacts import load_weights
+
+    state, cfg = load_weights(folder, MODEL_FILE, CONFIG_FILE)
+    model = Generator(GeneratorConfig.from_dict(cfg), state["item_codes"])
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,59 @@
+"""Histories as padded matrices: the one place that turns a split's list<int> column into a tensor.
+
+Two layouts are in use, and both come from here:
+- "left" (the generator's): items start in column 0, oldest first, and the row is right-padded with 0;
+- "right" (DIN's): the most recent item sits in the last column, and the row is left-padded with 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def history_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Length of every history in a list<int> column, int64."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return np.diff(col.offsets.to_numpy().astype(np.int64))
+
+
+def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, align: str = "left",
+                  width: int | None = None) -> np.ndarray:
+    """A list<int> column of histories (oldest first) -> [U, width] int64, 0-padded.
+
+    Each history keeps its `max_len` most recent items. `width` defaults to the longest kept history.
+    align="left": the generator's layout (items from column 0); "right": DIN's (most recent item last).
+    """
+    if align not in ("left", "right"):
+        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    lens = np.diff(offsets)
+    if len(lens) and lens.min() < 1:
+        raise ValueError("every history needs at least one item")
+    if max_len is not None:
+        lens = np.minimum(lens, max_len)
+    if width is None:
+        width = int(lens.max()) if len(lens) else 1
+    lens = np.minimum(lens, width)
+    row = np.repeat(np.arange(len(lens)), lens)
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
+    column = within if align == "left" else (width - lens)[row] + within
+    out = np.zeros((len(lens), width), dtype=np.int64)
+    out[row, column] = values[(offsets[1:] - lens)[row] + within]  # the most recent lens items
+    return out
+
+
+def history_tensor(col: pa.ChunkedArray | pa.Array, max_len: int | None = None) -> torch.Tensor:
+    """The generator's layout as a tensor: [U, S] long, right-padded with 0."""
+    return torch.from_numpy(pad_histories(col, max_len, "left"))
+
+
+def realign_right(history: torch.Tensor) -> torch.Tensor:
+    """[U, S] right-padded histories (the generator's layout) -> left-padded, most recent item in the
+    last column (DIN's layout)."""
+    s = history.shape[1]
+    lens = (history > 0).sum(1, keepdim=True)
+    src = torch.arange(s, device=history.device)[None, :] - (s - lens)  # column each slot copies from
+    return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))

@@ -1,0 +1,90 @@
+"""The generator's configuration: the one place its settings and their defaults live.
+
+`GeneratorArch` holds what a user chooses (sizes, the item head, distillation); `Stage2Config`
+inherits it, so `stage2.d_model=...` sets it from the command line. `GeneratorConfig` adds what the
+artifacts fix (catalogue size, K, code length, teacher width, longest history) and is what
+`prorec.models.generator.Generator` is built from and what `model_config.json` holds. This module
+imports no torch, so the pipeline's configuration can read it cheaply.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class GeneratorArch:
+    """The generator's shape and losses, as a user sets them (section stage2 of the pipeline config)."""
+
+    d_model: int = 128
+    n_heads: int = 4
+    encoder_layers: int = 1
+    decoder_layers: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    # Add an item-ID embedding to each history token on top of its code embeddings. On by default:
+    # chosen on validation (Beauty and the synthetic default; benchmarks/results/beauty_quality.md).
+    item_id_embedding: bool = True
+    # Score the last code level per item (output embeddings over the prefix's own items) instead of
+    # with a shared K-way head whose token t means unrelated items in different groups. On by
+    # default, chosen on validation as above; false + item_id_embedding false is the paper's Stage II.
+    item_head: bool = True
+    distill: bool = True  # False = the paper's "CKA only" ablation
+    beta: float = 1.0  # weight of L_distill
+    tau: float = 0.07  # InfoNCE temperature of L_distill
+    n_negatives: int = 256  # random other items per batch for L_distill
+
+    def arch_problems(self) -> list[str]:
+        """What is wrong with these settings (empty when they are valid)."""
+        checks = [
+            (self.d_model >= 1 and self.n_heads >= 1, "d_model and n_heads must be >= 1"),
+            (self.n_heads >= 1 and self.d_model % max(self.n_heads, 1) == 0, "d_model must be divisible by n_heads"),
+            (self.encoder_layers >= 1 and self.decoder_layers >= 1, "need >= 1 encoder and decoder layer"),
+            (self.ff_dim >= 1, "ff_dim must be >= 1"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (self.tau > 0, "tau must be > 0"),
+            (self.n_negatives >= 1, "n_negatives must be >= 1"),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+    def arch(self) -> dict[str, Any]:
+        """This object's GeneratorArch fields (also of a Stage2Config, which has more)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GeneratorArch)}
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig(GeneratorArch):
+    """Everything that fixes a trained generator: its GeneratorArch plus what the artifacts decide."""
+
+    n_items: int  # items are 1..n_items; 0 is padding
+    k: int  # code vocabulary per level
+    code_length: int  # L
+    # Width of the Stage I embeddings [c_dis] is distilled towards (ignored when distill is off).
+    distill_dim: int = 128
+    # Longest history the encoder sees; longer ones keep their most recent items.
+    max_history: int = 20
+
+    def __post_init__(self) -> None:
+        problems = self.arch_problems() + [msg for ok, msg in [
+            (self.n_items >= 1, "n_items must be >= 1"),
+            (self.k >= 2, "k must be >= 2"),
+            (self.code_length >= 1, "code_length must be >= 1"),
+            (not self.distill or self.distill_dim >= 1, "distill_dim must be >= 1 when distill is on"),
+            (self.max_history >= 1, "max_history must be >= 1"),
+        ] if not ok]
+        if problems:
+            raise ValueError("GeneratorConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeneratorConfig":
+        """This config from a dict with exactly its fields (model_config.json); anything else is refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"GeneratorConfig: unknown field(s) {unknown}; was the model saved by another version?")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
