@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prorec.artifacts import read_embeddings, write_json  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, check_tree, write_result  # noqa: E402
+from prorec.artifacts import read_embeddings  # noqa: E402
 from prorec.config import EmbedConfig  # noqa: E402
 from prorec.data.canonical import load_canonical  # noqa: E402
 from prorec.data.splits import write_splits  # noqa: E402
-from prorec.data.text import template_hash  # noqa: E402
 from prorec.embed import _batches, embed_items, length_order, read_items  # noqa: E402
 from prorec.encoders import EncoderSpec, TextEncoder, load_tokenizer, resolve_encoder  # noqa: E402
 
@@ -112,7 +112,7 @@ def timed_embed(cfg: EmbedConfig, items: Path, out: Path, label: str) -> dict:
     load_before = load_avg()
     with CpuMeter() as meter:
         t0 = time.perf_counter()
-        embed_items(cfg, items, out, template_hash(TEMPLATE))
+        embed_items(cfg, items, out)
         wall = time.perf_counter() - t0
     n = read_items(items).num_rows
     run = {"label": label, "use_ray": cfg.use_ray, "num_actors": cfg.num_actors if cfg.use_ray else 0,
@@ -238,8 +238,7 @@ def llama7b_benchmark(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def write_report(result: dict, out: Path) -> None:
-    write_json(out.with_suffix(".json"), result)
+def write_report(result: dict, out: Path, tree: dict) -> None:
     lines = [f"# Embedding throughput ({result['mode']})", "", f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']}", ""]
     if result["mode"] == "cpu_minilm":
@@ -261,7 +260,7 @@ def write_report(result: dict, out: Path) -> None:
                   f"- Note: {result['note']}"]
     else:
         lines += [f"- {k}: {v}" for k, v in result.items() if k not in ("command", "machine", "mode")]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_result(out, result, "\n".join(lines) + "\n", tree)
     print("\n".join(lines))
 
 
@@ -276,7 +275,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--out", default=None, help="results path without suffix")
+    add_allow_dirty(p)
     args = p.parse_args()
+    tree = check_tree(args.allow_dirty)
     default_out = "embed_throughput_llama7b" if args.llama7b_shape else "embed_throughput"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / default_out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +288,7 @@ def main() -> None:
     if not args.llama7b_shape:
         result["note"] = ("CPU shared with other processes (see load averages), so absolute times drift; "
                           "each Ray run is compared with the loop runs just before and after it")
-    write_report(result, out)
+    write_report(result, out, tree)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
         --config jobs/configs/beauty/prorec.yaml stage2.max_epochs=5     # any override applies to every variant
 
 Variants (fixed seeds; every one runs jobs/pipeline.py's `run_pipeline` into its own run directory,
-which starts as a copy of the earlier run that shares the most stages with it, so the split and the
-semantic embeddings are computed once and `cka` reuses `prorec`'s Stage I and codes; `--reuse DIR`
-offers a run made by jobs/pipeline.py with the same config):
+reusing every stage that another variant's run directory, or a `--reuse DIR` run made by
+jobs/pipeline.py, finished with the same key (`prorec.manifest.reuse_source`, as `--reuse` does for
+the pipeline), so the split and the semantic embeddings are computed once and `cka` reuses
+`prorec`'s Stage I and codes):
 - semantic:      Stage I hands on PCA(E_S)                       (stage1.fusion=semantic)
 - collaborative: E_C trained without alignment                   (stage1.fusion=collaborative)
 - concat:        PCA(E_S) (+) E_C, as in the paper's §4.3         (stage1.fusion=concat)
@@ -37,7 +38,8 @@ user-item pairs).
 Writes benchmarks/results/beauty_quality.{json,md} (or --name) and the test predictions of the variant
 with the best validation NDCG@10 (the model chosen on validation) to
 benchmarks/results/beauty_predictions.parquet (for another --name: "quality" in it replaced by
-"predictions", or NAME_predictions).
+"predictions", or NAME_predictions). Refuses to start from a checkout with uncommitted changes to
+tracked files unless given --allow-dirty (benchmarks/results_io.py).
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.config import load_config  # noqa: E402
-from prorec.manifest import MANIFEST_FILE, STAGES, has_finished_stage, stage_keys  # noqa: E402
-from prorec.pipeline import PAPER_BEAUTY, dataset_hashes, run_pipeline  # noqa: E402
+from prorec.manifest import MANIFEST_FILE  # noqa: E402
+from prorec.pipeline import PAPER_BEAUTY, run_pipeline  # noqa: E402
 
 # The variants were measured before the Beauty configs chose weight decay and the reranked beam:
 # they pin what they were measured with, so that a config's later choice does not rerun them.
@@ -106,28 +109,6 @@ def stage_walls(run_dir: Path) -> dict[str, float]:
     return {s: v.get("wall_seconds", 0.0) for s, v in stages.items()}
 
 
-def seed_from_closest(run_dir: Path, keys: dict[str, str], candidates: list[Path]) -> Path | None:
-    """Start a new variant's run directory as a copy of the candidate run that shares the most
-    leading stages with it (same stage keys: same config and inputs), so that the pipeline's own
-    resume skips them: every variant reuses the split and the semantic embeddings, and `cka`
-    reuses `prorec`'s Stage I and codes. Returns the run copied, or None.
-    """
-    if run_dir.exists():
-        return None  # an earlier attempt of this variant: the pipeline resumes it
-    best, best_n = None, 0
-    for cand in candidates:
-        n = 0
-        while n < len(STAGES) and has_finished_stage(cand, STAGES[n], keys[STAGES[n]]):
-            n += 1
-        if n > best_n:
-            best, best_n = cand, n
-    if best is None:
-        return None
-    shutil.copytree(best, run_dir, ignore=shutil.ignore_patterns("ray", "checkpoint"))
-    print(f"variant {run_dir.name}: starting from a copy of {best} (its first {best_n} stages are the same)", flush=True)
-    return best
-
-
 def table(results: dict[str, dict], split: str) -> str:
     head = "| variant | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
@@ -151,20 +132,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="(repeatable) an earlier run directory (e.g. a jobs/pipeline.py run) whose finished stages a variant "
                         "with the same stage keys starts from")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every variant")
+    add_allow_dirty(p)
     args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
 
-    results_dir = ROOT / "benchmarks" / "results"
+    results_dir = RESULTS
     results: dict[str, dict] = {}
     t_all = time.perf_counter()
     for name in args.variants:
         overrides = [f"data.path={Path(args.data).resolve()}", *args.overrides, *VARIANTS[name]]
         cfg = load_config(args.config, overrides)
         run_dir = args.out / name
+        # Stages another variant (or a --reuse run) finished with the same key are linked in, not rerun.
         candidates = [*args.reuse, *(d for d in sorted(args.out.glob("*")) if d.is_dir() and d != run_dir)]
-        seed_from_closest(run_dir, stage_keys(cfg, dataset_hashes(cfg)), candidates)
         print(f"\n######## variant {name}: {' '.join(VARIANTS[name])} -> {run_dir}", flush=True)
         t0 = time.perf_counter()
-        metrics = run_pipeline(cfg, run_dir)
+        metrics = run_pipeline(cfg, run_dir, reuse=candidates)
         results[name] = {"overrides": overrides, "run_dir": str(run_dir), "metrics": metrics,
                          "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
                          "stage_wall_seconds": stage_walls(run_dir)}
@@ -183,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_on_validation": best,
         "variants": results,
     }
-    (results_dir / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# {args.name}", "", f"Command: `{out['command']}`", "",
           f"Hardware: {out['hardware']}; this call took {out['wall_seconds']} s (stages already done in a "
           "variant's run directory are skipped; each stage's wall time when it ran is in the last table).", "",
@@ -198,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         w = r["stage_wall_seconds"]
         md.append(f"| {name} | " + " | ".join(f"{w.get(s, 0):.0f}" for s in STAGES) + f" | {sum(w.values()):.0f} |")
     md.append("")
-    (results_dir / f"{args.name}.md").write_text("\n".join(md))
+    write_result(results_dir / args.name, out, "\n".join(md), tree)
     print("\n".join(md))
     return 0
 

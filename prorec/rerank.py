@@ -47,7 +47,10 @@ class SemanticAffinity:
 
     @classmethod
     def from_parquet(cls, path: str | Path, n_items: int) -> "SemanticAffinity":
-        return cls(torch.from_numpy(read_item_table(path, n_items, "semantic embeddings")))
+        try:
+            return cls(torch.from_numpy(read_item_table(path, n_items, "semantic embeddings")))
+        except ValueError as e:
+            raise ValueError(f"{e} (or set eval.rerank_semantic_weight=0)") from None
 
     def to(self, device: torch.device | str) -> "SemanticAffinity":
         self.table = self.table.to(device)

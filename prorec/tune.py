@@ -2,10 +2,11 @@
 
 The paper tunes the code size K (Fig. 9) and the model depth (Fig. 6) per dataset. A sweep:
 
-1. prepares what the trials read, once, before any trial starts: the upstream stages (data,
-   embed, Stage I) of a finished pipeline run or run here, Stage I once more for every swept
-   Stage I value (e.g. stage1.alpha), and the codes once for every (Stage I, K) pair, each in a
-   folder of the sweep directory; trials find them by the pipeline's own stage keys;
+1. prepares what the trials read, once, before any trial starts: one run directory per swept
+   (Stage I, codes) combination, `SWEEP/artifacts/<values>`, holding the stages data .. codes. The
+   pipeline's own `run_stages` makes them and reuses every stage a finished run (--run) or an
+   earlier combination already holds with the same key, so Stage I runs once per Stage I value
+   and the codes once per (Stage I, codes) pair;
 2. runs a `ray.tune.Tuner` over `train_trial`, a function that trains Stage II *in-process* with
    the stage's own `Stage2Trainer` and `run_epochs` and reports validation NDCG@10 and Recall@10
    every epoch through `ray.tune.report` (a TorchTrainer inside a trial hangs under ASHA in Ray
@@ -31,7 +32,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -42,12 +42,10 @@ import yaml
 
 from prorec.artifacts import write_json
 from prorec.config import ConfigError, PipelineConfig, load_config, save_config
-from prorec.manifest import STAGE_DIRS, STAGE_OUTPUTS, Manifest, has_finished_stage, stage_config, stage_keys
-from prorec.pipeline import dataset_hashes, run_pipeline
+from prorec.pipeline import run_pipeline, run_stages
 
 SCORE_KEY = "valid_ndcg@10"  # the Stage II validation metric (prorec.stage2.SCORE_KEY)
 RECALL_KEY = "valid_recall@10"
-UPSTREAM_STAGES = ("data", "embed", "stage1")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Sections a sweep may change. Stage I and codes values must come from a finite list (grid or
 # choice): their artifacts are made once per value before the sweep. Data and embedding settings
@@ -207,165 +205,56 @@ def _name(params: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Artifacts the trials read, prepared once
 
-def _adopt(manifest: Manifest, cfg: PipelineConfig, stage: str, key: str, files: dict[str, Path], why: str) -> None:
-    """Copy a stage's finished outputs into manifest's run directory and record them as done."""
-    for rel, src in files.items():
-        dst = manifest.run_dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-    manifest.start(stage, key, stage_config(cfg, stage), why)
-    manifest.finish(stage, 0.0)
+def artifact_params(sweep: SweepConfig, params: dict[str, Any]) -> str:
+    """The swept Stage I and codes values of `params`, as the key of the run directory made for them."""
+    return json.dumps({k: params[k] for k in sweep.keys if k.split(".")[0] in ("stage1", "codes")}, sort_keys=True)
 
 
-def ensure_upstream(cfg: PipelineConfig, dest: Path, sources: list[Path], inputs: dict[str, str]) -> Path:
-    """Make `dest` a run directory whose data, embed and Stage I stages match `cfg`: keep what it
-    has, copy what a source run has with the same key, run the rest with the pipeline's stage
-    functions (recorded in dest/manifest.json, so the pipeline itself later skips them)."""
-    from prorec.pipeline import STAGE_FUNCTIONS, Run
+def prepare_artifacts(base: PipelineConfig, sweep: SweepConfig, out: Path, source_run: Path | None) -> dict[str, str]:
+    """One run directory holding data .. codes for each swept (Stage I, codes) combination.
 
-    dest = Path(dest).resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    keys = stage_keys(cfg, inputs)
-    manifest = Manifest(dest)
-    manifest.begin_run(cfg, inputs, sys.argv)
-    for stage in UPSTREAM_STAGES:
-        if has_finished_stage(dest, stage, keys[stage]):
-            print(f"  {stage}: up to date in {dest}", flush=True)
-            continue
-        src = next((s for s in sources if has_finished_stage(s, stage, keys[stage])), None)
-        if src is not None:
-            files = {o: Path(src) / o for o in STAGE_OUTPUTS[stage]}
-            _adopt(manifest, cfg, stage, keys[stage], files, f"copied from {src}")
-            print(f"  {stage}: copied from {src}", flush=True)
-            continue
-        print(f"  {stage}: running (no finished run with this {stage} config)", flush=True)
-        shutil.rmtree(dest / STAGE_DIRS[stage], ignore_errors=True)
-        manifest.start(stage, keys[stage], stage_config(cfg, stage), "run by the sweep")
-        t0 = time.perf_counter()
-        try:
-            STAGE_FUNCTIONS[stage](Run(cfg, dest))
-        except BaseException as e:  # the manifest says what happened, as the pipeline's does
-            manifest.fail(stage, time.perf_counter() - t0, e)
-            raise
-        manifest.finish(stage, time.perf_counter() - t0)
-    return dest
-
-
-def prepare_artifacts(base: PipelineConfig, sweep: SweepConfig, out: Path, source_run: Path | None) -> dict[str, Any]:
-    """Upstream stages once per swept Stage I value, codes once per (Stage I, codes) value.
-
-    Returns {"inputs", "upstream": {stage1 key: run dir}, "codes": {codes key: codes.parquet}}:
-    a trial computes its own stage keys and looks its files up here.
+    Returns {artifact_params: run directory}. Each is made by `run_stages` with reuse of `source_run`
+    and of the directories made before it, so nothing is computed twice.
     """
-    from prorec.codes import run_codes
-
-    inputs = dataset_hashes(base)
-    stage1_keys = [k for k in sweep.keys if k.startswith("stage1.")]
-    codes_keys = [k for k in sweep.keys if k.startswith("codes.")]
-    sources = [source_run] if source_run else []
-    upstream: dict[str, str] = {}
-    for params in finite_combinations(sweep, stage1_keys):
+    finite = [p.key for p in sweep.space if p.finite and p.key.split(".")[0] in ("stage1", "codes")]
+    sources: list[Path] = [source_run] if source_run else []
+    runs: dict[str, str] = {}
+    for params in finite_combinations(sweep, finite):
         cfg = apply_params(base, params)
-        key = stage_keys(cfg, inputs)["stage1"]
-        if key in upstream:
-            continue
-        if source_run and all(has_finished_stage(source_run, s, stage_keys(cfg, inputs)[s]) for s in UPSTREAM_STAGES):
-            print(f"upstream {_name(params)}: reusing {source_run} (data, embed, stage1 are up to date there)", flush=True)
-            upstream[key] = str(source_run)
-            continue
-        print(f"upstream {_name(params)}: preparing {out / 'upstream' / _name(params)}", flush=True)
-        dest = ensure_upstream(cfg, out / "upstream" / _name(params), sources, inputs)
-        upstream[key] = str(dest)
-        sources.append(dest)  # the next Stage I value copies data and embeddings from here
-    codes: dict[str, str] = {}
-    for params in finite_combinations(sweep, stage1_keys + codes_keys):
-        cfg = apply_params(base, params)
-        keys = stage_keys(cfg, inputs)
-        if keys["codes"] in codes:
-            continue
-        folder = out / "codes" / _name(params)
-        stamp = folder / "key.json"
-        if stamp.is_file() and json.loads(stamp.read_text()).get("key") == keys["codes"] and \
-                all((folder / Path(o).name).is_file() for o in STAGE_OUTPUTS["codes"]):
-            print(f"codes {_name(params)}: cached in {folder}", flush=True)
-        else:
-            print(f"codes {_name(params)}: quantizing with {cfg.codes.method}, K={cfg.codes.k} into {folder}", flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            stage1_path = Path(upstream[keys["stage1"]]) / STAGE_DIRS["stage1"] / "item_embeddings.parquet"
-            run_codes(cfg.codes, stage1_path, folder)
-            write_json(stamp, {"key": keys["codes"], "config": stage_config(cfg, "codes"), "upstream": keys["stage1"]})
-        codes[keys["codes"]] = str(folder / "codes.parquet")
-    return {"inputs": inputs, "upstream": upstream, "codes": codes}
+        dest = out / "artifacts" / _name(params)
+        print(f"artifacts {_name(params)}: {dest}", flush=True)
+        run_stages(cfg, dest, reuse=sources, until="codes")
+        runs[artifact_params(sweep, params)] = str(dest)
+        sources.append(dest)
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------
 # One trial: Stage II in this process, one report an epoch
 
-class TuneContext:
-    """The `run_epochs` context inside a Tune trial: `ray.tune.report` with a checkpoint each epoch.
-
-    `epoch` is reported as epochs *completed* (1-based): ASHA's rungs count from its grace period,
-    so its time attribute must reach 1 after the first epoch.
-    """
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, label: str, max_epochs: int) -> None:
-        self.label, self.max_epochs = label, max_epochs
-
-    def prepare_model(self, model: Any) -> Any:
-        return model
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        import torch
-        from ray import tune
-
-        from prorec.trainer import CKPT_FILE
-
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
-
-    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
-        import torch
-        from ray import tune
-
-        from prorec.trainer import CKPT_FILE
-
-        metrics = {**metrics, "epoch": int(metrics["epoch"]) + 1}
-        print(f"{self.label}: epoch {metrics['epoch']}/{self.max_epochs} loss={metrics['train_loss']:.4f} "
-              f"valid ndcg@10={metrics[SCORE_KEY]:.4f} recall@10={metrics[RECALL_KEY]:.4f}", flush=True)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / CKPT_FILE)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def train_trial(params: dict[str, Any], *, base: PipelineConfig, artifacts: dict[str, Any], threads: int,
-                use_gpu: bool) -> None:
+def train_trial(params: dict[str, Any], *, base: PipelineConfig, sweep: SweepConfig, artifacts: dict[str, str],
+                threads: int, use_gpu: bool) -> None:
     """A Tune trial: the base config with this trial's values, Stage II trained in-process."""
     import torch
     from ray import tune
 
     from prorec.stage2 import Stage2Trainer, load_inputs
-    from prorec.trainer import run_epochs
+    from prorec.stages import input_paths
+    from prorec.trainer import TuneContext, run_epochs
 
     torch.set_num_threads(threads)
     cfg = apply_params(base, params)
-    keys = stage_keys(cfg, artifacts["inputs"])
-    run_dir = Path(artifacts["upstream"][keys["stage1"]])
-    codes_path = Path(artifacts["codes"][keys["codes"]])
+    run_dir = Path(artifacts[artifact_params(sweep, params)])
+    paths = input_paths(run_dir, "stage2")
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     s2 = cfg.stage2
     label = f"trial {tune.get_context().get_trial_id()} ({_name(params)})"
-    print(f"{label}: Stage II on {device}, codes {codes_path.parent.name}, up to {s2.max_epochs} epochs", flush=True)
+    print(f"{label}: Stage II on {device}, artifacts {run_dir.name}, up to {s2.max_epochs} epochs", flush=True)
     # The valid split only: the sweep never scores the test split.
-    inputs = load_inputs(s2, run_dir / STAGE_DIRS["data"], codes_path,
-                         run_dir / STAGE_DIRS["stage1"] / "item_embeddings.parquet", splits=("train", "valid"))
-    ctx = TuneContext(label, s2.max_epochs)
-    trainer = Stage2Trainer(s2, cfg.eval, inputs, device, ctx)
+    inputs = load_inputs(s2, paths["data"], paths["codes"], paths["stage1_embeddings"], splits=("train", "valid"))
+    ctx = TuneContext(lambda m: f"{label}: epoch {m['epoch']}/{s2.max_epochs} loss={m['train_loss']:.4f} "
+                                f"valid ndcg@10={m[SCORE_KEY]:.4f} recall@10={m[RECALL_KEY]:.4f}")
+    trainer = Stage2Trainer(s2, inputs, device, ctx)
     run_epochs(trainer, ctx, s2.max_epochs, s2.patience, SCORE_KEY)
 
 
@@ -505,19 +394,11 @@ class SweepResult:
     final_metrics: dict[str, Any]
 
 
-def run_final(best: PipelineConfig, out: Path, artifacts: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline on the best config in out/final, with its upstream stages and codes copied in
-    (recorded in its manifest, so the pipeline skips them): Stage II trains again, then the test."""
-    inputs = artifacts["inputs"]
-    keys = stage_keys(best, inputs)
-    final = out / "final"
-    upstream = Path(artifacts["upstream"][keys["stage1"]])
-    ensure_upstream(best, final, [upstream], inputs)
-    if not has_finished_stage(final, "codes", keys["codes"]):
-        codes = Path(artifacts["codes"][keys["codes"]]).parent
-        files = {o: codes / Path(o).name for o in STAGE_OUTPUTS["codes"]}
-        _adopt(Manifest(final), best, "codes", keys["codes"], files, f"copied from {codes}")
-    return run_pipeline(best, final)
+def run_final(best: PipelineConfig, sweep: SweepConfig, params: dict[str, Any], out: Path,
+              artifacts: dict[str, str]) -> dict[str, Any]:
+    """The pipeline on the best config in out/final, reusing its prepared stages (data .. codes):
+    Stage II trains again, then the test."""
+    return run_pipeline(best, out / "final", reuse=[artifacts[artifact_params(sweep, params)]])
 
 
 def run_sweep(base: PipelineConfig, sweep: SweepConfig, out: str | Path, source_run: str | Path | None = None,
@@ -552,7 +433,8 @@ def run_sweep(base: PipelineConfig, sweep: SweepConfig, out: str | Path, source_
               f"{threads} torch thread(s) each", flush=True)
         max_t = sweep.asha.max_t or base.stage2.max_epochs
         trainable = tune.with_resources(
-            tune.with_parameters(train_trial, base=base, artifacts=artifacts, threads=threads, use_gpu="gpu" in per),
+            tune.with_parameters(train_trial, base=base, sweep=sweep, artifacts=artifacts, threads=threads,
+                                 use_gpu="gpu" in per),
             per)
         exp = out / "trials"
         if resume and tune.Tuner.can_restore(str(exp)):
@@ -596,7 +478,7 @@ def run_sweep(base: PipelineConfig, sweep: SweepConfig, out: str | Path, source_
               f"{best_yaml.name}", flush=True)
 
         print(f"\n== [4/4] final test evaluation of the best config (pipeline run in {out / 'final'}) ==", flush=True)
-        metrics = run_final(best_cfg, out, artifacts)
+        metrics = run_final(best_cfg, sweep, {k: best[k] for k in sweep.keys}, out, artifacts)
         final = {"trial_id": best["trial_id"], "params": {k: best[k] for k in sweep.keys},
                  "sweep_valid": {SCORE_KEY: best[SCORE_KEY], RECALL_KEY: best[RECALL_KEY]},
                  "run_dir": str(out / "final"), **metrics}

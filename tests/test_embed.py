@@ -78,19 +78,19 @@ def minilm() -> Iterator[TextEncoder]:
 def test_tiny_llama_by_path_shape_and_rerun(tiny_llama, tmp_path):
     items = write_items(tmp_path / "data", LLAMA_TEXTS)
     cfg = EmbedConfig(model=str(tiny_llama), use_ray=False, batch_size=3)
-    a = embed_items(cfg, items, tmp_path / "a.parquet", "t1")
-    b = embed_items(cfg, items, tmp_path / "b.parquet", "t1")
+    a = embed_items(cfg, items, tmp_path / "a.parquet")
+    b = embed_items(cfg, items, tmp_path / "b.parquet")
     idx, ids, va, meta = read_embeddings(a)
     _, _, vb, _ = read_embeddings(b)
     assert va.shape == (len(LLAMA_TEXTS), 32) and np.isfinite(va).all()
     assert idx.tolist() == list(range(1, len(LLAMA_TEXTS) + 1)) and ids[0] == "I000"
     # No sentence-transformers config: decoder LLMs default to a masked mean, not normalised.
     assert meta["pooling"] == "mean" and meta["normalize"] is False and meta["dim"] == 32
-    assert meta["dtype"] == "float32" and meta["template_hash"] == "t1" and len(meta["items_hash"]) == 16
+    assert meta["dtype"] == "float32" and len(meta["items_hash"]) == 16
     np.testing.assert_array_equal(va, vb)
 
     last = embed_items(EmbedConfig(model=str(tiny_llama), use_ray=False, batch_size=3, pooling="last"),
-                       items, tmp_path / "last.parquet", "t1")
+                       items, tmp_path / "last.parquet")
     _, _, vl, ml = read_embeddings(last)
     assert ml["pooling"] == "last" and vl.shape == va.shape
     assert not np.allclose(vl, va)
@@ -122,7 +122,7 @@ def test_minilm_groups_similar_products(tmp_path):
     texts = [t for group in GROUPS.values() for t in group]
     labels = np.repeat(np.arange(len(GROUPS)), [len(g) for g in GROUPS.values()])
     out = embed_items(EmbedConfig(use_ray=False, batch_size=8), write_items(tmp_path / "d", texts),
-                      tmp_path / "sem.parquet", "t")
+                      tmp_path / "sem.parquet")
     _, _, v, meta = read_embeddings(out)
     assert meta["model"] == "all-MiniLM-L6-v2" and meta["pooling"] == "mean" and meta["normalize"] is True
     assert v.shape == (len(texts), 384)
@@ -148,9 +148,9 @@ def test_minilm_matches_sentence_transformers(minilm):
 @pytest.mark.timeout(120)
 def test_ray_data_equals_local_loop(ray_session, tiny_data, tmp_path):
     local = embed_items(EmbedConfig(use_ray=False, batch_size=16), tiny_data / "items.parquet",
-                        tmp_path / "local.parquet", "t")
+                        tmp_path / "local.parquet")
     remote = embed_items(EmbedConfig(use_ray=True, num_actors=2, batch_size=16), tiny_data / "items.parquet",
-                         tmp_path / "ray.parquet", "t")
+                         tmp_path / "ray.parquet")
     il, idl, vl, _ = read_embeddings(local)
     ir, idr, vr, _ = read_embeddings(remote)
     assert il.tolist() == ir.tolist() and idl == idr and vr.shape == (120, 384)
@@ -161,19 +161,17 @@ def test_cache_reuses_and_invalidates(tiny_llama, tmp_path, capsys):
     items = write_items(tmp_path / "d", LLAMA_TEXTS)
     out = tmp_path / "sem.parquet"
     cfg = EmbedConfig(model=str(tiny_llama), use_ray=False)
-    embed_items(cfg, items, out, "h1")
+    embed_items(cfg, items, out)
     first = out.stat().st_mtime_ns
     capsys.readouterr()
-    embed_items(cfg, items, out, "h1")
+    embed_items(cfg, items, out)
     assert "reusing" in capsys.readouterr().out and out.stat().st_mtime_ns == first
 
-    embed_items(cfg, items, out, "h2")  # a new text template
-    assert "reusing" not in capsys.readouterr().out and read_meta(out)["template_hash"] == "h2"
-    second = out.stat().st_mtime_ns
-    embed_items(EmbedConfig(model=str(tiny_llama), use_ray=False, pooling="last"), items, out, "h2")
+    embed_items(EmbedConfig(model=str(tiny_llama), use_ray=False, pooling="last"), items, out)
     assert "reusing" not in capsys.readouterr().out and read_meta(out)["pooling"] == "last"
+    second = out.stat().st_mtime_ns
     write_items(tmp_path / "d", [*LLAMA_TEXTS[:-1], "a changed item text"])
-    embed_items(EmbedConfig(model=str(tiny_llama), use_ray=False, pooling="last"), items, out, "h2")
+    embed_items(EmbedConfig(model=str(tiny_llama), use_ray=False, pooling="last"), items, out)
     assert "reusing" not in capsys.readouterr().out and out.stat().st_mtime_ns != second
 
 

@@ -13,7 +13,8 @@ N, K, L = 40, 6, 3
 def make_model(**kw) -> Generator:
     torch.manual_seed(0)
     cfg = GeneratorConfig(n_items=N, k=K, code_length=L, d_model=32, n_heads=4, decoder_layers=2, ff_dim=64,
-                          distill_dim=8, n_negatives=16, dropout=0.0, **kw)
+                          distill_dim=8, n_negatives=16, dropout=0.0,
+                          **{"item_head": False, "item_id_embedding": False, **kw})  # the paper's head unless asked
     every = torch.cartesian_prod(*[torch.arange(K)] * L)  # [K^L, L]: N distinct codes, row 0 padding
     codes = torch.cat([torch.zeros(1, L, dtype=torch.long), every[torch.randperm(len(every))[:N]]])
     model = Generator(cfg, codes)
@@ -110,7 +111,7 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="divisible"):
         GeneratorConfig(n_items=5, k=4, code_length=2, d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="item_codes"):
-        Generator(GeneratorConfig(n_items=5, k=4, code_length=2), torch.zeros(5, 2, dtype=torch.long))
+        Generator(GeneratorConfig(n_items=5, k=4, code_length=2, item_head=False), torch.zeros(5, 2, dtype=torch.long))
 
 
 def siblings_of(model: Generator, items: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Stage keys and the rerun plan: which stages a config change invalidates (no stage runs here)."""
+"""Stage keys, the rerun plan and reuse: which stages a config change invalidates (no stage runs here)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,14 @@ import json
 import pytest
 
 from prorec.config import load_config
-from prorec.manifest import STAGE_OUTPUTS, STAGES, Manifest, stage_config, stage_keys
+from prorec.manifest import Manifest, reuse_source
+from prorec.stages import NAMES as STAGES
+from prorec.stages import output_files, stage_config, stage_keys
 
 
-def _changed(base: list[str], new: list[str], inputs: dict | None = None, new_inputs: dict | None = None) -> list[str]:
-    a = stage_keys(load_config(None, base), inputs or {})
-    b = stage_keys(load_config(None, new), new_inputs if new_inputs is not None else (inputs or {}))
+def _changed(base: list[str], new: list[str]) -> list[str]:
+    a = stage_keys(load_config(None, base))
+    b = stage_keys(load_config(None, new))
     return [s for s in STAGES if a[s] != b[s]]
 
 
@@ -19,7 +21,9 @@ def _changed(base: list[str], new: list[str], inputs: dict | None = None, new_in
     ("codes.k=32", "codes"),
     ("eval.beam_size=50", "eval"),
     ("stage2.decoder_layers=2", "stage2"),
-    ("eval.topk=[5,10]", "stage2"),  # Stage II picks its best epoch on these metrics
+    ("eval.topk=[5,10]", "eval"),  # Stage II validates with its own settings
+    ("stage2.valid_beam_size=50", "stage2"),
+    ("stage2.valid_exclude_history=false", "stage2"),
     ("stage1.alpha=0.5", "stage1"),
     ("embed.pooling=cls", "embed"),
     ("data.max_history=10", "data"),
@@ -43,33 +47,37 @@ def test_where_a_stage_runs_does_not_invalidate_it(override):
     assert _changed([], [override]) == []
 
 
-def test_options_added_later_keep_older_keys_at_their_old_value():
-    """An option added after runs existed is left out of the key at the value that reproduces the old
-    behaviour, so the run directories made before it stay finished."""
-    conf = stage_config(load_config(None, ["stage2.item_head=false"]), "stage2")
-    assert "stage2.item_head" not in conf and "stage2.item_head_init" not in conf
-    conf = stage_config(load_config(None, ["stage2.item_head_init=stage1"]), "stage2")
-    assert conf["stage2.item_head"] is True and conf["stage2.item_head_init"] == "stage1"
-    conf = stage_config(load_config(None, []), "eval")
-    assert not {"eval.rerank_weight", "eval.rerank_semantic_weight", "eval.rerank_transition_weight"} & set(conf)
-    assert "stage2.decoupled_weight_decay" not in stage_config(load_config(None, []), "stage2")
+def test_stage2_reads_only_its_own_section():
+    """Stage II's key holds stage2.* only: the evaluation's beam, top-k and batching never change its weights."""
+    conf = stage_config(load_config(None, ["eval.beam_size=200"]), "stage2")
+    assert conf and all(k.startswith("stage2.") for k in conf)
+    assert _changed([], ["eval.beam_size=200", "eval.topk=[10]", "eval.exclude_history=false"]) == ["eval"]
 
 
-def test_canonical_data_is_keyed_by_content_not_path():
-    base, moved = ["data.path=/a/beauty"], ["data.path=/b/beauty"]
-    same = {"user_sequence.txt": "1" * 16, "items.jsonl": "2" * 16}
-    assert _changed(base, moved, same, same) == []
-    assert _changed(base, base, same, {**same, "items.jsonl": "3" * 16}) == list(STAGES)
+def _dataset(folder, items: str) -> str:
+    folder.mkdir(parents=True)
+    (folder / "user_sequence.txt").write_text("u1 a b c\n")
+    (folder / "items.jsonl").write_text(items)
+    return f"data.path={folder}"
+
+
+def test_canonical_data_is_keyed_by_content_not_path(tmp_path):
+    item = '{"item_id": "%s", "title": "t", "categories": [], "keywords": ""}\n'
+    text = "".join(item % i for i in "abc")
+    a, moved = _dataset(tmp_path / "a", text), _dataset(tmp_path / "b", text)
+    edited = _dataset(tmp_path / "c", text.replace('"t"', '"u"'))
+    assert _changed([a], [moved]) == []
+    assert _changed([a], [edited]) == list(STAGES)
     # The synthetic generator's settings do not matter once a dataset is given.
-    assert _changed(base, base + ["data.synthetic.seed=9"], same, same) == []
+    assert _changed([a], [a, "data.synthetic.seed=9"]) == []
 
 
 def _finished_manifest(tmp_path, cfg):
     m = Manifest(tmp_path)
     m.begin_run(cfg, {}, ["test"])
-    keys = stage_keys(cfg, {})
+    keys = stage_keys(cfg)
     for s in STAGES:
-        for out in STAGE_OUTPUTS[s]:
+        for out in output_files(s):
             (tmp_path / out).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / out).write_text(s)
         m.start(s, keys[s], stage_config(cfg, s), "test")
@@ -80,26 +88,26 @@ def _finished_manifest(tmp_path, cfg):
 def test_plan_skips_finished_stages_and_reruns_from_the_first_change(tmp_path):
     cfg = load_config(None, [])
     _finished_manifest(tmp_path, cfg)
-    plan = Manifest(tmp_path).plan(stage_keys(cfg, {}), cfg)
+    plan = Manifest(tmp_path).plan(stage_keys(cfg), cfg)
     assert [s for s in STAGES if plan[s].run] == []
     assert plan["codes"].reason == "done, skipped (unchanged)"
 
     new = load_config(None, ["codes.k=32"])
-    plan = Manifest(tmp_path).plan(stage_keys(new, {}), new)
+    plan = Manifest(tmp_path).plan(stage_keys(new), new)
     assert [s for s in STAGES if plan[s].run] == ["codes", "stage2", "eval"]
     assert all(plan[s].fresh for s in ("codes", "stage2", "eval"))
 
-    plan = Manifest(tmp_path).plan(stage_keys(cfg, {}), cfg, from_stage="stage1")
+    plan = Manifest(tmp_path).plan(stage_keys(cfg), cfg, from_stage="stage1")
     assert [s for s in STAGES if plan[s].run] == ["stage1", "codes", "stage2", "eval"]
     with pytest.raises(ValueError, match="--from-stage"):
-        Manifest(tmp_path).plan(stage_keys(cfg, {}), cfg, from_stage="stage3")
+        Manifest(tmp_path).plan(stage_keys(cfg), cfg, from_stage="stage3")
 
 
 def test_an_interrupted_stage_resumes_with_its_folder_kept(tmp_path):
     cfg = load_config(None, [])
     m = _finished_manifest(tmp_path, cfg)
-    m.start("stage2", stage_keys(cfg, {})["stage2"], stage_config(cfg, "stage2"), "test")  # then killed
-    plan = Manifest(tmp_path).plan(stage_keys(cfg, {}), cfg)
+    m.start("stage2", stage_keys(cfg)["stage2"], stage_config(cfg, "stage2"), "test")  # then killed
+    plan = Manifest(tmp_path).plan(stage_keys(cfg), cfg)
     assert [s for s in STAGES if plan[s].run] == ["stage2", "eval"]
     assert not plan["stage2"].fresh and "interrupted" in plan["stage2"].reason
 
@@ -108,7 +116,7 @@ def test_a_missing_output_reruns_its_stage(tmp_path):
     cfg = load_config(None, [])
     _finished_manifest(tmp_path, cfg)
     (tmp_path / "codes" / "codes.parquet").unlink()
-    plan = Manifest(tmp_path).plan(stage_keys(cfg, {}), cfg)
+    plan = Manifest(tmp_path).plan(stage_keys(cfg), cfg)
     assert [s for s in STAGES if plan[s].run] == ["codes", "stage2", "eval"]
     assert "codes/codes.parquet" in plan["codes"].reason
 
@@ -121,7 +129,30 @@ def test_manifest_records_environment_and_reason(tmp_path):
     assert {"prorec", "torch", "ray", "transformers", "faiss", "numpy", "pyarrow", "python"} <= set(data["packages"])
     assert data["packages"]["python"].count(".") == 2
     assert all(data["stages"][s]["status"] == "done" for s in STAGES)
-    assert set(data["stages"]["eval"]["outputs"]) == set(STAGE_OUTPUTS["eval"])
+    assert set(data["stages"]["eval"]["outputs"]) == set(output_files("eval"))
     # A config change is explained key by key.
     new = load_config(None, ["codes.k=64"])
-    assert "codes.k: 32 -> 64" in Manifest(tmp_path).plan(stage_keys(new, {}), new)["codes"].reason
+    assert "codes.k: 32 -> 64" in Manifest(tmp_path).plan(stage_keys(new), new)["codes"].reason
+
+
+def test_a_finished_stage_is_reused_from_another_run_by_key(tmp_path):
+    cfg = load_config(None, [])
+    src = tmp_path / "src"
+    src.mkdir()
+    _finished_manifest(src, cfg)
+    keys = stage_keys(cfg)
+    assert reuse_source([src], "codes", keys["codes"]) == src
+    assert reuse_source([src], "codes", stage_keys(load_config(None, ["codes.k=8"]))["codes"]) is None
+    assert reuse_source([src], "codes", keys["codes"], exclude=src) is None
+    (src / "codes" / "ray").mkdir()  # a training checkpoint folder is never carried over
+    (src / "codes" / "ray" / "state.pt").write_text("x")
+
+    dest = Manifest(tmp_path / "dest")
+    dest.begin_run(cfg, {}, ["test"])
+    dest.adopt("codes", keys["codes"], stage_config(cfg, "codes"), src)
+    assert (tmp_path / "dest" / "codes" / "codes.parquet").read_text() == "codes"
+    assert not (tmp_path / "dest" / "codes" / "ray").exists()
+    rec = json.loads((tmp_path / "dest" / "manifest.json").read_text())["stages"]["codes"]
+    assert rec["status"] == "done" and rec["key"] == keys["codes"] and rec["reused_from"] == str(src.resolve())
+    # Now the destination holds it too: a later run reuses it from there, or skips it in place.
+    assert reuse_source([tmp_path / "dest"], "codes", keys["codes"]) == tmp_path / "dest"

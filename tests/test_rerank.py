@@ -12,20 +12,14 @@ from prorec.artifacts import write_embeddings
 
 from prorec.beam import BeamResult
 from prorec.config import ConfigError, EvalConfig, load_config
-from prorec.models.din import DIN, DINConfig
-from prorec.rerank import (DIN_FILE, Reranker, SemanticAffinity, Transitions, build_reranker, load_din, rerank,
-                           right_aligned, save_din)
-from prorec.trainer import CKPT_FILE
+from prorec.data.history import realign_right
+from prorec.models.din import DIN, DINConfig, load_din, save_din
+from prorec.rerank import Reranker, SemanticAffinity, Transitions, build_reranker, check_inputs, rerank
 
 
 def tiny_din(seed: int = 0, n_items: int = 30) -> DIN:
     torch.manual_seed(seed)
     return DIN(DINConfig(n_items=n_items, dim=8, max_history=5, attention_hidden=4, mlp_hidden=(6, 3))).eval()
-
-
-def test_right_aligned_moves_each_history_to_the_end_in_order():
-    h = torch.tensor([[3, 4, 5, 0], [7, 0, 0, 0], [1, 2, 3, 4]])
-    assert right_aligned(h).tolist() == [[0, 3, 4, 5], [0, 0, 0, 7], [1, 2, 3, 4]]
 
 
 def test_weight_trades_the_beam_order_for_the_din_order():
@@ -38,7 +32,7 @@ def test_weight_trades_the_beam_order_for_the_din_order():
     # A huge weight orders the candidates by DIN's score of the same user.
     got = Reranker(din, 1e9)(history, BeamResult(items, scores))
     with torch.no_grad():
-        d = din(right_aligned(history), items.clamp(min=0))
+        d = din(realign_right(history), items.clamp(min=0))
     for u in range(2):
         n = int((items[u] >= 0).sum())
         want = items[u, :n][d[u, :n].argsort(descending=True)]
@@ -50,30 +44,24 @@ def test_weight_trades_the_beam_order_for_the_din_order():
     assert Reranker(din, w)(history, BeamResult(items, scores))[1].tolist() == items[1][total.argsort(descending=True)].tolist()
 
 
-def test_saved_din_reloads_with_the_same_scores(tmp_path):
-    din = tiny_din(1)
-    save_din(tmp_path, din.state_dict())
+def test_saved_din_reloads_with_its_config_and_the_same_scores(tmp_path):
+    """The config travels with the weights: flags that no tensor shape reveals come back too."""
+    torch.manual_seed(1)
+    din = DIN(DINConfig(n_items=30, dim=8, max_history=5, attention_hidden=4, mlp_hidden=(6, 3),
+                        attention_softmax=True, dot_residual=False)).eval()
+    save_din(tmp_path, din)
     back = load_din(tmp_path)
-    assert back.cfg.attention_hidden == 4 and back.cfg.mlp_hidden == (6, 3) and back.cfg.max_history == 5
+    assert back.cfg == din.cfg
     h, c = torch.tensor([[0, 0, 1, 2, 3]]), torch.tensor([[4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(back(h, c), din(h, c))
 
 
-def test_a_run_made_before_the_file_existed_exports_it_from_the_checkpoint(tmp_path, capsys):
-    din = tiny_din(2)
-    ckpt = tmp_path / "ray" / "stage1" / "checkpoint_x"
-    ckpt.mkdir(parents=True)
-    best = {f"din.{k}": v for k, v in din.state_dict().items()} | {"adapter.proj.weight": torch.zeros(2, 2)}
-    torch.save({"best_model": best, "epoch": 3}, ckpt / CKPT_FILE)
-    back = load_din(tmp_path)
-    assert (tmp_path / DIN_FILE).is_file() and "exported" in capsys.readouterr().out
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in din.state_dict().items())
-
-
-def test_no_din_and_no_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="rerank_weight=0"):
+def test_a_missing_din_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="din.safetensors is missing"):
         load_din(tmp_path)
+    with pytest.raises(ValueError, match="rerank_weight=0"):
+        check_inputs(EvalConfig(rerank_weight=1.0), tmp_path, None, None)
 
 
 def test_a_negative_weight_is_refused():
@@ -130,7 +118,7 @@ def test_the_weighted_sum_of_signals_orders_the_beam():
 
 
 def test_each_signal_comes_from_its_artifact_and_a_missing_one_is_named(tmp_path):
-    save_din(tmp_path, tiny_din(3, n_items=4).state_dict())
+    save_din(tmp_path, tiny_din(3, n_items=4))
     write_embeddings(tmp_path / "semantic.parquet", np.arange(1, 5), list("abcd"), np.eye(4, dtype=np.float32))
     data = tmp_path / "data"
     data.mkdir()

@@ -16,7 +16,7 @@ import pytest
 from prorec.artifacts import read_embeddings, write_embeddings
 from prorec.config import ConfigError, Stage1Config
 from prorec.data.splits import read_split
-from prorec.rerank import DIN_FILE, load_din
+from prorec.models.din import DIN_FILE, load_din
 from prorec.stage1 import Stage1Data, load_semantic, pca, run_stage1
 
 SEM_DIM = 64
@@ -155,7 +155,7 @@ def test_mismatched_semantic_embeddings_are_refused(tiny_data, tmp_path):
     items = read_split(tiny_data, "items")
     bad = write_embeddings(tmp_path / "bad.parquet", np.arange(1, 11), [f"X{i}" for i in range(10)],
                            np.ones((10, 4), np.float32))
-    with pytest.raises(ValueError, match="does not cover the items"):
+    with pytest.raises(ValueError, match="expected semantic embeddings of this dataset.s items 1..120"):
         load_semantic(bad, items.column("item_id").to_pylist())
     with pytest.raises(FileNotFoundError):
         run_stage1(small_cfg(), tiny_data, tmp_path / "missing.parquet", tmp_path / "out")

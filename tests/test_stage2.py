@@ -11,16 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 from prorec.artifacts import write_embeddings
-from prorec.beam import BeamSearch
+from prorec.beam import BeamSearch, rank_users
 from prorec.codes import quantize, trie_from_file, write_codes
 from prorec.config import CodesConfig, EvalConfig, Stage2Config
+from prorec.data.history import history_tensor, realign_right
 from prorec.data.splits import read_split
 from prorec.evaluate import run_evaluate
 from prorec.metrics import ranking_metrics, target_ranks
-from prorec.models.din import DIN, DINConfig
-from prorec.models.generator import Generator, GeneratorConfig
-from prorec.rerank import load_din, right_aligned, save_din
-from prorec.stage2 import history_tensor, load_generator, rank_users, run_stage2
+from prorec.models.din import DIN, DINConfig, load_din, save_din
+from prorec.models.generator import Generator, GeneratorConfig, load_generator
+from prorec.stage2 import run_stage2
 
 torch.set_num_threads(1)
 K = 8
@@ -49,13 +49,12 @@ def small(**kw) -> Stage2Config:
     return Stage2Config(**{**base, **kw})
 
 
-EVAL = EvalConfig(beam_size=20, use_ray=False, batch_size=128)
 
 
 @pytest.fixture(scope="module")
 def trained(artifacts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stage2")
-    return run_stage2(small(), EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"], out)
+    return run_stage2(small(), artifacts["data"], artifacts["codes"], artifacts["stage1"], out)
 
 
 def valid_ndcg10(model: Generator, artifacts: dict[str, Path]) -> float:
@@ -68,7 +67,7 @@ def valid_ndcg10(model: Generator, artifacts: dict[str, Path]) -> float:
 def test_training_beats_the_untrained_model(trained, artifacts):
     conf = json.loads((trained / "model_config.json").read_text())
     assert conf["k"] == K and conf["code_length"] >= 2 and conf["n_items"] == 120
-    assert conf["decoder_layers"] == 2 and conf["distill"] is True and conf["lr"] == 3e-3
+    assert conf["decoder_layers"] == 2 and conf["distill"] is True and conf["d_model"] == 64
     torch.manual_seed(0)
     untrained = Generator(GeneratorConfig.from_dict(conf), load_file(str(trained / "model.safetensors"))["item_codes"])
     before = valid_ndcg10(untrained, artifacts)
@@ -85,7 +84,7 @@ def test_training_beats_the_untrained_model(trained, artifacts):
 def test_item_head_model_trains_saves_and_reloads(artifacts, tmp_path):
     """stage2.item_head through the stage: the model learns, and the saved weights reload into a model
     whose beam search reproduces the recorded validation NDCG@10."""
-    out = run_stage2(small(item_head=True, max_epochs=3), EVAL, artifacts["data"], artifacts["codes"],
+    out = run_stage2(small(item_head=True, max_epochs=3), artifacts["data"], artifacts["codes"],
                      artifacts["stage1"], tmp_path)
     assert json.loads((out / "model_config.json").read_text())["item_head"] is True
     model = load_generator(out)
@@ -122,7 +121,7 @@ def test_evaluation_writes_metrics_and_predictions(trained, artifacts, tmp_path)
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(artifacts, tmp_path):
     cfg = small(max_epochs=2, d_model=16, distill=False, valid_users=60)
-    args = (EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"])
+    args = (artifacts["data"], artifacts["codes"], artifacts["stage1"])
     straight = run_stage2(cfg, *args, tmp_path / "straight")
     run_stage2(cfg, *args, tmp_path / "crashed", stop_after_epoch=0)  # "crashes" after epoch 0
     first = json.loads((tmp_path / "crashed" / "metrics.json").read_text())
@@ -142,7 +141,7 @@ def random_din_dir(path: Path, n_items: int = 120) -> Path:
     torch.manual_seed(3)
     din = DIN(DINConfig(n_items=n_items, dim=16, max_history=20, attention_hidden=4, mlp_hidden=(8, 4)))
     path.mkdir(parents=True, exist_ok=True)
-    save_din(path, din.state_dict())
+    save_din(path, din)
     return path
 
 
@@ -175,7 +174,7 @@ def test_reranked_evaluation_reorders_the_beam_by_din(trained, artifacts, tmp_pa
     for u in range(0, test.num_rows, 7):
         assert set(ranked["huge"][u]) == set(ranked["plain"][u])
         with torch.no_grad():
-            d = din(right_aligned(hist[u:u + 1]), torch.tensor([ranked["huge"][u]]))[0]
+            d = din(realign_right(hist[u:u + 1]), torch.tensor([ranked["huge"][u]]))[0]
         assert (d[:-1] >= d[1:]).all()
 
 
@@ -202,11 +201,11 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
 @pytest.mark.timeout(300)
 def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):
     cfg = small(num_workers=2, max_epochs=2, d_model=16, valid_users=60)
-    out = run_stage2(cfg, EVAL, artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
+    out = run_stage2(cfg, artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert (out / "ray" / "stage2").is_dir()
-    model = load_generator(out)
-    assert 0.0 <= valid_ndcg10(model, artifacts) <= 1.0
     assert metrics["best"]["valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in metrics["history"])
+    # The saved model is the best epoch's (60 validation users were scored; here all are).
+    assert valid_ndcg10(load_generator(out), artifacts) > 0

@@ -113,7 +113,11 @@ def test_grid_sweep_picks_the_best_validation_trial(grid_sweep):
             assert not [k for k in json.loads(line) if "test" in k.lower()], path
     assert (grid_sweep / "results.md").read_text().count("\n| ") == 5  # header + 4 trials
     assert (grid_sweep / "valid_ndcg_vs_params.png").stat().st_size > 10_000
-    assert sorted(p.name for p in (grid_sweep / "codes").iterdir()) == ["k4", "k8"]  # one quantization per K
+    # One run directory per K; the second reused the first one's data, embeddings and Stage I.
+    assert sorted(p.name for p in (grid_sweep / "artifacts").iterdir()) == ["k4", "k8"]
+    k8 = json.loads((grid_sweep / "artifacts" / "k8" / "manifest.json").read_text())["stages"]
+    assert all(k8[s]["reused_from"] == str(grid_sweep / "artifacts" / "k4") for s in ("data", "embed", "stage1"))
+    assert "reused_from" not in k8["codes"] and k8["codes"]["depends_on"]["codes.k"] == 8
 
     best = max(rows, key=lambda r: float(r[SCORE_KEY]))
     assert float(best[SCORE_KEY]) == max(float(r[SCORE_KEY]) for r in rows) > 0
@@ -135,7 +139,7 @@ def test_best_config_runs_in_the_pipeline(grid_sweep):
     final = grid_sweep / "final"
     manifest = json.loads((final / "manifest.json").read_text())["stages"]
     # The final run reused the sweep's upstream stages and codes: only Stage II and the test ran.
-    assert all(manifest[s]["reason"].startswith("copied from") for s in ("data", "embed", "stage1", "codes"))
+    assert all(manifest[s]["reason"].startswith("reused from") for s in ("data", "embed", "stage1", "codes"))
     model = json.loads((final / "stage2" / "model_config.json").read_text())
     assert (model["k"], model["decoder_layers"]) == (cfg.codes.k, cfg.stage2.decoder_layers)
     # Stage II trained there as in the trial (same seed and data; the thread count may differ).
@@ -160,12 +164,13 @@ def test_alpha_sweep_from_a_finished_run_reruns_only_stage1(grid_sweep, tmp_path
     out = tmp_path / "alpha"
     assert main(["--run", str(run), "--space", str(space), "--out", str(out), "stage2.max_epochs=1"]) == 0
 
-    # alpha = 1.0 is the run's own Stage I (read in place); alpha = 0.5 reran Stage I only.
-    assert [p.name for p in (out / "upstream").iterdir()] == ["alpha0.5"]
-    stages = json.loads((out / "upstream" / "alpha0.5" / "manifest.json").read_text())["stages"]
-    assert stages["data"]["reason"] == stages["embed"]["reason"] == f"copied from {run}"
-    assert stages["stage1"]["reason"] == "run by the sweep" and stages["stage1"]["depends_on"]["stage1.alpha"] == 0.5
-    assert sorted(p.name for p in (out / "codes").iterdir()) == ["alpha0.5_k8", "alpha1.0_k8"]
+    # alpha = 1.0 reuses the run's own Stage I; alpha = 0.5 reran Stage I (and its codes) only.
+    assert sorted(p.name for p in (out / "artifacts").iterdir()) == ["alpha0.5_k8", "alpha1.0_k8"]
+    stages = json.loads((out / "artifacts" / "alpha0.5_k8" / "manifest.json").read_text())["stages"]
+    assert stages["data"]["reused_from"] == stages["embed"]["reused_from"] == str(run)
+    assert "reused_from" not in stages["stage1"] and stages["stage1"]["depends_on"]["stage1.alpha"] == 0.5
+    same = json.loads((out / "artifacts" / "alpha1.0_k8" / "manifest.json").read_text())["stages"]
+    assert same["stage1"]["reused_from"] == str(run)
 
     rows = _rows(out)
     assert sorted(float(r["stage1.alpha"]) for r in rows) == [0.5, 1.0] and all(r["status"] == "ok" for r in rows)

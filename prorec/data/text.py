@@ -1,7 +1,6 @@
 """Item text for the semantic encoder: `title; category path` by default."""
 from __future__ import annotations
 
-import hashlib
 
 from prorec.data.canonical import Item
 
@@ -17,6 +16,3 @@ def item_text(item: Item, template: str = "{title}; {categories}") -> str:
     text = template.format(title=title, categories=category_path(item), keywords=item.keywords.strip())
     return text.strip().strip(";").strip()
 
-
-def template_hash(template: str) -> str:
-    return hashlib.sha256(template.encode()).hexdigest()[:16]
