@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.beam import BeamSearch  # noqa: E402
 from prorec.codes import CodeTrie, codes_meta, load_codes, quantize  # noqa: E402
 from prorec.config import CodesConfig, Stage2Config  # noqa: E402
 from prorec.models.generator import Generator, GeneratorConfig  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path("/work/cache/beauty")
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty"
 N_ITEMS, K = 12_101, 256
@@ -79,7 +79,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-exclude", action="store_true", help="do not exclude history items")
     ap.add_argument("--name", default="beam_throughput")
+    add_allow_dirty(ap)
     args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -92,7 +94,7 @@ def main() -> None:
     torch.manual_seed(0)
     gcfg = GeneratorConfig(n_items=N_ITEMS, k=K, code_length=L, d_model=s2.d_model, n_heads=s2.n_heads,
                            encoder_layers=s2.encoder_layers, decoder_layers=s2.decoder_layers, ff_dim=s2.ff_dim,
-                           distill=False, max_history=20)
+                           distill=False, max_history=20, item_head=False, item_id_embedding=False)  # as measured
     item_codes = torch.cat([torch.zeros(1, L, dtype=torch.long), torch.from_numpy(codes).long()])
     model = Generator(gcfg, item_codes).to(device).eval()
     lengths, lengths_from = history_lengths(args.users, rng)
@@ -143,9 +145,7 @@ def main() -> None:
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "results": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    write_result(RESULTS / args.name, result, markdown(result), tree)
     if profile_text:
         (RESULTS / f"{args.name}.profile.txt").write_text(f"Command: {result['command']}\n\n" + "\n".join(profile_text))
     print(f"wrote {RESULTS / args.name}.json and .md")

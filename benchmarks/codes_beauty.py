@@ -24,11 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.artifacts import read_embeddings, read_meta, write_embeddings  # noqa: E402
 from prorec.codes import load_codes, run_codes  # noqa: E402
 from prorec.config import CodesConfig  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_EMB = Path("/work/cache/beauty/embeddings/semantic.parquet")
 
 
@@ -57,7 +57,9 @@ def main() -> None:
     ap.add_argument("--niter", type=int, default=20)
     ap.add_argument("--ray", action="store_true", help="also run as Ray tasks and compare")
     ap.add_argument("--name", default="codes_beauty", help="results file stem")
+    add_allow_dirty(ap)
     args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
 
     import faiss
 
@@ -108,9 +110,7 @@ def main() -> None:
         import ray
         result["machine"]["ray_cpus"] = ray.cluster_resources().get("CPU")
         result["machine"]["ray_init_seconds"] = ray_init_s
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    write_result(RESULTS / args.name, result, markdown(result), tree)
     print(f"wrote {RESULTS / args.name}.json and .md")
 
 

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.config import load_config  # noqa: E402
 from prorec.manifest import MANIFEST_FILE  # noqa: E402
+from prorec.stages import NAMES as STAGES  # noqa: E402
 from prorec.pipeline import PAPER_BEAUTY, run_pipeline  # noqa: E402
 
 # The variants were measured before the Beauty configs chose weight decay and the reranked beam:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 import sys
 import time
@@ -27,19 +26,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.config import EvalConfig  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
 from prorec.evaluate import Ranker  # noqa: E402
 from prorec.metrics import ranking_metrics, target_ranks  # noqa: E402
 from prorec.rerank import build_reranker, rerank  # noqa: E402
-from prorec.stage2 import history_tensor, read_model_config  # noqa: E402
+from prorec.data.history import history_tensor  # noqa: E402
+from prorec.models.generator import load_generator_config  # noqa: E402
 
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
 def histories(run: Path, split: str) -> torch.Tensor:
     table = read_split(run / "data", split)
-    return history_tensor(table.column("history"), read_model_config(run / "stage2")["max_history"])
+    return history_tensor(table.column("history"), load_generator_config(run / "stage2").max_history)
 
 
 def beam(run: Path, split: str, width: int, batch: int) -> dict[str, torch.Tensor]:
@@ -88,7 +89,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/prorec_rerank"))
     ap.add_argument("--name", default="beauty_rerank")
+    add_allow_dirty(ap)
     args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
     if args.split == "test":
         raise SystemExit("choose on validation: the test numbers come from the pipeline run with the chosen setting")
     torch.set_num_threads(2)
@@ -119,8 +122,6 @@ def main() -> None:
     res = {"command": " ".join(["python", *sys.argv]), "run": str(args.run), "stage1": str(stage1),
            "split": args.split, "users": int(len(target)), "host": platform.node(), "torch_threads": 2,
            "rule": "best validation NDCG@10", "chosen": best, "rows": rows}
-    results = ROOT / "benchmarks" / "results"
-    (results / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     # The table: for each beam, the generator alone, the best row with each set of signals on, and
     # the ten best rows overall (every row is in the JSON).
     def on(r: dict) -> tuple[str, ...]:
@@ -147,7 +148,7 @@ def main() -> None:
                      + " | ".join(f"{r[m]:.4f}" for m in METRICS) + f" | {r['seconds']:.0f} |")
     lines += ["", f"Chosen ({res['rule']}): beam {best['beam']}, w_din {best['weight']:g}, "
               f"w_sem {best['semantic_weight']:g}, w_tr {best['transition_weight']:g}."]
-    (results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_result(RESULTS / args.name, res, "\n".join(lines) + "\n", tree)
     print(f"chosen: beam {best['beam']} w_din {best['weight']:g} w_sem {best['semantic_weight']:g} "
           f"w_tr {best['transition_weight']:g} (valid N@10 {best['ndcg@10']:.4f})")
 

@@ -6,6 +6,10 @@ Everything comes from RUN_DIR/manifest.json (the command, the config, versions, 
 stage's wall and CPU time, the metrics) and RUN_DIR/stage1|stage2/metrics.json (the training
 curves): the report states only what the run recorded. Writes benchmarks/results/NAME.{md,json};
 `--notes` appends a hand-written section (conditions of the run, what it means).
+
+The report also records the git commit of the checkout it is written from, and refuses to write
+from a checkout with uncommitted changes to tracked files unless given `--allow-dirty`
+(benchmarks/results_io.py).
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prorec.manifest import MANIFEST_FILE, STAGES  # noqa: E402
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from prorec.manifest import MANIFEST_FILE  # noqa: E402
+from prorec.stages import NAMES as STAGES  # noqa: E402
 from prorec.pipeline import PAPER_BEAUTY  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
@@ -39,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="results file stem in benchmarks/results/")
     p.add_argument("--title", default=None)
     p.add_argument("--notes", type=Path, help="a markdown file appended as the report's last section")
+    add_allow_dirty(p)
     args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
     m = json.loads((args.run / MANIFEST_FILE).read_text())
     stages = m["stages"]
     total_wall = sum(stages[s].get("wall_seconds", 0.0) for s in STAGES if s in stages)
@@ -68,14 +75,12 @@ def main(argv: list[str] | None = None) -> int:
            f"Stage II validation NDCG@10 by epoch (its validation users): {s2}", ""]
     if args.notes:
         md += [args.notes.read_text().rstrip(), ""]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(md))
     out = {"command": ["python", *m["command"]], "run_dir": str(args.run), "git": m["git"], "packages": m["packages"],
            "ray": m.get("ray"), "hardware": hardware, "metrics": m.get("metrics"),
            "stage_wall_seconds": {s: stages.get(s, {}).get("wall_seconds") for s in STAGES},
            "total_wall_seconds": round(total_wall, 1), "stage1_valid_ndcg10": s1, "stage2_valid_ndcg10": s2,
            "config": m["config"]}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_result(RESULTS / args.name, out, "\n".join(md), tree)
     print("\n".join(md))
     return 0
 

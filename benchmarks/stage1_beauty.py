@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.analysis import semantic_domination_report  # noqa: E402
 from prorec.artifacts import read_embeddings  # noqa: E402
 from prorec.config import Stage1Config  # noqa: E402
 from prorec.stage1 import run_stage1  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _train(cfg: Stage1Config, data: Path, semantic: Path, out_dir: Path, threads: int) -> dict:
@@ -96,12 +96,11 @@ def _probe(name: str, base: Stage1Config, data: Path, steps: int, threads: int) 
             "seconds_per_step": seconds / steps, **train, **trainer.validate()}
 
 
-def run_probes(args, base: Stage1Config) -> None:
+def run_probes(args, base: Stage1Config, tree: dict) -> None:
     jobs = [(n, base, Path(args.data), args.probe_steps, args.threads) for n in args.probe]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = list(pool.map(_probe, *zip(*jobs)))
     cmd = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    (RESULTS / "stage1_beauty_probes.json").write_text(json.dumps({"command": cmd, "probes": rows}, indent=2) + "\n")
     lines = ["# Stage I design probes on Beauty", "", f"Command: `{cmd}`", "",
              f"Each probe trains the collaborative model from the same start for {args.probe_steps} steps "
              f"(batch {base.batch_size}), then ranks the full catalogue for {base.valid_users} validation users. "
@@ -111,7 +110,7 @@ def run_probes(args, base: Stage1Config) -> None:
         change = json.dumps({**r["cfg"], **r["din"]}) if (r["cfg"] or r["din"]) else "-"
         lines.append(f"| {r['probe']} | `{change}` | {r['seq_loss']:.4f} | {r['recall@10']:.4f} | "
                      f"{r['ndcg@10']:.4f} | {r['seconds_per_step']:.2f} |")
-    (RESULTS / "stage1_beauty_probes.md").write_text("\n".join(lines) + "\n")
+    write_result(RESULTS / "stage1_beauty_probes", {"command": cmd, "probes": rows}, "\n".join(lines) + "\n", tree)
     print("\n".join(lines))
 
 
@@ -132,13 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--probe-steps", type=int, default=250)
     ap.add_argument("--fusions", nargs="+", default=["collaborative", "prorec"],
                     help="trainings to run (concat and semantic are always derived)")
+    add_allow_dirty(ap)
     args = ap.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
     torch.set_num_threads(args.threads)
     data, semantic, root = Path(args.data), Path(args.semantic), Path(args.out_root)
     base = Stage1Config(num_workers=0, max_epochs=args.max_epochs, patience=args.patience,
                         valid_users=args.valid_users)
     if args.probe:
-        return run_probes(args, base)
+        return run_probes(args, base, tree)
     # The trainings run side by side, one process (and --threads torch threads) each.
     jobs = [(dataclasses.replace(base, fusion=f), data, semantic, root / f"stage1_{f}", args.threads)
             for f in args.fusions]
@@ -187,9 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "semantic_domination": analysis,
         "outputs": {f: str(root / f"stage1_{f}") for f in ("semantic", "collaborative", "concat", "prorec")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.results_name}.md").write_text(to_markdown(result))
+    write_result(RESULTS / args.results_name, result, to_markdown(result), tree)
     print(to_markdown(result))
     return result
 

@@ -18,7 +18,6 @@ Validation only: nothing here reads the test split. Writes benchmarks/results/NA
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -29,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prorec.beam import BeamSearch  # noqa: E402
-from prorec.codes import CodeTrie  # noqa: E402
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from prorec.beam import BeamSearch, rank_users  # noqa: E402
+from prorec.codes import CodeTrie, item_code_table  # noqa: E402
+from prorec.data.history import history_tensor  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
-from prorec.models.generator import sibling_tables  # noqa: E402
-from prorec.stage2 import history_tensor, item_code_table, load_generator, rank_users  # noqa: E402
+from prorec.models.generator import load_generator, sibling_tables  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
@@ -97,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="stage2_diagnostics")
+    add_allow_dirty(p)
     args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
     torch.set_num_threads(args.threads)
     ks = (1, 10, 20)
     rows = [diagnose(r, args.users, args.beam, ks) for r in args.runs]
     command = " ".join(["python", "benchmarks/stage2_diagnostics.py", *map(shlex.quote, sys.argv[1:])])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "runs": rows}, indent=2) + "\n")
     L = max(r["code_length"] for r in rows)
     md = [f"# Stage II diagnostics on {args.users} validation users", "", f"Command: `{command}`", "",
           "Teacher-forced top-1 accuracy by level, and beam prefix hit@20 by level (any of the top 20 "
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         hit = [f"{h:.3f}" for h in r["prefix_hit"][20]] + [""] * (L - r["code_length"])
         md.append(f"| {Path(r['run']).name} | {r['code_length']} | {r['largest_first_level_group']} | "
                   + " | ".join(acc) + " | " + " | ".join(hit) + f" | {r['recall'][10]:.4f} | {r['recall'][20]:.4f} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    write_result(RESULTS / args.name, {"command": command, "runs": rows}, "\n".join(md) + "\n", tree)
     print("\n".join(md))
     return 0
 

@@ -12,7 +12,6 @@ benchmarks/results/stage2_step.{json,md} (and stage2_step.profile.txt with --pro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -25,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.config import Stage2Config  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
 from prorec.models.generator import Generator, GeneratorConfig  # noqa: E402
-from prorec.stage2 import BUCKET, history_tensor  # noqa: E402
+from prorec.data.history import history_tensor  # noqa: E402
 from prorec.trainer import length_grouped_batches  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true")
+    add_allow_dirty(p)
     args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -51,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     target = torch.from_numpy(train.column("target").to_numpy().astype(np.int64))
     lengths = (hist > 0).sum(1).numpy()
     k, L = 256, 3
-    gcfg = GeneratorConfig(n_items=n_items, k=k, code_length=L, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                           encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers, ff_dim=cfg.ff_dim,
-                           dropout=cfg.dropout, n_negatives=cfg.n_negatives, distill_dim=128)
+    # The paper's head (as measured): random codes may collide, which the item head refuses.
+    gcfg = GeneratorConfig(**{**cfg.arch(), "item_head": False, "item_id_embedding": False}, n_items=n_items, k=k,
+                           code_length=L, distill_dim=128)
     model = Generator(gcfg, torch.randint(0, k, (n_items + 1, L)))
     model.set_teacher(torch.randn(n_items + 1, 128))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = int(np.ceil(len(target) / cfg.batch_size))
     plain = np.array_split(np.random.default_rng(0).permutation(len(target)), steps)
     grouped = length_grouped_batches(np.arange(len(target)), lengths, cfg.batch_size, steps,
-                                     np.random.default_rng(0), BUCKET)
+                                     np.random.default_rng(0))
 
     def run(batches: list[np.ndarray], n: int) -> float:
         t0 = time.perf_counter()
@@ -89,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         "epoch_seconds_estimate": {n: round(min(v) * steps / 1000, 1) for n, v in ms.items()},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stage2_step.json").write_text(json.dumps(out, indent=2) + "\n")
     md = ["# Stage II training step: plain shuffle vs length-grouped batches", "",
           f"Command: `{out['command']}`", "", f"Machine: {out['machine']}; load average before -> after "
           f"{out['load_avg_before_after'][0]} -> {out['load_avg_before_after'][1]}.", "",
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
         (RESULTS / "stage2_step.profile.txt").write_text(table + "\n")
         md += ["", "Profile of 10 grouped steps: stage2_step.profile.txt."]
-    (RESULTS / "stage2_step.md").write_text("\n".join(md) + "\n")
+    write_result(RESULTS / "stage2_step", out, "\n".join(md) + "\n", tree)
     print("\n".join(md))
     return 0
 

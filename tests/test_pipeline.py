@@ -76,7 +76,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 
 PIPELINE_CONFIGS = [TINY, REPO / "jobs" / "configs" / "default.yaml",
-                    *sorted((REPO / "jobs" / "configs" / "beauty").glob("*.yaml"))]
+                    *sorted((REPO / "jobs" / "configs" / "beauty").rglob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "jobs" / "configs")))
@@ -106,6 +106,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     return run, _pipeline(run)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_end_to_end_writes_manifest_metrics_and_predictions(tiny_run):
     run, stdout = tiny_run
@@ -141,6 +142,7 @@ def test_end_to_end_writes_manifest_metrics_and_predictions(tiny_run):
     assert all(len(set(p["items"])) == len(p["items"]) for p in preds)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_rerun_skips_every_finished_stage(tiny_run):
     run, _ = tiny_run
@@ -155,6 +157,7 @@ def test_a_rerun_skips_every_finished_stage(tiny_run):
     assert _mtimes(run) == before  # not one artifact was rewritten
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_changed_codes_k_reruns_codes_onward_only(tiny_run, tmp_path):
     run = _copy(tiny_run[0], tmp_path / "run")
@@ -174,6 +177,7 @@ def test_a_changed_codes_k_reruns_codes_onward_only(tiny_run, tmp_path):
     assert [s for s in STAGES if not m["stages"][s]["skipped_last_run"]] == ["codes", "stage2", "eval"]
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_reranking_reruns_eval_only_with_the_din_stage1_saved(tiny_run, tmp_path):
     """eval.rerank_weight reads the DIN that Stage I saved, and changes the evaluation alone."""
@@ -197,6 +201,7 @@ def test_reranking_reruns_eval_only_with_the_din_stage1_saved(tiny_run, tmp_path
     assert json.loads((run / "eval" / "metrics.json").read_text()) != reranked
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_the_evaluation_beam_never_changes_stage2(tiny_run, tmp_path):
     """Stage II validates with its own stage2.valid_beam_size: a fresh run with another eval.beam_size
@@ -214,6 +219,7 @@ def test_the_evaluation_beam_never_changes_stage2(tiny_run, tmp_path):
     assert [s for s in STAGES if not _manifest(again)["stages"][s]["skipped_last_run"]] == ["eval"]
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_reuse_links_in_the_finished_stages_of_another_run(tiny_run, tmp_path):
     run, _ = tiny_run
@@ -230,6 +236,7 @@ def test_reuse_links_in_the_finished_stages_of_another_run(tiny_run, tmp_path):
     assert "plan: nothing to do" in _pipeline(new, "--reuse", str(run), "codes.k=8")
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_killed_stage2_resumes_from_its_checkpoint(tiny_run, tmp_path):
     run = _copy(tiny_run[0], tmp_path / "run")
@@ -336,6 +343,7 @@ def _ray_head(env: dict[str, str]):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.timeout(600)

@@ -163,6 +163,7 @@ def test_mismatched_semantic_embeddings_are_refused(tiny_data, tmp_path):
         run_stage1(small_cfg(negatives="hard"), tiny_data, tmp_path / "missing.parquet", tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_two_ray_workers_reach_the_quality_of_one_and_resume(ray_session, tiny_data, semantic_path, tmp_path):

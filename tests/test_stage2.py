@@ -197,6 +197,7 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
         (tmp_path / "localdin" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):

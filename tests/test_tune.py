@@ -97,6 +97,7 @@ def grid_sweep(ray_session, tiny_raw, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.timeout(400)
@@ -127,6 +128,7 @@ def test_grid_sweep_picks_the_best_validation_trial(grid_sweep):
     assert set(final["test"]) >= {"recall@10", "ndcg@10"} and 0 <= final["test"]["ndcg@10"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.timeout(400)
@@ -154,6 +156,7 @@ def test_best_config_runs_in_the_pipeline(grid_sweep):
     assert all(stages[s].get("skipped_last_run") for s in stages)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.ray
 @pytest.mark.timeout(400)
