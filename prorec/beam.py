@@ -124,19 +124,33 @@ class BeamSearch:
         # A sentinel last row (nothing allowed, no child) lets dead beams (node -1) index the tables.
         self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed]
         self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
-        self.paths = _TriePaths(self.trie, model.item_codes) if exclude_history else None
+        self.exclude_history = exclude_history
+        self._paths = _TriePaths(self.trie, model.item_codes) if exclude_history else None
         self.autocast = autocast and device.type == "cuda"
 
+    @property
+    def paths(self) -> "_TriePaths":
+        if self._paths is None:  # built on first use when only explicit exclusions are asked for
+            self._paths = _TriePaths(self.trie, self.model.item_codes)
+        return self._paths
+
     @torch.inference_mode()
-    def search(self, history: torch.Tensor) -> BeamResult:
-        """history [B, S] item_idx (right-padded with 0) -> the top-`topk` items of each user."""
+    def search(self, history: torch.Tensor, exclude: torch.Tensor | None = None) -> BeamResult:
+        """history [B, S] item_idx (right-padded with 0) -> the top-`topk` items of each user.
+
+        `exclude` [B, E] (0 = padding): more items to leave out of each user's list, beside the
+        history when `exclude_history`; the search runs over the catalogue without them."""
         model, trie, W, K = self.model, self.trie, self.beam_size, self.trie.k
         was_training = model.training
         model.eval()
         history = history.to(model.item_codes.device)
         B = history.shape[0]
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        excl = self.paths.dead(history) if self.paths is not None else None
+        banned = history if self.exclude_history else None
+        if exclude is not None and exclude.shape[1] > 0:
+            exclude = exclude.to(history.device)
+            banned = exclude if banned is None else torch.cat([banned, exclude], dim=1)
+        excl = self.paths.dead(banned) if banned is not None else None
         try:
             with amp:
                 memory = model.encode(history)
@@ -221,12 +235,17 @@ def score_all_codes(model: Generator, history: torch.Tensor, trie: CodeTrie) -> 
 
 
 def brute_force_topk(model: Generator, history: torch.Tensor, trie: CodeTrie, topk: int,
-                     exclude_history: bool = False) -> BeamResult:
-    """The exact top-k of every user by `score_all_codes` (ties: lower code order first)."""
+                     exclude_history: bool = False, exclude: torch.Tensor | None = None) -> BeamResult:
+    """The exact top-k of every user by `score_all_codes` (ties: lower code order first), leaving out
+    the history items (`exclude_history`) and the items of `exclude` [B, E]."""
     items, logp = score_all_codes(model, history, trie)
     history = history.to(logp.device)
-    if exclude_history:
-        seen = (items[None, :, None] == history[:, None, :]).any(-1)  # (B, N)
+    banned = [history] if exclude_history else []
+    if exclude is not None:
+        banned.append(exclude.to(logp.device))
+    if banned:
+        b = torch.cat(banned, dim=1)
+        seen = (items[None, :, None] == b[:, None, :]).any(-1)  # (B, N); items are >= 1, so padding never matches
         logp = logp.masked_fill(seen, NEG_INF)
     n = min(topk, items.shape[0])
     scores, idx = stable_topk(logp, n)

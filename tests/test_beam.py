@@ -56,12 +56,13 @@ def test_full_width_beam_equals_brute_force(exclude, item_head):
 
 @pytest.mark.parametrize("item_head", [False, True])
 def test_scores_are_sums_of_level_log_probabilities(item_head):
-    model, trie = make(30, item_head=item_head)
-    hist = histories(30, n_users=2)
+    n = K ** L  # every code is an item, so the trie leaves none out
+    model, trie = make(n, item_head=item_head)
+    hist = histories(n, n_users=2)
     items, logp = score_all_codes(model, hist, trie)
-    assert torch.equal(items.sort().values, torch.arange(1, 31))
-    # A code's probabilities over the whole catalogue sum to at most 1 (the trie leaves out codes).
-    assert (logp.exp().sum(1) <= 1 + 1e-5).all()
+    assert torch.equal(items.sort().values, torch.arange(1, n + 1))
+    # Products of per-level conditional probabilities over the whole code space sum to exactly 1.
+    torch.testing.assert_close(logp.exp().sum(1), torch.ones(2))
 
 
 def test_narrow_beam_returns_distinct_real_items_best_first():
@@ -145,3 +146,29 @@ def test_trie_codes_lists_every_item_once():
     codes, items = trie_codes(trie)
     assert sorted(items.tolist()) == list(range(1, 26))
     assert torch.equal(model.item_codes[items], codes)
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_explicit_exclusions_equal_a_search_over_the_catalogue_without_them(exclude_history):
+    """search(history, exclude): a narrow beam over the catalogue minus the excluded items (and the
+    history, when excluded too) equals a plain search over a trie built without them; a full-width
+    beam equals the brute-force ranking with the same items removed."""
+    n = 40
+    model, trie = make(n, seed=6)
+    codes = model.item_codes[1:].numpy()
+    hist = histories(n, n_users=5, seed=7)
+    rng = np.random.default_rng(8)
+    exclude = torch.zeros(5, 8, dtype=torch.long)
+    for u in range(5):
+        exclude[u, : 3 + u] = torch.from_numpy(rng.choice(np.arange(1, n + 1), 3 + u, replace=False))
+    got = BeamSearch(model, trie, beam_size=4, topk=4, exclude_history=exclude_history).search(hist, exclude)
+    for u in range(5):
+        banned = np.concatenate([exclude[u].numpy(), hist[u].numpy() if exclude_history else []])
+        keep = np.setdiff1d(np.arange(1, n + 1), banned)
+        plain = BeamSearch(model, CodeTrie.from_codes(codes[keep - 1], keep, K), beam_size=4, topk=4).search(hist[u:u + 1])
+        assert torch.equal(got.items[u], plain.items[0]), u
+        torch.testing.assert_close(got.scores[u], plain.scores[0])
+    full = BeamSearch(model, trie, beam_size=n, topk=10, exclude_history=exclude_history).search(hist, exclude)
+    ref = brute_force_topk(model, hist, trie, 10, exclude_history=exclude_history, exclude=exclude)
+    assert torch.equal(full.items, ref.items)
+    torch.testing.assert_close(full.scores, ref.scores)

@@ -83,10 +83,9 @@ PIPELINE_CONFIGS = [TINY, REPO / "jobs" / "configs" / "default.yaml",
 def test_every_shipped_config_is_valid(path):
     from prorec.config import load_config
 
-    cfg = load_config(path)
+    load_config(path)  # raises ConfigError on any value its validation refuses
     # A config's header tells how to run it.
     assert "python jobs/pipeline.py --config jobs/configs/" in path.read_text().split("\n\n")[0].replace("\\\n", "")
-    assert cfg.eval.beam_size >= max(cfg.eval.topk)
 
 
 def test_refuses_a_folder_that_is_not_a_run_directory(tmp_path, capsys):

@@ -67,7 +67,7 @@ def valid_ndcg10(model: Generator, artifacts: dict[str, Path]) -> float:
 def test_training_beats_the_untrained_model(trained, artifacts):
     conf = json.loads((trained / "model_config.json").read_text())
     assert conf["k"] == K and conf["code_length"] >= 2 and conf["n_items"] == 120
-    assert conf["decoder_layers"] == 2 and conf["distill"] is True and conf["d_model"] == 64
+    assert conf["decoder_layers"] == 2 and conf["d_model"] == 64
     torch.manual_seed(0)
     untrained = Generator(GeneratorConfig.from_dict(conf), load_file(str(trained / "model.safetensors"))["item_codes"])
     before = valid_ndcg10(untrained, artifacts)
@@ -201,12 +201,12 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):
-    cfg = small(num_workers=2, max_epochs=2, d_model=16, valid_users=60)
+    cfg = small(num_workers=2, max_epochs=2, d_model=16, valid_users=0)
     out = run_stage2(cfg, artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert (out / "ray" / "stage2").is_dir()
     assert metrics["best"]["valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in metrics["history"])
-    # The saved model is the best epoch's (60 validation users were scored; here all are).
-    assert valid_ndcg10(load_generator(out), artifacts) > 0
+    # The saved model is the best epoch's: the two workers' validation shards add up to every user's.
+    assert valid_ndcg10(load_generator(out), artifacts) == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-3)
