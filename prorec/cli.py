@@ -4,6 +4,9 @@
     prorec data stats DIR
     prorec data split DIR --out DIR2
     prorec synthetic --out DIR [--seed N ...]
+    prorec run --config jobs/configs/default.yaml --out runs/default
+    prorec recommend RUN --input users.jsonl --output recs.parquet [--k 20]
+    prorec serve RUN [--host 127.0.0.1] [--port 8000]
 
 Bad data or configuration ends with one line `error: ...` on stderr and exit status 2.
 """
@@ -62,7 +65,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="inspect a canonical dataset folder or write its splits")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{stats,split}")
 
-    s = data_sub.add_parser("stats", help="print {users, items, interactions, items_without_title} as JSON")
+    s = data_sub.add_parser("stats", help="print {users, items, interactions, items_without_title, repeated_items} "
+                                          "as JSON (repeated items are counted here, refused everywhere else)")
     s.add_argument("dir", type=Path, help="canonical folder (user_sequence.txt + items.jsonl)")
     s.set_defaults(func=_cmd_data_stats)
 
@@ -80,7 +84,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from prorec.data.canonical import load_canonical
 
-    _print_json(load_canonical(args.dir).stats())
+    # Repeats are counted, not refused, here: stats is where a user looks at a dataset the pipeline refuses.
+    ds = load_canonical(args.dir, allow_repeats=True)
+    repeated = ds.repeated_items()
+    _print_json({**ds.stats(), "repeated_items": repeated})
+    if repeated:
+        print(f"warning: {repeated} repeated (user, item) occurrence(s): `prorec data split` and `prorec run` refuse "
+              "this dataset (a repeated target could never be a hit); keep each item once a user, as "
+              "`prorec prepare-amazon` does", file=sys.stderr)
     return 0
 
 
@@ -137,8 +148,63 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# ----------------------------------------------------------------------------------------------
+# prorec recommend / prorec serve: a trained run directory answers (prorec/recommend.py, prorec/serve.py)
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="recommendations for a file of users from a finished run (offline)",
+                       description="Rank the catalogue for every user of --input (JSON lines or Parquet with "
+                                   "user_id and history, item ids oldest first) with the run's model and "
+                                   "settings; write Parquet with user_id, items and scores.")
+    p.add_argument("run", type=Path, help="a finished run directory (jobs/pipeline.py --out)")
+    p.add_argument("--input", required=True, type=Path, help="users: JSON lines, or .parquet with user_id, history")
+    p.add_argument("--output", required=True, type=Path, help="Parquet file: user_id, items, scores")
+    p.add_argument("--k", type=int, default=20, help="items a user (default 20; at most the beam)")
+    p.add_argument("--beam", type=int, help="beam width (default: the run's eval.beam_size)")
+    p.add_argument("--no-rerank", action="store_true", help="the generator's own order (default: the run's reranking)")
+    p.add_argument("--skip-unknown", action="store_true", help="drop unknown item ids (counted) instead of refusing")
+    p.add_argument("--ray", action="store_true", help="rank on Ray Data actors (large inputs)")
+    p.add_argument("--actors", type=int, default=2, help="with --ray: actors, one CPU each (default 2)")
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from prorec.recommend import main
+
+    return main(args)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a finished run over HTTP with Ray Serve (POST /recommend)",
+                       description="Start a Ray Serve application (FastAPI ingress, @serve.batch) over a finished "
+                                   "run; --write-config writes a `serve deploy` config instead.")
+    p.add_argument("run", type=Path, help="a finished run directory (jobs/pipeline.py --out)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the "
+                        "endpoint, which has no authentication of its own, to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) a replica (default 1)")
+    p.add_argument("--beam", type=int, help="beam width (default: the run's eval.beam_size)")
+    p.add_argument("--no-rerank", action="store_true", help="the generator's own order (default: the run's reranking)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="@serve.batch's largest batch (default 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="@serve.batch's wait for a fuller batch, in ms (default 5)")
+    p.add_argument("--no-batch", action="store_true", help="answer each request alone (no @serve.batch)")
+    p.add_argument("--write-config", type=Path, metavar="FILE",
+                   help="write a `serve deploy` config for these settings to FILE and exit")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from prorec.serve import main
+
+    return main(args)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prepare_amazon, _add_data, _add_synthetic,
-                                                                 _add_run]
+                                                                 _add_run, _add_recommend, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

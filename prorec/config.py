@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ class SyntheticConfig:
     p_transition: float = 0.5
 
     def validate(self) -> None:
+        _check(self.seed >= 0, f"data.synthetic.seed must be >= 0 (got {self.seed}): numpy refuses negative seeds")
         _check(self.n_users >= 1, "data.synthetic.n_users must be >= 1")
         _check(self.n_items >= 4, "data.synthetic.n_items must be >= 4")
         _check(1 <= self.n_categories <= self.n_items, "data.synthetic.n_categories must be in [1, n_items]")
@@ -125,6 +128,8 @@ class TrainConfig:
 
     def validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr must be > 0")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0 (got {self.weight_decay})")
+        _check(self.seed >= 0, f"{section}.seed must be >= 0 (got {self.seed}): numpy refuses negative seeds")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0")
         _check(self.batch_size >= 2, f"{section}.batch_size must be >= 2 (in-batch negatives need two)")
         _check(self.max_epochs >= 1, f"{section}.max_epochs must be >= 1")
@@ -161,6 +166,7 @@ class Stage1Config(TrainConfig):
         _check(self.fusion in ("semantic", "collaborative", "concat", "prorec"),
                "stage1.fusion must be semantic, collaborative, concat or prorec")
         _check(self.dim >= 2, "stage1.dim must be >= 2")
+        _check(0.0 <= self.dropout < 1.0, f"stage1.dropout must be in [0, 1) (got {self.dropout})")
         _check(self.alpha >= 0, "stage1.alpha must be >= 0")
         _check(self.tau > 0, "stage1.tau must be > 0")
 
@@ -187,6 +193,7 @@ class CodesConfig:
         _check(self.method in ("hkmeans", "rq-kmeans", "random"), "codes.method must be hkmeans, rq-kmeans or random")
         _check(self.k >= 2, f"codes.k must be >= 2 (got {self.k}): a level with fewer than 2 clusters never splits")
         _check(self.niter >= 1, "codes.niter must be >= 1")
+        _check(self.seed >= 0, f"codes.seed must be >= 0 (got {self.seed}): numpy refuses negative seeds")
         _check(self.rq_levels >= 1, "codes.rq_levels must be >= 1")
 
 
@@ -219,7 +226,7 @@ class Stage2Config(TrainConfig, GeneratorArch):
     def validate(self) -> None:
         TrainConfig.validate(self, "stage2")
         for problem in self.arch_problems():
-            _check(False, f"stage2: {problem}")
+            _check(False, _arch_message(self, problem))
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
         _check(self.valid_beam_size >= VALID_TOPK,
                f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")
@@ -229,6 +236,14 @@ class Stage2Config(TrainConfig, GeneratorArch):
 
 # Stage II's validation reports Recall and NDCG at 5, 10 and 20 (and early-stops on NDCG@10).
 VALID_TOPK = 20
+
+
+def _arch_message(cfg: GeneratorArch, problem: str) -> str:
+    """A GeneratorArch problem with the stage2 settings it names and their values, e.g.
+    "stage2: d_model and n_heads must be >= 1 (got stage2.d_model=0, stage2.n_heads=4)"."""
+    named = [f.name for f in dataclasses.fields(GeneratorArch) if re.search(rf"\b{f.name}\b", problem)]
+    got = ", ".join(f"stage2.{name}={getattr(cfg, name)!r}" for name in named)
+    return f"stage2: {problem}" + (f" (got {got})" if got else "")
 
 
 # The evaluation's rerank signals (prorec/rerank.py) and the EvalConfig field holding each one's weight.
@@ -275,6 +290,7 @@ class EvalConfig:
                f"eval.beam_size ({self.beam_size}) must be >= the largest top-k evaluated ({max(self.topk)})")
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
+        _check(self.num_gpus_per_actor >= 0, "eval.num_gpus_per_actor must be >= 0")
         _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
         for name in RERANK_FIELDS.values():
             _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
@@ -295,7 +311,28 @@ class PipelineConfig:
         _check(not (self.eval.rerank_weight > 0 and self.stage1.fusion == "semantic"),
                "eval.rerank_weight > 0 reranks with the DIN that Stage I trains, and stage1.fusion=semantic trains "
                "none: set eval.rerank_weight=0 (or another fusion)")
+        self._check_item_head_init()
         return self
+
+    @property
+    def stage1_width(self) -> int:
+        """Width of the item embeddings Stage I hands on: concat joins two stage1.dim halves."""
+        return 2 * self.stage1.dim if self.stage1.fusion == "concat" else self.stage1.dim
+
+    def _check_item_head_init(self) -> None:
+        # Caught at Stage II's start otherwise, after the embeddings, Stage I and the codes have run.
+        width, d_model = self.stage1_width, self.stage2.d_model
+        if not self.stage2.item_head_from_stage1 or width == d_model:
+            return
+        why = (f"stage1.fusion=concat makes them 2 * stage1.dim = {width} wide" if self.stage1.fusion == "concat"
+               else f"they are stage1.dim = {width} wide")
+        if self.stage1.fusion != "concat":
+            dim_fix = f"stage1.dim={d_model}"
+        else:  # an odd d_model cannot be two equal halves
+            dim_fix = f"stage1.dim={d_model // 2}" if d_model % 2 == 0 else ""
+        fixes = [f for f in (dim_fix, f"stage2.d_model={width}", "stage2.item_head_init=random") if f]
+        raise ConfigError(f"stage2.item_head_init=stage1 starts the item head at the Stage I item embeddings, and "
+                          f"{why}, not stage2.d_model = {d_model}: set {', or '.join(fixes)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -398,6 +435,64 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently,
+    so a second `stage2:` block would replace the whole first one."""
+
+
+class _RepeatedKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        # Only plain keys: a merge key (<<: *anchor) may be overridden by the mapping's own keys.
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, typing.Hashable):
+            continue
+        if key in first:
+            raise _RepeatedKey(None, None, f"key {key!r} appears twice in one mapping (first on line {first[key]}), "
+                               "and PyYAML would keep only the last, silently", key_node.start_mark)
+        first[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+_YAML_FIX = ("write one `key: value` a line, nested under its section with spaces (no tabs), and close "
+             "every quote and bracket (jobs/configs/default.yaml is an example)")
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a bad byte, bad syntax or a repeated key is a ConfigError naming the file
+    and the line (PyYAML's own errors name `<unicode string>` and come with a traceback)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}). "
+                          f"Fix: save {path.name} as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _RepeatedKey as e:
+        raise ConfigError(f"{path}:{e.problem_mark.line + 1}: {e.problem}. Fix: keep one of them "
+                          "(merge the two sections if it is a section)") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        column = f" (column {mark.column + 1})" if mark else ""
+        context = ""
+        if e.context and e.context_mark and e.context_mark is not mark:
+            context = f", {e.context} on line {e.context_mark.line + 1}"
+        raise ConfigError(f"{where}: not valid YAML: {e.problem}{column}{context}. Fix: {_YAML_FIX}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}). Fix: {_YAML_FIX}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Defaults, then the YAML file, then the overrides; validated."""
     d: dict[str, Any] = {}
@@ -405,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (data, embed, stage1, ...)")
         d = loaded
@@ -413,6 +508,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         d = _deep_merge(d, parse_overrides(overrides))
     cfg = _from_dict(PipelineConfig, d, "")
     return cfg.validate()
+
+
+def check_against_data(cfg: PipelineConfig, n_items: int, n_users: int) -> None:
+    """Refuse the settings that a dataset of n_items items and n_users users cannot support.
+
+    `validate` cannot see the data; the pipeline calls this once the data is loaded, before the
+    first stage. Settings that mean "at most" (stage1.valid_users, stage2.valid_users) are fine when
+    larger than the number of users, and beam widths may exceed the catalogue (the beam then returns
+    every item). No setting depends on n_users today; it is here so that one call covers the data."""
+    k = cfg.codes.k
+    if k >= n_items:
+        suggest = max(2, round(math.sqrt(n_items)))
+        fix = (f"set codes.k below {n_items}, e.g. codes.k={suggest} (about the square root of the number of "
+               "items gives codes of two levels)" if suggest < n_items
+               else "use a dataset with at least 3 items (codes.k must be >= 2 and below the number of items)")
+        raise ConfigError(f"codes.k={k} is not below the number of items ({n_items}): every item "
+                          f"would get a one-token code of its own, shared with no other item, so the codes would "
+                          f"carry no grouping: {fix}")
+    top = max(cfg.eval.topk)
+    if top >= n_items:
+        raise ConfigError(f"eval.topk asks for the top {top} of a catalogue of {n_items} items: every target is always "
+                          f"in it, so Recall@{top} would be 1 whatever the model: set eval.topk to values below "
+                          f"{n_items}, e.g. eval.topk=[{', '.join(str(t) for t in cfg.eval.topk if t < n_items) or '1'}]")
 
 
 def save_config(cfg: PipelineConfig, path: str | Path) -> None:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from prorec.artifacts import write_json
-from prorec.beam import BeamSearch, rank_users
+from prorec.beam import BeamResult, BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import EvalConfig
 from prorec.data.history import history_tensor
@@ -67,6 +67,16 @@ class Ranker:
         history = torch.from_numpy(np.ascontiguousarray(history))
         # With a reranker the beam returns all beam_size candidates; the reordered list keeps depth.
         return rank_users(self.search, history, self.batch_size, self.reranker)[:, :self.depth]
+
+    def rank_scored(self, history: torch.Tensor, exclude: torch.Tensor | None = None) -> BeamResult:
+        """One batch: history [U, S] item_idx (right-padded) and optional `exclude` [U, E] item_idx ->
+        the top `depth` items [U, depth] (-1 = empty) and their scores (the beam's log-probability,
+        or the reranked total). Excluded items never appear."""
+        history = history[:, : max(1, int((history > 0).sum(1).max()))]
+        res = self.search.search(history, exclude)
+        if self.reranker is not None:
+            res = self.reranker.order(history, res)
+        return BeamResult(res.items[:, :self.depth], res.scores[:, :self.depth])
 
     def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
         """`rank` of some rows of a shared array (Ray passes the array from the object store,

@@ -221,6 +221,12 @@ class Manifest:
         missing = [o for o in output_files(stage) if not (self.run_dir / o).is_file()]
         if missing:
             return Decision(True, f"output(s) missing: {', '.join(missing)}")
+        # An output that is not the file the stage wrote (truncated, overwritten, corrupted) is never
+        # trusted: the stage runs again, from an empty folder.
+        recorded = rec.get("outputs", {})
+        changed = [o for o in output_files(stage) if recorded.get(o) != file_hash(self.run_dir / o)]
+        if changed:
+            return Decision(True, f"output(s) changed since the stage wrote them (hash mismatch): {', '.join(changed)}")
         return Decision(False, "done, skipped (unchanged)")
 
     def _what_changed(self, stage: str, rec: dict[str, Any], cfg: Any) -> str:

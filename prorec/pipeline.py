@@ -11,22 +11,82 @@ when the process runs under `ray job submit` (or RAY_ADDRESS is set), else it st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from prorec.config import ConfigError, PipelineConfig, load_config, save_config
-from prorec.data.canonical import DataError
+from prorec.config import ConfigError, PipelineConfig, check_against_data, load_config, save_config
+from prorec.data.canonical import ITEMS_FILE, SEQUENCES_FILE, DataError
 from prorec.data.splits import RAW_FOLDER
 from prorec.manifest import MANIFEST_FILE, Manifest, input_hashes, reuse_source
 from prorec.stages import BY_NAME, NAMES, folder_of, input_paths, section, stage_config, stage_keys
+from prorec.trainer import TrainingDiverged
 
 # PRORec, Table 3, Amazon Beauty. The paper reports @10 and @20 only.
 PAPER_BEAUTY = {"recall@10": 0.0939, "ndcg@10": 0.0559, "recall@20": 0.1289, "ndcg@20": 0.0646}
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold RUN/.lock (this driver's pid) while stages run: a second driver on the same run directory
+    is refused, since both would write the same folders. A lock whose process is gone is taken over."""
+    path = run_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            if pid is not None and _alive(pid):
+                raise ConfigError(f"{path}: another driver (pid {pid}) is writing the run directory {run_dir}. "
+                                  "Fix: wait for it to end, or use another --out") from None
+            print(f"pipeline: taking over the lock {path} of a driver that is gone (pid {pid})", flush=True)
+            path.unlink(missing_ok=True)
+    else:
+        raise ConfigError(f"{path}: could not take the run directory's lock. Fix: delete {path} if no driver runs")
+    try:
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dataset_size(cfg: PipelineConfig) -> tuple[int, int]:
+    """(items, users) of the dataset a run reads, counted before any stage: lines of items.jsonl and
+    user_sequence.txt, or the synthetic generator's settings."""
+    if not cfg.data.path:
+        return cfg.data.synthetic.n_items, cfg.data.synthetic.n_users
+    folder = Path(cfg.data.path)
+    counts = []
+    for name in (ITEMS_FILE, SEQUENCES_FILE):
+        if not (folder / name).is_file():
+            raise DataError(folder / name, None, "missing", f"pass --data a folder with {ITEMS_FILE} and {SEQUENCES_FILE}")
+        with open(folder / name, "rb") as f:
+            counts.append(sum(1 for line in f if line.strip()))
+    return counts[0], counts[1]
 
 
 def dataset_folder(cfg: PipelineConfig, run_dir: Path) -> Path:
@@ -84,7 +144,8 @@ def run_stages(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None 
     run_dir = Path(out_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder, or an earlier run directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST_FILE).is_file():
+    if (run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+            and not (run_dir / MANIFEST_FILE).is_file()):
         # Stages empty their folders (data/, codes/, ...) before they run: never do that to a stranger's files.
         raise ConfigError(f"--out {run_dir} is a non-empty folder without {MANIFEST_FILE}, so not a run directory; "
                           "pass a new or empty folder, or an earlier run directory to resume it")
@@ -92,7 +153,14 @@ def run_stages(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None 
         raise ValueError(f"until must be one of {', '.join(NAMES)}; got {until!r}")
     stages = NAMES[: NAMES.index(until) + 1] if until else NAMES
     sources = [Path(r).resolve() for r in reuse]
+    check_against_data(cfg, *dataset_size(cfg))  # settings the data cannot support fail before any work
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        return _run_stages(cfg, run_dir, from_stage, sources, stages)
+
+
+def _run_stages(cfg: PipelineConfig, run_dir: Path, from_stage: str | None, sources: list[Path],
+                stages: tuple[str, ...]) -> Manifest:
     manifest = Manifest(run_dir)
     keys = stage_keys(cfg)
     plan = manifest.plan(keys, cfg, from_stage)
@@ -208,7 +276,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides)
         run_pipeline(cfg, args.out.expanduser(), args.from_stage, args.reuse)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrainingDiverged) as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     return 0

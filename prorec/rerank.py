@@ -96,16 +96,24 @@ class Transitions:
         return torch.where(self.keys[at] == want, self.values[at], 0.0)
 
 
-def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
-           weights: dict[str, float]) -> torch.Tensor:
-    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> items reordered by
-    log p + sum of weights[name] * signals[name] (stable: ties keep the beam's order; empty slots last)."""
+def rerank_scored(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
+                  weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> (items reordered by
+    log p + sum of weights[name] * signals[name], those totals) (stable: ties keep the beam's order;
+    empty slots last, with total -inf)."""
     total = scores.float()
     for name, w in weights.items():
         if w:
             total = total + w * signals[name].float().to(total.device)
     total = torch.where(items >= 0, total, NEG_INF)
-    return items.gather(1, total.argsort(dim=1, descending=True, stable=True))
+    order = total.argsort(dim=1, descending=True, stable=True)
+    return items.gather(1, order), total.gather(1, order)
+
+
+def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
+           weights: dict[str, float]) -> torch.Tensor:
+    """`rerank_scored`'s items alone."""
+    return rerank_scored(items, scores, signals, weights)[0]
 
 
 class Reranker:
@@ -139,9 +147,13 @@ class Reranker:
             out["transition"] = self.transitions(history, items)
         return out
 
+    def order(self, history: torch.Tensor, beam: BeamResult) -> BeamResult:
+        """history [U, S] right-padded and the beam's result -> its items [U, W] reordered, with their totals."""
+        return BeamResult(*rerank_scored(beam.items, beam.scores, self.signals(history, beam.items), self.weights))
+
     def __call__(self, history: torch.Tensor, beam: BeamResult) -> torch.Tensor:
         """history [U, S] right-padded and the beam's result -> its items [U, W] reordered."""
-        return rerank(beam.items, beam.scores, self.signals(history, beam.items), self.weights)
+        return self.order(history, beam).items
 
 
 def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: str | Path | None,

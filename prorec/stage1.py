@@ -55,7 +55,7 @@ from prorec.data.splits import read_split
 from prorec.models.din import DIN, DIN_CONFIG_FILE, DIN_FILE, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss
 from prorec.stage import Input, Stage
-from prorec.trainer import (FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
                             run_epochs, set_seed, shard_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
@@ -167,6 +167,7 @@ class Stage1Trainer:
         self.model = ctx.prepare_model(core)
         self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None
         self.opt = adam(core.parameters(), cfg)
+        self.guard = DivergenceGuard("stage1", self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
         world, rank = ctx.world_size, ctx.rank
@@ -220,11 +221,14 @@ class Stage1Trainer:
             loss.backward()
             self.opt.step()
             self.sched.step()
+            self.guard.update(step, loss)
             sums += [loss.item(), seq.item(), align.item()]
             if self.ctx.rank == 0 and (step + 1) % LOG_EVERY == 0:
                 rate = (step + 1) / (time.perf_counter() - t0)
                 print(f"stage1 epoch {epoch} step {step + 1}/{len(batches)} loss {sums[0] / (step + 1):.4f} "
                       f"({rate:.1f} steps/s)", flush=True)
+        self.guard.check(epoch, self.core, f"lower stage1.lr (now {cfg.lr:g}) or raise stage1.warmup_steps; "
+                                           "the stage stays unfinished, so a rerun with the fix runs it")
         k = max(1, len(batches))
         # Plain floats: the checkpoint is loaded with weights_only=True, which refuses numpy scalars.
         return {"loss": float(sums[0] / k), "seq_loss": float(sums[1] / k), "align_loss": float(sums[2] / k),

@@ -35,7 +35,7 @@ from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
-from prorec.trainer import (FitResult, LocalContext, RayTrainContext, adam, fit_on_ray, length_grouped_batches,
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, fit_on_ray, length_grouped_batches,
                             pick_device, run_epochs, shard_rows, warmup_lambda)
 
 METRICS_FILE = "metrics.json"
@@ -115,6 +115,7 @@ class Stage2Trainer:
             model.init_item_head(inputs.teacher)
         self.model = ctx.prepare_model(model.to(device))
         self.opt = adam(self.model.parameters(), cfg)
+        self.guard = DivergenceGuard("stage2", device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.amp = cfg.bf16 and device.type == "cuda"
         # Training rows: this worker's contiguous shard; every worker runs the same number of steps
@@ -162,11 +163,14 @@ class Stage2Trainer:
             out["loss"].backward()
             self.opt.step()
             self.sched.step()
+            self.guard.update(step, out["loss"])
             sums += torch.stack([out[k].detach().float() for k in keys])
             if self.ctx.rank == 0 and (step + 1) % LOG_EVERY == 0:
                 rate = (step + 1) / (time.perf_counter() - t0)
                 print(f"stage2 epoch {epoch} step {step + 1}/{len(batches)} loss {sums[0].item() / (step + 1):.4f} "
                       f"({rate:.1f} steps/s)", file=sys.stderr, flush=True)
+        self.guard.check(epoch, _unwrap(self.model), f"lower stage2.lr (now {self.cfg.lr:g}) or raise "
+                         "stage2.warmup_steps; the stage stays unfinished, so a rerun with the fix runs it")
         means = (sums / max(1, len(batches))).tolist()
         return {**{f"train_{k}": v for k, v in zip(keys, means)},
                 "lr": self.sched.get_last_lr()[0], "train_seconds": time.perf_counter() - t0}

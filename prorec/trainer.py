@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 CKPT_FILE = "state.pt"
+PREV_CKPT_FILE = "state.prev.pt"  # the checkpoint before the newest, for when the newest is unreadable
 
 
 class EpochTrainer(Protocol):
@@ -34,6 +36,47 @@ class EpochTrainer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def model_state(self) -> dict[str, torch.Tensor]: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or a weight became NaN or infinite; the stage stops, unfinished, and says where."""
+
+
+class DivergenceGuard:
+    """Watches a training loss for NaN/inf without a device sync a step: the first bad step and the
+    last finite loss are kept on the device and read once, by `check`, at the end of the epoch."""
+
+    def __init__(self, stage: str, device: torch.device | str) -> None:
+        self.stage, self.device = stage, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.last_finite = torch.full((), float("nan"), device=self.device)
+        self.last_finite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        ok = torch.isfinite(loss)
+        first_bad = (~ok) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, torch.full_like(self.bad_step, step), self.bad_step)
+        clean = ok & (self.bad_step < 0)
+        self.last_finite = torch.where(clean, loss, self.last_finite)
+        self.last_finite_step = torch.where(clean, torch.full_like(self.last_finite_step, step), self.last_finite_step)
+
+    def check(self, epoch: int, model: torch.nn.Module, hint: str) -> None:
+        """Raise TrainingDiverged if a loss of this epoch, or a weight of `model`, is not finite."""
+        bad = int(self.bad_step)
+        if bad >= 0:
+            last = (f"the last finite loss was {float(self.last_finite):.4g} at step {int(self.last_finite_step)}"
+                    if int(self.last_finite_step) >= 0 else "no step of this epoch had a finite loss")
+            raise TrainingDiverged(f"{self.stage} diverged: the loss is not finite at epoch {epoch}, step {bad} "
+                                   f"({last}). Fix: {hint}")
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingDiverged(f"{self.stage} diverged: weight {name} is not finite after epoch {epoch}. "
+                                       f"Fix: {hint}")
+        self.reset()
 
 
 def adam(params, cfg: Any) -> torch.optim.Adam:
@@ -76,15 +119,30 @@ class LocalContext:
         return model
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        if self.ckpt_dir is None or not (self.ckpt_dir / CKPT_FILE).is_file():
+        """The newest readable checkpoint: state.pt, else the one before it (state.prev.pt). One that
+        cannot be read is reported and set aside (renamed *.corrupt), never resumed from."""
+        if self.ckpt_dir is None:
             return None
-        return torch.load(self.ckpt_dir / CKPT_FILE, weights_only=True, map_location="cpu")
+        for name in (CKPT_FILE, PREV_CKPT_FILE):
+            path = self.ckpt_dir / name
+            if not path.is_file():
+                continue
+            try:
+                return torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as e:  # truncated, overwritten or not a checkpoint at all
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                print(f"{self.log_prefix}checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                      f"set aside as {aside.name}", flush=True)
+        return None
 
     def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
         if self.ckpt_dir is not None:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.ckpt_dir / (CKPT_FILE + ".tmp")
             torch.save(state, tmp)
+            if (self.ckpt_dir / CKPT_FILE).is_file():  # keep one good checkpoint behind the newest
+                os.replace(self.ckpt_dir / CKPT_FILE, self.ckpt_dir / PREV_CKPT_FILE)
             os.replace(tmp, self.ckpt_dir / CKPT_FILE)
         if self.verbose:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -104,11 +162,17 @@ def _save_checkpoint_dir(state: dict[str, Any]):
 
 
 def _load_checkpoint_dir(ckpt: Any) -> dict[str, Any] | None:
-    """The state inside a Ray `Checkpoint` (Train's or Tune's), or None."""
+    """The state inside a Ray `Checkpoint` (Train's or Tune's), or None; an unreadable one is
+    reported and training starts from scratch rather than from it."""
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(Path(d) / CKPT_FILE, weights_only=True, map_location="cpu")
+        except Exception as e:
+            print(f"checkpoint {d} cannot be read ({type(e).__name__}: {str(e)[:120]}); starting from scratch",
+                  flush=True)
+            return None
 
 
 class RayTrainContext:
@@ -190,10 +254,14 @@ def fit_on_ray(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, An
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
     if result.error is not None:
+        diverged = re.search(r"\w+ diverged: [^\n]*", str(result.error))
+        if diverged:  # the workers' TrainingDiverged, wrapped by Ray Train: say it as plainly as in-process
+            raise TrainingDiverged(diverged.group(0)) from result.error
         raise RuntimeError(f"{name} failed on Ray Train (logs and checkpoints: {storage / name})") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name} on Ray Train reported no checkpoint (see {storage / name})")
-    return _load_checkpoint_dir(result.checkpoint)
+    state = _load_checkpoint_dir(result.checkpoint) if result.checkpoint is not None else None
+    if state is None:
+        raise RuntimeError(f"{name} on Ray Train left no readable checkpoint (see {storage / name})")
+    return state
 
 
 @dataclass

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from prorec.config import ConfigError, PipelineConfig, SyntheticConfig, load_config, parse_overrides, save_config
+from prorec.config import (ConfigError, PipelineConfig, SyntheticConfig, check_against_data, load_config,
+                           parse_overrides, save_config)
 
 
 def test_defaults_validate():
@@ -78,6 +79,21 @@ def test_section_hash_changes_only_with_its_sections():
     (["data.synthetic.min_len=2"], "min_len"),
     (["codes"], "section.key=value"),
     (["k=3"], "must name a section and a key"),
+    # Settings that used to pass and fail only when their stage ran (issue 23).
+    (["stage2.d_model=0"], "stage2: d_model and n_heads must be >= 1 (got stage2.d_model=0, stage2.n_heads=4)"),
+    (["stage2.n_heads=-2"], "stage2: d_model and n_heads must be >= 1 (got stage2.d_model=128, stage2.n_heads=-2)"),
+    (["stage2.n_heads=0"], "stage2: d_model and n_heads must be >= 1 (got stage2.d_model=128, stage2.n_heads=0)"),
+    (["stage2.dropout=1"], "stage2: dropout must be in [0, 1) (got stage2.dropout=1.0)"),
+    (["stage2.dropout=-0.1"], "stage2: dropout must be in [0, 1) (got stage2.dropout=-0.1)"),
+    (["stage2.ff_dim=0"], "stage2: ff_dim must be >= 1 (got stage2.ff_dim=0)"),
+    (["stage1.dropout=-1"], "stage1.dropout must be in [0, 1) (got -1.0)"),
+    (["stage1.dropout=1"], "stage1.dropout must be in [0, 1) (got 1.0)"),
+    (["codes.seed=-1"], "codes.seed must be >= 0 (got -1)"),
+    (["stage1.seed=-1"], "stage1.seed must be >= 0 (got -1)"),
+    (["stage2.seed=-3"], "stage2.seed must be >= 0 (got -3)"),
+    (["data.synthetic.seed=-1"], "data.synthetic.seed must be >= 0 (got -1)"),
+    (["stage2.weight_decay=-0.1"], "stage2.weight_decay must be >= 0 (got -0.1)"),
+    (["eval.num_gpus_per_actor=-1"], "eval.num_gpus_per_actor must be >= 0"),
 ])
 def test_bad_values_are_refused(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -99,6 +115,111 @@ def test_bad_yaml_files(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("stage2:\n  lr: 0.1\n lr2: 3\n", 3, "not valid YAML: expected <block end>, but found '<block mapping start>' "
+                                       "(column 2), while parsing a block mapping on line 1"),
+    ("stage2:\n\tlr: 0.1\n", 2, "not valid YAML: found character '\\t' that cannot start any token (column 1)"),
+    ("eval:\n  topk: [5, 10\n", 3, "not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    ("data:\n  path: 'x\n", 3, "not valid YAML: found unexpected end of stream"),
+])
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path, text, line, problem):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:{line}: {problem}")
+    assert "Fix: write one `key: value` a line" in str(e.value) and "<unicode string>" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, line, key, first", [
+    ("stage2:\n  lr: 0.1\n  lr: 0.2\n", 3, "lr", 2),
+    ("stage1:\n  dim: 64\ncodes:\n  k: 16\nstage1:\n  alpha: 2\n", 5, "stage1", 1),  # would drop dim: 64
+])
+def test_repeated_key_in_yaml_is_refused(tmp_path, text, line, key, first):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:{line}: key {key!r} appears twice in one mapping (first on line {first})")
+    assert "Fix: keep one of them" in str(e.value)
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1: &train\n  lr: 0.002\n  batch_size: 64\nstage2:\n  <<: *train\n  lr: 0.0005\n")
+    cfg = load_config(path)
+    assert (cfg.stage2.lr, cfg.stage2.batch_size, cfg.stage1.lr) == (0.0005, 64, 0.002)
+
+
+def test_non_utf8_config_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"data:\n  path: /data/caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 0xe9). Fix: save c.yaml as UTF-8"
+
+
+# ----------------------------------------------------------------------------------------------
+# stage2.item_head_init=stage1 needs the Stage I width to be stage2.d_model.
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage2.item_head_init=stage1", "stage1.dim=64"],
+     "stage2.item_head_init=stage1 starts the item head at the Stage I item embeddings, and they are stage1.dim = 64 "
+     "wide, not stage2.d_model = 128: set stage1.dim=128, or stage2.d_model=64, or stage2.item_head_init=random"),
+    (["stage2.item_head_init=stage1", "stage1.fusion=concat"],
+     "and stage1.fusion=concat makes them 2 * stage1.dim = 256 wide, not stage2.d_model = 128: set stage1.dim=64, "
+     "or stage2.d_model=256, or stage2.item_head_init=random"),
+])
+def test_item_head_init_stage1_needs_matching_widths(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["stage2.item_head_init=stage1"],  # 128 and 128
+    ["stage2.item_head_init=stage1", "stage1.fusion=concat", "stage1.dim=64"],  # 2 * 64 = 128
+    ["stage2.item_head_init=random", "stage1.dim=64"],  # the head does not read Stage I
+    ["stage2.item_head=false", "stage2.item_head_init=stage1", "stage1.dim=64"],  # no item head at all
+])
+def test_item_head_init_widths_that_fit(overrides):
+    load_config(None, overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# check_against_data: the settings a dataset's size decides.
+
+def test_codes_k_must_be_below_the_number_of_items():
+    cfg = load_config(None, ["codes.k=16"])
+    check_against_data(cfg, n_items=120, n_users=300)
+    for n_items in (16, 10):
+        with pytest.raises(ConfigError) as e:
+            check_against_data(cfg, n_items=n_items, n_users=300)
+        assert str(e.value).startswith(f"codes.k=16 is not below the number of items ({n_items}): every item would "
+                                       "get a one-token code of its own")
+        assert f"set codes.k below {n_items}, e.g. codes.k={round(n_items ** 0.5)}" in str(e.value)
+
+
+def test_codes_k_message_with_too_few_items_for_any_k():
+    with pytest.raises(ConfigError, match="use a dataset with at least 3 items"):
+        check_against_data(load_config(None, ["codes.k=2"]), n_items=2, n_users=5)
+
+
+def test_topk_must_be_below_the_number_of_items():
+    cfg = load_config(None, ["codes.k=4"])
+    with pytest.raises(ConfigError) as e:
+        check_against_data(cfg, n_items=15, n_users=40)
+    assert str(e.value) == ("eval.topk asks for the top 20 of a catalogue of 15 items: every target is always in it, "
+                            "so Recall@20 would be 1 whatever the model: set eval.topk to values below 15, "
+                            "e.g. eval.topk=[5, 10]")
+
+
+def test_valid_users_above_the_number_of_users_is_fine():
+    # valid_users means "at most"; a beam wider than the catalogue returns every item.
+    cfg = load_config(None, ["codes.k=16", "stage1.valid_users=5000", "stage2.valid_users=5000", "eval.beam_size=500"])
+    check_against_data(cfg, n_items=120, n_users=300)
 
 
 def test_parse_overrides_builds_a_nested_tree():

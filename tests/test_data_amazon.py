@@ -252,6 +252,31 @@ def test_truncated_gzip(tmp_path):
     assert str(reviews) in str(e.value) and "download the file again" in e.value.fix
 
 
+@pytest.mark.parametrize("gz", [True, False])
+def test_non_utf8_review_line_names_its_own_line(tmp_path, gz):
+    # A text-mode reader decodes ahead in blocks: it used to blame line 1 for a byte on line 26.
+    rows = full_block(BLOCK_USERS, BLOCK_ITEMS)
+    reviews = write_reviews(tmp_path / "r.gz", rows, gz=gz)
+    bad = b'{"reviewerID": "U9", "asin": "B0", "reviewerName": "Ren\xe9", "unixReviewTime": 5}\n'
+    data = (gzip.decompress(reviews.read_bytes()) if gz else reviews.read_bytes()) + bad + b'{"reviewerID": "U8"}\n'
+    reviews.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(DataError) as e:
+        convert_amazon(reviews, write_meta(tmp_path / "m.gz", meta_for(BLOCK_ITEMS)))
+    _assert_located(e.value, reviews, len(rows) + 1)
+    assert "not UTF-8 text (byte 0xe9" in e.value.problem and "download the file again" in e.value.fix
+
+
+def test_non_utf8_meta_line_names_its_own_line(tmp_path):
+    reviews = write_reviews(tmp_path / "r.gz", full_block(BLOCK_USERS, BLOCK_ITEMS))
+    meta = write_meta(tmp_path / "meta.gz", meta_for(BLOCK_ITEMS))
+    data = gzip.decompress(meta.read_bytes()).replace(b"Product B3", b"Produit \xe9 B3")
+    meta.write_bytes(gzip.compress(data))
+    with pytest.raises(DataError) as e:
+        convert_amazon(reviews, meta)
+    _assert_located(e.value, meta, 4)
+    assert "not UTF-8 text" in e.value.problem
+
+
 def test_nothing_survives_the_core(tmp_path):
     reviews = write_reviews(tmp_path / "r.gz", [("U0", "B0", 1), ("U0", "B1", 2)])
     with pytest.raises(DataError) as e:

@@ -99,6 +99,33 @@ def test_refuses_a_folder_that_is_not_a_run_directory(tmp_path, capsys):
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_refuses_an_out_that_is_a_file_and_settings_the_data_cannot_support(tmp_path, capsys):
+    from prorec.pipeline import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["--config", str(TINY), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # tiny.yaml's synthetic data has 120 items: K=120 cannot group them; refused before any stage runs.
+    assert main(["--config", str(TINY), "--out", str(tmp_path / "run"), "codes.k=120"]) == 2
+    assert "codes.k=120 is not below the number of items (120)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_driver_on_the_same_run_directory_is_refused(tmp_path, capsys):
+    from prorec.pipeline import LOCK_FILE, main, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):
+        assert (run / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        assert main(["--config", str(TINY), "--out", str(run)]) == 2
+        assert "another driver (pid" in capsys.readouterr().err
+    assert not (run / LOCK_FILE).exists()  # released
+    (run / LOCK_FILE).write_text("999999999 gone\n")  # a driver that died without releasing it
+    with run_lock(run):
+        assert "taking over the lock" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     run = tmp_path_factory.mktemp("pipeline") / "run"
@@ -233,6 +260,39 @@ def test_reuse_links_in_the_finished_stages_of_another_run(tiny_run, tmp_path):
     assert not (new / "stage1" / "checkpoint").exists()  # checkpoints belong to the run that trained
     # A rerun of the new directory skips everything in place.
     assert "plan: nothing to do" in _pipeline(new, "--reuse", str(run), "codes.k=8")
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_corrupt_outputs_are_never_trusted(tiny_run, tmp_path):
+    """A truncated artifact is seen by its hash when its stage would be skipped: that stage and the
+    ones after it rerun, and the run ends with the same metrics as before."""
+    run = _copy(tiny_run[0], tmp_path / "run")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    codes = run / "codes" / "codes.parquet"
+    codes.write_bytes(codes.read_bytes()[:100])
+    (run / "eval" / "metrics.json").write_text('{"valid": {')
+    stdout = _pipeline(run)
+    assert "stage codes: running (output(s) changed since the stage wrote them (hash mismatch): codes/codes.parquet)" \
+        in stdout
+    assert "stage stage2: running (upstream stage codes reruns)" in stdout
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_diverged_training_stops_unfinished_and_a_fixed_rerun_finishes(tiny_run, tmp_path):
+    run = _copy(tiny_run[0], tmp_path / "run")
+    r = subprocess.run(_cmd(run, "stage2.lr=inf"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(r"error: stage2 diverged: the loss is not finite at epoch 0, step \d+ \(.*\)\. Fix: lower "
+                     r"stage2.lr \(now inf\)", r.stderr), r.stderr[-2000:]
+    assert r.stderr.count("\nerror: ") + r.stderr.startswith("error: ") == 1 and "Traceback" not in r.stderr
+    m = _manifest(run)
+    assert m["stages"]["stage2"]["status"] == "failed" and not (run / "stage2" / "model.safetensors").exists()
+    stdout = _pipeline(run)  # the setting fixed (back to tiny.yaml's): Stage II runs again and the run ends
+    assert "stage stage2: running (config changed (stage2.lr: inf -> 0.001))" in stdout
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == _manifest(tiny_run[0])["metrics"]
 
 
 @pytest.mark.slow

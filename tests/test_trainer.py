@@ -84,3 +84,32 @@ def test_decoupled_weight_decay_shrinks_the_weights_whatever_the_gradient_scale(
 
     assert after_one_step(True) == pytest.approx(2.0 * (1 - 0.1 * 0.01))
     assert after_one_step(False) == pytest.approx(2.0 - 0.1, abs=1e-4)  # Adam normalises the L2 gradient
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_one_before_is_used(tmp_path, capsys):
+    ctx = LocalContext(tmp_path, verbose=False)
+    ctx.report({}, {"epoch": 0})
+    ctx.report({}, {"epoch": 1})  # state.pt = epoch 1, state.prev.pt = epoch 0
+    (tmp_path / "state.pt").write_bytes(b"truncated")
+    assert ctx.load_checkpoint() == {"epoch": 0}
+    assert (tmp_path / "state.pt.corrupt").is_file() and "cannot be read" in capsys.readouterr().out
+    (tmp_path / "state.prev.pt").write_bytes(b"")
+    assert ctx.load_checkpoint() is None  # nothing readable: train from scratch
+
+
+def test_the_divergence_guard_names_the_epoch_the_step_and_the_last_finite_loss():
+    from prorec.trainer import DivergenceGuard, TrainingDiverged
+
+    model = torch.nn.Linear(2, 2)
+    guard = DivergenceGuard("stage2", "cpu")
+    for step, loss in enumerate([3.0, 2.5, float("nan"), 1.0]):
+        guard.update(step, torch.tensor(loss))
+    with pytest.raises(TrainingDiverged, match=r"epoch 4, step 2 \(the last finite loss was 2.5 at step 1\)\. Fix: x"):
+        guard.check(4, model, "x")
+    guard.reset()
+    guard.update(0, torch.tensor(1.0))
+    guard.check(0, model, "x")  # finite: no error
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="weight weight is not finite after epoch 1"):
+        guard.check(1, model, "x")

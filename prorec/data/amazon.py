@@ -74,20 +74,28 @@ class AmazonReport:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a gzipped or plain UTF-8 file; read errors become DataError."""
+    """(line number, text) of a gzipped or plain UTF-8 file; read errors become DataError.
+
+    Lines are read as bytes and decoded one at a time: a text-mode reader decodes blocks of several
+    kilobytes ahead of the line it returns, so its UnicodeDecodeError came before the bad line was
+    reached and the error named the wrong line (line 1 for a small file)."""
     if not path.is_file():
         raise DataError(path, None, "file not found", "pass the path of the downloaded file (gzipped or not)")
     with open(path, "rb") as f:
         gz = f.read(2) == _GZIP_MAGIC
     lineno = 0
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             for lineno, raw in enumerate(f, 1):
-                yield lineno, raw
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                    "of the line)", "download the file again (the Amazon 2014 files are UTF-8), "
+                                    "or remove the line") from None
+                yield lineno, text
     except (OSError, EOFError) as e:  # truncated or corrupt gzip
         raise DataError(path, lineno + 1, f"cannot read the file ({e})", "download the file again") from None
-    except UnicodeDecodeError:
-        raise DataError(path, lineno + 1, "not UTF-8 text", "download the file again") from None
 
 
 # ----------------------------------------------------------------------------------------------

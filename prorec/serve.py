@@ -1,0 +1,142 @@
+"""The online endpoint: a Ray Serve application over a finished run directory (`prorec serve`).
+
+One deployment, `PRORecServer`, with a FastAPI ingress. Each replica loads a
+`prorec.recommend.Recommender` once (the generator, its trie, the id maps and the reranker), and
+`@serve.batch` gathers concurrent requests into one beam search. The request is checked before any
+model work:
+
+    POST /recommend  {"history": [item ids, oldest first], "k": 10, "exclude": [item ids]}
+                     -> {"items": [...], "scores": [...], "truncated": n, "popular": false}
+    GET  /healthz    -> {"status": "ok"}
+    GET  /info       -> the run, the catalogue size, the code length, K and the settings
+
+| request | answer |
+| --- | --- |
+| body over 1 MB | 413 |
+| malformed JSON, or not an object | 400 |
+| unknown item ids (named in the answer), k above the beam or below 1, wrong types | 422 |
+| a history longer than the model's maximum | 200; the most recent items are kept, "truncated" says how many were left out |
+| an empty history | 200; the training split's most popular items, "popular": true |
+
+The app is built by `build_app(args)`, so `serve run prorec.serve:build_app run_dir=RUN`, a
+`serve deploy` config (`prorec serve RUN --write-config FILE`) and the tests all start it the same way.
+It listens on 127.0.0.1 unless told otherwise (`--host 0.0.0.0` exposes it to the network, with no
+authentication of its own).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+MAX_BODY = 1 << 20  # bytes
+DEFAULTS = {"beam": None, "rerank": None, "max_batch_size": 32, "batch_wait_timeout_s": 0.005, "batching": True,
+            "threads": 1, "num_gpus": 0.0}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def parse_request(body: bytes, rec: Any) -> Any:
+    """A request body -> a `prorec.recommend.Query` (item indices), or BadRequest with its status."""
+    from prorec.recommend import Query
+
+    if len(body) > MAX_BODY:
+        raise BadRequest(413, f"the body has {len(body)} bytes; at most {MAX_BODY}")
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(400, 'the body must be a JSON object: {"history": [item ids], "k": 10}')
+    unknown_keys = sorted(set(obj) - {"history", "k", "exclude", "user_id"})
+    if unknown_keys:
+        raise BadRequest(422, f"unknown field(s) {unknown_keys}; valid: history, k, exclude, user_id")
+    history, exclude, k = obj.get("history"), obj.get("exclude", []), obj.get("k", 10)
+    for name, value in (("history", history), ("exclude", exclude)):
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise BadRequest(422, f"{name} must be a list of item ids (strings)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rec.cfg.beam_size:
+        raise BadRequest(422, f"k must be an integer in [1, {rec.cfg.beam_size}] (the beam); got {k!r}")
+    unknown = rec.unknown(history + exclude)
+    if unknown:
+        raise BadRequest(422, {"error": "unknown item ids", "unknown": unknown[:100], "count": len(unknown)})
+    return Query(rec.indices(history), k, rec.indices(exclude), obj.get("user_id"))
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for `args` ({"run_dir": ..., and any of DEFAULTS}); what `serve run
+    prorec.serve:build_app run_dir=RUN` and `serve deploy` call. The replica count and resources
+    come from the deployment's options (`--replicas`, `--gpus-per-replica`, or the config file)."""
+    unknown = sorted(set(args) - set(DEFAULTS) - {"run_dir", "replicas"})
+    if "run_dir" not in args or unknown:
+        raise ValueError(f"build_app needs run_dir and takes {sorted(DEFAULTS)}; got unknown {unknown}")
+    kw = {**DEFAULTS, **{k: v for k, v in args.items() if k in DEFAULTS}}
+    for key, cast in (("max_batch_size", int), ("threads", int), ("batch_wait_timeout_s", float), ("num_gpus", float)):
+        kw[key] = cast(kw[key])
+    for key in ("batching", "rerank"):
+        if isinstance(kw[key], str):
+            kw[key] = kw[key].lower() in ("1", "true", "yes")
+    if isinstance(kw["beam"], str):
+        kw["beam"] = int(kw["beam"])
+    from prorec.serve_app import PRORecServer
+
+    server = PRORecServer.options(num_replicas=int(args.get("replicas", 1)),
+                                   ray_actor_options={"num_cpus": kw["threads"], "num_gpus": kw["num_gpus"]})
+    return server.bind(str(Path(args["run_dir"]).resolve()), **kw)
+
+
+def serve_config(run_dir: str | Path, host: str, port: int, app_args: dict[str, Any]) -> dict[str, Any]:
+    """A `serve deploy` config file's content for this run."""
+    args = {"run_dir": str(Path(run_dir).resolve()), **{k: v for k, v in app_args.items() if v is not None}}
+    return {"http_options": {"host": host, "port": port},
+            "applications": [{"name": "prorec", "route_prefix": "/", "import_path": "prorec.serve:build_app",
+                              "args": args}]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: prorec serve (its flags are defined in prorec/cli.py)
+
+def app_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"beam": args.beam, "rerank": False if args.no_rerank else None, "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_ms / 1000, "batching": not args.no_batch,
+            "threads": args.threads, "num_gpus": args.gpus_per_replica, "replicas": args.replicas}
+
+
+def main(args: argparse.Namespace) -> int:
+    import yaml
+
+    from prorec.recommend import run_settings
+
+    run_settings(args.run)  # refuse an unfinished run before starting anything
+    if args.write_config is not None:
+        args.write_config.write_text(yaml.safe_dump(serve_config(args.run, args.host, args.port, app_args(args)),
+                                                    sort_keys=False))
+        print(f"wrote {args.write_config}; deploy it with: serve deploy {args.write_config}")
+        return 0
+    import ray
+    from ray import serve
+
+    from prorec.pipeline import connect_ray
+
+    connect_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app({"run_dir": str(args.run), **{k: v for k, v in app_args(args).items() if v is not None}}),
+              name="prorec", route_prefix="/")
+    where = f"http://{args.host}:{args.port}"
+    print(f"serving {args.run} at {where} (POST /recommend, GET /healthz, GET /info); Ctrl-C stops it", flush=True)
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can query it", file=sys.stderr)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
