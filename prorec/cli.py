@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (DataError, ConfigError) as e:
         # One clean line: the message already names the file, the line and the fix.
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

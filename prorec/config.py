@@ -374,11 +374,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python's float() accepts.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{where} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # no setting means anything at inf or nan; training would diverge
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -277,7 +277,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         run_pipeline(cfg, args.out.expanduser(), args.from_stage, args.reuse)
     except (ConfigError, DataError, TrainingDiverged) as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     return 0
 

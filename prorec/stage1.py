@@ -52,7 +52,7 @@ from prorec.artifacts import file_hash, read_item_table, write_embeddings, write
 from prorec.config import Stage1Config
 from prorec.data.history import history_lengths, pad_histories
 from prorec.data.splits import read_split
-from prorec.models.din import DIN, DIN_CONFIG_FILE, DIN_FILE, DINConfig, save_din
+from prorec.models.din import DIN, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,

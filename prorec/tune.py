@@ -32,16 +32,13 @@ import math
 import os
 import shutil
 import sys
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from prorec.artifacts import write_json
-from prorec.config import ConfigError, PipelineConfig, load_config, save_config
+from prorec.config import ConfigError, PipelineConfig, load_config, read_yaml, save_config
 from prorec.pipeline import run_pipeline, run_stages
 
 SCORE_KEY = "valid_ndcg@10"  # the Stage II validation metric (prorec.stage2.SCORE_KEY)
@@ -151,7 +148,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = read_yaml(path) or {}  # a syntax error names the file and the line
     if not isinstance(doc, dict) or not isinstance(doc.get("tune"), dict):
         raise ConfigError(f"{path}: the top level must be a `tune:` mapping")
     t = dict(doc["tune"])
@@ -516,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(config, overrides)
         sweep = load_sweep(args.space)
     except ConfigError as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     run_sweep(base, sweep, args.out, args.run, args.resume)
     return 0

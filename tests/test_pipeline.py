@@ -283,15 +283,15 @@ def test_corrupt_outputs_are_never_trusted(tiny_run, tmp_path):
 @pytest.mark.e2e
 def test_diverged_training_stops_unfinished_and_a_fixed_rerun_finishes(tiny_run, tmp_path):
     run = _copy(tiny_run[0], tmp_path / "run")
-    r = subprocess.run(_cmd(run, "stage2.lr=inf"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_cmd(run, "stage2.lr=1e30"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert re.search(r"error: stage2 diverged: the loss is not finite at epoch 0, step \d+ \(.*\)\. Fix: lower "
-                     r"stage2.lr \(now inf\)", r.stderr), r.stderr[-2000:]
+                     r"stage2.lr \(now 1e\+30\)", r.stderr), r.stderr[-2000:]
     assert r.stderr.count("\nerror: ") + r.stderr.startswith("error: ") == 1 and "Traceback" not in r.stderr
     m = _manifest(run)
     assert m["stages"]["stage2"]["status"] == "failed" and not (run / "stage2" / "model.safetensors").exists()
     stdout = _pipeline(run)  # the setting fixed (back to tiny.yaml's): Stage II runs again and the run ends
-    assert "stage stage2: running (config changed (stage2.lr: inf -> 0.001))" in stdout
+    assert "stage stage2: running (config changed (stage2.lr: 1e+30 -> 0.001))" in stdout
     assert json.loads((run / "eval" / "metrics.json").read_text()) == _manifest(tiny_run[0])["metrics"]
 
 
