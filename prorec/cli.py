@@ -7,6 +7,7 @@
     prorec run --config jobs/configs/default.yaml --out runs/default
     prorec recommend RUN --input users.jsonl --output recs.parquet [--k 20]
     prorec serve RUN [--host 127.0.0.1] [--port 8000]
+    prorec baseline sasrec --config jobs/configs/beauty/sasrec.yaml --data DIR --out runs/beauty_sasrec
 
 Bad data or configuration ends with one line `error: ...` on stderr and exit status 2.
 """
@@ -203,8 +204,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _add_items(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("items", help="change a finished run's catalogue without retraining")
+    items_sub = p.add_subparsers(dest="items_command", required=True)
+    a = items_sub.add_parser("add", help="give new items (text only, no interactions) a code and a row in every "
+                                         "table, so that the run can recommend them",
+                             description="Embed each new item's text with the run's encoder, map it with Stage "
+                                         "I's modality adapter, descend the code tree to a free code, and grow "
+                                         "the generator, the DIN and the item tables; existing items are kept "
+                                         "exactly (prorec/items.py).")
+    a.add_argument("run", type=Path, help="a finished run directory (stage1.fusion=prorec)")
+    a.add_argument("--items", required=True, type=Path, help="new items, one canonical item JSON a line")
+    a.add_argument("--out", type=Path, help="write the grown run here (default: change RUN in place)")
+    a.set_defaults(func=_cmd_items_add)
+
+
+def _cmd_items_add(args: argparse.Namespace) -> int:
+    from prorec.items import add_items
+
+    _print_json(add_items(args.run, args.items, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# prorec baseline NAME: a baseline in the pipeline's harness, the same flags as jobs/baseline.py
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
+    from prorec.baselines import add_commands
+
+    p = sub.add_parser("baseline", help="run a baseline (sasrec) on the pipeline's splits and evaluation",
+                       description="The data stage, then the baseline, in one run directory (prorec/baselines.py).")
+    add_commands(p.add_subparsers(dest="baseline_name", required=True, metavar="{sasrec}"))
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prepare_amazon, _add_data, _add_synthetic,
-                                                                 _add_run, _add_recommend, _add_serve]
+                                                                 _add_run, _add_recommend, _add_serve, _add_items,
+                                                                 _add_baseline]
 
 
 def build_parser() -> argparse.ArgumentParser:

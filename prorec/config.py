@@ -297,6 +297,46 @@ class EvalConfig:
 
 
 @dataclass
+class SASRecTrainConfig(TrainConfig):
+    """The SASRec baseline (prorec/baselines.py, prorec/models/sasrec.py): its model and its training.
+
+    Defaults for Amazon Beauty on a CPU, after the SASRec paper's Beauty setting (2 blocks, d 50, one
+    head, dropout 0.5, lr 1e-3, batch 128), not tuned here. The longest history it reads is no
+    setting: it is the splits' (data.max_history), like Stage II's. It trains in this process only
+    (num_workers must be 0)."""
+
+    d_model: int = 64  # the paper's 50, rounded up to a multiple of the heads
+    n_heads: int = 2  # the paper's one, split in two: the same parameters, two attention patterns
+    n_layers: int = 2
+    ff_dim: int = 256  # 4 * d_model
+    dropout: float = 0.5  # the paper's for the sparse Amazon datasets
+    # Beauty has about 36,600 training sequences (prorec/baselines.py): 143 steps an epoch at
+    # batch_size (TrainConfig's 256; sequences, not rows), so 100 warm-up steps are under one epoch.
+    # max_epochs is a cap for early stopping to end before (the paper's code runs 200 epochs).
+    warmup_steps: int = 100
+    max_epochs: int = 100
+    patience: int = 5  # one validation a epoch costs seconds: wait longer than Stage II
+    num_workers: int = 0
+    # Drop the user's history items from the ranked lists, in the early-stopping validation and the
+    # written metrics and predictions alike. Keep it equal to eval.exclude_history to compare with the
+    # pipeline's numbers.
+    exclude_history: bool = True
+    valid_batch_size: int = 1024  # users scored at once against the whole catalogue (memory only)
+
+    def validate(self) -> None:
+        TrainConfig.validate(self, "sasrec")
+        _check(min(self.d_model, self.n_heads, self.n_layers, self.ff_dim) >= 1,
+               f"sasrec: d_model, n_heads, n_layers and ff_dim must be >= 1 (got sasrec.d_model={self.d_model}, "
+               f"sasrec.n_heads={self.n_heads}, sasrec.n_layers={self.n_layers}, sasrec.ff_dim={self.ff_dim})")
+        _check(self.d_model % self.n_heads == 0,
+               f"sasrec.d_model ({self.d_model}) must be divisible by sasrec.n_heads ({self.n_heads})")
+        _check(0.0 <= self.dropout < 1.0, f"sasrec.dropout must be in [0, 1) (got {self.dropout})")
+        _check(self.num_workers == 0, f"sasrec.num_workers must be 0 (got {self.num_workers}): the SASRec "
+               "baseline trains in this process, without Ray Train")
+        _check(self.valid_batch_size >= 1, "sasrec.valid_batch_size must be >= 1")
+
+
+@dataclass
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -304,6 +344,7 @@ class PipelineConfig:
     codes: CodesConfig = field(default_factory=CodesConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sasrec: SASRecTrainConfig = field(default_factory=SASRecTrainConfig)  # a baseline, outside the pipeline
 
     def validate(self) -> "PipelineConfig":
         for f in dataclasses.fields(self):

@@ -60,7 +60,7 @@ def reuse_source(sources: list[Path], stage: str, key: str, exclude: Path | None
     return None
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     """A hard link where the file system allows it (artifacts are replaced, never edited in place, so
     a link is never changed behind the other run's back), else a copy."""
     try:
@@ -142,7 +142,7 @@ class Manifest:
 
     def start(self, stage: str, key: str, depends_on: dict[str, Any], reason: str) -> None:
         """A stage begins: its key and the config values behind it are recorded with it."""
-        rec = self.data["stages"][stage]
+        rec = self.data["stages"].setdefault(stage, {})  # a baseline has no record until its first run
         rec.update({"status": "running", "key": key, "depends_on": depends_on, "reason": reason,
                     "started": _now()})
         rec.pop("error", None)
@@ -166,7 +166,7 @@ class Manifest:
         """Take `stage`'s finished folder from the run directory `source` (same key) and record it as done."""
         dst = self.run_dir / folder_of(stage)
         shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(Path(source) / folder_of(stage), dst, copy_function=_link_or_copy,
+        shutil.copytree(Path(source) / folder_of(stage), dst, copy_function=link_or_copy,
                         ignore=shutil.ignore_patterns(*NOT_REUSED))
         self.start(stage, key, depends_on, f"reused from {source}")
         self.finish(stage, 0.0)
@@ -188,13 +188,15 @@ class Manifest:
         write_json(self.path, self.data)
 
     # -- deciding -------------------------------------------------------------------------------
-    def plan(self, keys: dict[str, str], cfg: Any, from_stage: str | None = None) -> dict[str, Decision]:
-        """Which stages run now, and why. Everything after the first stage that runs runs too."""
-        if from_stage is not None and from_stage not in NAMES:
-            raise ValueError(f"--from-stage must be one of {', '.join(NAMES)}; got {from_stage!r}")
+    def plan(self, keys: dict[str, str], cfg: Any, from_stage: str | None = None,
+             stages: tuple[str, ...] = NAMES) -> dict[str, Decision]:
+        """Which of `stages` (default: the pipeline's) run now, and why. Everything after the first
+        stage that runs runs too."""
+        if from_stage is not None and from_stage not in stages:
+            raise ValueError(f"--from-stage must be one of {', '.join(stages)}; got {from_stage!r}")
         plan: dict[str, Decision] = {}
         first: str | None = None
-        for stage in NAMES:
+        for stage in stages:
             if first is not None:
                 never = "key" not in self._previous.get(stage, {})
                 plan[stage] = Decision(True, "not run before" if never else f"upstream stage {first} reruns")

@@ -1,7 +1,9 @@
 """The whole pipeline as one job: data -> embed -> stage1 -> codes -> stage2 -> eval.
 
-Each stage is one call to its stage function (see the artifact contract in the README); stages
-hand over files in the run directory, and `prorec.manifest` decides which stages a rerun can skip.
+Each stage is declared in its own module (`prorec.stage.Stage`; the list is `prorec.stages`) and
+run here as `stage.run(its config section, its input paths, its folder)`; stages hand over files in
+the run directory, `prorec.manifest` decides which stages a rerun can skip, and `--reuse` links in
+stages another run directory finished with the same key.
 Ray is started only if a stage that runs now is configured to use it: it connects to the cluster
 when the process runs under `ray job submit` (or RAY_ADDRESS is set), else it starts locally.
 
@@ -153,7 +155,8 @@ def run_stages(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None 
         raise ValueError(f"until must be one of {', '.join(NAMES)}; got {until!r}")
     stages = NAMES[: NAMES.index(until) + 1] if until else NAMES
     sources = [Path(r).resolve() for r in reuse]
-    check_against_data(cfg, *dataset_size(cfg))  # settings the data cannot support fail before any work
+    if "codes" in stages:  # settings the data cannot support (codes.k, eval.topk) fail before any work
+        check_against_data(cfg, *dataset_size(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         return _run_stages(cfg, run_dir, from_stage, sources, stages)

@@ -53,7 +53,7 @@ from prorec.config import Stage1Config
 from prorec.data.history import history_lengths, pad_histories
 from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig, save_din
-from prorec.models.modality import ModalityAdapter, alignment_loss
+from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
                             run_epochs, set_seed, shard_rows, warmup_lambda)
@@ -401,6 +401,10 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
         din = DIN(din_config(cfg, len(item_ids), history_width(data_dir)))
         din.load_state_dict({k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})
         save_din(out_dir, din)  # read by the evaluation's reranker (eval.rerank_weight)
+        if uses_alignment(cfg):  # read by `prorec items add`: a new item's text mapped into E_C's space
+            adapter = ModalityAdapter(semantic.shape[1], cfg.dim)
+            adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+            save_adapter(out_dir, adapter)
         history = fit.history
         best = fit.best_metrics
         metrics.update({
@@ -444,7 +448,8 @@ def run(cfg: Stage1Config, inputs: dict[str, Path], out_dir: Path) -> Path:
 STAGE = Stage(
     name="stage1", folder="stage1", section="stage1", run=run,
     inputs={"data": Input("data"), "semantic": Input("embed", "semantic.parquet")},
-    # din.safetensors and din_config.json too, except for fusion=semantic, which trains no DIN.
+    # din.safetensors and din_config.json too, except for fusion=semantic, which trains no DIN; and
+    # adapter.safetensors and adapter_config.json for fusion=prorec, the one that trains the adapter.
     outputs=("item_embeddings.parquet", "metrics.json"),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
     uses_ray=lambda c: c.num_workers > 0,

@@ -6,6 +6,8 @@ Each stage module declares its `Stage` (see `prorec.stage`); this list orders th
 - the stage keys: `stage_config`, `stage_keys` (a key hashes the config values the stage reads,
   files outside the run directory it depends on, and the keys of the stages it reads from);
 - the stage names `--from-stage` accepts: `NAMES`.
+`BASELINES` are stages outside that order, run by their own driver (`prorec.baselines.run_baseline`)
+after the pipeline stages they read: they have a folder, a key and a manifest record like the others.
 The rerun plan and the reuse of finished stages (`prorec.manifest`) build on these.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prorec.baselines import STAGE as SASREC
 from prorec.codes import STAGE as CODES
 from prorec.data.splits import STAGE as DATA
 from prorec.embed import STAGE as EMBED
@@ -25,7 +28,8 @@ from prorec.stage2 import STAGE as STAGE2
 
 STAGES: tuple[Stage, ...] = (DATA, EMBED, STAGE1, CODES, STAGE2, EVAL)
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+BASELINES: tuple[Stage, ...] = (SASREC,)  # each reads pipeline stages only
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES + BASELINES}
 
 
 def _check_order() -> None:
@@ -73,9 +77,10 @@ def _digest(obj: Any) -> str:
 
 
 def stage_keys(cfg: Any) -> dict[str, str]:
-    """Every stage's key, in pipeline order (a stage's key includes its upstream stages' keys)."""
+    """Every stage's key, in pipeline order, then the baselines' (a stage's key includes its upstream
+    stages' keys)."""
     keys: dict[str, str] = {}
-    for s in STAGES:
+    for s in STAGES + BASELINES:
         blob: dict[str, Any] = {"stage": s.name, "config": stage_config(cfg, s.name),
                                 "upstream": {u: keys[u] for u in s.upstream}}
         if s.external_inputs is not None:

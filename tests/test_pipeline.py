@@ -84,8 +84,9 @@ def test_every_shipped_config_is_valid(path):
     from prorec.config import load_config
 
     load_config(path)  # raises ConfigError on any value its validation refuses
-    # A config's header tells how to run it.
-    assert "python jobs/pipeline.py --config jobs/configs/" in path.read_text().split("\n\n")[0].replace("\\\n", "")
+    # A config's header tells how to run it (a baseline's: jobs/baseline.py NAME).
+    header = path.read_text().split("\n\n")[0].replace("\\\n", "")
+    assert re.search(r"python jobs/(pipeline\.py|baseline\.py \w+) --config jobs/configs/", header)
 
 
 def test_refuses_a_folder_that_is_not_a_run_directory(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Item text for the semantic encoder: `title; category path` by default."""
 from __future__ import annotations
 
-
 from prorec.data.canonical import Item
 
 

@@ -12,6 +12,8 @@ semantic structure is written into the collaborative table that Stage I hands on
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,7 @@ class ModalityAdapter(nn.Module):
 
     def __init__(self, semantic_dim: int, dim: int):
         super().__init__()
+        self.semantic_dim, self.dim = semantic_dim, dim
         self.proj = nn.Linear(semantic_dim, dim)
         self.adaln = AdaLN(dim, cond_dim=semantic_dim)
 
@@ -68,3 +71,26 @@ def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float) -> torch.Te
     logits = F.normalize(e_c, dim=-1) @ F.normalize(e_t, dim=-1).T / tau  # (M, M)
     labels = torch.arange(e_c.shape[0], device=e_c.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter's files (read by `prorec items add`, which maps a new item's text into E_C's space)
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def save_adapter(folder: str | Path, adapter: ModalityAdapter) -> Path:
+    from prorec.artifacts import save_weights
+
+    return save_weights(folder, ADAPTER_FILE, adapter.state_dict(), ADAPTER_CONFIG_FILE,
+                        {"semantic_dim": adapter.semantic_dim, "dim": adapter.dim})
+
+
+def load_adapter(folder: str | Path) -> ModalityAdapter:
+    from prorec.artifacts import load_weights
+
+    state, cfg = load_weights(folder, ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+    adapter = ModalityAdapter(cfg["semantic_dim"], cfg["dim"])
+    adapter.load_state_dict(state)
+    return adapter.eval()

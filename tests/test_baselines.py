@@ -1,0 +1,183 @@
+"""The SASRec baseline (prorec/models/sasrec.py, prorec/baselines.py) on the tiny synthetic data: the
+model's causal mask and files, its training rows, and the stage run through its driver: it learns,
+it ranks by the evaluation's rules, its metrics are what its predictions say, and a rerun skips it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prorec.baselines import main, rank, training_sequences
+from prorec.config import ConfigError, load_config
+from prorec.data.canonical import load_canonical
+from prorec.data.splits import read_split, split_sequences
+from prorec.manifest import Manifest
+from prorec.models.sasrec import SASREC_CONFIG_FILE, SASRec, SASRecConfig, load_sasrec, save_sasrec
+from prorec.stages import output_files, stage_keys
+
+TINY = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "baselines" / "tiny_sasrec.yaml"
+
+
+def _model(**kw) -> SASRec:
+    torch.manual_seed(0)
+    cfg = dict(n_items=30, max_len=8, d_model=16, n_heads=2, n_layers=2, ff_dim=32, dropout=0.0) | kw
+    return SASRec(SASRecConfig(**cfg)).eval()
+
+
+def test_position_t_reads_only_items_up_to_t():
+    model = _model()
+    a = torch.randint(1, 31, (4, 8))
+    b = a.clone()
+    b[:, 5:] = torch.randint(1, 31, (4, 3))
+    la, lb = model(a), model(b)  # (4, 8, 31)
+    assert torch.allclose(la[:, :5], lb[:, :5], atol=1e-6)
+    assert not torch.allclose(la[:, 5:], lb[:, 5:], atol=1e-3)
+    # Right padding is never read: a row padded after its items scores as the bare row.
+    padded = torch.cat([a[:, :5], torch.zeros(4, 3, dtype=torch.long)], dim=1)
+    assert torch.allclose(model.score(padded), la[:, 4], atol=1e-6)
+    assert torch.isneginf(la[..., 0]).all()
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model(dropout=0.3)
+    save_sasrec(tmp_path, model)
+    again = load_sasrec(tmp_path)
+    assert again.cfg == model.cfg
+    assert json.loads((tmp_path / SASREC_CONFIG_FILE).read_text()) == dataclasses.asdict(model.cfg)
+    history = torch.tensor([[3, 7, 9, 0], [30, 1, 0, 0]])
+    assert torch.equal(again.score(history), model.score(history))
+
+
+def test_every_train_row_is_trained_once_with_its_own_history(tiny_raw):
+    # max_history 3 cuts most users' later histories, so both kinds of training sequence occur.
+    train = split_sequences(load_canonical(tiny_raw), max_history=3)["train"]
+    seq, first = training_sequences(train)
+    trained = Counter()
+    for row, f in zip(seq, first):
+        items = [int(i) for i in row if i > 0]
+        for t in range(max(int(f), 0), len(items) - 1):
+            trained[(tuple(items[:t + 1]), items[t + 1])] += 1
+            assert len(items[:t + 1]) <= 3  # no position reads more than the split's history
+    rows = Counter((tuple(h), t) for h, t in zip(train.column("history").to_pylist(),
+                                                 train.column("target").to_pylist()))
+    assert trained == rows
+    assert (first > 0).any() and (first == 0).any()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # On a 2-core machine shared with other work, two intra-op threads stall each other (seconds a
+    # step instead of milliseconds); the results do not depend on the thread count.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tiny_raw, tmp_path_factory, one_thread):
+    """jobs/configs/baselines/tiny_sasrec.yaml on conftest's tiny dataset, through jobs/baseline.py's main."""
+    run = tmp_path_factory.mktemp("sasrec") / "run"
+    args = ["sasrec", "--config", str(TINY), "--data", str(tiny_raw), "--out", str(run)]
+    assert main(args) == 0
+    return args, run
+
+
+def _ndcg10(scores: torch.Tensor, history: np.ndarray, target: np.ndarray, exclude: bool = True) -> float:
+    """Mean NDCG@10 of a full score matrix [U, N + 1], computed here from scratch."""
+    s = scores.clone().double()
+    s[:, 0] = -np.inf
+    if exclude:
+        for u, h in enumerate(history):
+            s[u, [i for i in h if i > 0]] = -np.inf
+    rank = (s > s[np.arange(len(target)), target][:, None]).sum(1).numpy()  # items strictly above the target
+    return float(np.where(rank < 10, 1 / np.log2(rank + 2), 0.0).mean())
+
+
+def test_trained_beats_untrained_and_popularity(sasrec_run, tiny_data):
+    _, run = sasrec_run
+    valid = read_split(tiny_data, "valid")
+    trained = load_sasrec(run / "sasrec")
+    width = trained.cfg.max_len  # the splits' longest history
+    history = np.array([h + [0] * (width - len(h)) for h in valid.column("history").to_pylist()])
+    target = valid.column("target").to_numpy().astype(np.int64)
+    ndcg = _ndcg10(trained.score(torch.from_numpy(history)), history, target)
+    untrained = _ndcg10(_model(**dataclasses.asdict(trained.cfg)).score(torch.from_numpy(history)), history, target)
+    counts = np.bincount(history.ravel(), minlength=trained.cfg.n_items + 1).astype(float)  # training interactions
+    popularity = _ndcg10(torch.from_numpy(counts)[None].repeat(len(target), 1), history, target)
+    assert ndcg > max(untrained, popularity)
+    # ... and the stage's own validation number is this one: the evaluation's ranking, recomputed.
+    written = json.loads((run / "sasrec" / "eval" / "metrics.json").read_text())
+    assert written["valid"]["ndcg@10"] == pytest.approx(ndcg, abs=1e-9)
+
+
+def test_predictions_never_hold_a_history_item(sasrec_run, tiny_data):
+    _, run = sasrec_run
+    preds = pq.read_table(run / "sasrec" / "eval" / "predictions.parquet")
+    test = read_split(tiny_data, "test")
+    items = read_split(tiny_data, "items")
+    item_id = dict(zip(items.column("item_idx").to_pylist(), items.column("item_id").to_pylist()))
+    assert preds.column("user_id").to_pylist() == test.column("user_id").to_pylist()
+    lists = preds.column("items").to_pylist()
+    assert all(len(p) == len(set(p)) == 20 for p in lists)
+    histories = [{item_id[i] for i in h} for h in test.column("history").to_pylist()]
+    assert not any(set(p) & h for p, h in zip(lists, histories))
+    # Without the rule the same model ranks some history items in its top 20: the rule is what removes them.
+    model = load_sasrec(run / "sasrec")
+    padded = torch.tensor([h + [0] * (20 - len(h)) for h in test.column("history").to_pylist()])
+    free = rank(model, padded, exclude_history=False, batch_size=64)
+    assert any(set(r) & set(h.tolist()) for r, h in zip(free, padded))
+
+
+def test_written_metrics_are_what_the_predictions_say(sasrec_run, tiny_data):
+    _, run = sasrec_run
+    lists = pq.read_table(run / "sasrec" / "eval" / "predictions.parquet").column("items").to_pylist()
+    test, items = read_split(tiny_data, "test"), read_split(tiny_data, "items")
+    item_id = dict(zip(items.column("item_idx").to_pylist(), items.column("item_id").to_pylist()))
+    targets = [item_id[t] for t in test.column("target").to_pylist()]
+    recall = np.mean([t in p[:10] for p, t in zip(lists, targets)])
+    written = json.loads((run / "sasrec" / "eval" / "metrics.json").read_text())
+    assert written["test"]["recall@10"] == pytest.approx(recall, abs=1e-12)
+    assert set(written) == {"valid", "test"} and set(written["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg")
+                                                                        for k in (5, 10, 20)}
+
+
+def test_a_rerun_skips_it_and_only_its_section_reruns_it(sasrec_run, tiny_raw):
+    args, run = sasrec_run
+    before = json.loads((run / "manifest.json").read_text())["stages"]["sasrec"]
+    assert before["status"] == "done" and set(before["outputs"]) == set(output_files("sasrec"))
+    assert main(args) == 0
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert after["sasrec"]["skipped_last_run"] and after["data"]["skipped_last_run"]
+    assert after["sasrec"]["outputs"] == before["outputs"] and after["sasrec"]["finished"] == before["finished"]
+
+    def reruns(*overrides: str) -> bool:
+        cfg = load_config(TINY, [f"data.path={tiny_raw}", *overrides])
+        return Manifest(run).plan(stage_keys(cfg), cfg, stages=("sasrec",))["sasrec"].run
+
+    assert not reruns() and not reruns("eval.beam_size=50") and not reruns("sasrec.valid_batch_size=7")
+    assert reruns("sasrec.max_epochs=3") and reruns("sasrec.exclude_history=false") and reruns("data.max_history=5")
+
+
+@pytest.mark.parametrize("override, named", [("sasrec.n_heads=3", "sasrec.n_heads"),
+                                             ("sasrec.dropout=1.0", "sasrec.dropout"),
+                                             ("sasrec.num_workers=1", "sasrec.num_workers")])
+def test_a_bad_setting_is_refused(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(TINY, [override])
+
+
+def test_prorec_baseline_sasrec_takes_the_same_arguments():
+    from prorec.baselines import run_from_args
+    from prorec.cli import build_parser
+
+    args = build_parser().parse_args(["baseline", "sasrec", "--config", str(TINY), "--out", "x", "--reuse", "r",
+                                      "sasrec.lr=0.01"])
+    assert args.func is run_from_args and args.baseline == "sasrec"
+    assert (args.config, args.out, args.reuse, args.overrides) == (TINY, Path("x"), ["r"], ["sasrec.lr=0.01"])

@@ -1,0 +1,133 @@
+"""New items without retraining (prorec/items.py, `prorec items add`) on a finished tiny run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from prorec.artifacts import file_hash
+from prorec.beam import BeamSearch, brute_force_topk
+from prorec.cli import main as cli
+from prorec.codes import CodeTrie, load_codes
+from prorec.config import load_config
+from prorec.items import assign_codes
+from prorec.models.din import load_din
+from prorec.models.generator import load_generator
+
+REPO = Path(__file__).resolve().parents[1]
+NEW = [
+    {"item_id": "NEW1", "title": "Urbanglow Gentle Clarifying Shampoo", "categories": [["Beauty", "Hair Care", "Shampoos"]],
+     "keywords": "shampoo"},
+    {"item_id": "NEW2", "title": "Petalis Deluxe Cream Blush", "categories": [["Beauty", "Makeup", "Face"]],
+     "keywords": "blush"},
+    {"item_id": "NEW3", "title": None, "categories": [], "keywords": "matte lipstick berry"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    from prorec.pipeline import run_pipeline
+
+    run = tmp_path_factory.mktemp("items") / "run"
+    run_pipeline(load_config(REPO / "jobs" / "configs" / "tiny.yaml"), run)
+    return run
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grown(tiny_run, tmp_path_factory) -> Path:
+    before = {p: file_hash(p) for p in tiny_run.rglob("*") if p.is_file()}
+    out = tmp_path_factory.mktemp("grown") / "run"
+    src = _jsonl(out.parent / "new.jsonl", NEW)
+    assert cli(["items", "add", str(tiny_run), "--items", str(src), "--out", str(out)]) == 0
+    # The source run is untouched (the copy's files are links until rewritten, and every rewrite
+    # replaces the link instead of writing through it).
+    assert {p: file_hash(p) for p in tiny_run.rglob("*") if p.is_file()} == before
+    return out
+
+
+def test_existing_items_keep_their_codes_and_new_ones_get_unique_valid_codes(tiny_run, grown):
+    idx0, ids0, codes0 = load_codes(tiny_run / "codes" / "codes.parquet")
+    idx1, ids1, codes1 = load_codes(grown / "codes" / "codes.parquet")
+    n = len(idx0)
+    assert idx1.tolist() == list(range(1, n + 4)) and ids1 == ids0 + ["NEW1", "NEW2", "NEW3"]
+    assert np.array_equal(codes1[:n], codes0)
+    k = json.loads((grown / "codes" / "code_report.json").read_text())["k"]
+    assert ((codes1 >= 0) & (codes1 < k)).all()
+    assert len({tuple(c) for c in codes1}) == n + 3  # no collision
+    trie = CodeTrie.from_codes(codes1, idx1, k)  # the trie admits every code, old and new
+    assert trie.child[-1].max().item() == n + 3
+    items = pq.read_table(grown / "data" / "items.parquet").to_pydict()
+    assert items["item_id"][-3:] == ["NEW1", "NEW2", "NEW3"] and items["text"][-1] == "matte lipstick berry"
+
+
+def test_the_grown_models_keep_every_old_row_and_search_exactly(tiny_run, grown):
+    old, new = load_generator(tiny_run / "stage2"), load_generator(grown / "stage2")
+    assert new.cfg.n_items == old.cfg.n_items + 3
+    for name, t in old.state_dict().items():
+        assert torch.equal(new.state_dict()[name][: t.shape[0]], t), name
+    din_old, din_new = load_din(tiny_run / "stage1"), load_din(grown / "stage1")
+    assert torch.equal(din_new.item_emb.weight[: din_old.cfg.n_items + 1], din_old.item_emb.weight)
+    assert din_new.cfg.n_items == din_old.cfg.n_items + 3
+    # Beam search over the grown catalogue still equals brute force, with the item head and exclusion.
+    _, _, codes = load_codes(grown / "codes" / "codes.parquet")
+    trie = CodeTrie.from_codes(codes, np.arange(1, len(codes) + 1), new.cfg.k)
+    hist = torch.tensor([[1, 5, 9, 0], [122, 3, 0, 0], [121, 122, 123, 7]])
+    got = BeamSearch(new, trie, beam_size=len(codes), topk=15, exclude_history=True).search(hist)
+    ref = brute_force_topk(new, hist, trie, 15, exclude_history=True)
+    assert torch.equal(got.items, ref.items)
+
+
+def test_the_grown_run_recommends_and_can_rank_new_items(grown, tmp_path):
+    # The history of a shampoo buyer: the new shampoo is in the same code group as shampoos.
+    items = pq.read_table(grown / "data" / "items.parquet").to_pydict()
+    shampoos = [i for i, t in zip(items["item_id"], items["text"]) if "Shampoos" in t and not i.startswith("NEW")]
+    users = _jsonl(tmp_path / "u.jsonl", [{"user_id": "a", "history": shampoos[:3]}, {"user_id": "b", "history": ["NEW2"]}])
+    assert cli(["recommend", str(grown), "--input", str(users), "--output", str(tmp_path / "r.parquet"), "--k", "20"]) == 0
+    recs = pq.read_table(tmp_path / "r.parquet").to_pydict()
+    assert len(recs["items"][1]) == 20 and "NEW2" not in recs["items"][1]  # a new item as history, excluded
+    # Every table agrees on the catalogue: the grown run evaluates again without a rebuild of anything else.
+    from prorec.evaluate import run_evaluate
+    from prorec.recommend import run_settings
+
+    metrics = run_evaluate(run_settings(grown), grown / "data", grown / "codes" / "codes.parquet", grown / "stage2",
+                           tmp_path / "eval", grown / "stage1", grown / "embeddings" / "semantic.parquet")
+    assert set(metrics) == {"valid", "test"}
+
+
+def test_bad_new_items_are_refused_naming_the_line(tiny_run, tmp_path, capsys):
+    cases = {
+        "already": ([{"item_id": "S000001", "title": "x", "categories": [], "keywords": ""}],
+                    r"new.jsonl:1: item id 'S000001' is already in the run's catalogue"),
+        "duplicate": ([NEW[0], NEW[0]], r"new.jsonl:2: duplicate item id 'NEW1'"),
+        "no text": ([{"item_id": "N", "title": None, "categories": [], "keywords": ""}], r"new.jsonl:1: .*title or keywords"),
+    }
+    import re
+
+    for name, (rows, message) in cases.items():
+        src = _jsonl(tmp_path / "new.jsonl", rows)
+        assert cli(["items", "add", str(tiny_run), "--items", str(src), "--out", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(message, err), (name, err)
+
+
+def test_a_full_group_sends_the_item_to_the_nearest_group_with_room():
+    # K = 3; group (0,) is full, group (1,) has room; the new item sits next to group 0's items.
+    codes = np.array([[0, 0], [0, 1], [0, 2], [1, 0]])
+    emb = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [0.0, 1.0]])
+    got = assign_codes(codes, emb, np.array([[1.0, 0.05], [0.1, 1.0]]), k=3)
+    assert got.codes.tolist() == [[1, 1], [1, 2]] and got.moved == [0]
+    with pytest.raises(ValueError, match="the code tree is full"):
+        assign_codes(codes, emb, np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]), k=3)
+    # With room, the item joins the group whose centroid is nearest, at its lowest free token.
+    got = assign_codes(np.array([[0, 0], [1, 0], [1, 2]]), np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]),
+                       np.array([[0.05, 1.0]]), k=3)
+    assert got.codes.tolist() == [[1, 1]] and got.moved == []
