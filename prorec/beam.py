@@ -160,10 +160,10 @@ class BeamSearch:
                 prev = None
                 for level in range(trie.length):
                     G = nodes.shape[1]
-                    kids = None
-                    if model.item_out is not None and level == trie.length - 1:
-                        kids = self.child[level][nodes].view(B * G, K)  # the item head scores items
-                    logits = model.step(memory, cache, level, prev, B, kids)  # (B*G, K)
+                    # At the last level the item head scores each beam's items: the rows of the trie's
+                    # child table named by the beams' nodes (-1, a dead beam, scores nothing).
+                    logits = model.step(memory, cache, level, prev, B, prefix=nodes.view(B * G),
+                                        siblings=self.child[level])  # (B*G, K)
                     logp = F.log_softmax(logits.float(), dim=-1).view(B, G, K)
                     ok = self.allowed[level][nodes]  # (B, G, K); node -1 reads the sentinel row
                     if excl is not None:

@@ -172,3 +172,20 @@ def test_explicit_exclusions_equal_a_search_over_the_catalogue_without_them(excl
     ref = brute_force_topk(model, hist, trie, 10, exclude_history=exclude_history, exclude=exclude)
     assert torch.equal(full.items, ref.items)
     torch.testing.assert_close(full.scores, ref.scores)
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+@pytest.mark.parametrize("beam_size", [3, 8, 60])  # 60 > the 50 items: dead beams at the last level
+@pytest.mark.parametrize("n_users", [1, 9])  # one user: a prefix a beam; nine: many beams a prefix
+def test_item_head_search_equals_the_search_with_the_reference_gather(n_users, beam_size, exclude_history):
+    """The search scores the item head grouped by prefix (Generator.item_logits); the same search
+    with every beam's children gathered and scored by item_logits_reference (how it ran before)
+    returns the same items and scores, with narrow beams (pruned subtrees) too."""
+    model, trie = make(50, item_head=True)
+    hist = histories(50, n_users=n_users)
+    got = BeamSearch(model, trie, beam_size=beam_size, topk=3, exclude_history=exclude_history).search(hist)
+    ref_model, _ = make(50, item_head=True)
+    ref_model.item_logits = lambda h, prefix, siblings: ref_model.item_logits_reference(h, siblings[prefix])
+    want = BeamSearch(ref_model, trie, beam_size=beam_size, topk=3, exclude_history=exclude_history).search(hist)
+    assert torch.equal(got.items, want.items)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)

@@ -198,3 +198,95 @@ def test_item_head_with_one_level_codes_is_a_softmax_over_the_catalogue():
     assert torch.isfinite(logits).sum(1).tolist() == [5, 5]
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def item_table(model: Generator) -> torch.Tensor:
+    """A [P + 2, K] children table: the model's own sibling rows, some slots emptied (0 and -1), an
+    all-empty row and a row with a lone item."""
+    table = model.siblings.clone()
+    table[0, :] = -1
+    table[1, 1::2] = 0
+    lone = torch.zeros(1, K, dtype=torch.long)
+    lone[0, K - 1] = 7
+    return torch.cat([table, torch.full((1, K), -1, dtype=torch.long), lone])
+
+
+@pytest.mark.parametrize("min_rows", [1, 2, 1000])  # matmul for every prefix / lone rows pair by pair / no matmul
+def test_grouped_item_head_equals_the_reference_gather(min_rows, monkeypatch):
+    import prorec.models.generator as generator
+
+    monkeypatch.setattr(generator, "GROUP_MIN_ROWS", min_rows)
+    model = make_model(item_head=True, distill=False)
+    table = item_table(model)
+    g = torch.Generator().manual_seed(5)
+    # Prefixes with many rows, with one row, dead rows (negative), the empty row, in shuffled order.
+    prefix = torch.cat([torch.randint(0, table.shape[0], (40,), generator=g), torch.tensor([2, 2, 2, 3, -1, -1, -5]),
+                        torch.tensor([table.shape[0] - 2, table.shape[0] - 1])])
+    prefix = prefix[torch.randperm(len(prefix), generator=g)]
+    h = torch.randn(len(prefix), 32, generator=g)
+    with torch.no_grad():
+        got = model.item_logits(h, prefix, table)
+        want = model.item_logits_reference(h, table[prefix.clamp(min=0)])
+        want = want.masked_fill(prefix[:, None] < 0, float("-inf"))
+        own_prefix = model.item_prefix[torch.tensor([4, 17, 33, 4, 1])]
+        own = model.item_logits(h[:5], own_prefix)  # the model's own table
+        own_want = model.item_logits_reference(h[:5], model.siblings[own_prefix])
+        empty = model.item_logits(h[:0], prefix[:0], table)
+    assert got.dtype == torch.float32 and got.shape == (len(prefix), K)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))  # empty slots and dead rows stay -inf
+    assert torch.isneginf(got[prefix < 0]).all() and torch.isneginf(got[prefix == table.shape[0] - 2]).all()
+    assert torch.equal(torch.isfinite(got), (table[prefix.clamp(min=0)] > 0) & (prefix[:, None] >= 0))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own, own_want, atol=1e-5, rtol=1e-5)
+    assert empty.shape == (0, K)
+
+
+def test_grouped_item_head_has_no_backward():
+    model = make_model(item_head=True, distill=False)
+    with pytest.raises(RuntimeError, match="no backward"):
+        model.item_logits(torch.randn(3, 32), torch.tensor([0, 1, 0]))
+
+
+def test_compact_item_head_equals_the_reference_gather_with_gradients():
+    """code_logits (training) scores the item head pair by pair: the same logits as the gather, and
+    the same gradients for the hidden states, the output embeddings and their biases."""
+    model = make_model(item_head=True, distill=False)
+    table = item_table(model)
+    children = table[torch.tensor([0, 1, 1, 2, 3, 5, table.shape[0] - 1, 4])]
+    grads = []
+    for fn in (model.item_logits_compact, model.item_logits_reference):
+        model.zero_grad(set_to_none=True)
+        h = torch.randn(len(children), 32, generator=torch.Generator().manual_seed(6), requires_grad=True)
+        logits = fn(h, children)
+        finite = torch.isfinite(logits)
+        (logits[finite] * torch.linspace(-1, 1, int(finite.sum()))).sum().backward()
+        grads.append((logits.detach(), h.grad, model.item_out.weight.grad, model.item_out_b.grad))
+    (a, *ga), (b, *gb) = grads
+    assert torch.equal(torch.isfinite(a), children > 0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_item_head_step_by_prefix_equals_step_by_children():
+    """The search's path (beams named by prefix, grouped matmuls) and the reference path (beams'
+    children gathered) give the same last-level logits, beams of one prefix and of several."""
+    model = make_model(item_head=True, distill=False)
+    hist = history()
+    target = torch.tensor([[4, 17, 33, 4], [17, 17, 2, 9], [33, 5, 5, 5]])  # 4 beams a user
+    B, G = target.shape
+    codes = model.item_codes[target.view(-1)]
+    memory = model.encode(hist)
+    with torch.no_grad():
+        out = []
+        for by_prefix in (True, False):
+            cache = DecoderCache(len(model.decoder), L)
+            model.step(memory, cache, 0, None, B)
+            cache.reorder(torch.arange(B).repeat_interleave(G))
+            for level in range(1, L - 1):
+                model.step(memory, cache, level, codes[:, level - 1], B)
+            prefix = model.item_prefix[target.view(-1)]
+            kw = {"prefix": prefix} if by_prefix else {"children": model.siblings[prefix]}
+            out.append(model.step(memory, cache, L - 1, codes[:, L - 2], B, **kw))
+    assert torch.equal(torch.isfinite(out[0]), torch.isfinite(out[1]))
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)

@@ -171,6 +171,10 @@ class DecoderBlock(nn.Module):
 # The generator
 
 NEG_INF = float("-inf")
+# Generator.item_logits: a prefix with fewer rows than this is scored pair by pair (loop-free), not by
+# its own matmul, whose call overhead (about 8 us on a CPU) is more than a lone row's dot products
+# cost; 2 (lone rows only) measured best from 1 user at beam 50 to 256 users at beam 200.
+GROUP_MIN_ROWS = 2
 
 
 def sibling_tables(item_codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,23 +330,98 @@ class Generator(nn.Module):
             return logits
         if items is None:
             raise ValueError("code_logits: a model with item_head needs the rows' items")
-        last = self.item_logits(hidden[:, n], self.siblings[self.item_prefix[items]])
+        last = self.item_logits_compact(hidden[:, n], self.siblings[self.item_prefix[items]])
         return torch.cat([logits.float(), last[:, None]], dim=1)
 
-    def item_logits(self, h: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
-        """The item head: h [N, d], children [N, K] item_idx after each row's prefix (<= 0 = none)
-        -> float32 logits [N, K], -inf where there is no item."""
+    # The item head three ways, equal up to float rounding (tests/test_generator.py):
+    # - item_logits_reference: the plain per-row gather, [N, K, d]; the definition.
+    # - item_logits_compact: one dot product per (row, real item) pair; differentiable, loop-free;
+    #   for rows of mostly different prefixes (training batches, `code_logits`).
+    # - item_logits: rows grouped by prefix, one dense matmul per prefix; for many rows that share
+    #   few prefixes (the last level of a beam search: N / n_prefixes beams a prefix).
+
+    def item_logits_reference(self, h: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
+        """The item head by a per-row gather (the reference): h [N, d], children [N, K] item_idx
+        after each row's prefix (<= 0 = none) -> float32 logits [N, K], -inf where there is no item.
+        It reads item_out(children), an [N, K, d] tensor: at the last level of a wide beam search
+        that is N * K * d floats a step (gigabytes for a batch of users at beam 200)."""
         idx = children.clamp(min=0)
         logits = torch.einsum("nd,nkd->nk", h, self.item_out(idx)).float() + self.item_out_b[idx].float()
         return logits.masked_fill(children <= 0, NEG_INF)
 
+    def item_logits_compact(self, h: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
+        """`item_logits_reference`, computed for the real items alone (differentiable): one dot
+        product per (row, item) pair, so it reads the rows' real items (about n_items / n_prefixes
+        a row) instead of K output embeddings a row, and never gathers row 0 for an empty slot."""
+        n, K = children.shape
+        flat = (children > 0).view(-1).nonzero()[:, 0]  # row * K + token of every real item
+        items = children.view(-1).index_select(0, flat)
+        rows = h.index_select(0, torch.div(flat, K, rounding_mode="floor"))
+        vals = torch.einsum("td,td->t", rows, self.item_out(items)).float() + self.item_out_b[items].float()
+        out = torch.full((n * K,), NEG_INF, dtype=torch.float32, device=h.device)
+        return out.index_copy(0, flat, vals).view(n, K)
+
+    def item_logits(self, h: torch.Tensor, prefix: torch.Tensor, siblings: torch.Tensor | None = None) -> torch.Tensor:
+        """The item head, grouped by prefix (decoding; no gradients): h [N, d], prefix [N] long, the
+        row of `siblings` [P, K] (item_idx by last token, <= 0 = none; default the model's own
+        `self.siblings`) that holds each row's items, negative = no prefix (the row is all -inf).
+        -> float32 logits [N, K], equal to `item_logits_reference(h, siblings[prefix])`.
+
+        Rows are sorted by prefix; each prefix's rows are one dense matmul against the output
+        embeddings of the prefix's real items alone (read once per call, not once per row), written
+        into those items' token columns; a prefix with a lone row (fewer than GROUP_MIN_ROWS) is
+        scored with the others like it by `item_logits_compact`, without a call of its own. So the
+        per-row [N, K, d] gather of the reference is never built: the work is at most the shared
+        head's [N, d] x [d, K] (fewer columns where a prefix has fewer than K items), plus a Python
+        loop over the distinct prefixes of the call. At the last level of a beam search with L=2
+        there are at most K prefixes, so N / K beams share each one."""
+        if torch.is_grad_enabled() and (h.requires_grad or self.item_out.weight.requires_grad):
+            raise RuntimeError("item_logits has no backward (it writes into preallocated rows): call it under "
+                               "torch.no_grad() or inference_mode; training uses item_logits_compact")
+        if siblings is None:
+            siblings = self.siblings
+        n, K = h.shape[0], siblings.shape[1]
+        key, order = prefix.sort(stable=True)
+        nodes, rows = torch.unique_consecutive(key, return_counts=True)
+        live = nodes >= 0  # negative prefixes sort first and stay -inf
+        first_live = int(rows[~live].sum())
+        nodes, rows = nodes[live], rows[live]
+        if nodes.numel() == 0:
+            return torch.full((n, K), NEG_INF, dtype=torch.float32, device=h.device)
+        kids = siblings[nodes]  # (P', K) item_idx, <= 0 = none
+        hs = h.index_select(0, order[first_live:])  # rows grouped by prefix
+        res = torch.full((hs.shape[0], K), NEG_INF, dtype=torch.float32, device=h.device)
+        small = rows < GROUP_MIN_ROWS
+        if bool(small.any()):  # prefixes of few rows: one loop-free dot product per (row, item) pair
+            group = torch.repeat_interleave(torch.arange(nodes.numel(), device=h.device), rows)
+            sel = small[group].nonzero()[:, 0]
+            res.index_copy_(0, sel, self.item_logits_compact(hs[sel], kids[group[sel]]))
+        big = ~small  # the other prefixes: one dense matmul each
+        start, rows, kids = (rows.cumsum(0) - rows)[big].tolist(), rows[big].tolist(), kids[big]
+        slot, tok = (kids > 0).nonzero(as_tuple=True)  # each prefix's real items, by prefix
+        items = kids[slot, tok]
+        w = self.item_out.weight.index_select(0, items)  # (T, d): the prefixes' items, read once
+        b = self.item_out_b.index_select(0, items)
+        width = torch.bincount(slot, minlength=len(rows)).tolist()  # items a prefix
+        for s_p, n_p, w_p, b_p, t_p in zip(start, rows, w.split(width), b.split(width), tok.split(width)):
+            if t_p.numel():
+                res[s_p:s_p + n_p].index_copy_(1, t_p, torch.addmm(b_p, hs[s_p:s_p + n_p], w_p.T).to(res.dtype))
+        out = res.new_empty(n, K).index_copy_(0, order[first_live:], res)
+        if first_live:
+            out.index_fill_(0, order[:first_live], NEG_INF)
+        return out
+
     def step(self, memory: Memory, cache: DecoderCache, level: int, prev: torch.Tensor | None,
-             n_users: int, children: torch.Tensor | None = None) -> torch.Tensor:
+             n_users: int, children: torch.Tensor | None = None, *, prefix: torch.Tensor | None = None,
+             siblings: torch.Tensor | None = None) -> torch.Tensor:
         """One incremental decoder step for N = n_users * G beams (G beams per user, grouped by user).
 
         prev [N] long: the code token chosen at level-1 (None at level 0, where the input is <BOS>).
-        children [N, K]: each beam's items by last token (item_idx, <= 0 = none); needed at the last
-        level of a model with item_head. Returns logits [N, K] for code level `level`.
+        At the last level of a model with item_head, the beams' items are named either by `prefix`
+        [N] long, each beam's row of `siblings` [P, K] (item_idx by last token, <= 0 = none; default
+        the model's `siblings`, by its own prefix ids; negative = a dead beam), scored by the grouped
+        `item_logits` (what `BeamSearch` uses), or by children [N, K] item_idx (<= 0 = none), scored by
+        `item_logits_reference`. Returns logits [N, K] for code level `level`.
         """
         if prev is None:
             x = self.bos.expand(n_users, 1, -1)  # (N, 1, d)
@@ -353,9 +432,11 @@ class Generator(nn.Module):
             x = blk(x, memory.kv[i], memory.mask, cache=cache, layer=i)
         h = self.dec_ln(x[:, 0])  # (N, d)
         if self.item_out is not None and level == self.cfg.code_length - 1:
+            if prefix is not None:
+                return self.item_logits(h, prefix, siblings)
             if children is None:
-                raise ValueError("step: a model with item_head needs the beams' children at the last level")
-            return self.item_logits(h, children)
+                raise ValueError("step: a model with item_head needs the beams' prefix (or children) at the last level")
+            return self.item_logits_reference(h, children)
         return h @ self.head_w[level] + self.head_b[level]
 
     # -- training ------------------------------------------------------------------------------
