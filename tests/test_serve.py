@@ -207,3 +207,18 @@ def test_the_serve_app_answers_like_the_evaluation_and_survives_bad_requests(ray
         assert status == 200 and len(a["items"]) == 20 and not set(a["items"]) & set(expected[0][:3])
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_recommend_on_ray_data_gives_the_in_process_lists(ray_session, tiny_run, tmp_path):
+    from prorec.recommend import recommend_file
+
+    users, histories, expected = _test_users(tiny_run)
+    src = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user_id": users, "history": histories}), src)
+    summary = recommend_file(tiny_run, src, tmp_path / "ray.parquet", k=20, use_ray=True, num_actors=2)
+    got = pq.read_table(tmp_path / "ray.parquet").to_pydict()
+    assert summary["users"] == len(users) and got["user_id"] == users
+    assert got["items"] == expected  # actors, batches and order change nothing
