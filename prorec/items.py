@@ -13,9 +13,9 @@ A new item has a text and no interactions. Its way into a finished run:
    distance of the item to the groups' centroids), and the report says so; when no group has one,
    the code tree is full and the codes must be rebuilt with a larger K;
 4. every table keyed by item grows by one row:
-   - the generator: its item codes; its item-ID embedding and item head rows start as the mean of
-     the rows of the items in the same code group (the new item is scored like an average member of
-     its group until it is trained);
+   - the generator: its item codes; its item-ID embedding and item head rows come from the mapped
+     embedding through a ridge regression fitted on the existing items (their Stage I embedding ->
+     their row), so a new item is scored like the trained items whose embeddings it resembles;
    - the DIN used for reranking: its item row is the mapped embedding (E_C's space);
    - the semantic embeddings, the Stage I embeddings, the codes and data/items.parquet.
 Existing items keep their codes and every one of their rows exactly. The run's manifest records the
@@ -208,14 +208,10 @@ def add_items(run_dir: str | Path, items_path: str | Path, out: str | Path | Non
     all_codes = np.concatenate([table_codes, assigned.codes])
     state["item_codes"] = torch.from_numpy(all_codes)
     group_of = {tuple(c[:-1]) for c in assigned.codes}  # the code groups the new items joined
+    x_old = s1_vecs[np.argsort(s1_idx)]  # [N, D] the Stage I embeddings of items 1..N
     for name in ("item_emb.weight", "item_out.weight", "item_out_b"):
-        if name not in state:
-            continue
-        rows = []
-        for c in assigned.codes:
-            same = np.nonzero((table_codes[1:, :-1] == c[:-1]).all(1))[0] + 1  # existing items of its group
-            rows.append(state[name][torch.from_numpy(same)].mean(0) if len(same) else state[name][1:].mean(0))
-        state[name] = torch.cat([state[name], torch.stack(rows)])
+        if name in state:
+            state[name] = torch.cat([state[name], regress_rows(x_old, state[name][1:], mapped)])
     model.cfg.n_items = n + m
     save_generator(run / "stage2", model.cfg, state)
     load_generator(run / "stage2")  # the grown model rebuilds (sibling tables, trie paths)
@@ -234,6 +230,18 @@ def add_items(run_dir: str | Path, items_path: str | Path, out: str | Path | Non
         print(f"items add: {len(assigned.moved)} item(s) went to the nearest group with room, theirs being full: "
               + ", ".join(new_ids[i] for i in assigned.moved[:10]), file=sys.stderr)
     return summary
+
+
+def regress_rows(x_old: np.ndarray, rows_old: torch.Tensor, x_new: np.ndarray, ridge: float = 1e-2) -> torch.Tensor:
+    """New rows of a per-item table from the items' Stage I embeddings: a ridge regression
+    rows ~ [x, 1] @ W fitted on the existing items, applied to the new items' mapped embeddings.
+    rows_old [N, ...] (any trailing shape), x_old [N, D], x_new [M, D] -> [M, ...]."""
+    y = rows_old.detach().float().reshape(len(rows_old), -1).numpy().astype(np.float64)  # [N, d]
+    a = np.hstack([x_old.astype(np.float64), np.ones((len(x_old), 1))])  # [N, D + 1]
+    lam = ridge * np.trace(a.T @ a) / a.shape[1]
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ y)  # [D + 1, d]
+    new = np.hstack([x_new.astype(np.float64), np.ones((len(x_new), 1))]) @ w
+    return torch.from_numpy(new.astype(np.float32)).reshape(len(x_new), *rows_old.shape[1:]).to(rows_old.dtype)
 
 
 def _meta(meta: dict[str, Any]) -> dict[str, Any]:

@@ -83,12 +83,14 @@ class Recommender:
     generator's own order); `rerank=None` keeps the run's setting."""
 
     def __init__(self, run_dir: str | Path, beam: int | None = None, rerank: bool | None = None,
-                 threads: int | None = None, use_gpu: bool = False) -> None:
+                 threads: int | None = None, use_gpu: bool = False, settings: EvalConfig | None = None) -> None:
+        """`settings` replaces the run's own evaluation settings (for a run whose evaluation has not
+        run, e.g. a benchmark that ranks with settings of its own)."""
         from prorec.evaluate import Ranker
         from prorec.models.generator import load_generator_config
 
         self.run_dir = Path(run_dir).resolve()
-        cfg = run_settings(self.run_dir)
+        cfg = settings if settings is not None else run_settings(self.run_dir)
         if beam is not None:
             cfg = dataclasses.replace(cfg, beam_size=beam)
         if rerank is False:

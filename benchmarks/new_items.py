@@ -1,0 +1,190 @@
+"""The cold-start benchmark: hold out items, train without them, add them with `prorec items add`,
+and measure how well the run ranks them (issue 21).
+
+1. A fraction of the items (`--fraction`, chosen at random with `--seed`) become "new": every
+   interaction with them is removed from the dataset the pipeline trains on (users left with fewer
+   than 3 items are dropped from training, and counted).
+2. The pipeline trains on that dataset (`--config`, into OUT/run), and `prorec items add` adds the
+   held-out items to it (OUT/run_plus).
+3. The evaluation set is the full dataset's leave-one-out test split: every user's last item is the
+   target (new or not), and the history is the items before it, without the new items (nobody could
+   have bought an item that did not exist yet).
+4. Ranked over the whole catalogue, new items included, history items removed, by:
+   - `prorec`: the grown run with the config's evaluation settings (reranked when the config reranks);
+   - `prorec_generator`: the same run, beam 20, no reranking (the generator alone);
+   - `semantic_nn`: the last history item's most similar items by text (cosine of the run's MiniLM
+     embeddings, new items included);
+   - `popularity`: the training split's most frequent targets (new items never appear);
+   - with `--trained-with RUN`: a pipeline run trained on the full data (the new items seen in
+     training), on the same users: what adding them without retraining costs.
+5. Reports Recall and NDCG @10 and @20 on the users whose target is new and on all users, and how
+   often new items appear in anyone's top 20. Writes benchmarks/results/NAME.{md,json}.
+
+    python benchmarks/new_items.py --data ../shared/data/amazon-beauty --config jobs/configs/beauty/prorec_cpu.yaml \
+        --out runs/new_items_beauty --trained-with runs/beauty_full_run --name new_items_beauty
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+
+KS = (10, 20)
+
+
+def split_dataset(src: Path, dst: Path, fraction: float, seed: int) -> dict:
+    """Write the training dataset without the held-out items into dst; return the held-out ids, the
+    evaluation users (full history minus new items, target) and counts."""
+    from prorec.data.canonical import load_canonical
+
+    ds = load_canonical(src)
+    ids = [it.item_id for it in ds.items]
+    rng = random.Random(seed)
+    held = set(rng.sample(ids, max(1, round(fraction * len(ids)))))
+    dst.mkdir(parents=True, exist_ok=True)
+    kept, dropped = [], 0
+    eval_users = []
+    for user, seq in ds.sequences:
+        history = [i for i in seq[:-1] if i not in held]
+        if history:
+            eval_users.append((user, history, seq[-1]))
+        train = [i for i in seq if i not in held]
+        if len(train) >= 3:
+            kept.append(f"{user} {' '.join(train)}")
+        else:
+            dropped += 1
+    (dst / "user_sequence.txt").write_text("\n".join(kept) + "\n")
+    items_src = (src / "items.jsonl").read_text().splitlines()
+    keep_items, new_items = [], []
+    for line in items_src:
+        (new_items if json.loads(line)["item_id"] in held else keep_items).append(line)
+    used = {i for line in kept for i in line.split()[1:]}
+    keep_items = [line for line in keep_items if json.loads(line)["item_id"] in used]
+    (dst / "items.jsonl").write_text("\n".join(keep_items) + "\n")
+    (dst.parent / "new_items.jsonl").write_text("\n".join(new_items) + "\n")
+    return {"held": held, "eval_users": eval_users, "users_dropped_from_training": dropped,
+            "items_unused_after_removal": len(ids) - len(held) - len(keep_items)}
+
+
+def metrics(ranked: list[list[str]], targets: list[str], rows: list[int]) -> dict[str, float]:
+    out = {}
+    for k in KS:
+        hits = [targets[r] in ranked[r][:k] for r in rows]
+        gains = [1.0 / np.log2(ranked[r].index(targets[r]) + 2) if targets[r] in ranked[r][:k] else 0.0 for r in rows]
+        out[f"recall@{k}"] = float(np.mean(hits)) if rows else float("nan")
+        out[f"ndcg@{k}"] = float(np.mean(gains)) if rows else float("nan")
+    return out
+
+
+def rank_with_run(run: Path, users: list, beam: int | None, rerank: bool | None, settings=None) -> list[list[str]]:
+    from prorec.recommend import Query, Recommender
+
+    rec = Recommender(run, beam, rerank, settings=settings)
+    queries = [Query(rec.indices([i for i in h if i in rec.index]), 20) for _, h, _ in users]
+    return [a.items for a in rec.recommend(queries)]
+
+
+def rank_semantic_nn(run: Path, users: list) -> list[list[str]]:
+    """The last history item's 20 most similar items by text (history excluded)."""
+    import torch
+
+    from prorec.artifacts import read_embeddings
+
+    idx, ids, vecs, _ = read_embeddings(run / "embeddings" / "semantic.parquet")
+    e = torch.nn.functional.normalize(torch.from_numpy(vecs), dim=1)
+    pos = {i: n for n, i in enumerate(ids)}
+    out = []
+    for _, h, _ in users:
+        sims = e @ e[pos[h[-1]]]
+        sims[[pos[i] for i in h if i in pos]] = -2.0
+        out.append([ids[j] for j in torch.topk(sims, 20).indices.tolist()])
+    return out
+
+
+def rank_popularity(run: Path, users: list) -> list[list[str]]:
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(run / "data" / "items.parquet").to_pydict()
+    id_of = dict(zip(items["item_idx"], items["item_id"]))
+    counts = np.bincount(pq.read_table(run / "data" / "train.parquet").column("target").to_numpy())
+    order = [id_of[i] for i in np.argsort(-counts, kind="stable") if i in id_of][:200]
+    return [[i for i in order if i not in set(h)][:20] for _, h, _ in users]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="canonical dataset (default: the synthetic default, generated)")
+    p.add_argument("--config", type=Path, default=ROOT / "jobs" / "configs" / "default.yaml")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trained-with", type=Path, help="a finished pipeline run on the full data (same config)")
+    p.add_argument("--name", required=True)
+    p.add_argument("overrides", nargs="*")
+    add_allow_dirty(p)
+    args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
+    from prorec.config import load_config
+    from prorec.items import add_items
+    from prorec.pipeline import run_stages
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    src = args.data
+    if src is None:
+        from prorec.data.synthetic import write_synthetic
+
+        src = write_synthetic(out / "full", load_config(args.config, args.overrides).data.synthetic)
+    split = split_dataset(Path(src), out / "train_data", args.fraction, args.seed)
+    cfg = load_config(args.config, [*args.overrides, f"data.path={out / 'train_data'}"])
+    run_stages(cfg, out / "run", until="stage2")  # the evaluation below ranks with the config's eval settings
+    plus = out / "run_plus"
+    if plus.exists():
+        shutil.rmtree(plus)
+    added = add_items(out / "run", out / "new_items.jsonl", plus)
+    users = split["eval_users"]
+    targets = [t for _, _, t in users]
+    new_rows = [r for r, t in enumerate(targets) if t in split["held"]]
+    every = list(range(len(users)))
+    modes = {"prorec (the config's eval settings)": rank_with_run(plus, users, None, None, cfg.eval),
+             "prorec generator alone (beam 20)": rank_with_run(plus, users, 20, False, cfg.eval),
+             "semantic nearest neighbour": rank_semantic_nn(plus, users),
+             "popularity": rank_popularity(plus, users)}
+    if args.trained_with:
+        modes["trained with the new items (--trained-with)"] = rank_with_run(args.trained_with, users, None, None)
+    table = {}
+    for name, ranked in modes.items():
+        shown = sum(any(i in split["held"] for i in r) for r in ranked)
+        table[name] = {"new_item_users": metrics(ranked, targets, new_rows), "all_users": metrics(ranked, targets, every),
+                       "users_with_a_new_item_in_top20": shown}
+    cmd = " ".join(["python", "benchmarks/new_items.py", *(argv if argv is not None else sys.argv[1:])])
+    md = [f"# {args.name}: new items added without retraining", "", f"Command: `{cmd}`", "",
+          f"{len(split['held'])} held-out items ({args.fraction:.0%}, seed {args.seed}); "
+          f"{split['users_dropped_from_training']} users left with fewer than 3 items were dropped from training; "
+          f"{added['moved_to_another_group']} new items went to another code group (theirs was full). "
+          f"Evaluated on {len(users)} test users, {len(new_rows)} of them with a new item as target.", "",
+          "| mode | group | R@10 | N@10 | R@20 | N@20 | users with a new item in their top 20 |", "|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        for group in ("new_item_users", "all_users"):
+            m = t[group]
+            md.append(f"| {name} | {group.replace('_', ' ')} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+                      f"{m['recall@20']:.4f} | {m['ndcg@20']:.4f} | {t['users_with_a_new_item_in_top20'] if group == 'all_users' else ''} |")
+    write_result(RESULTS / args.name, {"command": cmd, "held_out": sorted(split["held"]), "table": table,
+                                       "added": added, "users": len(users), "new_item_users": len(new_rows)},
+                 "\n".join(md) + "\n", tree)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
