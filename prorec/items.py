@@ -43,7 +43,7 @@ from prorec.config import EmbedConfig
 from prorec.data.canonical import DataError, Item, read_items
 from prorec.data.text import item_text
 from prorec.manifest import MANIFEST_FILE, NOT_REUSED, Manifest, link_or_copy
-from prorec.stages import folder_of, output_files
+from prorec.stages import output_files
 
 
 @dataclass
@@ -126,12 +126,12 @@ def read_new_items(path: Path, known: dict[str, int]) -> list[Item]:
 
 
 def add_items(run_dir: str | Path, items_path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Add the items of `items_path` to the run directory `run_dir` (in place, or into a copy `out`)."""
-    from prorec.embed import encode_local
-    from prorec.encoders import resolve_encoder
-    from prorec.models.din import load_din, save_din
-    from prorec.models.generator import load_generator, save_generator
-    from prorec.models.modality import ADAPTER_FILE, load_adapter
+    """Add the items of `items_path` to the run directory `run_dir` (in place, or into a copy `out`).
+
+    With `out`, the source run is never written (every file of the copy is replaced, not written
+    through its link) and a failure removes the copy. In place, the run's lock is held; a failure
+    part-way leaves the run's tables out of step, which `--from-stage data` repairs."""
+    from prorec.models.modality import ADAPTER_FILE
 
     src = Path(run_dir).resolve()
     mpath = src / MANIFEST_FILE
@@ -144,16 +144,37 @@ def add_items(run_dir: str | Path, items_path: str | Path, out: str | Path | Non
         raise DataError(src / "stage1", None, "no modality adapter: only stage1.fusion=prorec trains the mapping "
                         "from a text to the space the codes were built in",
                         "add items to a run made with stage1.fusion=prorec (the default) by this version")
-    run = src
-    if out is not None:
-        run = Path(out).resolve()
-        if run.exists():
-            raise DataError(run, None, "already exists", "pass a new folder to --out")
-        shutil.copytree(src, run, copy_function=link_or_copy, ignore=shutil.ignore_patterns(*NOT_REUSED))
+    # The new items are checked before anything is copied or written.
+    known = {i: n for n, i in enumerate(pq.read_table(src / "data" / "items.parquet").sort_by("item_idx")
+                                         .column("item_id").to_pylist(), 1)}
+    new_items = read_new_items(Path(items_path), known)
+    if out is None:
+        from prorec.pipeline import run_lock
+
+        with run_lock(src):  # no pipeline driver writes the run meanwhile
+            return _grow(src, src, new_items, Path(items_path), manifest)
+    run = Path(out).resolve()
+    if run.exists():
+        raise DataError(run, None, "already exists", "pass a new folder to --out")
+    shutil.copytree(src, run, copy_function=link_or_copy,
+                    ignore=shutil.ignore_patterns(*NOT_REUSED, ".lock*"))
+    try:
+        return _grow(src, run, new_items, Path(items_path), manifest)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)  # no half-grown copy that looks finished
+        raise
+
+
+def _grow(src: Path, run: Path, new_items: list[Item], items_path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Grow the run directory `run` (a copy of `src`, or `src` itself) by `new_items`."""
+    from prorec.embed import encode_local
+    from prorec.encoders import resolve_encoder
+    from prorec.models.din import load_din, save_din
+    from prorec.models.generator import load_generator, save_generator
+    from prorec.models.modality import load_adapter
 
     items_tbl = pq.read_table(run / "data" / "items.parquet").sort_by("item_idx")
     known = {i: n for n, i in enumerate(items_tbl.column("item_id").to_pylist(), 1)}
-    new_items = read_new_items(Path(items_path), known)
     n, m = len(known), len(new_items)
     new_idx = np.arange(n + 1, n + m + 1)
     new_ids = [it.item_id for it in new_items]

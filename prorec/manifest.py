@@ -45,9 +45,14 @@ def has_finished_stage(run_dir: str | Path, stage: str, key: str) -> bool:
     path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
         return False
-    rec = json.loads(path.read_text()).get("stages", {}).get(stage, {})
-    return (rec.get("status") == "done" and rec.get("key") == key
-            and all((Path(run_dir) / o).is_file() for o in output_files(stage)))
+    data = json.loads(path.read_text())
+    rec = data.get("stages", {}).get(stage, {})
+    outputs = rec.get("outputs", {})
+    # Never a stage whose files are not the ones it wrote, nor one of a run that `prorec items add`
+    # grew (its keys stay those of the original run, its files do not).
+    return (rec.get("status") == "done" and rec.get("key") == key and not data.get("items_added")
+            and all((Path(run_dir) / o).is_file() and outputs.get(o) == file_hash(Path(run_dir) / o)
+                    for o in output_files(stage)))
 
 
 def reuse_source(sources: list[Path], stage: str, key: str, exclude: Path | None = None) -> Path | None:

@@ -39,34 +39,62 @@ LOCK_FILE = ".lock"
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold RUN/.lock (this driver's pid) while stages run: a second driver on the same run directory
-    is refused, since both would write the same folders. A lock whose process is gone is taken over."""
+    """Hold RUN/.lock ("pid host") while stages run: a second driver on the same run directory is
+    refused, since both would write the same folders. The lock appears whole or not at all (written
+    to a file of this driver's own, then hard-linked into place). A lock of this host whose process is
+    gone is taken over (renamed aside first, so two drivers cannot both take it); a lock of another
+    host (a run directory on shared storage) is never taken over: its pid says nothing here."""
     path = run_dir / LOCK_FILE
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = None
-            if pid is not None and _alive(pid):
-                raise ConfigError(f"{path}: another driver (pid {pid}) is writing the run directory {run_dir}. "
-                                  "Fix: wait for it to end, or use another --out") from None
-            print(f"pipeline: taking over the lock {path} of a driver that is gone (pid {pid})", flush=True)
-            path.unlink(missing_ok=True)
-    else:
-        raise ConfigError(f"{path}: could not take the run directory's lock. Fix: delete {path} if no driver runs")
+    me = f"{os.getpid()} {socket.gethostname()}"
+    mine = run_dir / f"{LOCK_FILE}.{os.getpid()}"
+    mine.write_text(me + "\n")
     try:
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        os.close(fd)
+        for _ in range(2):
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                owner = _lock_owner(path)
+                if owner is None:
+                    continue  # released meanwhile: try again
+                pid, host = owner
+                if host != socket.gethostname() or _alive(pid):
+                    raise ConfigError(f"{path}: another driver (pid {pid} on {host}) is writing the run directory "
+                                      f"{run_dir}. Fix: wait for it to end, or use another --out; if it is gone "
+                                      f"(e.g. its machine stopped), delete {path}") from None
+                aside = path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}")
+                try:
+                    os.rename(path, aside)  # only one driver can move a given stale lock
+                except FileNotFoundError:
+                    continue
+                aside.unlink(missing_ok=True)
+                print(f"pipeline: took over the lock {path} of a driver that is gone (pid {pid})", flush=True)
+        else:
+            raise ConfigError(f"{path}: could not take the run directory's lock. Fix: delete {path} if no driver runs")
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        if _lock_owner(path) == (os.getpid(), socket.gethostname()):
+            path.unlink(missing_ok=True)
+
+
+def _lock_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file; None if it is gone. An unreadable lock counts as this host's
+    pid 0, which is never alive, so that a lock file broken by hand can be taken over."""
+    try:
+        pid, host = path.read_text().split()[:2]
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return 0, socket.gethostname()
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -146,7 +174,7 @@ def run_stages(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None 
     run_dir = Path(out_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file, not a folder; pass a new or empty folder, or an earlier run directory")
-    if (run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if (run_dir.is_dir() and any(not p.name.startswith(LOCK_FILE) for p in run_dir.iterdir())
             and not (run_dir / MANIFEST_FILE).is_file()):
         # Stages empty their folders (data/, codes/, ...) before they run: never do that to a stranger's files.
         raise ConfigError(f"--out {run_dir} is a non-empty folder without {MANIFEST_FILE}, so not a run directory; "
@@ -178,6 +206,7 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, from_stage: str | None, sour
 
     ray_started = False
     ray_mode = "not used"
+    forced_ran = False
     try:
         for i, name in enumerate(stages, 1):
             stage, decision = BY_NAME[name], plan[name]
@@ -186,7 +215,10 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, from_stage: str | None, sour
                 print(f"stage {name}: {decision.reason}", flush=True)
                 manifest.finish(name, 0.0, skipped=True)
                 continue
-            source = None if decision.forced else reuse_source(sources, name, keys[name], exclude=run_dir)
+            # After a stage forced by --from-stage, every later stage runs here: its inputs are new.
+            source = None if (decision.forced or forced_ran) else reuse_source(sources, name, keys[name],
+                                                                                exclude=run_dir)
+            forced_ran = forced_ran or decision.forced
             if source is not None:
                 manifest.adopt(name, keys[name], stage_config(cfg, name), source)
                 print(f"stage {name}: reused from {source} (finished there with the same key)", flush=True)

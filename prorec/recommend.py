@@ -109,7 +109,8 @@ class Recommender:
         train = read_split(paths["data"], "train").column("target").to_numpy()
         counts = np.bincount(train, minlength=len(ids) + 1)
         counts[0] = -1
-        self.popular = np.argsort(-counts, kind="stable")[: cfg.beam_size]  # most frequent training targets first
+        order = np.argsort(-counts, kind="stable")
+        self.popular = order[order > 0][: cfg.beam_size]  # most frequent training targets first (never padding)
         self.popular_counts = counts[self.popular]
         self.ranker = Ranker(str(paths["model"]), str(paths["codes"]), cfg, depth=cfg.beam_size, threads=threads,
                              use_gpu=use_gpu, stage1_dir=str(paths["stage1"]), semantic_path=str(paths["semantic"]),
@@ -148,7 +149,12 @@ class Recommender:
         for lo in range(0, len(todo), bs):
             rows = todo[lo:lo + bs]
             hist = _pad([queries[i].history[-self.max_history:] for i in rows])
-            excl = _pad([queries[i].exclude for i in rows]) if any(queries[i].exclude for i in rows) else None
+            # The model reads the most recent max_history items; the older ones are still the user's,
+            # so with history exclusion they are left out of the list too.
+            excl_rows = [list(dict.fromkeys(queries[i].exclude + (queries[i].history[:-self.max_history]
+                                                                  if self.cfg.exclude_history else [])))
+                         for i in rows]
+            excl = _pad(excl_rows) if any(excl_rows) else None
             res = self.ranker.rank_scored(hist, excl)
             items, scores = res.items.cpu().numpy(), res.scores.float().cpu().numpy()
             for j, i in enumerate(rows):

@@ -31,6 +31,7 @@ from typing import Any
 
 
 MAX_BODY = 1 << 20  # bytes
+MAX_IDS = 1000  # distinct item ids in history + exclude: the search's exclusion tables grow with their square
 DEFAULTS = {"beam": None, "rerank": None, "max_batch_size": 32, "batch_wait_timeout_s": 0.005, "batching": True,
             "threads": 1, "num_gpus": 0.0}
 
@@ -49,8 +50,8 @@ def parse_request(body: bytes, rec: Any) -> Any:
         raise BadRequest(413, f"the body has {len(body)} bytes; at most {MAX_BODY}")
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(400, f"the body is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise BadRequest(400, 'the body must be a JSON object: {"history": [item ids], "k": 10}')
     unknown_keys = sorted(set(obj) - {"history", "k", "exclude", "user_id"})
@@ -60,6 +61,9 @@ def parse_request(body: bytes, rec: Any) -> Any:
     for name, value in (("history", history), ("exclude", exclude)):
         if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
             raise BadRequest(422, f"{name} must be a list of item ids (strings)")
+    exclude = list(dict.fromkeys(exclude))
+    if len(set(history) | set(exclude)) > MAX_IDS:
+        raise BadRequest(422, f"history and exclude name {len(set(history) | set(exclude))} distinct items; at most {MAX_IDS}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rec.cfg.beam_size:
         raise BadRequest(422, f"k must be an integer in [1, {rec.cfg.beam_size}] (the beam); got {k!r}")
     unknown = rec.unknown(history + exclude)

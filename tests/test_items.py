@@ -117,6 +117,7 @@ def test_bad_new_items_are_refused_naming_the_line(tiny_run, tmp_path, capsys):
         assert cli(["items", "add", str(tiny_run), "--items", str(src), "--out", str(tmp_path / name)]) == 2, name
         err = capsys.readouterr().err
         assert re.search(message, err), (name, err)
+        assert not (tmp_path / name).exists()  # checked before anything is copied
 
 
 def test_a_full_group_sends_the_item_to_the_nearest_group_with_room():

@@ -122,9 +122,15 @@ def test_a_second_driver_on_the_same_run_directory_is_refused(tmp_path, capsys):
         assert main(["--config", str(TINY), "--out", str(run)]) == 2
         assert "another driver (pid" in capsys.readouterr().err
     assert not (run / LOCK_FILE).exists()  # released
-    (run / LOCK_FILE).write_text("999999999 gone\n")  # a driver that died without releasing it
+    import socket
+
+    (run / LOCK_FILE).write_text(f"999999999 {socket.gethostname()}\n")  # a driver that died without releasing it
     with run_lock(run):
-        assert "taking over the lock" in capsys.readouterr().out
+        assert "took over the lock" in capsys.readouterr().out
+    (run / LOCK_FILE).write_text("1 another-machine\n")  # a driver on another host: its pid means nothing here
+    assert main(["--config", str(TINY), "--out", str(run)]) == 2
+    assert "pid 1 on another-machine" in capsys.readouterr().err
+    (run / LOCK_FILE).unlink()
 
 
 @pytest.fixture(scope="module")

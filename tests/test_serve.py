@@ -105,10 +105,10 @@ class _FakeRec:
         beam_size = 20
 
     def unknown(self, ids):
-        return [i for i in ids if i not in ("a", "b")]
+        return [i for i in ids if i not in ("a", "b") and not i.startswith("x")]
 
     def indices(self, ids):
-        return [{"a": 1, "b": 2}[i] for i in ids]
+        return [{"a": 1, "b": 2}.get(i, 3) for i in ids]
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -121,6 +121,8 @@ class _FakeRec:
     (json.dumps({"history": "a"}).encode(), 422, "history must be a list"),
     (json.dumps({"history": ["a"], "exclude": [3]}).encode(), 422, "exclude must be a list"),
     (json.dumps({"history": ["a"], "kk": 3}).encode(), 422, "unknown field"),
+    (b"[" * 100_000, 400, "not JSON"),  # nested too deep for the parser: a 400, not a 500
+    (json.dumps({"history": ["a"], "exclude": [f"x{i}" for i in range(1001)]}).encode(), 422, "at most 1000"),
     (b" " * (1 << 20 | 1), 413, "at most"),
 ])
 def test_bad_requests_get_their_status(body, status, message):
@@ -222,3 +224,14 @@ def test_recommend_on_ray_data_gives_the_in_process_lists(ray_session, tiny_run,
     got = pq.read_table(tmp_path / "ray.parquet").to_pydict()
     assert summary["users"] == len(users) and got["user_id"] == users
     assert got["items"] == expected  # actors, batches and order change nothing
+
+
+def test_a_long_history_keeps_its_older_items_out_of_the_list_and_popular_never_pads(tiny_run):
+    from prorec.recommend import Query, Recommender
+
+    rec = Recommender(tiny_run, beam=150)  # wider than the catalogue (120 items): the beam returns every item
+    old = list(range(1, 41))  # 40 items; the model reads only the last max_history of them
+    long, empty = rec.recommend([Query(old, 50), Query([], 150)])
+    assert len(old) > rec.max_history and long.truncated == len(old) - rec.max_history
+    assert not set(long.items) & {rec.item_ids[i] for i in old}  # the older ones are the user's too
+    assert empty.popular and len(empty.items) == 120 and "None" not in empty.items
