@@ -399,11 +399,12 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
         state = fit.best_model_state
         e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
         din = DIN(din_config(cfg, len(item_ids), history_width(data_dir)))
-        din.load_state_dict({k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})
+        din.load_state_dict(_part(state, "din."))
         save_din(out_dir, din)  # read by the evaluation's reranker (eval.rerank_weight)
+        adapter = None
         if uses_alignment(cfg):  # read by `prorec items add`: a new item's text mapped into E_C's space
             adapter = ModalityAdapter(semantic.shape[1], cfg.dim)
-            adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+            adapter.load_state_dict(_part(state, "adapter."))
             save_adapter(out_dir, adapter)
         history = fit.history
         best = fit.best_metrics
@@ -419,8 +420,8 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
             "num_workers": cfg.num_workers,
             "history": history,
         })
-        if uses_alignment(cfg):
-            metrics["align_cosine"] = aligned_cosine(state, semantic)
+        if adapter is not None:
+            metrics["align_cosine"] = aligned_cosine(adapter, din.item_emb.weight[1:], semantic)
     vectors = fuse(cfg.fusion, e_c, semantic_pca)
     metrics["output_dim"] = int(vectors.shape[1])
     out = write_embeddings(out_dir / "item_embeddings.parquet", np.arange(1, len(item_ids) + 1), item_ids, vectors,
@@ -430,14 +431,15 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
     return out
 
 
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of Stage I's model state under `prefix` ("din." or "adapter."), prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 @torch.no_grad()
-def aligned_cosine(model_state: dict[str, torch.Tensor], semantic: np.ndarray) -> float:
+def aligned_cosine(adapter: ModalityAdapter, e_c: torch.Tensor, semantic: np.ndarray) -> float:
     """Mean cosine between E_C[i] and E_T[i] = adapter(E_S[i]) over all items (how aligned they are)."""
-    w = model_state["adapter.proj.weight"]
-    adapter = ModalityAdapter(w.shape[1], w.shape[0])
-    adapter.load_state_dict({k[len("adapter."):]: v for k, v in model_state.items() if k.startswith("adapter.")})
     e_t = adapter(torch.from_numpy(np.asarray(semantic, np.float32)))
-    e_c = model_state["din.item_emb.weight"][1:]
     return float(torch.nn.functional.cosine_similarity(e_c, e_t, dim=1).mean())
 
 
