@@ -47,15 +47,14 @@ import pyarrow.parquet as pq
 import torch
 
 from prorec.artifacts import write_json
-from prorec.config import ConfigError, PipelineConfig, SASRecTrainConfig, load_config
-from prorec.data.canonical import DataError
+from prorec.config import PipelineConfig, SASRecTrainConfig
 from prorec.data.history import history_lengths, pad_histories
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, LocalContext, TrainingDiverged, adam, length_grouped_batches,
-                            pick_device, run_epochs, warmup_lambda)
+from prorec.trainer import (DivergenceGuard, LocalContext, adam, length_grouped_batches, pick_device, run_epochs,
+                            warmup_lambda)
 
 METRICS_FILE = "metrics.json"
 EVAL_METRICS_FILE = "eval/metrics.json"
@@ -341,6 +340,7 @@ def run_baseline(cfg: PipelineConfig, out_dir: str | Path, reuse: list[str | Pat
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """One subcommand per baseline (`sasrec`), each with the pipeline's --config, --data, --out,
     --reuse and section.key=value overrides."""
+    from prorec.pipeline import add_run_arguments
     from prorec.stages import BASELINES
 
     for stage in BASELINES:
@@ -349,31 +349,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                            description=f"The data stage, then the {stage.name} baseline, recorded in "
                                        f"RUN/manifest.json; writes RUN/{stage.folder}/{EVAL_METRICS_FILE} and "
                                        f"{PREDICTIONS_FILE}.")
-        p.add_argument("--config", type=Path,
-                       help="YAML config (e.g. jobs/configs/beauty/sasrec.yaml); defaults otherwise")
-        p.add_argument("--data", help="a canonical dataset folder (user_sequence.txt + items.jsonl); "
-                                      "without it the synthetic default dataset runs")
-        p.add_argument("--out", type=Path, default=Path(f"runs/{stage.name}"),
-                       help=f"run directory (default: runs/{stage.name}); a pipeline run directory works too")
-        p.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
-                       help="another run directory whose finished data stage (or baseline) with the same key is "
-                            "linked in instead of run again (repeatable)")
-        p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help=f"config overrides, e.g. {stage.section}.lr=0.0005 {stage.section}.max_epochs=20")
+        add_run_arguments(p, f"runs/{stage.name}", f"{stage.section}.lr=0.0005 {stage.section}.max_epochs=20")
         p.set_defaults(func=run_from_args, baseline=stage.name)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Build the config from parsed arguments and run; bad config or data: one line on stderr, exit 2."""
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={Path(args.data).expanduser().resolve()}")
-    try:
-        run_baseline(load_config(args.config, overrides), args.out.expanduser(), args.reuse, args.baseline)
-    except (ConfigError, DataError, TrainingDiverged) as e:
-        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
-        return 2
-    return 0
+    from prorec.pipeline import config_from_args, exit_status
+
+    return exit_status(lambda: run_baseline(config_from_args(args), args.out.expanduser(), args.reuse, args.baseline))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prorec.config import ConfigError, PipelineConfig, check_against_data, load_config, save_config
 from prorec.data.canonical import ITEMS_FILE, SEQUENCES_FILE, DataError
@@ -289,32 +289,46 @@ def metrics_table(metrics: dict[str, Any], cfg: PipelineConfig) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line (jobs/pipeline.py and `prorec run`)
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: str = "runs/default",
+                      example: str = "codes.k=32 stage2.max_epochs=5") -> argparse.ArgumentParser:
+    """The flags every job that writes a run directory takes (the pipeline, the baselines)."""
     parser.add_argument("--config", type=Path, help="YAML config (e.g. jobs/configs/default.yaml); defaults otherwise")
     parser.add_argument("--data", help="a canonical dataset folder (user_sequence.txt + items.jsonl); "
                                        "without it the synthetic default dataset runs")
-    parser.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
-    parser.add_argument("--from-stage", choices=NAMES, help="rerun from this stage on, even if it is up to date")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"run directory (default: {default_out})")
     parser.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
                         help="another run directory whose finished stages with the same key are linked in "
                              "instead of run again (repeatable)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides, e.g. codes.k=32 stage2.max_epochs=5")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=f"config overrides, e.g. {example}")
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Build the config from parsed arguments and run; bad config or data: one line on stderr, exit 2."""
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_run_arguments(parser)
+    parser.add_argument("--from-stage", choices=NAMES, help="rerun from this stage on, even if it is up to date")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The config of parsed run arguments: --config, then the overrides, with --data as data.path."""
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={Path(args.data).expanduser().resolve()}")
+    return load_config(args.config, overrides)
+
+
+def exit_status(job: Callable[[], Any]) -> int:
+    """Run `job`; bad config or data, or diverged training: one line on stderr, exit status 2."""
     try:
-        cfg = load_config(args.config, overrides)
-        run_pipeline(cfg, args.out.expanduser(), args.from_stage, args.reuse)
+        job()
     except (ConfigError, DataError, TrainingDiverged) as e:
         print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    return exit_status(lambda: run_pipeline(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse))
 
 
 def main(argv: list[str] | None = None) -> int:
