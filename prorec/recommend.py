@@ -28,21 +28,10 @@ import pyarrow.parquet as pq
 import torch
 
 from prorec.config import ConfigError, EvalConfig
-from prorec.data.canonical import DataError
+from prorec.data.canonical import DataError, Problems
 from prorec.data.splits import read_split
 from prorec.manifest import MANIFEST_FILE
 from prorec.stages import input_paths
-
-MAX_ERRORS = 20  # problems listed in one error before "... and N more"
-
-
-class RecommendError(DataError):
-    """Input lines that cannot be answered. The message is already `file:line: problem. Fix: ...`, one
-    line a problem; a DataError, so the command line prints it as its one error line and exits 2."""
-
-    def __init__(self, message: str) -> None:
-        ValueError.__init__(self, message)
-
 
 @dataclass
 class Query:
@@ -184,68 +173,73 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 # Offline: an input file of users -> a Parquet file of recommendations
 
 
-def _read_rows(path: Path) -> Iterator[tuple[str, Any, Any]]:
-    """(where, user_id, history) of every input row: JSON lines or Parquet (by the file's suffix)."""
+LINE_FIX = 'one {"user_id": ..., "history": [item ids]} a line'
+
+
+def _read_rows(path: Path, problems: Problems) -> Iterator[tuple[int, Any, Any]]:
+    """(line, user_id, history) of every readable input row: JSON lines, or Parquet (by the file's
+    suffix; the "line" is then the row number). Unreadable lines go to `problems`."""
     if path.suffix == ".parquet":
         table = pq.read_table(path)
         missing = {"user_id", "history"} - set(table.column_names)
         if missing:
-            raise RecommendError(f"{path}: missing column(s) {sorted(missing)}. Fix: write columns user_id and "
-                                 "history (a list of item ids, oldest first)")
-        for n, (u, h) in enumerate(zip(table.column("user_id").to_pylist(), table.column("history").to_pylist()), 1):
-            yield f"{path}: row {n}", u, h
+            raise DataError(path, None, f"missing column(s) {sorted(missing)}",
+                            "write columns user_id and history (a list of item ids, oldest first)")
+        for n, (user, history) in enumerate(zip(table.column("user_id").to_pylist(),
+                                                table.column("history").to_pylist()), 1):
+            yield n, user, history
         return
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                raise RecommendError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}). Fix: save the file as UTF-8")
+                problems.add(path, n, f"not UTF-8 ({e.reason} at byte {e.start})", "save the file as UTF-8")
+                continue
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecommendError(f"{where}: not a JSON object ({e.msg}). Fix: one "
-                                     '{"user_id": ..., "history": [item ids]} a line') from None
+                problems.add(path, n, f"not a JSON object ({e.msg})", LINE_FIX)
+                continue
             if not isinstance(obj, dict) or "user_id" not in obj or "history" not in obj:
-                raise RecommendError(f"{where}: needs the keys user_id and history. Fix: one "
-                                     '{"user_id": ..., "history": [item ids]} a line')
-            yield where, obj["user_id"], obj["history"]
+                problems.add(path, n, "needs the keys user_id and history", LINE_FIX)
+                continue
+            yield n, obj["user_id"], obj["history"]
 
 
 def read_queries(path: str | Path, rec: Recommender, k: int, skip_unknown: bool = False) -> tuple[list[Query], int]:
-    """Every input row as a Query; (queries, number of unknown item ids dropped). Every problem is a
-    RecommendError naming the file and the line (up to MAX_ERRORS of them, then a count)."""
+    """Every input row as a Query; (queries, number of unknown item ids dropped). Problems are a
+    DataError naming the file and the line (the loader's rule: the first 20, then a count)."""
     path = Path(path)
     if not path.is_file():
-        raise RecommendError(f"--input {path} does not exist")
-    queries, problems, dropped = [], [], 0
-    for where, user, history in _read_rows(path):
+        raise DataError(path, None, "does not exist", "pass --input a JSON lines or a .parquet file")
+    problems = Problems()
+    queries, dropped = [], 0
+    for n, user, history in _read_rows(path, problems):
         if not isinstance(history, list) or not all(isinstance(i, (str, int)) and not isinstance(i, bool)
                                                     for i in history):
-            problems.append(f"{where}: history must be a list of item ids (strings), got {history!r:.60}")
+            problems.add(path, n, f"history must be a list of item ids (strings), got {history!r:.60}",
+                         "write the history as a list of the dataset's item ids")
             continue
         history = [str(i) for i in history]
         unknown = rec.unknown(history)
         if unknown and not skip_unknown:
-            problems.append(f"{where}: unknown item id(s) {', '.join(map(repr, unknown[:5]))}"
-                            f"{' ...' if len(unknown) > 5 else ''}. Fix: use the dataset's item ids, or pass "
-                            "--skip-unknown to drop them")
+            problems.add(path, n, f"unknown item id(s) {', '.join(map(repr, unknown[:5]))}"
+                         f"{' ...' if len(unknown) > 5 else ''}",
+                         "use the dataset's item ids, or pass --skip-unknown to drop them")
             continue
         if unknown:
             dropped += sum(i in set(unknown) for i in history)
             history = [i for i in history if i not in set(unknown)]
         if not history:
-            problems.append(f"{where}: the history of user {user!r} is empty"
-                            f"{' once its unknown items are dropped' if unknown else ''}. Fix: give at least one "
-                            "item id the model knows")
+            problems.add(path, n, f"the history of user {user!r} is empty"
+                         f"{' once its unknown items are dropped' if unknown else ''}",
+                         "give at least one item id the model knows")
             continue
         queries.append(Query(rec.indices(history), k, user_id=user))
-    if problems:
-        more = f" ... and {len(problems) - MAX_ERRORS} more problems" if len(problems) > MAX_ERRORS else ""
-        raise RecommendError("\n".join(problems[:MAX_ERRORS]) + more)
+    problems.raise_any()
     return queries, dropped
 
 
@@ -279,8 +273,8 @@ def recommend_file(run_dir: str | Path, input_path: str | Path, output: str | Pa
     t0 = time.perf_counter()
     rec = Recommender(run_dir, beam, rerank)
     if not 1 <= k <= rec.cfg.beam_size:
-        raise RecommendError(f"--k {k} must be in [1, the beam {rec.cfg.beam_size}]. Fix: a smaller --k, or --beam "
-                             f"of at least {k}")
+        raise ConfigError(f"--k {k} must be in [1, the beam {rec.cfg.beam_size}]. Fix: a smaller --k, or --beam "
+                          f"of at least {k}")
     queries, dropped = read_queries(input_path, rec, k, skip_unknown)
     print(f"recommend: {len(queries)} users from {input_path}, k {k}, beam {rec.cfg.beam_size}"
           f"{', reranked' if rec.cfg.reranks else ''}{', on Ray Data' if use_ray else ''}", file=sys.stderr, flush=True)
