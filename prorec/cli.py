@@ -176,6 +176,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from prorec.serve import DEFAULTS  # a light module: Ray Serve and FastAPI are in prorec.serve_app
     p = sub.add_parser("serve", help="serve a finished run over HTTP with Ray Serve (POST /recommend)",
                        description="Start a Ray Serve application (FastAPI ingress, @serve.batch) over a finished "
                                    "run; --write-config writes a `serve deploy` config instead.")
@@ -189,9 +190,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) a replica (default 1)")
     p.add_argument("--beam", type=int, help="beam width (default: the run's eval.beam_size)")
     p.add_argument("--no-rerank", action="store_true", help="the generator's own order (default: the run's reranking)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="@serve.batch's largest batch (default 32)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="@serve.batch's wait for a fuller batch, in ms (default 5)")
+    batch, wait_ms = DEFAULTS["max_batch_size"], DEFAULTS["batch_wait_timeout_s"] * 1000
+    p.add_argument("--max-batch-size", type=int, default=batch, help=f"@serve.batch's largest batch (default {batch})")
+    p.add_argument("--batch-wait-ms", type=float, default=wait_ms,
+                   help=f"@serve.batch's wait for a fuller batch, in ms (default {wait_ms:g})")
     p.add_argument("--no-batch", action="store_true", help="answer each request alone (no @serve.batch)")
     p.add_argument("--write-config", type=Path, metavar="FILE",
                    help="write a `serve deploy` config for these settings to FILE and exit")
