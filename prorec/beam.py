@@ -126,7 +126,7 @@ class BeamSearch:
         self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
         self.exclude_history = exclude_history
         self._paths = _TriePaths(self.trie, model.item_codes) if exclude_history else None
-        self.autocast = autocast and device.type == "cuda"
+        self.autocast = autocast
 
     @property
     def paths(self) -> "_TriePaths":
@@ -145,7 +145,7 @@ class BeamSearch:
         model.eval()
         history = history.to(model.item_codes.device)
         B = history.shape[0]
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        amp = torch.autocast(history.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         banned = history if self.exclude_history else None
         if exclude is not None and exclude.shape[1] > 0:
             exclude = exclude.to(history.device)

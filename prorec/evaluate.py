@@ -14,6 +14,7 @@ batch as in-process and the two give the same rankings.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,13 @@ SPLITS = ("valid", "test")
 PREDICTION_DEPTH = 20  # predictions.parquet holds the top 20 (or the beam, if narrower)
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Ranker:
     """Loads the generator and the trie once; ranks batches of users (the body of an actor).
 
@@ -58,24 +66,34 @@ class Ranker:
             raise ValueError(f"{codes_path} holds other codes than the ones {model_dir} was trained on")
         trie = CodeTrie.from_codes(codes[1:].numpy(), np.arange(1, len(codes)), k)
         self.reranker = build_reranker(cfg, self.model.cfg.n_items, device, stage1_dir, semantic_path, data_dir)
+        self.bf16 = device.type == "cuda" or cfg.bf16
+        if cfg.bf16 and device.type == "cpu" and not _cpu_has_bf16():
+            print("eval: warning: eval.bf16 is on, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), "
+                  "so bf16 is emulated and slower than fp32; set eval.bf16=false", file=sys.stderr, flush=True)
         self.search = BeamSearch(self.model, trie, cfg.beam_size, cfg.beam_size if self.reranker else depth,
-                                 cfg.exclude_history, autocast=device.type == "cuda")
-        self.batch_size, self.depth = cfg.batch_size, depth
+                                 cfg.exclude_history, autocast=self.bf16)
+        self.batch_size, self.depth, self.device = cfg.batch_size, depth, device
+
+    def _amp(self):
+        """bfloat16 autocast of the search and the reranker when `bf16` (eval.bf16, or on a GPU)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def rank(self, history: np.ndarray) -> np.ndarray:
         """history [U, S] item_idx (right-padded) -> ranked item_idx [U, depth], -1 = empty slot."""
         history = torch.from_numpy(np.ascontiguousarray(history))
         # With a reranker the beam returns all beam_size candidates; the reordered list keeps depth.
-        return rank_users(self.search, history, self.batch_size, self.reranker)[:, :self.depth]
+        with self._amp():
+            return rank_users(self.search, history, self.batch_size, self.reranker)[:, :self.depth]
 
     def rank_scored(self, history: torch.Tensor, exclude: torch.Tensor | None = None) -> BeamResult:
         """One batch: history [U, S] item_idx (right-padded) and optional `exclude` [U, E] item_idx ->
         the top `depth` items [U, depth] (-1 = empty) and their scores (the beam's log-probability,
         or the reranked total). Excluded items never appear."""
         history = history[:, : max(1, int((history > 0).sum(1).max()))]
-        res = self.search.search(history, exclude)
-        if self.reranker is not None:
-            res = self.reranker.order(history, res)
+        with self._amp():
+            res = self.search.search(history, exclude)
+            if self.reranker is not None:
+                res = self.reranker.order(history, res)
         return BeamResult(res.items[:, :self.depth], res.scores[:, :self.depth])
 
     def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
@@ -202,5 +220,6 @@ STAGE = Stage(
             "codes": Input("codes", "codes.parquet"), "model": Input("stage2")},
     outputs=("metrics.json", "predictions.parquet"),
     execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size"}),
+    added_fields={"bf16": False},
     uses_ray=lambda c: c.use_ray,
     resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

@@ -55,6 +55,9 @@ class Stage:
     # The section's values that its key depends on, as {"field": value}; default: every field but
     # the execution-only ones. (The data stage replaces it: a dataset is known by its files' hashes.)
     key_fields: Callable[[Any], dict[str, Any]] | None = None
+    # Fields added to the section after run directories were made, with the value that reproduces
+    # what those runs did: at that value a field stays out of the key, so older runs keep theirs.
+    added_fields: dict[str, Any] = field(default_factory=dict)
     # Hashes of files outside the run directory that its output depends on (the data stage's dataset).
     external_inputs: Callable[[Any], dict[str, str]] | None = None
 
@@ -64,6 +67,7 @@ class Stage:
             d = self.key_fields(section_cfg)
         else:
             d = {k: v for k, v in dataclasses.asdict(section_cfg).items() if k not in self.execution_only}
+        d = {k: v for k, v in d.items() if k not in self.added_fields or v != self.added_fields[k]}
         return {f"{self.section}.{k}": v for k, v in d.items()}
 
     @property

@@ -189,3 +189,21 @@ def test_item_head_search_equals_the_search_with_the_reference_gather(n_users, b
     want = BeamSearch(ref_model, trie, beam_size=beam_size, topk=3, exclude_history=exclude_history).search(hist)
     assert torch.equal(got.items, want.items)
     torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("item_head", [False, True])
+def test_bf16_search_runs_in_bf16_and_stays_close_to_the_exact_ranking(item_head):
+    """eval.bf16: the search autocasts to bfloat16 on the CPU. Its scores are those of the model in
+    bf16 (not bit-equal to fp32), its lists keep every rule of the exact search (distinct items, no
+    history item), and they agree with the fp32 brute force up to swaps of close scores."""
+    model, trie = make(50, item_head=item_head)
+    hist = histories(50, n_users=16)
+    exact = brute_force_topk(model, hist, trie, 10, exclude_history=True)
+    res = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=True, autocast=True).search(hist)
+    gap = (res.scores - exact.scores).abs().max()
+    assert 1e-3 < gap < 0.15  # the autocast really ran (fp32 agrees to 1e-6), and bf16 stays close
+    assert not (res.items[:, :, None] == hist[:, None, :]).any()
+    assert all(len(set(row.tolist())) == 10 for row in res.items)
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(res.items, exact.items)])
+    assert overlap >= 0.9
+    assert (res.items[:, 0] == exact.items[:, 0]).float().mean() >= 0.75

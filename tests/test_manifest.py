@@ -35,6 +35,7 @@ def _changed(base: list[str], new: list[str]) -> list[str]:
     ("eval.rerank_transition_weight=1", "eval"),
     ("stage2.decoupled_weight_decay=true", "stage2"),
     ("stage1.decoupled_weight_decay=true", "stage1"),
+    ("eval.bf16=true", "eval"),
 ])
 def test_a_change_invalidates_its_stage_and_everything_after(override, first):
     assert _changed([], [override]) == list(STAGES[STAGES.index(first):])
@@ -59,6 +60,13 @@ def _dataset(folder, items: str) -> str:
     (folder / "user_sequence.txt").write_text("u1 a b c\n")
     (folder / "items.jsonl").write_text(items)
     return f"data.path={folder}"
+
+
+def test_a_field_added_later_keeps_old_keys_at_the_value_that_reproduces_old_runs():
+    """eval.bf16 came after run directories were made: at false (what they did) it is not in the
+    key, so their evaluation is not rerun; at true it is."""
+    assert "eval.bf16" not in stage_config(load_config(None, []), "eval")
+    assert stage_config(load_config(None, ["eval.bf16=true"]), "eval")["eval.bf16"] is True
 
 
 def test_canonical_data_is_keyed_by_content_not_path(tmp_path):
