@@ -88,7 +88,6 @@ def in_process(ranker: Ranker, history: np.ndarray) -> tuple[np.ndarray, float]:
 
 def on_ray(run: Path, cfg, depth: int, history: np.ndarray, actors: int) -> tuple[np.ndarray, float, float]:
     """(ranked, seconds of the whole call, seconds of the same call on one user: the actors' start)."""
-    import ray
     c = dataclasses.replace(cfg, num_actors=actors, cpus_per_actor=1.0)
     p = input_paths(run, "eval")
     paths = (p["model"], p["codes"])
