@@ -2,16 +2,24 @@
 
 The paper asks how much of a fused item embedding's neighbourhood structure comes from the semantic
 modality and how much from the collaborative one, and reports shares (naive concat: 97.33% semantic
-/ 2.67% collaborative; PRORec: 59.89% / 40.11% on their data). We could not read the paper's exact
-equations 9-10 from the sources available to us, so this module defines the measure explicitly:
+/ 2.67% collaborative; PRORec: 59.89% / 40.11% on their data). Its Eq. 9 and Eq. 10 (§4.3) define
+them, with E the fused embeddings, S the semantic ones and C the collaborative ones:
 
-1. Similarity distributions. For an embedding set X and an item i, P_X(· | i) is the softmax over
-   every other item j of cos(x_i, x_j) / T (the item itself is excluded; T = 0.1 by default). Every
-   item gets a full distribution over the same N - 1 items, so KL between two sets is always finite.
-2. Divergences. With F the fused set, S the semantic set (the raw E_S) and C the collaborative set
-   (E_C trained without alignment), KL_S = mean_i KL(P_F(· | i) || P_S(· | i)) and likewise KL_C.
-3. Shares. The closer F's neighbourhoods are to a modality's, the larger that modality's share:
-   share_S = (1 / KL_S) / (1 / KL_S + 1 / KL_C) = KL_C / (KL_S + KL_C), share_C = 1 - share_S.
+    share_S = 1 - KL(S || E) / (KL(S || E) + KL(C || E))        (Eq. 9)
+    share_C = 1 - KL(C || E) / (KL(S || E) + KL(C || E))        (Eq. 10)
+
+with the KL direction as printed: from the modality's distribution to the fused one's. The closer a
+modality's neighbourhoods are to the fused set's, the smaller its divergence and the larger its
+share; the two shares add up to 1.
+
+How an embedding set becomes a distribution is this module's choice (the equations take it as
+given): for an embedding set X and an item i, P_X(· | i) is the softmax over every other item j of
+cos(x_i, x_j) / T (the item itself is excluded; T = 0.1 by default). Every item gets a full
+distribution over the same N - 1 items, so every KL is finite, and KL(X || E) = mean_i
+KL(P_X(· | i) || P_E(· | i)).
+
+(Before 2026-11-29 this module used the other direction, KL(E || X), because the equations had not
+been read; benchmarks/results/stage1_beauty.md was computed that way.)
 
 A t-SNE figure shows the four embedding sets side by side, every panel coloured by the same 10
 k-means clusters of the semantic embeddings: when a panel keeps those colours in tight, separate
@@ -34,12 +42,12 @@ def _log_similarity_dist(x: torch.Tensor, rows: torch.Tensor, temperature: float
     return sims.log_softmax(dim=1)
 
 
-def kl_divergence(fused: np.ndarray, reference: np.ndarray, temperature: float = 0.1, chunk: int = 1024) -> float:
-    """mean_i KL(P_fused(· | i) || P_reference(· | i)) over all items (see the module docstring)."""
-    if len(fused) != len(reference):
-        raise ValueError(f"embedding sets must cover the same items: {len(fused)} vs {len(reference)} rows")
-    f = F.normalize(torch.tensor(np.asarray(fused, np.float32)), dim=1)
-    r = F.normalize(torch.tensor(np.asarray(reference, np.float32)), dim=1)
+def kl_divergence(p_set: np.ndarray, q_set: np.ndarray, temperature: float = 0.1, chunk: int = 1024) -> float:
+    """KL(P || Q) = mean_i KL(P_p_set(· | i) || P_q_set(· | i)) over all items (see the module docstring)."""
+    if len(p_set) != len(q_set):
+        raise ValueError(f"embedding sets must cover the same items: {len(p_set)} vs {len(q_set)} rows")
+    f = F.normalize(torch.tensor(np.asarray(p_set, np.float32)), dim=1)
+    r = F.normalize(torch.tensor(np.asarray(q_set, np.float32)), dim=1)
     total = 0.0
     for lo in range(0, len(f), chunk):
         rows = torch.arange(lo, min(len(f), lo + chunk))
@@ -52,10 +60,11 @@ def kl_divergence(fused: np.ndarray, reference: np.ndarray, temperature: float =
 
 def modality_shares(fused: np.ndarray, semantic: np.ndarray, collaborative: np.ndarray,
                     temperature: float = 0.1) -> dict[str, float]:
-    """{"kl_semantic", "kl_collaborative", "semantic_share", "collaborative_share"} for one fused set."""
-    kl_s = kl_divergence(fused, semantic, temperature)
-    kl_c = kl_divergence(fused, collaborative, temperature)
-    share_s = kl_c / (kl_s + kl_c) if kl_s + kl_c > 0 else 0.5  # = (1/KL_S) / (1/KL_S + 1/KL_C)
+    """Eq. 9 and Eq. 10 for one fused set E: {"kl_semantic": KL(S || E), "kl_collaborative": KL(C || E),
+    "semantic_share", "collaborative_share"}."""
+    kl_s = kl_divergence(semantic, fused, temperature)
+    kl_c = kl_divergence(collaborative, fused, temperature)
+    share_s = 1.0 - kl_s / (kl_s + kl_c) if kl_s + kl_c > 0 else 0.5
     return {"kl_semantic": kl_s, "kl_collaborative": kl_c, "semantic_share": share_s,
             "collaborative_share": 1.0 - share_s}
 
@@ -98,11 +107,12 @@ def tsne_figure(sets: dict[str, np.ndarray], colour_source: np.ndarray, path: Pa
 def semantic_domination_report(semantic: np.ndarray, collaborative: np.ndarray, fused: dict[str, np.ndarray],
                                out_dir: Path | None = None, temperature: float = 0.1,
                                tsne_points: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """KL-based modality shares of each fused set (e.g. {"concat": ..., "prorec": ...}); with out_dir,
+    """Eq. 9-10 modality shares of each fused set (e.g. {"concat": ..., "prorec": ...}); with out_dir,
     also `semantic_domination.png` (t-SNE of semantic, collaborative and each fused set)."""
     report: dict[str, Any] = {"temperature": temperature, "n_items": int(len(semantic)),
-                              "definition": "share_S = KL_C / (KL_S + KL_C), KL_X = mean_i KL(P_fused(.|i) || "
-                                            "P_X(.|i)), P_X(.|i) = softmax_j!=i cos(x_i, x_j) / T",
+                              "definition": "PRORec Eq. 9-10: share_S = 1 - KL(S||E) / (KL(S||E) + KL(C||E)), "
+                                            "KL(X||E) = mean_i KL(P_X(.|i) || P_E(.|i)), E the fused set, "
+                                            "P_X(.|i) = softmax_j!=i cos(x_i, x_j) / T",
                               "shares": {name: modality_shares(x, semantic, collaborative, temperature)
                                          for name, x in fused.items()}}
     if out_dir is not None:

@@ -306,6 +306,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_out: str = "runs/
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_run_arguments(parser)
     parser.add_argument("--from-stage", choices=NAMES, help="rerun from this stage on, even if it is up to date")
+    parser.add_argument("--until", choices=NAMES, help="stop after this stage (e.g. --until stage1 trains Stage I "
+                                                        "and runs nothing after it)")
     return parser
 
 
@@ -328,6 +330,11 @@ def exit_status(job: Callable[[], Any]) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "until", None) and args.until != NAMES[-1]:
+        def job() -> None:
+            manifest = run_stages(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse, args.until)
+            print(f"stopped after stage {args.until} (--until); manifest: {manifest.path}", flush=True)
+        return exit_status(job)
     return exit_status(lambda: run_pipeline(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse))
 
 

@@ -452,3 +452,15 @@ def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path):
     assert m["ray"].startswith("connected to the cluster")
     assert set(json.loads((out / "eval" / "metrics.json").read_text())["test"]) >= set(METRICS)
     assert (out / "eval" / "predictions.parquet").is_file()
+
+
+def test_until_stops_after_the_named_stage(tmp_path):
+    from prorec.pipeline import main
+
+    out = tmp_path / "run"
+    assert main(["--config", str(TINY), "--out", str(out), "--until", "data"]) == 0
+    assert (out / "data" / "train.parquet").is_file()
+    assert not any((out / folder).exists() for folder in ("embeddings", "stage1", "eval"))
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["data"]["status"] == "done"
+    assert all(stages[s]["status"] == "pending" for s in STAGES[1:])

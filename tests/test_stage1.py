@@ -202,6 +202,21 @@ def test_modality_shares_follow_which_space_the_fused_neighbourhoods_come_from(t
     assert set(report["shares"]) == {"concat"} and Path(report["tsne"]).stat().st_size > 10_000
 
 
+def test_modality_shares_are_the_papers_eq_9_and_10_with_the_kl_from_the_modality_to_the_fused_set():
+    """share_S = 1 - KL(S||E) / (KL(S||E) + KL(C||E)): the direction matters (KL is not symmetric)."""
+    from prorec.analysis import kl_divergence, modality_shares
+
+    rng = np.random.default_rng(1)
+    sem, col = rng.normal(size=(60, 8)), rng.normal(size=(60, 3))
+    fused = np.hstack([2 * sem / 8 ** 0.5, col / 3 ** 0.5])
+    kl_s, kl_c = kl_divergence(sem, fused), kl_divergence(col, fused)
+    assert kl_s != pytest.approx(kl_divergence(fused, sem), rel=1e-3)  # the two directions differ here
+    shares = modality_shares(fused, sem, col)
+    assert shares["kl_semantic"] == pytest.approx(kl_s) and shares["kl_collaborative"] == pytest.approx(kl_c)
+    assert shares["semantic_share"] == pytest.approx(1 - kl_s / (kl_s + kl_c))
+    assert shares["collaborative_share"] == pytest.approx(1 - kl_c / (kl_s + kl_c))
+
+
 def test_validation_counts_ties_against_the_target(tiny_data):
     """A collapsed model that scores every item alike must get Recall@10 = 0, not 1."""
     import torch
