@@ -202,14 +202,15 @@ class Manifest:
         plan: dict[str, Decision] = {}
         first: str | None = None
         for stage in stages:
+            if from_stage == stage:  # even when an earlier stage runs: forced is what keeps it from being reused
+                plan[stage] = Decision(True, "forced by --from-stage", forced=True)
+                first = first or stage
+                continue
             if first is not None:
                 never = "key" not in self._previous.get(stage, {})
                 plan[stage] = Decision(True, "not run before" if never else f"upstream stage {first} reruns")
                 continue
-            if from_stage == stage:
-                decision = Decision(True, "forced by --from-stage", forced=True)
-            else:
-                decision = self._decide(stage, keys[stage], cfg)
+            decision = self._decide(stage, keys[stage], cfg)
             plan[stage] = decision
             if decision.run:
                 first = stage

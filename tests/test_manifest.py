@@ -143,6 +143,15 @@ def test_manifest_records_environment_and_reason(tmp_path):
     assert "codes.k: 32 -> 64" in Manifest(tmp_path).plan(stage_keys(new), new)["codes"].reason
 
 
+def test_from_stage_is_forced_in_a_new_run_directory_too(tmp_path):
+    """`--reuse SRC --from-stage eval` into a new directory: the earlier stages run (to be linked from
+    SRC), and eval is still forced, so that it is not linked from SRC as well."""
+    cfg = load_config(None, [])
+    plan = Manifest(tmp_path / "new").plan(stage_keys(cfg), cfg, from_stage="eval")
+    assert all(plan[s].run and not plan[s].forced for s in STAGES[:-1])
+    assert plan["eval"].forced and plan["eval"].reason == "forced by --from-stage"
+
+
 def test_a_finished_stage_is_reused_from_another_run_by_key(tmp_path):
     cfg = load_config(None, [])
     src = tmp_path / "src"
