@@ -157,6 +157,10 @@ class Stage1Config(TrainConfig):
     # Early stopping ranks the full catalogue for this many random validation users (0 = all):
     # DIN scores every (user, item) pair with its own attention, O(N * T) per user.
     valid_users: int = 2000
+    # bfloat16 autocast of the DIN's matrix products in training and validation (weights, Adam's
+    # state and the losses stay fp32), on a CPU with bf16 instructions or a GPU. About 1.5x faster a
+    # step on this project's CPU; not bit-equal to fp32 (benchmarks/results/stage1_speed.md).
+    bf16: bool = False
 
     def validate(self) -> None:
         TrainConfig.validate(self, "stage1")

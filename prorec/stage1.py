@@ -36,6 +36,7 @@ do not mix well), which for 12k x 128 is cheap to all-reduce.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -186,6 +187,11 @@ class Stage1Trainer:
         self.valid_users = vu
         self.valid_shard = vu[rank::world]
 
+    def _amp(self):
+        """bfloat16 autocast of the forward pass when stage1.bf16 (fp32 weights, optimiser and losses)."""
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.bf16
+                else contextlib.nullcontext())
+
     # -- epochs
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
@@ -216,7 +222,8 @@ class Stage1Trainer:
                 align_items = torch.unique(torch.cat([history.flatten(), target]))
                 align_items = align_items[align_items > 0]  # (M,) distinct items of the batch
                 align_sem = self.semantic[align_items]
-            loss, seq, align = self.model(history, target, extra, align_items, align_sem)
+            with self._amp():
+                loss, seq, align = self.model(history, target, extra, align_items, align_sem)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -247,7 +254,8 @@ class Stage1Trainer:
             width = int(data.valid_len[rows].max())
             history = self._tensor(data.valid_hist[rows, -width:])
             target = self._tensor(data.valid_target[rows])
-            scores = din.score_all(history)  # (U, N + 1), padding column is -inf
+            with self._amp():
+                scores = din.score_all(history).float()  # (U, N + 1), padding column is -inf
             scores.scatter_(1, history, float("-inf"))  # never recommend what the user already has
             # 0-based rank of the target, ties counted against it: a collapsed model that scores
             # everything alike must not look perfect.
@@ -454,5 +462,6 @@ STAGE = Stage(
     # adapter.safetensors and adapter_config.json for fusion=prorec, the one that trains the adapter.
     outputs=("item_embeddings.parquet", "metrics.json"),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
+    added_fields={"bf16": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -36,6 +36,7 @@ def _changed(base: list[str], new: list[str]) -> list[str]:
     ("stage2.decoupled_weight_decay=true", "stage2"),
     ("stage1.decoupled_weight_decay=true", "stage1"),
     ("eval.bf16=true", "eval"),
+    ("stage1.bf16=true", "stage1"),
 ])
 def test_a_change_invalidates_its_stage_and_everything_after(override, first):
     assert _changed([], [override]) == list(STAGES[STAGES.index(first):])

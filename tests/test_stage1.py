@@ -229,3 +229,24 @@ def test_validation_counts_ties_against_the_target(tiny_data):
         for p in trainer.core.parameters():
             p.zero_()
     assert trainer.validate()["recall@10"] == 0.0
+
+
+def test_bf16_trains_in_bf16_and_learns_like_fp32(tiny_data):
+    """stage1.bf16: the DIN's products run in bfloat16 (the losses differ from fp32's in the low bits),
+    the weights stay fp32, and training reaches the same place within noise."""
+    import torch
+
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    data = Stage1Data.load(tiny_data)
+    out = {}
+    for bf16 in (False, True):
+        trainer = Stage1Trainer(small_cfg(fusion="collaborative", bf16=bf16), data, None, LocalContext(None))
+        losses = [trainer.train_epoch(e)["loss"] for e in range(4)]
+        out[bf16] = (losses, trainer.validate()["recall@10"])
+        assert trainer.core.din.item_emb.weight.dtype == torch.float32
+    (l32, r32), (l16, r16) = out[False], out[True]
+    assert l16[0] != l32[0] and abs(l16[0] - l32[0]) < 0.02 * l32[0]  # the autocast ran, and stays close
+    assert l16[-1] < 0.9 * l16[0] and abs(l16[-1] - l32[-1]) < 0.05 * l32[-1], (l16, l32)
+    assert r32 > 0.15 and abs(r16 - r32) < 0.08, (r16, r32)
