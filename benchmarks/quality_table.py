@@ -1,0 +1,136 @@
+"""The README's results tables: every headline model on Beauty and Sports, under both history rules.
+
+    python benchmarks/quality_table.py --name quality_table
+
+One table a dataset, rows: the paper's PRORec, SASRec, TIGER, PRORec with the paper's Stage II,
+PRORec with the default Stage II (the generator alone) and the reranked pipeline. Each cell pair
+gives test Recall and NDCG @10 and @20 with the history rule on (a user's history items removed
+from the list, `eval.exclude_history`, the default) and off (as the TIGER-style papers rank). The
+numbers are read from the run directories (or committed result files) named in ROWS below, each
+with the command that made it; a source that does not exist is reported as "not run".
+Writes benchmarks/results/NAME.json and NAME.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+
+METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
+PAPER = {"beauty": {"recall@10": 0.0939, "ndcg@10": 0.0559, "recall@20": 0.1289, "ndcg@20": 0.0646},
+         "sports": {"recall@10": 0.0471, "ndcg@10": 0.0259, "recall@20": 0.0710, "ndcg@20": 0.0319}}
+DATA = {"beauty": "../shared/data/amazon-beauty", "sports": "../shared/data/amazon-sports"}
+FROZEN = "jobs/configs/beauty/frozen"
+
+
+def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
+    return f"python jobs/pipeline.py --config {config} --data {DATA[ds]} --out {out}{' ' + extra if extra else ''}"
+
+
+def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
+    """(row, what it is, {"on"|"off": (source, command) or None}). A source is RUN:FOLDER (its
+    metrics.json) or FILE.json#key.key (a committed result)."""
+    full = "beauty_full_run" if ds == "beauty" else "sports_full_run"
+    base = f"{FROZEN}/beauty_full_run.yaml"
+    no_rr = f"{FROZEN}/beauty_full_run_no_rerank.yaml"
+    reuse = f"--reuse runs/{full}"
+    return [
+        ("SASRec", "baseline (not the paper's method)", {
+            "on": (f"runs/{ds}_sasrec:sasrec/eval",
+                   f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
+                   f"--out runs/{ds}_sasrec {reuse}"),
+            "off": (f"benchmarks/results/{ds}_sasrec_history_rule.json#exclude_history.false.test",
+                    f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec --name {ds}_sasrec_history_rule")}),
+        ("TIGER", "baseline: semantic RQ codes, no distillation, beam 20", {
+            "on": (f"runs/{ds}_tiger:eval", _pipeline("jobs/configs/baselines/tiger.yaml", ds, f"runs/{ds}_tiger", reuse)),
+            "off": (f"runs/{ds}_tiger_all:eval",
+                    _pipeline("jobs/configs/baselines/tiger.yaml", ds, f"runs/{ds}_tiger_all",
+                              f"--reuse runs/{ds}_tiger eval.exclude_history=false"))}),
+        ("PRORec, the paper's Stage II", "the paper's method (beam 20)", {
+            "on": ("benchmarks/results/beauty_full_run_paper_stage2.json#metrics.test",
+                   _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, "runs/beauty_full_run_paper_stage2"))
+            if ds == "beauty" else None,
+            "off": None}),
+        ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay (beam 20)", {
+            "on": (f"runs/{ds}_generator:eval", _pipeline(no_rr, ds, f"runs/{ds}_generator", reuse)),
+            "off": (f"runs/{ds}_generator_all:eval",
+                    _pipeline(no_rr, ds, f"runs/{ds}_generator_all", reuse + " eval.exclude_history=false"))}),
+        ("PRORec reranked pipeline (default)", "+ beam 200 reordered by DIN, semantic affinity, transitions", {
+            "on": (f"runs/{full}:eval", _pipeline(base, ds, f"runs/{full}")),
+            "off": (f"runs/{ds}_reranked_all:eval",
+                    _pipeline(base, ds, f"runs/{ds}_reranked_all", reuse + " eval.exclude_history=false"))}),
+    ]
+
+
+def read(source: str) -> tuple[dict[str, float] | None, dict | None]:
+    """(test metrics, git record) of a source, or (None, None) when it does not exist."""
+    if "#" in source:
+        path, keys = source.split("#")
+        p = ROOT / path
+        if not p.is_file():
+            return None, None
+        d = json.loads(p.read_text())
+        git = d.get("written_from") or d.get("git")
+        for k in keys.split("."):
+            d = d[k]
+        return d, git
+    run, folder = source.split(":")
+    p = ROOT / run / folder / "metrics.json"
+    if not p.is_file():
+        return None, None
+    manifest = ROOT / run / "manifest.json"
+    git = json.loads(manifest.read_text()).get("git") if manifest.is_file() else None
+    return json.loads(p.read_text())["test"], git
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", default="quality_table")
+    add_allow_dirty(ap)
+    args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
+    out: dict = {}
+    md = ["# Quality: every headline model on Beauty and Sports, both history rules", "",
+          "    python benchmarks/quality_table.py --name " + args.name, "",
+          "Test split, every item of the catalogue ranked. **rule on**: a user's history items are removed "
+          "from the ranked list (`eval.exclude_history`, the project's default); **rule off**: they are kept, as "
+          "the TIGER-style papers rank. The paper's rows are as published (their rule is not stated in the "
+          "paper). Each number comes from the source named below the table, made by the command given there; "
+          "one seed each.", ""]
+    for ds in ("beauty", "sports"):
+        out[ds] = {}
+        md += [f"## {ds.capitalize()}", "",
+               "| model | what | R@10 on | N@10 on | R@20 on | N@20 on | R@10 off | N@10 off | R@20 off | N@20 off |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+        p = PAPER[ds]
+        md.append("| paper's PRORec (Table 3) | as published | " + " | ".join(f"{p[m]:.4f}" for m in METRICS) +
+                  " | | | | |")
+        notes = []
+        for name, what, sources in rows(ds):
+            cells, rec = [], {}
+            for rule in ("on", "off"):
+                src = sources.get(rule)
+                metrics, git = read(src[0]) if src else (None, None)
+                rec[rule] = {"source": src[0] if src else None, "command": src[1] if src else None,
+                             "test": metrics, "git": git}
+                cells += [f"{metrics[m]:.4f}" for m in METRICS] if metrics else ["not run"] * len(METRICS)
+                if src and metrics:
+                    commit = (git or {}).get("commit") or "?"
+                    notes.append(f"- {name}, rule {rule}: `{src[0]}` (commit {commit[:10]}"
+                                 f"{', dirty' if (git or {}).get('dirty') else ''}): `{src[1]}`")
+            out[ds][name] = rec
+            md.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
+        md += ["", "Sources and commands:", *notes, ""]
+    write_result(RESULTS / args.name, {"command": " ".join(sys.argv), "tables": out, "paper": PAPER}, "\n".join(md),
+                 tree)
+    print(f"wrote {RESULTS / args.name}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
