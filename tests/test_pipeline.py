@@ -464,3 +464,14 @@ def test_until_stops_after_the_named_stage(tmp_path):
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["data"]["status"] == "done"
     assert all(stages[s]["status"] == "pending" for s in STAGES[1:])
+
+
+def test_the_final_table_sets_the_run_beside_the_papers_row_of_its_own_dataset():
+    from prorec.config import load_config
+    from prorec.pipeline import metrics_table
+
+    m = {"test": {"recall@10": 0.05, "ndcg@10": 0.03, "recall@20": 0.08, "ndcg@20": 0.04}}
+    sports = metrics_table(m, load_config(None, ["data.path=/data/amazon-sports"]))
+    assert "paper (Sports)" in sports and "0.0471" in sports and "0.0939" not in sports
+    assert "0.0939" in metrics_table(m, load_config(None, ["data.path=/data/amazon-beauty"]))
+    assert "paper" not in metrics_table(m, load_config(None, [])).splitlines()[0]
