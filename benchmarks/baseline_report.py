@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
-from prorec.pipeline import PAPER_BEAUTY  # noqa: E402
+from prorec.pipeline import paper_row  # noqa: E402
 
 METRICS = [f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg")]
 
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, mt in rows:
         for split in ("valid", "test"):
             md.append(f"| {label} | {split} | " + " | ".join(f"{mt[split][k]:.4f}" for k in METRICS) + " |")
-    md.append("| paper PRORec (Table 3) | test | " + " | ".join(f"{PAPER_BEAUTY[k]:.4f}" for k in METRICS) + " |")
+    dataset, paper = paper_row((m.get("config") or {}).get("data", {}).get("path"))
+    if paper:
+        md.append(f"| paper PRORec, {dataset} (Table 3) | test | " + " | ".join(
+            f"{paper[k]:.4f}" if k in paper else "" for k in METRICS) + " |")
     hist = curve.get("history", [])
     md += ["", f"Validation NDCG@10 by epoch: {[round(h.get('valid_ndcg@10', float('nan')), 4) for h in hist]}"]
     if args.notes:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
 from prorec.manifest import MANIFEST_FILE  # noqa: E402
 from prorec.stages import NAMES as STAGES  # noqa: E402
-from prorec.pipeline import PAPER_BEAUTY  # noqa: E402
+from prorec.pipeline import paper_row  # noqa: E402
 
 METRICS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("valid", "test"):
         vals = m.get("metrics", {}).get(split, {})
         md.append(f"| {split} | " + " | ".join(f"{vals[x]:.4f}" if x in vals else "" for x in METRICS) + " |")
-    md.append("| paper PRORec, test (Table 3) | " + " | ".join(
-        f"{PAPER_BEAUTY[x]:.4f}" if x in PAPER_BEAUTY else "" for x in METRICS) + " |")
+    dataset, paper = paper_row((m.get("config") or {}).get("data", {}).get("path"))
+    if paper:
+        md.append(f"| paper PRORec, {dataset} test (Table 3) | " + " | ".join(
+            f"{paper[x]:.4f}" if x in paper else "" for x in METRICS) + " |")
     md += ["", "| stage | wall (s) | CPU of the driver (s) |", "|---|---|---|"]
     for s in STAGES:
         st = stages.get(s, {})

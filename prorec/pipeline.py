@@ -34,6 +34,12 @@ from prorec.trainer import TrainingDiverged
 # The paper's PRORec rows (Table 3; @10 and @20 only), by the folder name of the canonical copies.
 PAPER = {"amazon-beauty": ("Beauty", {"recall@10": 0.0939, "ndcg@10": 0.0559, "recall@20": 0.1289, "ndcg@20": 0.0646}),
          "amazon-sports": ("Sports", {"recall@10": 0.0471, "ndcg@10": 0.0259, "recall@20": 0.0710, "ndcg@20": 0.0319})}
+PAPER_BEAUTY = PAPER["amazon-beauty"][1]
+
+
+def paper_row(data_path: str | Path | None) -> tuple[str | None, dict[str, float]]:
+    """(dataset name, the paper's PRORec test row) for a run on one of the paper's datasets, else (None, {})."""
+    return PAPER.get(Path(data_path).name, (None, {})) if data_path else (None, {})
 
 
 LOCK_FILE = ".lock"
@@ -275,7 +281,7 @@ def metrics_table(metrics: dict[str, Any], cfg: PipelineConfig) -> str:
     (recognised by the canonical copies' folder names, amazon-beauty and amazon-sports)."""
     test = metrics.get("test", {})
     ks = sorted({int(k.split("@")[1]) for k in test if "@" in k})
-    name, paper = PAPER.get(Path(cfg.data.path).name, (None, {})) if cfg.data.path else (None, {})
+    name, paper = paper_row(cfg.data.path)
     head = f"paper ({name})" if name else ""
     lines = [f"{'test metric':<12}{'this run':>10}{head:>17}"]
     for k in ks:
