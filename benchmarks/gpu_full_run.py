@@ -19,7 +19,7 @@ weights are needed), from the repository root:
   CARRY/site when `import faiss` fails.
 
 `run` runs jobs/pipeline.py with jobs/configs/beauty/gpu.yaml (every stage in-process on the GPU,
-Stage I and II to convergence, Stage II in bf16), `--reuse CARRY/seed --data CARRY/data`, into
+Stage I and II to convergence, both in bf16), `--reuse CARRY/seed --data CARRY/data`, into
 DIR (default OUT/run), then writes OUT/gpu_full_run.json (test and valid metrics, every stage's wall
 time, the device, torch's version) with the run's manifest.json, eval/metrics.json and
 eval/predictions.parquet beside it. `--tiny` is the CPU check that tests/test_gpu_full_run.py runs:

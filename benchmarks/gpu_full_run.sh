@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full Beauty pipeline on one GPU, in-process: Stage I and II to convergence (Stage II in bf16),
+# The full Beauty pipeline on one GPU, in-process: Stage I and II to convergence (both in bf16),
 # then the evaluation, with jobs/configs/beauty/gpu.yaml. Target: at most 10 minutes on an
 # H100-class GPU.
 #
