@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS  # noqa: E402
+from prorec.metrics import MISS, ranking_metrics  # noqa: E402
 
 DATASETS = ("beauty", "sports")
 MODELS = ("generator", "sasrec", "tiger", "reranked")
@@ -41,14 +42,9 @@ def recompute(predictions: Path, data_dir: Path) -> dict[str, float]:
     target = {u: item_id[t] for u, t in zip(test["user_id"], test["target"])}
     if sorted(pred["user_id"]) != sorted(target):
         raise SystemExit(f"error: {predictions} does not hold exactly the test users of {data_dir}")
-    ranks = np.array([row.index(target[u]) if target[u] in row else 10 ** 9
+    ranks = np.array([row.index(target[u]) if target[u] in row else MISS
                       for u, row in zip(pred["user_id"], pred["items"])])
-    out = {}
-    for k in KS:
-        hit = ranks < k
-        out[f"recall@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(np.minimum(ranks, k) + 2.0), 0.0).mean())
-    return out
+    return ranking_metrics(ranks, list(KS))
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
-from prorec.beam import rank_users  # noqa: E402
 from prorec.config import load_config  # noqa: E402
 from prorec.data.history import history_tensor  # noqa: E402
 from prorec.data.splits import read_split  # noqa: E402
@@ -81,9 +80,8 @@ def split_a_batch(ranker: Ranker, history: torch.Tensor, batch: int) -> dict[str
 
 def in_process(ranker: Ranker, history: np.ndarray) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
-    with ranker._amp():
-        out = rank_users(ranker.search, torch.from_numpy(history), ranker.batch_size, ranker.reranker)
-    return out[:, :ranker.depth], time.perf_counter() - t
+    out = ranker.rank(history)
+    return out, time.perf_counter() - t
 
 
 def on_ray(run: Path, cfg, depth: int, history: np.ndarray, actors: int) -> tuple[np.ndarray, float, float]:

@@ -266,9 +266,13 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, from_stage: str | None, sour
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, from_stage: str | None = None,
-                 reuse: list[str | Path] | tuple = ()) -> dict[str, Any]:
-    """Run (or resume) every stage into `out_dir`; returns eval/metrics.json's content."""
-    manifest = run_stages(cfg, out_dir, from_stage, reuse)
+                 reuse: list[str | Path] | tuple = (), until: str | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage into `out_dir`, or those up to and including `until`; returns
+    eval/metrics.json's content ({} when stopped before the evaluation)."""
+    manifest = run_stages(cfg, out_dir, from_stage, reuse, until)
+    if until is not None and until != NAMES[-1]:
+        print(f"stopped after stage {until} (--until); manifest: {manifest.path}", flush=True)
+        return {}
     metrics = json.loads((manifest.run_dir / folder_of("eval") / "metrics.json").read_text())
     manifest.set_metrics(metrics)
     print("\n" + metrics_table(metrics, cfg), flush=True)
@@ -342,12 +346,8 @@ def exit_status(job: Callable[[], Any]) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if getattr(args, "until", None) and args.until != NAMES[-1]:
-        def job() -> None:
-            manifest = run_stages(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse, args.until)
-            print(f"stopped after stage {args.until} (--until); manifest: {manifest.path}", flush=True)
-        return exit_status(job)
-    return exit_status(lambda: run_pipeline(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse))
+    return exit_status(lambda: run_pipeline(config_from_args(args), args.out.expanduser(), args.from_stage, args.reuse,
+                                            args.until))
 
 
 def main(argv: list[str] | None = None) -> int:
