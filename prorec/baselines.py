@@ -53,7 +53,7 @@ from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, LocalContext, adam, length_grouped_batches, pick_device, run_epochs,
+from prorec.trainer import (DivergenceGuard, LocalContext, adam, capped_steps, length_grouped_batches, pick_device, run_epochs,
                             warmup_lambda)
 
 METRICS_FILE = "metrics.json"
@@ -173,7 +173,7 @@ class SASRecTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.guard = DivergenceGuard("sasrec", device)
         self.lengths = (data.sequences > 0).sum(1).numpy()
-        self.steps = max(1, math.ceil(len(self.lengths) / cfg.batch_size))
+        self.steps = capped_steps(max(1, math.ceil(len(self.lengths) / cfg.batch_size)), cfg.steps_per_epoch)
         self.epoch = 0
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -278,7 +278,7 @@ def run(cfg: SASRecTrainConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
 STAGE = Stage(
     name="sasrec", folder="sasrec", section="sasrec", run=run, inputs={"data": Input("data")},
     outputs=(SASREC_FILE, SASREC_CONFIG_FILE, METRICS_FILE, EVAL_METRICS_FILE, PREDICTIONS_FILE),
-    execution_only=frozenset({"valid_batch_size"}))
+    execution_only=frozenset({"valid_batch_size"}), added_fields={"steps_per_epoch": 0})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,6 +125,10 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Training steps between two validations (each one a checkpoint and an early-stopping check);
+    # 0 = a whole pass over the training rows. On a big catalogue a pass is long: a smaller "epoch"
+    # validates and checkpoints more often, each epoch drawing its batches afresh.
+    steps_per_epoch: int = 0
 
     def validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr must be > 0")
@@ -136,6 +140,7 @@ class TrainConfig:
         _check(self.patience >= 1, f"{section}.patience must be >= 1")
         _check(self.num_workers >= 0, f"{section}.num_workers must be >= 0")
         _check(self.cpus_per_worker > 0, f"{section}.cpus_per_worker must be > 0")
+        _check(self.steps_per_epoch >= 0, f"{section}.steps_per_epoch must be >= 0 (0 = a whole pass over the data)")
 
 
 @dataclass

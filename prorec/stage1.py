@@ -56,7 +56,7 @@ from prorec.data.splits import read_split
 from prorec.models.din import DIN, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
                             run_epochs, set_seed, shard_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
@@ -176,7 +176,7 @@ class Stage1Trainer:
         self.shard = np.arange(n)[shard_rows(n, rank, world)]
         smallest = min(len(range(n)[shard_rows(n, r, world)]) for r in range(world))
         self.batch_size = max(2, cfg.batch_size // world)
-        self.steps = max(1, math.ceil(smallest / self.batch_size))
+        self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
         # logQ for in-batch negatives: expected count of an item among the batch's targets.
         counts = np.bincount(data.train_target, minlength=data.n_items + 1).astype(np.float64)
         self.log_q = torch.from_numpy(np.log(self.batch_size * np.maximum(counts, 1) / n)).float().to(self.device)
@@ -462,6 +462,6 @@ STAGE = Stage(
     # adapter.safetensors and adapter_config.json for fusion=prorec, the one that trains the adapter.
     outputs=("item_embeddings.parquet", "metrics.json"),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
-    added_fields={"bf16": False},
+    added_fields={"bf16": False, "steps_per_epoch": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -35,7 +35,7 @@ from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, fit_on_ray, length_grouped_batches,
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, capped_steps, fit_on_ray, length_grouped_batches,
                             pick_device, run_epochs, shard_rows, warmup_lambda)
 
 METRICS_FILE = "metrics.json"
@@ -127,7 +127,7 @@ class Stage2Trainer:
         smallest = min(s.stop - s.start for s in (shard_rows(hist.shape[0], r, ctx.world_size)
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
-        self.steps = max(1, math.ceil(smallest / self.batch_size))
+        self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
         # Validation users: a fixed random subset (cfg.valid_users), sharded over workers.
         vh, vt = inputs.splits["valid"]
         if 0 < cfg.valid_users < vh.shape[0]:
@@ -265,5 +265,6 @@ STAGE = Stage(
             "codes": Input("codes", "codes.parquet")},
     outputs=(MODEL_FILE, CONFIG_FILE, METRICS_FILE),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
+    added_fields={"steps_per_epoch": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -297,8 +297,11 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         if bad >= patience:
             break
         t0 = time.perf_counter()
-        metrics = {"epoch": epoch, **trainer.train_epoch(epoch), **trainer.validate()}
-        metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics = {"epoch": epoch, **trainer.train_epoch(epoch)}
+        t1 = time.perf_counter()
+        metrics.update(trainer.validate())
+        t2 = time.perf_counter()
+        metrics.update(train_seconds=t1 - t0, valid_seconds=t2 - t1, epoch_seconds=t2 - t0)
         score = metrics[score_key]
         if score > best:
             best, bad, best_metrics = score, 0, dict(metrics)
@@ -327,6 +330,11 @@ def shard_rows(n: int, rank: int, world_size: int) -> slice:
 
 def clean_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def capped_steps(steps: int, steps_per_epoch: int) -> int:
+    """An epoch's steps: a whole pass (`steps`), or at most `steps_per_epoch` when that is > 0."""
+    return min(steps, steps_per_epoch) if steps_per_epoch > 0 else steps
 
 
 def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, steps: int,

@@ -78,3 +78,16 @@ def test_split_sizes_on_the_tiny_fixture(tiny_raw, tiny_data):
     # Every target is a real item index; 0 is padding and never a target or a history entry.
     assert min(test["target"]) >= 1 and max(test["target"]) <= len(ds.items)
     assert all(0 not in h and 1 <= len(h) <= 20 for h in test["history"])
+
+
+@pytest.mark.parametrize("max_history", [1, 3, 20])
+def test_the_array_split_equals_the_user_by_user_reference(max_history):
+    from prorec.config import SyntheticConfig
+    from prorec.data.splits import split_sequences_reference
+    from prorec.data.synthetic import generate
+
+    for ds in (small(), generate(SyntheticConfig(n_users=300, n_items=80, min_len=3, max_len=30))):
+        fast, ref = split_sequences(ds, max_history), split_sequences_reference(ds, max_history)
+        assert set(fast) == set(ref)
+        for split in fast:
+            assert fast[split].equals(ref[split]), split

@@ -108,3 +108,18 @@ def test_small_catalogues_work():
 def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="min_len"):
         generate(SyntheticConfig(min_len=2))
+
+
+@pytest.mark.parametrize("kw", [
+    {},  # the default
+    {"seed": 3, "n_users": 500, "n_items": 150, "n_categories": 5, "p_transition": 0.2},
+    {"seed": 1, "n_users": 60, "n_items": 8, "n_categories": 2, "min_len": 3, "max_len": 7},  # pools run dry
+    {"seed": 2, "n_users": 30, "n_items": 4, "n_categories": 1, "min_len": 3, "max_len": 4},  # one category
+])
+def test_the_fast_generator_draws_exactly_what_the_reference_draws(kw):
+    from prorec.data.synthetic import generate_reference
+
+    cfg = SyntheticConfig(**kw)
+    fast, ref = generate(cfg), generate_reference(cfg)
+    assert fast.sequences == ref.sequences
+    assert [vars(i) for i in fast.items] == [vars(i) for i in ref.items]

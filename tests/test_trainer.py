@@ -113,3 +113,11 @@ def test_the_divergence_guard_names_the_epoch_the_step_and_the_last_finite_loss(
         model.weight[0, 0] = float("inf")
     with pytest.raises(TrainingDiverged, match="weight weight is not finite after epoch 1"):
         guard.check(1, model, "x")
+
+
+def test_steps_per_epoch_caps_an_epoch_and_zero_means_a_whole_pass():
+    from prorec.trainer import capped_steps
+
+    assert capped_steps(500, 0) == 500
+    assert capped_steps(500, 200) == 200
+    assert capped_steps(100, 200) == 100

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,7 +31,50 @@ def items_table(ds: Dataset, template: str) -> pa.Table:
     })
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(s, s + n) for every (s, n), as int64."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
+def _examples(flat: np.ndarray, users: np.ndarray, at: np.ndarray, begin: np.ndarray, user_ids: pa.Array) -> pa.Table:
+    """One example per position `at` of `flat`: history flat[max(begin, at - H):at] (H applied by the
+    caller through `begin`), target flat[at], user user_ids[users]."""
+    lengths = at - begin
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    history = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat[_ranges(begin, lengths)], pa.int32()))
+    return pa.table([user_ids.take(pa.array(users)), history, pa.array(flat[at], pa.int32())], schema=_EXAMPLE_SCHEMA)
+
+
 def split_sequences(ds: Dataset, max_history: int = 20) -> dict[str, pa.Table]:
+    """Leave-one-out splits as Arrow tables, built with array operations (no Python object per
+    example): 2.4 million users and 14 million training examples take seconds."""
+    if max_history < 1:  # history[-0:] would silently keep the whole history
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
+    index = ds.item_index
+    lengths = np.fromiter((len(seq) for _, seq in ds.sequences), dtype=np.int64, count=len(ds.sequences))
+    flat = np.fromiter((index[i] for _, seq in ds.sequences for i in seq), dtype=np.int32, count=int(lengths.sum()))
+    start = np.cumsum(lengths) - lengths  # each user's first position in flat
+    user_ids = pa.array([u for u, _ in ds.sequences], pa.string())
+    users = np.arange(len(lengths))
+
+    def clip(at: np.ndarray, first: np.ndarray) -> np.ndarray:
+        return np.maximum(first, at - max_history)
+
+    # Training: every position t = 1 .. n - 3 of a user's first n - 2 items is a target.
+    n_train = np.maximum(lengths - 3, 0)
+    t_users = np.repeat(users, n_train)
+    t_at = _ranges(start + 1, n_train)
+    out = {"train": _examples(flat, t_users, t_at, clip(t_at, start[t_users]), user_ids)}
+    for split, back in (("valid", 2), ("test", 1)):
+        at = start + lengths - back
+        out[split] = _examples(flat, users, at, clip(at, start), user_ids)
+    return out
+
+
+def split_sequences_reference(ds: Dataset, max_history: int = 20) -> dict[str, pa.Table]:
+    """`split_sequences` written out user by user and prefix by prefix: for tests (a Python list
+    per training example, so slow and large past a few hundred thousand users)."""
     if max_history < 1:  # history[-0:] would silently keep the whole history
         raise ValueError(f"max_history must be >= 1, got {max_history}")
     rows: dict[str, dict[str, list]] = {s: {"user_id": [], "history": [], "target": []} for s in SPLITS}

@@ -1,0 +1,358 @@
+"""How every stage's cost grows with the catalogue: synthetic catalogues from 12 thousand to 1.2 million items.
+
+    python benchmarks/scale.py                                   # 12k, 120k, 1.2M items (about an hour)
+    python benchmarks/scale.py --sizes 12000 120000 --name scale_small
+    python benchmarks/scale.py --sizes 200 400 --steps 5 --users 20 --no-encode --work /tmp/s --name t --allow-dirty
+
+Each size is the project's own synthetic generator (`prorec.data.synthetic`) scaled: n items, 2n
+users, 16 categories with hidden complements, 5 to 13 items a user (mean 9, as Beauty's 8.9). Then
+every stage runs a fixed amount of work, the same at every size, each in a fresh process of its own
+(so that its peak resident memory is its own, read from `getrusage` at its end), in-process and on
+one torch thread:
+
+| stage | work |
+|---|---|
+| generate | the synthetic dataset, written in the canonical format (not a pipeline stage: the input) |
+| data | the whole leave-one-out split (`prorec.data.splits.run`) |
+| embed | the item texts through the encoder at the smallest size; above it, random unit vectors of the encoder's width (384) stand in, and the encoder's time is extrapolated from its rate |
+| stage1 | `--steps` training steps (a `steps_per_epoch` epoch) and one validation pass over `--users` users |
+| codes | the whole hierarchical k-means at K=256, and the trie build |
+| stage2 | `--steps` training steps and one validation pass over `--users` users |
+| eval_beam50, eval_beam200 | `--users` test users ranked at beam 50 and 200 by the default model |
+
+Writes benchmarks/results/NAME.json (`{"sizes": [...], "stages": {stage: {"seconds": [...],
+"peak_rss_mb": [...]}}}` plus the details), NAME.md (the table and each stage's growth exponent
+between consecutive sizes) and NAME.png (log-log, one line per stage). Run directories go to
+--work (default runs/scale), one folder per size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+
+SIZES = (12_000, 120_000, 1_200_000)
+STAGES = ("generate", "data", "embed", "stage1", "codes", "stage2", "eval_beam50", "eval_beam200")
+ENCODER_DIM = 384  # all-MiniLM-L6-v2's width: the random stand-ins have it too
+USERS_PER_ITEM = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage, in a child process
+
+
+def synthetic_config(n_items: int):
+    from prorec.config import SyntheticConfig
+
+    return SyntheticConfig(seed=0, n_items=n_items, n_users=USERS_PER_ITEM * n_items, n_categories=16,
+                           min_len=5, max_len=13)
+
+
+def _folder_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2 ** 20, 2)
+
+
+def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool) -> dict[str, Any]:
+    """Run one stage's fixed work for the catalogue in `run`; returns what it measured besides time."""
+    import numpy as np
+
+    from prorec.config import CodesConfig, DataConfig, EmbedConfig, EvalConfig, Stage1Config, Stage2Config
+
+    data, sem = run / "data", run / "embeddings" / "semantic.parquet"
+    out: dict[str, Any] = {}
+    if stage == "generate":
+        from prorec.data.synthetic import write_synthetic
+
+        write_synthetic(run / "raw", synthetic_config(n_items))
+        out["artifact_mb"] = _folder_mb(run / "raw")
+    elif stage == "data":
+        from prorec.data.splits import read_split, run as split
+
+        split(DataConfig(path=str(run / "raw")), {}, data)
+        out["rows"] = {s: read_split(data, s).num_rows for s in ("train", "valid", "test")}
+        out["artifact_mb"] = _folder_mb(data)
+    elif stage == "embed":
+        from prorec.artifacts import write_embeddings
+        from prorec.data.splits import read_split
+
+        items = read_split(data, "items")
+        if encode:
+            from prorec.embed import embed_items
+
+            t0 = time.perf_counter()
+            embed_items(EmbedConfig(use_ray=False), data / "items.parquet", sem)
+            out["encoder_items_per_s"] = items.num_rows / (time.perf_counter() - t0)
+            out["encoded"] = True
+        else:
+            x = np.random.default_rng(0).standard_normal((items.num_rows, ENCODER_DIM), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            write_embeddings(sem, items.column("item_idx").to_numpy(), items.column("item_id").to_pylist(), x,
+                             {"model": "random unit vectors (scale benchmark stand-in)", "dim": ENCODER_DIM})
+            out["encoded"] = False
+        out["artifact_mb"] = _folder_mb(sem)
+    elif stage == "stage1":
+        from prorec.stage1 import run_stage1
+
+        cfg = Stage1Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+        run_stage1(cfg, data, sem, run / "stage1")
+        out.update(_epoch(run / "stage1" / "metrics.json", steps))
+        out["artifact_mb"] = _folder_mb(run / "stage1" / "item_embeddings.parquet") + _folder_mb(
+            run / "stage1" / "din.safetensors")
+    elif stage == "codes":
+        from prorec.codes import CODES_FILE, run_codes, trie_from_file
+
+        run_codes(CodesConfig(use_ray=False), run / "stage1" / "item_embeddings.parquet", run / "codes")
+        t0 = time.perf_counter()
+        trie = trie_from_file(run / "codes" / CODES_FILE)
+        out["trie_seconds"] = time.perf_counter() - t0
+        out["code_length"] = trie.length
+        out["trie_mb"] = round(sum(t.numel() * t.element_size() for t in trie.allowed + trie.child) / 2 ** 20, 2)
+        report = json.loads((run / "codes" / "code_report.json").read_text())
+        out["kmeans_seconds"] = report["seconds"]
+        out["artifact_mb"] = _folder_mb(run / "codes" / CODES_FILE)
+    elif stage == "stage2":
+        from prorec.stage2 import run_stage2
+
+        cfg = Stage2Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+        run_stage2(cfg, data, run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
+                   run / "stage2")
+        out.update(_epoch(run / "stage2" / "metrics.json", steps))
+        out["artifact_mb"] = _folder_mb(run / "stage2" / "model.safetensors")
+    elif stage.startswith("eval_beam"):
+        from prorec.data.history import history_tensor
+        from prorec.data.splits import read_split
+        from prorec.evaluate import Ranker
+        from prorec.metrics import ranking_metrics, target_ranks
+
+        beam = int(stage[len("eval_beam"):])
+        t0 = time.perf_counter()
+        ranker = Ranker(str(run / "stage2"), str(run / "codes" / "codes.parquet"), EvalConfig(beam_size=beam, use_ray=False),
+                        depth=20, threads=1)
+        out["load_seconds"] = time.perf_counter() - t0
+        test = read_split(data, "test")
+        pick = np.sort(np.random.default_rng(0).choice(test.num_rows, min(users, test.num_rows), replace=False))
+        test = test.take(pick)
+        history = history_tensor(test.column("history")).numpy()
+        t0 = time.perf_counter()
+        ranked = ranker.rank(history)
+        seconds = time.perf_counter() - t0
+        out["rank_seconds"] = seconds
+        out["ms_per_user"] = 1000 * seconds / len(pick)
+        out["metrics"] = ranking_metrics(target_ranks(ranked, test.column("target").to_numpy()), (10, 20))
+    else:
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    return out
+
+
+def _epoch(metrics_path: Path, steps: int) -> dict[str, Any]:
+    """A training stage's one epoch from its metrics.json: the step's cost and the validation's."""
+    m = json.loads(metrics_path.read_text())
+    h = m["history"][0]
+    return {"ms_per_step": 1000 * h["train_seconds"] / steps, "valid_seconds": h["valid_seconds"],
+            "epoch_seconds": h["epoch_seconds"],
+            "valid": {k: v for k, v in h.items() if "recall" in k or "ndcg" in k}}
+
+
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode)
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    Path(args.result).write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+
+def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encode: bool) -> dict[str, Any]:
+    """Run `stage` in a fresh process; its measurements, or the error it died of."""
+    result = run / f"{stage}.result.json"
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--size", str(n_items), "--run", str(run),
+           "--result", str(result), "--steps", str(args.steps), "--users", str(args.users),
+           "--threads", str(args.threads)] + (["--child-encode"] if encode else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (run / f"{stage}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not result.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        raise RuntimeError(f"scale: {stage} at {n_items} items failed (exit {proc.returncode}); "
+                           f"log: {run / (stage + '.log')}\n" + "\n".join(tail))
+    out = json.loads(result.read_text())
+    out["process_seconds"] = wall  # with the interpreter's start and imports
+    return out
+
+
+def exponents(sizes: list[int], values: list[float | None]) -> list[float | None]:
+    """Growth exponent between consecutive sizes: log(v2 / v1) / log(n2 / n1)."""
+    out: list[float | None] = []
+    for (n1, v1), (n2, v2) in zip(zip(sizes, values), zip(sizes[1:], values[1:])):
+        out.append(round(math.log(v2 / v1) / math.log(n2 / n1), 2) if v1 and v2 and v1 > 0 and v2 > 0 else None)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def markdown(res: dict[str, Any], cmd: str) -> str:
+    sizes = res["sizes"]
+    cols = " | ".join(f"{n:,} items" for n in sizes)
+    grow = " | ".join(f"{a:,}→{b:,}" for a, b in zip(sizes, sizes[1:]))
+    lines = [f"# Scale: each stage's cost from {sizes[0]:,} to {sizes[-1]:,} items", "",
+             f"Command: `{cmd}`", "",
+             f"Synthetic catalogues (`prorec.data.synthetic`, 16 categories with complements), {USERS_PER_ITEM} users an "
+             f"item, 5-13 items a user. Fixed work at every size: {res['steps']} training steps and {res['users']} "
+             f"validation users for Stage I and II, {res['users']} test users for each evaluation; in-process, "
+             f"{res['threads']} torch thread(s), each stage in a fresh process. Machine: {res['machine']}.", ""]
+    enc = res.get("encoder_items_per_s")
+    if enc:
+        lines += [f"Semantic embeddings: the encoder (all-MiniLM-L6-v2, in-process) ran at the smallest size only, "
+                  f"{enc:.0f} items/s; at the larger sizes random unit vectors of its width (384) stand in, so the "
+                  f"`embed` row there times writing them, and the encoder itself would take about "
+                  + ", ".join(f"{n / enc / 60:,.0f} min at {n:,}" for n in sizes[1:]) + " on this thread.", ""]
+    lines += ["## Wall time (s)", "", f"| stage | {cols} | growth exponent {grow} |",
+              "|---|" + "---|" * (len(sizes) + 1)]
+    for st, d in res["stages"].items():
+        lines.append(f"| {st} | " + " | ".join(_fmt(v) for v in d["seconds"]) + " | "
+                     + ", ".join(_fmt(e) for e in exponents(sizes, d["seconds"])) + " |")
+    lines += ["", "## Peak resident memory of the stage's process (MB)", "", f"| stage | {cols} |",
+              "|---|" + "---|" * len(sizes)]
+    for st, d in res["stages"].items():
+        lines.append(f"| {st} | " + " | ".join(_fmt(v) for v in d["peak_rss_mb"]) + " |")
+    lines += ["", "## Artifacts on disk (MB)", "", f"| stage | {cols} |", "|---|" + "---|" * len(sizes)]
+    for st, d in res["stages"].items():
+        if any(v is not None for v in d.get("artifact_mb", [])):
+            lines.append(f"| {st} | " + " | ".join(_fmt(v) for v in d["artifact_mb"]) + " |")
+    lines += ["", "## The costs the goals are about", "", f"| measure | {cols} | ratio last / first |",
+              "|---|" + "---|" * (len(sizes) + 1)]
+    for name, v in res["per_unit"].items():
+        ratio = v[-1] / v[0] if v[0] and v[-1] else None
+        lines.append(f"| {name} | " + " | ".join(_fmt(x) for x in v) + f" | {_fmt(ratio)} |")
+    return "\n".join(lines) + "\n"
+
+
+PER_UNIT = {  # name -> (stage, field)
+    "Stage I ms a training step": ("stage1", "ms_per_step"),
+    "Stage I validation s (users fixed)": ("stage1", "valid_seconds"),
+    "Stage II ms a training step": ("stage2", "ms_per_step"),
+    "Stage II validation s (users fixed)": ("stage2", "valid_seconds"),
+    "evaluation ms a user, beam 50": ("eval_beam50", "ms_per_user"),
+    "evaluation ms a user, beam 200": ("eval_beam200", "ms_per_user"),
+    "k-means s": ("codes", "kmeans_seconds"),
+    "trie build s": ("codes", "trie_seconds"),
+    "trie MB": ("codes", "trie_mb"),
+}
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for st, d in res["stages"].items():
+        ax.plot(res["sizes"], d["seconds"], marker="o", label=st)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("items in the catalogue")
+    ax.set_ylabel("wall seconds (fixed work per stage)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Cost of each stage against catalogue size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--steps", type=int, default=200, help="training steps of Stage I and of Stage II")
+    p.add_argument("--users", type=int, default=2000, help="validation users, and test users of each evaluation")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-encode", dest="encode", action="store_false",
+                   help="random unit vectors at every size (the encoder is measured at the smallest by default)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
+    p.add_argument("--name", default="scale")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--reuse", action="store_true", help="keep a stage's earlier measurement at a size if its result file exists")
+    # the child process
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--run", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
+    add_allow_dirty(p)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(args)
+        return 0
+    tree = check_tree(args.allow_dirty)
+    import platform
+
+    sizes = sorted(args.sizes)
+    res: dict[str, Any] = {"sizes": sizes, "steps": args.steps, "users": args.users, "threads": args.threads,
+                           "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                           "stages": {s: {"seconds": [], "peak_rss_mb": [], "artifact_mb": []} for s in args.stages},
+                           "details": {s: [] for s in args.stages}}
+    for n in sizes:
+        run = Path(args.work) / f"n{n}"
+        run.mkdir(parents=True, exist_ok=True)
+        for stage in args.stages:
+            encode = args.encode and n == sizes[0] and stage == "embed"
+            prev = run / f"{stage}.result.json"
+            if args.reuse and prev.is_file():
+                out = json.loads(prev.read_text())
+            else:
+                print(f"scale: {stage} at {n:,} items ...", file=sys.stderr, flush=True)
+                out = measure(stage, n, run, args, encode)
+            print(f"scale: {stage} at {n:,} items: {out['seconds']:.1f} s, peak {out['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+            d = res["stages"][stage]
+            d["seconds"].append(round(out["seconds"], 3))
+            d["peak_rss_mb"].append(out["peak_rss_mb"])
+            d["artifact_mb"].append(out.get("artifact_mb"))
+            res["details"][stage].append(out)
+            if out.get("encoder_items_per_s"):
+                res["encoder_items_per_s"] = out["encoder_items_per_s"]
+    res["per_unit"] = {name: [det.get(field) for det in res["details"].get(st, [])]
+                       for name, (st, field) in PER_UNIT.items() if st in res["details"]}
+    res["exponents"] = {st: exponents(sizes, d["seconds"]) for st, d in res["stages"].items()}
+    cmd = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = cmd
+    out_dir = Path(args.results)
+    write_result(out_dir / args.name, res, markdown(res, cmd), tree)
+    try:
+        plot(res, out_dir / f"{args.name}.png")
+    except ImportError:
+        print("scale: matplotlib is not installed, so no plot (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

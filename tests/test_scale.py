@@ -1,0 +1,40 @@
+"""benchmarks/scale.py at a tiny size, so that the benchmark cannot rot: every stage runs in its own
+process at two catalogue sizes and the result files have the promised shape."""
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import scale
+
+
+def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
+    results = tmp_path / "results"
+    rc = scale.main(["--sizes", "400", "200", "--steps", "3", "--users", "16", "--no-encode", "--work",
+                     str(tmp_path / "work"), "--name", "tiny", "--results", str(results), "--allow-dirty"])
+    assert rc == 0
+    res = json.loads((results / "tiny.json").read_text())
+    assert res["sizes"] == [200, 400]  # sorted
+    assert list(res["stages"]) == list(scale.STAGES)
+    for stage, d in res["stages"].items():
+        assert len(d["seconds"]) == len(d["peak_rss_mb"]) == 2, stage
+        assert all(s > 0 for s in d["seconds"]) and all(m > 50 for m in d["peak_rss_mb"]), stage
+    details = res["details"]
+    # The data really scales: twice the items, twice the users and about twice the training rows.
+    rows = [d["rows"] for d in details["data"]]
+    assert [r["test"] for r in rows] == [400, 800]
+    assert 1.6 < rows[1]["train"] / rows[0]["train"] < 2.4
+    # The fixed work is fixed: the same users evaluated at every size, with real metrics.
+    for d in details["eval_beam50"] + details["eval_beam200"]:
+        assert d["ms_per_user"] > 0 and 0.0 <= d["metrics"]["recall@10"] <= 1.0
+    assert all(d["encoded"] is False for d in details["embed"])
+    md = (results / "tiny.md").read_text()
+    assert "growth exponent" in md and "| stage1 |" in md
+    assert (results / "tiny.png").stat().st_size > 1000
+
+
+def test_growth_exponents():
+    assert scale.exponents([10, 100, 1000], [1.0, 10.0, 1000.0]) == [1.0, 2.0]
+    assert scale.exponents([10, 100], [2.0, 2.0]) == [0.0]
+    assert scale.exponents([10, 100], [0.0, 1.0]) == [None]
+    assert math.isclose(scale.exponents([12_000, 1_200_000], [1.0, 2.0])[0], math.log(2) / math.log(100), abs_tol=0.01)
