@@ -162,16 +162,28 @@ class Stage1Config(TrainConfig):
     # Early stopping ranks the full catalogue for this many random validation users (0 = all):
     # DIN scores every (user, item) pair with its own attention, O(N * T) per user.
     valid_users: int = 2000
+    # 0: the DIN scores every item for every validation user (exact; O(N * T) attention work a user,
+    # hours for 2,000 users at a million items). M > 0: the DIN ranks a shortlist, the M items with
+    # the highest candidate-independent score <sum of the user's history embeddings, E_C[i]> (one
+    # matrix product over the catalogue a batch of users), so a user costs O(N * d) in BLAS plus
+    # O(M * T) attention. The metric is then that of the shortlist-and-rank retriever (a target left
+    # out of the shortlist is a miss). For catalogues past about 100k items.
+    valid_candidates: int = 0
     # bfloat16 autocast of the DIN's matrix products in training and validation (weights, Adam's
     # state and the losses stay fp32), on a CPU with bf16 instructions or a GPU. About 1.5x faster a
     # step on this project's CPU; not bit-equal to fp32 (benchmarks/results/stage1_speed.md).
     bf16: bool = False
+    # Row-sparse gradients for the item table E_C: a step updates the
+    # rows it touched (lazy Adam, prorec/optim.py), so its cost does not grow with the catalogue.
+    # False = dense gradients and plain Adam over the whole tables (as before; O(catalogue) a step).
+    sparse_grads: bool = True
 
     def validate(self) -> None:
         TrainConfig.validate(self, "stage1")
         _check(self.negatives in ("uniform", "in_batch", "full"), "stage1.negatives must be uniform, in_batch or full")
         _check(self.n_negatives >= 1, "stage1.n_negatives must be >= 1")
         _check(self.valid_users >= 0, "stage1.valid_users must be >= 0")
+        _check(self.valid_candidates >= 0, "stage1.valid_candidates must be >= 0 (0 = the whole catalogue)")
         _check(self.fusion in ("semantic", "collaborative", "concat", "prorec"),
                "stage1.fusion must be semantic, collaborative, concat or prorec")
         _check(self.dim >= 2, "stage1.dim must be >= 2")
@@ -226,6 +238,10 @@ class Stage2Config(TrainConfig, GeneratorArch):
     valid_exclude_history: bool = True
     # bfloat16 autocast for training and beam search on CUDA (added by Stage II); CPU runs in fp32.
     bf16: bool = True
+    # Row-sparse gradients for the per-item tables (the item-ID embedding and the item head's output
+    # embeddings and biases): a step updates the rows it touched (lazy Adam, prorec/optim.py), so its
+    # cost does not grow with the catalogue. False = dense gradients and Adam over the whole tables.
+    sparse_grads: bool = True
 
     @property
     def item_head_from_stage1(self) -> bool:

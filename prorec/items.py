@@ -230,7 +230,7 @@ def _grow(src: Path, run: Path, new_items: list[Item], items_path: Path, manifes
     state["item_codes"] = torch.from_numpy(all_codes)
     group_of = {tuple(c[:-1]) for c in assigned.codes}  # the code groups the new items joined
     x_old = s1_vecs[np.argsort(s1_idx)]  # [N, D] the Stage I embeddings of items 1..N
-    for name in ("item_emb.weight", "item_out.weight", "item_out_b"):
+    for name in ("item_emb.weight", "item_out.weight", "item_out_bias.weight"):
         if name in state:
             state[name] = torch.cat([state[name], regress_rows(x_old, state[name][1:], mapped)])
     model.cfg.n_items = n + m

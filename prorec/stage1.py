@@ -46,13 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
 from prorec.artifacts import file_hash, read_item_table, write_embeddings, write_json
 from prorec.config import Stage1Config
 from prorec.data.history import history_lengths, pad_histories
-from prorec.data.splits import read_split
+from prorec.data.splits import count_rows, longest_history, read_rows, read_split
 from prorec.models.din import DIN, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
@@ -69,44 +70,69 @@ LOG_EVERY = 100  # steps between progress lines
 
 
 def _right_aligned(table, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A split's histories -> (rows, width) int64, most recent item last, 0-padded; and their lengths."""
+    """A split's histories -> (rows, width) int32, most recent item last, 0-padded; and their lengths."""
     lens = np.minimum(history_lengths(table.column("history")), width)
-    return pad_histories(table.column("history"), align="right", width=width), lens
+    return pad_histories(table.column("history"), align="right", width=width, dtype=np.int32), lens
 
 
 def history_width(data_dir: Path) -> int:
     """The longest history of the train and valid splits: DIN's recency table covers it."""
-    return int(max(1, *(history_lengths(read_split(data_dir, s).column("history")).max(initial=1)
-                        for s in ("train", "valid"))))
+    return max(longest_history(data_dir, s) for s in ("train", "valid"))
+
+
+def pick_valid_users(n_valid: int, valid_users: int, seed: int) -> np.ndarray:
+    """The rows of valid.parquet early stopping watches: all, or a fixed random `valid_users` of them."""
+    vu = np.arange(n_valid)
+    if 0 < valid_users < n_valid:
+        vu = np.sort(np.random.default_rng(seed).choice(vu, valid_users, replace=False))
+    return vu
 
 
 @dataclass
 class Stage1Data:
-    """Train and validation examples as arrays; item_idx 1..n_items, 0 = padding."""
+    """Train and validation examples as arrays; item_idx 1..n_items, 0 = padding.
+
+    Loaded whole (`load(data_dir)`) or as one data-parallel worker's part (`load(data_dir, rank,
+    world, valid_users, seed)`): its contiguous shard of train.parquet and its share of the
+    validation users, read from the row groups that hold them, so a worker's memory falls as
+    workers are added (`sharded` is then True)."""
 
     n_items: int
     item_ids: list[str]
     width: int  # longest history
-    train_hist: np.ndarray  # (n_train, width) right-aligned
+    train_hist: np.ndarray  # (n_train, width) right-aligned, int32
     train_len: np.ndarray
     train_target: np.ndarray
     valid_hist: np.ndarray
     valid_len: np.ndarray
     valid_target: np.ndarray
+    n_train: int  # rows of the whole train split
+    target_counts: np.ndarray  # (N + 1,) how often each item is a target in the whole train split
+    sharded: bool = False
 
     @classmethod
-    def load(cls, data_dir: Path) -> "Stage1Data":
+    def load(cls, data_dir: Path, rank: int | None = None, world: int = 1, valid_users: int = 0,
+             seed: int = 0) -> "Stage1Data":
         items = read_split(data_dir, "items")
         idx = items.column("item_idx").to_numpy()
         if not np.array_equal(np.sort(idx), np.arange(1, len(idx) + 1)):
             raise ValueError(f"{data_dir}/items.parquet: item_idx must be exactly 1..{len(idx)}")
         item_ids = items.sort_by("item_idx").column("item_id").to_pylist()
-        train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
+        n_train = count_rows(data_dir, "train")
+        if rank is None:
+            train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
+            targets = train.column("target")
+        else:
+            train = read_rows(data_dir, "train", shard_rows(n_train, rank, world))
+            users = pick_valid_users(count_rows(data_dir, "valid"), valid_users, seed)[rank::world]
+            valid = read_rows(data_dir, "valid", users)
+            targets = pq.read_table(Path(data_dir) / "train.parquet", columns=["target"]).column("target")
+        counts = np.bincount(targets.to_numpy().astype(np.int64), minlength=len(idx) + 1)
         width = history_width(data_dir)
         th, tl = _right_aligned(train, width)
         vh, vl = _right_aligned(valid, width)
         return cls(len(idx), item_ids, width, th, tl, train.column("target").to_numpy().astype(np.int64),
-                   vh, vl, valid.column("target").to_numpy().astype(np.int64))
+                   vh, vl, valid.column("target").to_numpy().astype(np.int64), n_train, counts, rank is not None)
 
 
 def load_semantic(semantic_path: Path, item_ids: list[str]) -> np.ndarray:
@@ -164,6 +190,7 @@ class Stage1Trainer:
         din_cfg = din_config(cfg, data.n_items, data.width)
         core = Stage1Model(din_cfg, semantic.shape[1] if semantic is not None else None,
                            cfg.negatives, cfg.alpha, cfg.tau).to(self.device)
+        core.din.item_emb.sparse = cfg.sparse_grads  # E_C: a step updates the rows it touched
         self.core = core
         self.model = ctx.prepare_model(core)
         self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None
@@ -172,20 +199,20 @@ class Stage1Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
         world, rank = ctx.world_size, ctx.rank
-        n = len(data.train_target)
-        self.shard = np.arange(n)[shard_rows(n, rank, world)]
+        n = data.n_train
+        self.shard = (np.arange(len(data.train_target)) if data.sharded  # rows of this worker's shard
+                      else np.arange(n)[shard_rows(n, rank, world)])
         smallest = min(len(range(n)[shard_rows(n, r, world)]) for r in range(world))
         self.batch_size = max(2, cfg.batch_size // world)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
         # logQ for in-batch negatives: expected count of an item among the batch's targets.
-        counts = np.bincount(data.train_target, minlength=data.n_items + 1).astype(np.float64)
+        counts = data.target_counts.astype(np.float64)
         self.log_q = torch.from_numpy(np.log(self.batch_size * np.maximum(counts, 1) / n)).float().to(self.device)
-        # A fixed random subset of validation users, split among the ranks.
-        vu = np.arange(len(data.valid_target))
-        if 0 < cfg.valid_users < len(vu):
-            vu = np.sort(np.random.default_rng(cfg.seed).choice(vu, cfg.valid_users, replace=False))
-        self.valid_users = vu
-        self.valid_shard = vu[rank::world]
+        # A fixed random subset of validation users, split among the ranks (a sharded load holds
+        # this rank's part already).
+        self.valid_shard = (np.arange(len(data.valid_target)) if data.sharded
+                            else pick_valid_users(len(data.valid_target), cfg.valid_users, cfg.seed)[rank::world])
+        self.valid_users = self.valid_shard
 
     def _amp(self):
         """bfloat16 autocast of the forward pass when stage1.bf16 (fp32 weights, optimiser and losses)."""
@@ -200,7 +227,7 @@ class Stage1Trainer:
         return length_grouped_batches(self.shard, self.data.train_len, self.batch_size, self.steps, rng)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x).to(self.device)
+        return torch.from_numpy(x.astype(np.int64, copy=False)).to(self.device)  # histories are stored int32
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, data = self.cfg, self.data
@@ -255,7 +282,10 @@ class Stage1Trainer:
             history = self._tensor(data.valid_hist[rows, -width:])
             target = self._tensor(data.valid_target[rows])
             with self._amp():
-                scores = din.score_all(history).float()  # (U, N + 1), padding column is -inf
+                if self.cfg.valid_candidates > 0:
+                    scores = self._shortlist_scores(history)
+                else:
+                    scores = din.score_all(history).float()  # (U, N + 1), padding column is -inf
             scores.scatter_(1, history, float("-inf"))  # never recommend what the user already has
             # 0-based rank of the target, ties counted against it: a collapsed model that scores
             # everything alike must not look perfect.
@@ -270,6 +300,23 @@ class Stage1Trainer:
         n = max(1.0, float(sums[2]))
         return {"recall@10": float(sums[0]) / n, "ndcg@10": float(sums[1]) / n,
                 "valid_seconds": time.perf_counter() - t0}
+
+    def _shortlist_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """(U, N + 1) scores that are the DIN's on each user's shortlist (stage1.valid_candidates items
+        of the highest <sum of her history embeddings, E_C[i]>, history excluded) and -inf elsewhere."""
+        din = self.core.din
+        table = din.item_emb.weight
+        query = din.item_emb(history).sum(1)  # (U, d); padding rows of E_C are zero
+        proxy = (query @ table.T).float()  # (U, N + 1)
+        proxy[:, 0] = float("-inf")
+        proxy.scatter_(1, history, float("-inf"))
+        m = min(self.cfg.valid_candidates, self.data.n_items)
+        short = proxy.topk(m, dim=1).indices  # (U, M)
+        h, mask = din.encode_history(history)
+        out = torch.full_like(proxy, float("-inf"))
+        out.scatter_(1, short, din.score_embedded(h, mask, table[short]).float())
+        out[:, 0] = float("-inf")  # padding, picked when the shortlist is longer than what is left
+        return out
 
     # -- checkpoints
 
@@ -287,7 +334,7 @@ class Stage1Trainer:
 
 
 def build_trainer(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, ctx: Any) -> Stage1Trainer:
-    data = Stage1Data.load(Path(data_dir))
+    data = Stage1Data.load(Path(data_dir), ctx.rank, ctx.world_size, cfg.valid_users, cfg.seed)
     semantic = load_semantic(Path(semantic_path), data.item_ids) if uses_alignment(cfg) else None
     return Stage1Trainer(cfg, data, semantic, ctx)
 
@@ -462,6 +509,6 @@ STAGE = Stage(
     # adapter.safetensors and adapter_config.json for fusion=prorec, the one that trains the adapter.
     outputs=("item_embeddings.parquet", "metrics.json"),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
-    added_fields={"bf16": False, "steps_per_epoch": 0},
+    added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

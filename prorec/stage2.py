@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from prorec.artifacts import read_item_table, write_json
@@ -31,7 +29,7 @@ from prorec.beam import BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import VALID_TOPK, Stage2Config
 from prorec.data.history import history_tensor
-from prorec.data.splits import read_split
+from prorec.data.splits import count_rows, longest_history, read_rows, read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
@@ -56,6 +54,10 @@ class Stage2Inputs:
     teacher: torch.Tensor | None  # [N + 1, D] Stage I embeddings (None when distill is off)
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (history [U, S], target [U])
     max_history: int
+    n_train: int = 0  # rows of the whole train split
+    # True: splits["train"] is one worker's shard and splits["valid"] its validation users (load_inputs
+    # with a rank), so a worker's memory falls as workers are added.
+    sharded: bool = False
 
     @property
     def n_items(self) -> int:
@@ -69,22 +71,41 @@ class Stage2Inputs:
         return CodeTrie.from_codes(self.item_codes[1:].numpy(), np.arange(1, self.n_items + 1), self.k)
 
 
+def valid_rows(cfg: Stage2Config, n_valid: int) -> np.ndarray:
+    """The rows of valid.parquet early stopping watches: all, or a fixed random cfg.valid_users."""
+    if 0 < cfg.valid_users < n_valid:
+        return np.sort(np.random.default_rng(cfg.seed).choice(n_valid, cfg.valid_users, replace=False))
+    return np.arange(n_valid)
+
+
 def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None,
-                splits: tuple[str, ...] = ("train", "valid")) -> Stage2Inputs:
-    n_items = read_split(data_dir, "items").num_rows
+                splits: tuple[str, ...] = ("train", "valid"), rank: int | None = None,
+                world: int = 1) -> Stage2Inputs:
+    """The artifacts as tensors. With a `rank`, one data-parallel worker's part: its contiguous shard
+    of the train split and its share of the validation users, read from the Parquet row groups that
+    hold them (nothing of the other workers' rows is kept)."""
+    n_items = count_rows(data_dir, "items")
     item_codes, k = item_code_table(Path(codes_path), n_items)
     need = cfg.distill or cfg.item_head_from_stage1
     teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings")) if need else None)
-    tables = {s: read_split(data_dir, s) for s in ("train", "valid", "test")}
     # The encoder's position table covers the longest history of any split.
-    max_history = max(_longest(t.column("history")) for t in tables.values())
-    out = {s: (history_tensor(tables[s].column("history")),
-               torch.from_numpy(tables[s].column("target").to_numpy().astype(np.int64))) for s in splits}
-    return Stage2Inputs(item_codes, k, teacher, out, max_history)
-
-
-def _longest(col: pa.ChunkedArray) -> int:
-    return int(pc.max(pc.list_value_length(col)).as_py() or 1)
+    max_history = max(longest_history(data_dir, s) for s in ("train", "valid", "test"))
+    n_train = count_rows(data_dir, "train")
+    out = {}
+    for s in splits:
+        if rank is None:
+            table = read_split(data_dir, s)
+        elif s == "train":
+            table = read_rows(data_dir, s, shard_rows(n_train, rank, world))
+        elif s == "valid":
+            picked = valid_rows(cfg, count_rows(data_dir, s))
+            table = read_rows(data_dir, s, picked[shard_rows(len(picked), rank, world)])
+        else:
+            raise ValueError(f"load_inputs: a worker's part covers train and valid, not {s}")
+        # Training histories are kept as int32 (half the memory; a batch is widened to long).
+        out[s] = (history_tensor(table.column("history"), dtype=np.int32 if s == "train" else np.int64),
+                  torch.from_numpy(table.column("target").to_numpy().astype(np.int64)))
+    return Stage2Inputs(item_codes, k, teacher, out, max_history, n_train, rank is not None)
 
 
 def generator_config(cfg: Stage2Config, inputs: Stage2Inputs) -> GeneratorConfig:
@@ -113,6 +134,7 @@ class Stage2Trainer:
             model.set_teacher(inputs.teacher)
         if cfg.item_head_from_stage1:
             model.init_item_head(inputs.teacher)
+        model.set_sparse_grads(cfg.sparse_grads)
         self.model = ctx.prepare_model(model.to(device))
         self.opt = adam(self.model.parameters(), cfg)
         self.guard = DivergenceGuard("stage2", device)
@@ -121,20 +143,22 @@ class Stage2Trainer:
         # Training rows: this worker's contiguous shard; every worker runs the same number of steps
         # (DDP all-reduces every step), so the step count comes from the smallest shard.
         hist, tgt = inputs.splits["train"]
-        shard = shard_rows(hist.shape[0], ctx.rank, ctx.world_size)
+        n_train = inputs.n_train or hist.shape[0]
+        shard = slice(0, hist.shape[0]) if inputs.sharded else shard_rows(n_train, ctx.rank, ctx.world_size)
         self.hist, self.tgt = hist[shard], tgt[shard]
         self.lengths = (self.hist > 0).sum(1).numpy()
-        smallest = min(s.stop - s.start for s in (shard_rows(hist.shape[0], r, ctx.world_size)
+        smallest = min(s.stop - s.start for s in (shard_rows(n_train, r, ctx.world_size)
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
         # Validation users: a fixed random subset (cfg.valid_users), sharded over workers.
         vh, vt = inputs.splits["valid"]
-        if 0 < cfg.valid_users < vh.shape[0]:
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(vh.shape[0], cfg.valid_users, replace=False))
+        if not inputs.sharded:
+            pick = torch.from_numpy(valid_rows(cfg, vh.shape[0]))
             vh, vt = vh[pick], vt[pick]
-        vshard = shard_rows(vh.shape[0], ctx.rank, ctx.world_size)
-        self.valid_hist, self.valid_tgt = vh[vshard], vt[vshard]
+            vshard = shard_rows(vh.shape[0], ctx.rank, ctx.world_size)
+            vh, vt = vh[vshard], vt[vshard]
+        self.valid_hist, self.valid_tgt = vh, vt
         self.ks = VALID_KS
         self.trie = inputs.trie()
 
@@ -155,7 +179,7 @@ class Stage2Trainer:
         for step, idx in enumerate(batches):  # a larger shard's few extra rows wait for another epoch's shuffle
             rows = torch.from_numpy(idx)
             h = self.hist[rows]
-            h = h[:, : int(self.lengths[idx].max())].to(self.device, non_blocking=True)
+            h = h[:, : int(self.lengths[idx].max())].to(self.device, torch.long, non_blocking=True)
             t = self.tgt[rows].to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(h, t)
@@ -208,11 +232,12 @@ class Stage2Trainer:
 
 def _fit(config: dict[str, Any], ctx: Any, device: torch.device) -> FitResult:
     cfg = Stage2Config(**config["stage2"])
-    inputs = load_inputs(cfg, Path(config["data_dir"]), Path(config["codes_path"]), config["stage1_path"])
+    inputs = load_inputs(cfg, Path(config["data_dir"]), Path(config["codes_path"]), config["stage1_path"],
+                         rank=ctx.rank, world=ctx.world_size)
     trainer = Stage2Trainer(cfg, inputs, device, ctx)
     if ctx.rank == 0:
         n = sum(p.numel() for p in trainer.model.parameters())
-        print(f"stage2: {n / 1e6:.2f}M parameters, {inputs.splits['train'][0].shape[0]} training rows, "
+        print(f"stage2: {n / 1e6:.2f}M parameters, {inputs.n_train} training rows, "
               f"{trainer.steps} steps an epoch on each of {ctx.world_size} worker(s), L={inputs.code_length}, "
               f"K={inputs.k}", file=sys.stderr, flush=True)
     return run_epochs(trainer, ctx, cfg.max_epochs, cfg.patience, SCORE_KEY,
@@ -265,6 +290,6 @@ STAGE = Stage(
             "codes": Input("codes", "codes.parquet")},
     outputs=(MODEL_FILE, CONFIG_FILE, METRICS_FILE),
     # Training keeps every field in its key: the worker count changes the batches each step sees.
-    added_fields={"steps_per_epoch": 0},
+    added_fields={"steps_per_epoch": 0, "sparse_grads": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

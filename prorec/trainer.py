@@ -82,9 +82,12 @@ class DivergenceGuard:
 def adam(params, cfg: Any) -> torch.optim.Adam:
     """The optimiser of both training stages: Adam with cfg.lr and cfg.weight_decay, the decay added
     to the gradient (L2, torch's Adam) or, with cfg.decoupled_weight_decay, applied to the weights
-    directly (AdamW), so that Adam's per-parameter scaling does not rescale it."""
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            decoupled_weight_decay=cfg.decoupled_weight_decay)
+    directly (AdamW), so that Adam's per-parameter scaling does not rescale it. Parameters with
+    sparse gradients (per-item tables with `sparse_grads`) get row updates (`prorec.optim`)."""
+    from prorec.optim import RowSparseAdam
+
+    return RowSparseAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         decoupled_weight_decay=cfg.decoupled_weight_decay)
 
 
 def warmup_lambda(warmup_steps: int):

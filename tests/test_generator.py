@@ -260,7 +260,7 @@ def test_compact_item_head_equals_the_reference_gather_with_gradients():
         logits = fn(h, children)
         finite = torch.isfinite(logits)
         (logits[finite] * torch.linspace(-1, 1, int(finite.sum()))).sum().backward()
-        grads.append((logits.detach(), h.grad, model.item_out.weight.grad, model.item_out_b.grad))
+        grads.append((logits.detach(), h.grad, model.item_out.weight.grad, model.item_out_bias.weight.grad))
     (a, *ga), (b, *gb) = grads
     assert torch.equal(torch.isfinite(a), children > 0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -290,3 +290,17 @@ def test_item_head_step_by_prefix_equals_step_by_children():
             out.append(model.step(memory, cache, L - 1, codes[:, L - 2], B, **kw))
     assert torch.equal(torch.isfinite(out[0]), torch.isfinite(out[1]))
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_weights_saved_with_the_item_bias_as_a_vector_still_load():
+    """Before the item head's biases became a table (for sparse gradients) they were saved as
+    "item_out_b" [N + 1]; such files load into "item_out_bias.weight" [N + 1, 1]."""
+    model = make_model(item_head=True)
+    with torch.no_grad():
+        model.item_out_bias.weight.normal_()
+    state = model.state_dict()
+    old = {k: v for k, v in state.items() if k != "item_out_bias.weight"}
+    old["item_out_b"] = state["item_out_bias.weight"][:, 0].clone()
+    twin = make_model(item_head=True)
+    twin.load_state_dict(old)
+    assert torch.equal(twin.item_out_b, model.item_out_b)

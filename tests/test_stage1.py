@@ -250,3 +250,81 @@ def test_bf16_trains_in_bf16_and_learns_like_fp32(tiny_data):
     assert l16[0] != l32[0] and abs(l16[0] - l32[0]) < 0.02 * l32[0]  # the autocast ran, and stays close
     assert l16[-1] < 0.9 * l16[0] and abs(l16[-1] - l32[-1]) < 0.05 * l32[-1], (l16, l32)
     assert r32 > 0.15 and abs(r16 - r32) < 0.08, (r16, r32)
+
+
+def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(tiny_data):
+    """stage1.valid_candidates: with M >= N the shortlist holds every item, so the metrics are the
+    full ranking's; a short list gives another retriever's (shortlist, then the DIN), still a real one."""
+    import dataclasses
+
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    data = Stage1Data.load(tiny_data)
+    trainer = Stage1Trainer(small_cfg(fusion="collaborative"), data, None, LocalContext(None))
+    for e in range(2):
+        trainer.train_epoch(e)
+    full = trainer.validate()
+    trainer.cfg = dataclasses.replace(trainer.cfg, valid_candidates=data.n_items)
+    same = trainer.validate()
+    assert same["recall@10"] == pytest.approx(full["recall@10"], abs=1e-9)
+    assert same["ndcg@10"] == pytest.approx(full["ndcg@10"], abs=1e-6)
+    trainer.cfg = dataclasses.replace(trainer.cfg, valid_candidates=20)
+    short = trainer.validate()
+    assert full["recall@10"] > 0.15
+    assert short["recall@10"] > 0.1
+
+
+def test_sparse_item_gradients_learn_like_dense_ones(tiny_data):
+    """stage1.sparse_grads: E_C gets row-sparse gradients and lazy Adam; after equal epochs the
+    validation is within noise of the dense run's."""
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    data = Stage1Data.load(tiny_data)
+    out = {}
+    for sparse in (False, True):
+        trainer = Stage1Trainer(small_cfg(fusion="collaborative", sparse_grads=sparse), data, None, LocalContext(None))
+        losses = [trainer.train_epoch(e)["loss"] for e in range(4)]
+        grad = trainer.core.din.item_emb.weight.grad
+        assert grad is not None and grad.is_sparse == sparse
+        out[sparse] = (losses, trainer.validate()["recall@10"])
+    (ld, rd), (ls, rs) = out[False], out[True]
+    assert ls[-1] < 0.9 * ls[0] and abs(ls[-1] - ld[-1]) < 0.1 * ld[-1], (ls, ld)
+    assert rd > 0.15 and abs(rs - rd) < 0.08, (rs, rd)
+
+
+def test_a_worker_loads_only_its_shard_and_its_validation_users(tiny_data):
+    """Stage1Data.load(rank, world): each worker holds its contiguous shard of the train split and its
+    share of the validation users, exactly the rows the whole load gives that rank."""
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import shard_rows
+
+    whole = Stage1Data.load(tiny_data)
+    cfg = small_cfg(fusion="collaborative", valid_users=100)
+    parts = [Stage1Data.load(tiny_data, r, 3, cfg.valid_users, cfg.seed) for r in range(3)]
+    assert sum(len(p.train_target) for p in parts) == len(whole.train_target) == whole.n_train
+    assert all(len(p.train_target) < 0.4 * len(whole.train_target) for p in parts)  # memory falls with workers
+    for r, p in enumerate(parts):
+        rows = shard_rows(whole.n_train, r, 3)
+        assert np.array_equal(p.train_hist, whole.train_hist[rows]) and np.array_equal(p.train_target, whole.train_target[rows])
+        assert np.array_equal(p.target_counts, whole.target_counts)
+        assert p.width == whole.width and p.sharded and not whole.sharded
+
+    class Rank:
+        world_size = 3
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def prepare_model(self, m):
+            return m
+
+    # The trainer picks the same validation users and steps from either load.
+    for r in range(3):
+        a = Stage1Trainer(cfg, whole, None, Rank(r))
+        b = Stage1Trainer(cfg, parts[r], None, Rank(r))
+        assert a.steps == b.steps
+        assert np.array_equal(whole.valid_target[a.valid_shard], parts[r].valid_target[b.valid_shard])
+        assert np.array_equal(whole.valid_hist[a.valid_shard], parts[r].valid_hist[b.valid_shard])
+    assert sum(len(p.valid_target) for p in parts) == 100

@@ -210,3 +210,40 @@ def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):
     assert metrics["best"]["valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in metrics["history"])
     # The saved model is the best epoch's: the two workers' validation shards add up to every user's.
     assert valid_ndcg10(load_generator(out), artifacts) == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-3)
+
+
+def test_a_worker_loads_only_its_shard_and_its_validation_users(artifacts):
+    """load_inputs(rank, world): each worker holds its contiguous shard of the train split and its part
+    of the validation users, the same rows the trainer would cut from a whole load."""
+    from prorec.stage2 import Stage2Trainer, load_inputs
+    from prorec.trainer import shard_rows
+
+    cfg = small(valid_users=50)
+    a = artifacts
+    whole = load_inputs(cfg, a["data"], a["codes"], a["stage1"])
+    parts = [load_inputs(cfg, a["data"], a["codes"], a["stage1"], rank=r, world=3) for r in range(3)]
+    n = whole.splits["train"][0].shape[0]
+    assert sum(p.splits["train"][0].shape[0] for p in parts) == n == parts[0].n_train
+    assert all(p.splits["train"][0].shape[0] < 0.4 * n for p in parts)
+    assert parts[0].splits["train"][0].dtype == torch.int32  # half the memory of long
+
+    class Rank:
+        world_size = 3
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def prepare_model(self, m):
+            return m
+
+    def trim(h):  # a part is padded to its own longest history, the whole load to the split's
+        return h[:, : int((h > 0).sum(1).max())]
+
+    for r, p in enumerate(parts):
+        rows = shard_rows(n, r, 3)
+        assert torch.equal(trim(p.splits["train"][0].long()), trim(whole.splits["train"][0][rows].long()))
+        ta, tb = Stage2Trainer(cfg, whole, torch.device("cpu"), Rank(r)), Stage2Trainer(cfg, p, torch.device("cpu"), Rank(r))
+        assert ta.steps == tb.steps
+        assert torch.equal(trim(ta.valid_hist), trim(tb.valid_hist)) and torch.equal(ta.valid_tgt, tb.valid_tgt)
+        assert torch.equal(trim(ta.hist.long()), trim(tb.hist.long()))
+    assert sum(len(p.splits["valid"][1]) for p in parts) == 50

@@ -18,8 +18,8 @@ def history_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, align: str = "left",
-                  width: int | None = None) -> np.ndarray:
-    """A list<int> column of histories (oldest first) -> [U, width] int64, 0-padded.
+                  width: int | None = None, dtype: type = np.int64) -> np.ndarray:
+    """A list<int> column of histories (oldest first) -> [U, width] `dtype` (int64), 0-padded.
 
     Each history keeps its `max_len` most recent items. `width` defaults to the longest kept history.
     align="left": the generator's layout (items from column 0); "right": DIN's (most recent item last).
@@ -40,14 +40,15 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
     row = np.repeat(np.arange(len(lens)), lens)
     within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
     column = within if align == "left" else (width - lens)[row] + within
-    out = np.zeros((len(lens), width), dtype=np.int64)
+    out = np.zeros((len(lens), width), dtype=dtype)
     out[row, column] = values[(offsets[1:] - lens)[row] + within]  # the most recent lens items
     return out
 
 
-def history_tensor(col: pa.ChunkedArray | pa.Array, max_len: int | None = None) -> torch.Tensor:
-    """The generator's layout as a tensor: [U, S] long, right-padded with 0."""
-    return torch.from_numpy(pad_histories(col, max_len, "left"))
+def history_tensor(col: pa.ChunkedArray | pa.Array, max_len: int | None = None,
+                   dtype: type = np.int64) -> torch.Tensor:
+    """The generator's layout as a tensor: [U, S] long (or `dtype`), right-padded with 0."""
+    return torch.from_numpy(pad_histories(col, max_len, "left", dtype=dtype))
 
 
 def realign_right(history: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ from prorec.data.text import item_text
 from prorec.stage import Stage
 
 SPLITS = ("train", "valid", "test")
+# Rows a Parquet row group of a split holds: a worker that reads its shard (`read_rows`) reads at
+# most two row groups it does not need.
+ROW_GROUP = 65_536
 _EXAMPLE_SCHEMA = pa.schema([("user_id", pa.string()), ("history", pa.list_(pa.int32())), ("target", pa.int32())])
 
 
@@ -102,13 +105,56 @@ def write_splits(ds: Dataset, out_dir: str | Path, max_history: int = 20,
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(items_table(ds, template), out / "items.parquet")
     for name, table in split_sequences(ds, max_history).items():
-        pq.write_table(table, out / f"{name}.parquet")
+        pq.write_table(table, out / f"{name}.parquet", row_group_size=ROW_GROUP)
     return out
 
 
 def read_split(data_dir: str | Path, split: str) -> pa.Table:
     """One split (train/valid/test) or `items`, as written by `write_splits`."""
     return pq.read_table(Path(data_dir) / f"{split}.parquet")
+
+
+def count_rows(data_dir: str | Path, split: str) -> int:
+    """A split's number of rows, from the Parquet footer (nothing else is read)."""
+    return pq.ParquetFile(Path(data_dir) / f"{split}.parquet").metadata.num_rows
+
+
+def read_rows(data_dir: str | Path, split: str, rows: slice | np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """Some rows of a split, reading only the Parquet row groups that hold them (a data-parallel
+    worker reads its own shard, not the whole split): `rows` is a slice (step 1) or row numbers."""
+    pf = pq.ParquetFile(Path(data_dir) / f"{split}.parquet")
+    sizes = np.array([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)], dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    n = int(sizes.sum())
+    if isinstance(rows, slice):
+        lo, hi, step = rows.indices(n)
+        if step != 1:
+            raise ValueError("read_rows: a slice of rows must have step 1")
+        wanted = np.arange(lo, max(lo, hi))
+    else:
+        wanted = np.asarray(rows, dtype=np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= n):
+            raise IndexError(f"read_rows: row numbers outside 0..{n - 1} of {split}.parquet")
+    if len(wanted) == n and (n == 0 or (wanted[0] == 0 and bool((np.diff(wanted) == 1).all()))):
+        return pf.read(columns=columns)  # every row, in order
+    groups = np.unique(np.searchsorted(starts, wanted, side="right") - 1)
+    if len(groups) == 0:
+        return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+    table = pf.read_row_groups(groups.tolist(), columns=columns)
+    # Row r of the file is row (r - starts[g]) + (rows of the groups read before g) of `table`.
+    before = np.cumsum(sizes[groups]) - sizes[groups]
+    at = np.searchsorted(starts, wanted, side="right") - 1
+    local = wanted - starts[at] + before[np.searchsorted(groups, at)]
+    return table.take(pa.array(local))
+
+
+def longest_history(data_dir: str | Path, split: str) -> int:
+    """The longest history of a split, read one row group at a time (at least 1)."""
+    from prorec.data.history import history_lengths
+
+    pf = pq.ParquetFile(Path(data_dir) / f"{split}.parquet")
+    return int(max([1] + [int(history_lengths(pf.read_row_group(g, columns=["history"]).column("history")).max(initial=1))
+                          for g in range(pf.num_row_groups)]))
 
 
 # ----------------------------------------------------------------------------------------------

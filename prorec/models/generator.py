@@ -194,6 +194,14 @@ def sibling_tables(item_codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return siblings, torch.cat([prefix.new_zeros(1), prefix])
 
 
+def _upgrade_state(module, state_dict, prefix, *args) -> None:
+    """Weights saved before the item head's biases became a table: "item_out_b" [N + 1] is now
+    "item_out_bias.weight" [N + 1, 1]."""
+    old = state_dict.pop(prefix + "item_out_b", None)
+    if old is not None:
+        state_dict[prefix + "item_out_bias.weight"] = old.reshape(-1, 1)
+
+
 @dataclass
 class Memory:
     """What the encoder hands the decoder, per user: cross-attention K/V of every decoder layer."""
@@ -235,7 +243,9 @@ class Generator(nn.Module):
             self.register_buffer("head_b", torch.zeros(0, K), persistent=False)
         if cfg.item_head:
             self.item_out = nn.Embedding(cfg.n_items + 1, d)
-            self.item_out_b = nn.Parameter(torch.zeros(cfg.n_items + 1))
+            # The item head's biases, one a row: an embedding table (not a bare vector) so that it can
+            # take row-sparse gradients, which DDP accepts from nn.Embedding(sparse=True) alone.
+            self.item_out_bias = nn.Embedding(cfg.n_items + 1, 1)
             siblings, item_prefix = sibling_tables(self.item_codes, K)
             self.register_buffer("siblings", siblings, persistent=False)  # [n_prefixes, K] item_idx, 0 = none
             self.register_buffer("item_prefix", item_prefix, persistent=False)  # [n_items + 1] prefix id
@@ -246,11 +256,29 @@ class Generator(nn.Module):
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
             # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_teacher).
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
+        self.sparse_grads = False
         self.apply(self._init)
+        if cfg.item_head:
+            nn.init.zeros_(self.item_out_bias.weight)
+        self.register_load_state_dict_pre_hook(_upgrade_state)
         nn.init.normal_(self.bos, std=0.02)
         nn.init.normal_(self.head_w, std=0.02)
         if cfg.distill:
             nn.init.normal_(self.dis_token, std=0.02)
+
+    def set_sparse_grads(self, on: bool) -> None:
+        """Row-sparse gradients for the per-item tables (item-ID embedding, item head weights and
+        bias), for `prorec.optim.RowSparseAdam`: a training step's cost then does not grow with the
+        catalogue. Training-only; the weights and their files are the same either way."""
+        self.sparse_grads = bool(on)
+        for table in (self.item_emb, self.item_out, getattr(self, "item_out_bias", None)):
+            if table is not None:
+                table.sparse = self.sparse_grads
+
+    @property
+    def item_out_b(self) -> torch.Tensor:
+        """The item head's biases as a vector [n_items + 1] (a view of `item_out_bias.weight`)."""
+        return self.item_out_bias.weight[:, 0]
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -357,7 +385,7 @@ class Generator(nn.Module):
         flat = (children > 0).view(-1).nonzero()[:, 0]  # row * K + token of every real item
         items = children.view(-1).index_select(0, flat)
         rows = h.index_select(0, torch.div(flat, K, rounding_mode="floor"))
-        vals = torch.einsum("td,td->t", rows, self.item_out(items)).float() + self.item_out_b[items].float()
+        vals = torch.einsum("td,td->t", rows, self.item_out(items)).float() + self.item_out_bias(items)[:, 0].float()
         out = torch.full((n * K,), NEG_INF, dtype=torch.float32, device=h.device)
         return out.index_copy(0, flat, vals).view(n, K)
 

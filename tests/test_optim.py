@@ -1,0 +1,123 @@
+"""prorec.optim.RowSparseAdam: row-sparse updates give the parameters dense Adam gives when every row
+takes part in every step, leave the other rows alone, and work for both models' per-item tables."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prorec.models.din import DIN, DINConfig
+from prorec.models.generator import Generator, GeneratorConfig
+from prorec.optim import RowSparseAdam
+
+
+def _train(model, opt, batches, loss_fn):
+    for batch in batches:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, *batch).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.01, False), (0.01, True)])
+def test_sparse_rows_equal_dense_adam_when_every_row_is_touched(wd, decoupled):
+    torch.manual_seed(0)
+    dense = torch.nn.Embedding(50, 8)
+    sparse = copy.deepcopy(dense)
+    sparse.sparse = True
+    opt_d = torch.optim.Adam(dense.parameters(), lr=0.05, weight_decay=wd, decoupled_weight_decay=decoupled)
+    opt_s = RowSparseAdam(sparse.parameters(), lr=0.05, weight_decay=wd, decoupled_weight_decay=decoupled)
+    target = torch.randn(50, 8)
+    batches = [(torch.cat([torch.randperm(50), torch.randint(0, 50, (20,))]),) for _ in range(6)]  # all rows, some twice
+
+    def loss(m, idx):
+        return ((m(idx) - target[idx]) ** 2).sum()
+
+    _train(dense, opt_d, batches, loss)
+    _train(sparse, opt_s, batches, loss)
+    assert sparse.weight.grad.is_sparse
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-5, atol=1e-6)
+    # The same state, so a checkpoint of one is a checkpoint of the other.
+    sd, ss = opt_d.state_dict()["state"][0], opt_s.state_dict()["state"][0]
+    torch.testing.assert_close(ss["exp_avg"], sd["exp_avg"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ss["exp_avg_sq"], sd["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert float(ss["step"]) == float(sd["step"]) == len(batches)
+
+
+def test_rows_a_step_does_not_touch_keep_their_weights_and_moments():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(30, 4, sparse=True)
+    opt = RowSparseAdam(table.parameters(), lr=0.1)
+    table(torch.arange(30)).pow(2).sum().backward()
+    opt.step()
+    before = table.weight.detach().clone()
+    moments = {k: v.clone() for k, v in opt.state[table.weight].items()}
+    opt.zero_grad(set_to_none=True)
+    table(torch.tensor([3, 7, 7])).pow(2).sum().backward()
+    opt.step()
+    changed = (table.weight != before).any(1).nonzero()[:, 0].tolist()
+    assert changed == [3, 7]
+    for k in ("exp_avg", "exp_avg_sq"):
+        rest = torch.ones(30, dtype=torch.bool)
+        rest[[3, 7]] = False
+        assert torch.equal(opt.state[table.weight][k][rest], moments[k][rest])
+
+
+def test_dense_parameters_still_take_torch_adam():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    twin = copy.deepcopy(lin)
+    a, b = torch.optim.Adam(lin.parameters(), lr=0.01), RowSparseAdam(twin.parameters(), lr=0.01)
+    x = torch.randn(16, 5)
+    for opt, m in ((a, lin), (b, twin)):
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    assert torch.equal(lin.weight, twin.weight) and torch.equal(lin.bias, twin.bias)
+
+
+def test_the_generator_trains_to_the_same_weights_with_sparse_item_tables():
+    # 256 items, codes (prefix, token) with K=16: every batch's histories hold every item, and its
+    # targets every prefix, so every row of the item-ID embedding and of the item head is touched.
+    torch.manual_seed(0)
+    n, k = 256, 16
+    codes = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.stack([torch.arange(n) // k, torch.arange(n) % k], 1)])
+    cfg = GeneratorConfig(n_items=n, k=k, code_length=2, d_model=32, n_heads=2, ff_dim=64, dropout=0.0,
+                          decoder_layers=1, distill=False)
+    dense = Generator(cfg, codes)
+    sparse = copy.deepcopy(dense)
+    sparse.set_sparse_grads(True)
+    batches = [((torch.randperm(n) + 1).view(-1, 4), (torch.arange(64) * 4) % n + 1) for _ in range(4)]
+
+    def loss(m, h, t):
+        return m(h, t)["loss"]
+
+    _train(dense, torch.optim.Adam(dense.parameters(), lr=1e-2), batches, loss)
+    _train(sparse, RowSparseAdam(sparse.parameters(), lr=1e-2), batches, loss)
+    assert sparse.item_out.weight.grad.is_sparse and sparse.item_out_bias.weight.grad.is_sparse
+    assert sparse.item_emb.weight.grad.is_sparse
+    for (name, a), b in zip(dense.state_dict().items(), sparse.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_din_trains_to_the_same_weights_with_a_sparse_item_table():
+    torch.manual_seed(0)
+    din = DIN(DINConfig(n_items=40, dim=16, max_history=5, dropout=0.0))
+    twin = copy.deepcopy(din)
+    twin.item_emb.sparse = True
+    hist = torch.arange(1, 41).view(8, 5)  # every item in every batch's histories
+
+    def loss(m, h, t):
+        return m.full_softmax_loss(h, t)
+
+    batches = [(hist[torch.randperm(8)], torch.randint(1, 41, (8,))) for _ in range(4)]
+    _train(din, torch.optim.Adam(din.parameters(), lr=1e-2), batches, loss)
+    _train(twin, RowSparseAdam(twin.parameters(), lr=1e-2), batches, loss)
+    assert twin.item_emb.weight.grad.is_sparse
+    torch.testing.assert_close(twin.item_emb.weight, din.item_emb.weight, rtol=1e-5, atol=1e-6)
+    # The score MLP's last biases get a zero gradient up to float rounding (a softmax does not see a
+    # shift), and Adam turns that rounding noise into steps of up to lr: compare those loosely.
+    for (name, a), b in zip(din.state_dict().items(), twin.state_dict().values()):
+        loose = name in ("score_mlp.lin2.bias", "score_mlp.out.bias")
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-3 if loose else 1e-5, msg=name)
