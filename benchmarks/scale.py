@@ -15,7 +15,7 @@ one torch thread:
 | generate | the synthetic dataset, written in the canonical format (not a pipeline stage: the input) |
 | data | the whole leave-one-out split (`prorec.data.splits.run`) |
 | embed | the item texts through the encoder at the smallest size; above it, random unit vectors of the encoder's width (384) stand in, and the encoder's time is extrapolated from its rate |
-| stage1 | `--steps` training steps (a `steps_per_epoch` epoch) and one validation pass over `--users` users |
+| stage1 | `--steps` training steps (a `steps_per_epoch` epoch) and one validation pass over `--users` users, the DIN ranking a shortlist of `--valid-candidates` items a user |
 | codes | the whole hierarchical k-means at K=256, and the trie build |
 | stage2 | `--steps` training steps and one validation pass over `--users` users |
 | eval_beam50, eval_beam200 | `--users` test users ranked at beam 50 and 200 by the default model |
@@ -66,7 +66,8 @@ def _folder_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in files) / 2 ** 20, 2)
 
 
-def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool) -> dict[str, Any]:
+def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool,
+              valid_candidates: int = 0) -> dict[str, Any]:
     """Run one stage's fixed work for the catalogue in `run`; returns what it measured besides time."""
     import numpy as np
 
@@ -107,7 +108,8 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     elif stage == "stage1":
         from prorec.stage1 import run_stage1
 
-        cfg = Stage1Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+        cfg = Stage1Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users,
+                           valid_candidates=valid_candidates)
         run_stage1(cfg, data, sem, run / "stage1")
         out.update(_epoch(run / "stage1" / "metrics.json", steps))
         out["artifact_mb"] = _folder_mb(run / "stage1" / "item_embeddings.parquet") + _folder_mb(
@@ -172,7 +174,8 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode)
+    out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
+                    args.valid_candidates)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     Path(args.result).write_text(json.dumps(out))
@@ -189,7 +192,8 @@ def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encod
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--size", str(n_items), "--run", str(run),
            "--result", str(result), "--steps", str(args.steps), "--users", str(args.users),
-           "--threads", str(args.threads)] + (["--child-encode"] if encode else [])
+           "--threads", str(args.threads), "--valid-candidates", str(args.valid_candidates)] + (
+               ["--child-encode"] if encode else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -225,7 +229,8 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
              f"Command: `{cmd}`", "",
              f"Synthetic catalogues (`prorec.data.synthetic`, 16 categories with complements), {USERS_PER_ITEM} users an "
              f"item, 5-13 items a user. Fixed work at every size: {res['steps']} training steps and {res['users']} "
-             f"validation users for Stage I and II, {res['users']} test users for each evaluation; in-process, "
+             f"validation users for Stage I and II (Stage I's DIN ranks a shortlist of {res.get('valid_candidates', 0) or 'all the'} "
+             f"items a user, `stage1.valid_candidates`), {res['users']} test users for each evaluation; in-process, "
              f"{res['threads']} torch thread(s), each stage in a fresh process. Machine: {res['machine']}.", ""]
     enc = res.get("encoder_items_per_s")
     if enc:
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="training steps of Stage I and of Stage II")
     p.add_argument("--users", type=int, default=2000, help="validation users, and test users of each evaluation")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--valid-candidates", type=int, default=1000,
+                   help="stage1.valid_candidates: the DIN ranks this shortlist a validation user (0 = every item, "
+                        "O(N * T) attention a user: hours at a million items)")
     p.add_argument("--no-encode", dest="encode", action="store_false",
                    help="random unit vectors at every size (the encoder is measured at the smallest by default)")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
@@ -317,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = sorted(args.sizes)
     res: dict[str, Any] = {"sizes": sizes, "steps": args.steps, "users": args.users, "threads": args.threads,
+                           "valid_candidates": args.valid_candidates,
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                            "stages": {s: {"seconds": [], "peak_rss_mb": [], "artifact_mb": []} for s in args.stages},
                            "details": {s: [] for s in args.stages}}
