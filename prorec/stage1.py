@@ -31,8 +31,11 @@ batch_size / num_workers, so the global batch and the number of steps match one 
 (`prepare_model`) averages the gradients. DDP pitfalls we avoid: every parameter takes part in
 every loss (the adapter exists only when the alignment is computed, and the alignment is computed
 on every step when it does), and E_S is not a module buffer (DDP would broadcast the whole table
-from rank 0 on every forward). The embedding table gets dense gradients (sparse gradients and DDP
-do not mix well), which for 12k x 128 is cheap to all-reduce.
+from rank 0 on every forward). Each worker reads only its shard of train.parquet and its share of
+the validation users (`Stage1Data.load` with a rank). E_C gets row-sparse gradients
+(`stage1.sparse_grads`, `prorec.optim.RowSparseAdam`), which DDP all-reduces over gloo as the rows
+they hold: a step's cost does not grow with the catalogue (benchmarks/results/scale.md); several
+GPU workers (NCCL, no sparse all-reduce) fall back to dense gradients.
 """
 from __future__ import annotations
 
@@ -57,8 +60,9 @@ from prorec.data.splits import count_rows, longest_history, read_rows, read_spli
 from prorec.models.din import DIN, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray, length_grouped_batches, pick_device,
-                            run_epochs, set_seed, shard_rows, warmup_lambda)
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray,
+                            length_grouped_batches, pick_device, run_epochs, set_seed, shard_rows, use_sparse_grads,
+                            warmup_lambda)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -190,7 +194,8 @@ class Stage1Trainer:
         din_cfg = din_config(cfg, data.n_items, data.width)
         core = Stage1Model(din_cfg, semantic.shape[1] if semantic is not None else None,
                            cfg.negatives, cfg.alpha, cfg.tau).to(self.device)
-        core.din.item_emb.sparse = cfg.sparse_grads  # E_C: a step updates the rows it touched
+        # E_C: a step updates the rows it touched (prorec.optim)
+        core.din.item_emb.sparse = use_sparse_grads(cfg, self.device, ctx.world_size, "stage1")
         self.core = core
         self.model = ctx.prepare_model(core)
         self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None

@@ -34,7 +34,7 @@ from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, capped_steps, fit_on_ray, length_grouped_batches,
-                            pick_device, run_epochs, shard_rows, warmup_lambda)
+                            pick_device, run_epochs, shard_rows, use_sparse_grads, warmup_lambda)
 
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
@@ -134,7 +134,7 @@ class Stage2Trainer:
             model.set_teacher(inputs.teacher)
         if cfg.item_head_from_stage1:
             model.init_item_head(inputs.teacher)
-        model.set_sparse_grads(cfg.sparse_grads)
+        model.set_sparse_grads(use_sparse_grads(cfg, device, ctx.world_size, "stage2"))
         self.model = ctx.prepare_model(model.to(device))
         self.opt = adam(self.model.parameters(), cfg)
         self.guard = DivergenceGuard("stage2", device)

@@ -90,6 +90,17 @@ def adam(params, cfg: Any) -> torch.optim.Adam:
                          decoupled_weight_decay=cfg.decoupled_weight_decay)
 
 
+def use_sparse_grads(cfg: Any, device: torch.device, world_size: int, stage: str) -> bool:
+    """Whether the per-item tables train with row-sparse gradients: cfg.sparse_grads, except with
+    several GPU workers, where DDP all-reduces over NCCL, which has no sparse all-reduce (gloo, the
+    CPU backend, has one): those train dense, and say so."""
+    if cfg.sparse_grads and device.type == "cuda" and world_size > 1:
+        print(f"{stage}: sparse_grads is on, but {world_size} GPU workers all-reduce over NCCL, which cannot "
+              "reduce sparse gradients: the item tables train with dense gradients", flush=True)
+        return False
+    return bool(cfg.sparse_grads)
+
+
 def warmup_lambda(warmup_steps: int):
     """Linear warm-up to the base learning rate, then constant."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0

@@ -121,3 +121,17 @@ def test_steps_per_epoch_caps_an_epoch_and_zero_means_a_whole_pass():
     assert capped_steps(500, 0) == 500
     assert capped_steps(500, 200) == 200
     assert capped_steps(100, 200) == 100
+
+
+def test_sparse_gradients_fall_back_to_dense_only_for_several_gpu_workers(capsys):
+    """NCCL has no sparse all-reduce; gloo (CPU workers) and a single worker take sparse gradients."""
+    from prorec.config import Stage1Config
+    from prorec.trainer import use_sparse_grads
+
+    cfg = Stage1Config()
+    assert use_sparse_grads(cfg, torch.device("cpu"), 4, "stage1")
+    assert use_sparse_grads(cfg, torch.device("cuda"), 1, "stage1")
+    assert capsys.readouterr().out == ""
+    assert not use_sparse_grads(cfg, torch.device("cuda"), 2, "stage1")
+    assert "NCCL" in capsys.readouterr().out
+    assert not use_sparse_grads(Stage1Config(sparse_grads=False), torch.device("cpu"), 1, "stage1")
