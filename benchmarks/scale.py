@@ -67,7 +67,7 @@ def _folder_mb(path: Path) -> float:
 
 
 def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool,
-              valid_candidates: int = 0) -> dict[str, Any]:
+              valid_candidates: int = 0, ray_workers: int = 0) -> dict[str, Any]:
     """Run one stage's fixed work for the catalogue in `run`; returns what it measured besides time."""
     import numpy as np
 
@@ -108,7 +108,7 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     elif stage == "stage1":
         from prorec.stage1 import run_stage1
 
-        cfg = Stage1Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users,
+        cfg = Stage1Config(num_workers=ray_workers, max_epochs=1, steps_per_epoch=steps, valid_users=users,
                            valid_candidates=valid_candidates)
         run_stage1(cfg, data, sem, run / "stage1")
         out.update(_epoch(run / "stage1" / "metrics.json", steps))
@@ -129,7 +129,7 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     elif stage == "stage2":
         from prorec.stage2 import run_stage2
 
-        cfg = Stage2Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+        cfg = Stage2Config(num_workers=ray_workers, max_epochs=1, steps_per_epoch=steps, valid_users=users)
         run_stage2(cfg, data, run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
                    run / "stage2")
         out.update(_epoch(run / "stage2" / "metrics.json", steps))
@@ -165,7 +165,7 @@ def _epoch(metrics_path: Path, steps: int) -> dict[str, Any]:
     m = json.loads(metrics_path.read_text())
     h = m["history"][0]
     return {"ms_per_step": 1000 * h["train_seconds"] / steps, "valid_seconds": h["valid_seconds"],
-            "epoch_seconds": h["epoch_seconds"],
+            "epoch_seconds": h["epoch_seconds"], "trainer_peak_rss_mb": h.get("peak_rss_mb"),
             "valid": {k: v for k, v in h.items() if "recall" in k or "ndcg" in k}}
 
 
@@ -175,7 +175,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
-                    args.valid_candidates)
+                    args.valid_candidates, args.ray_workers)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     Path(args.result).write_text(json.dumps(out))
@@ -189,10 +189,12 @@ def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encod
     """Run `stage` in a fresh process; its measurements, or the error it died of."""
     result = run / f"{stage}.result.json"
     result.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT),
+           "RAY_worker_niceness": "0"}  # Ray workers meet other load on equal terms (Ray's default is 15)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--size", str(n_items), "--run", str(run),
            "--result", str(result), "--steps", str(args.steps), "--users", str(args.users),
-           "--threads", str(args.threads), "--valid-candidates", str(args.valid_candidates)] + (
+           "--threads", str(args.threads), "--valid-candidates", str(args.valid_candidates),
+           "--ray-workers", str(args.ray_workers)] + (
                ["--child-encode"] if encode else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -247,6 +249,11 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
               "|---|" + "---|" * len(sizes)]
     for st, d in res["stages"].items():
         lines.append(f"| {st} | " + " | ".join(_fmt(v) for v in d["peak_rss_mb"]) + " |")
+    trainer_rows = [(st, [d.get("trainer_peak_rss_mb") for d in res["details"].get(st, [])]) for st in ("stage1", "stage2")]
+    if res.get("ray_workers"):
+        lines += ["", f"Stage I and II ran on Ray Train, {res['ray_workers']} worker(s) of 1 CPU: the table above is the "
+                  "driver's memory; the rank-0 worker's peak:", "", f"| stage | {cols} |", "|---|" + "---|" * len(sizes)]
+        lines += [f"| {st} worker | " + " | ".join(_fmt(v) for v in vals) + " |" for st, vals in trainer_rows]
     lines += ["", "## Artifacts on disk (MB)", "", f"| stage | {cols} |", "|---|" + "---|" * len(sizes)]
     for st, d in res["stages"].items():
         if any(v is not None for v in d.get("artifact_mb", [])):
@@ -303,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--valid-candidates", type=int, default=1000,
                    help="stage1.valid_candidates: the DIN ranks this shortlist a validation user (0 = every item, "
                         "O(N * T) attention a user: hours at a million items)")
+    p.add_argument("--ray-workers", type=int, default=0,
+                   help="Stage I and II on Ray Train with this many workers of 1 CPU (0 = in-process); the "
+                        "trainer's peak memory is then rank 0's, the process's the driver's")
     p.add_argument("--no-encode", dest="encode", action="store_false",
                    help="random unit vectors at every size (the encoder is measured at the smallest by default)")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = sorted(args.sizes)
     res: dict[str, Any] = {"sizes": sizes, "steps": args.steps, "users": args.users, "threads": args.threads,
-                           "valid_candidates": args.valid_candidates,
+                           "valid_candidates": args.valid_candidates, "ray_workers": args.ray_workers,
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                            "stages": {s: {"seconds": [], "peak_rss_mb": [], "artifact_mb": []} for s in args.stages},
                            "details": {s: [] for s in args.stages}}

@@ -315,7 +315,8 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         t1 = time.perf_counter()
         metrics.update(trainer.validate())
         t2 = time.perf_counter()
-        metrics.update(train_seconds=t1 - t0, valid_seconds=t2 - t1, epoch_seconds=t2 - t0)
+        metrics.update(train_seconds=t1 - t0, valid_seconds=t2 - t1, epoch_seconds=t2 - t0,
+                       peak_rss_mb=peak_rss_mb())  # this worker's (rank 0's, in a Ray Train report)
         score = metrics[score_key]
         if score > best:
             best, bad, best_metrics = score, 0, dict(metrics)
@@ -344,6 +345,13 @@ def shard_rows(n: int, rank: int, world_size: int) -> slice:
 
 def clean_dir(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports it in KB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def capped_steps(steps: int, steps_per_epoch: int) -> int:
