@@ -263,7 +263,77 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
     for name, v in res["per_unit"].items():
         ratio = v[-1] / v[0] if v[0] and v[-1] else None
         lines.append(f"| {name} | " + " | ".join(_fmt(x) for x in v) + f" | {_fmt(ratio)} |")
+    lines += estimate(res)
     return "\n".join(lines) + "\n"
+
+
+# The estimate's assumptions: nothing below was measured on this project's hardware.
+ASSUMED = {
+    "stage1_epochs": 3,  # as the Beauty CPU default (jobs/configs/beauty/prorec_cpu.yaml)
+    "stage2_epochs": 9,  # as many as Beauty's headline Stage II ran before early stopping
+    "a10g_speedup": 20.0,  # a training step or a beam-search user on one A10G against one CPU thread here
+    "a100_speedup": 40.0,  # the same on one A100
+    "encoder_a10g_items_per_s": 5000.0,  # MiniLM-L6 on one A10G, bf16, short titles
+    "encoder_a100_items_per_s": 10000.0,
+    "head_cpus": 8,  # m5.2xlarge: data and codes stages run here
+    "usd_per_hour": {"m5.2xlarge": 0.384, "g5.xlarge": 1.006, "p4d.24xlarge": 32.77},  # AWS on-demand list prices
+}
+
+
+def estimate(res: dict[str, Any]) -> list[str]:
+    """Time and cost of a full run at the largest size, from its measured rates plus ASSUMED."""
+    a, n = ASSUMED, res["sizes"][-1]
+    det = {st: d[-1] for st, d in res["details"].items() if d}
+    need = ("data", "stage1", "codes", "stage2", "eval_beam200")
+    if any(st not in det for st in need) or not res.get("encoder_items_per_s"):
+        return []
+    rows = det["data"]["rows"]
+    steps = math.ceil(rows["train"] / 256)  # the default batch of 256
+    s1_step, s2_step = det["stage1"]["ms_per_step"] / 1000, det["stage2"]["ms_per_step"] / 1000
+    # Validation passes scale with the validation users (2,000 here, the default too).
+    s1_valid, s2_valid = det["stage1"]["valid_seconds"], det["stage2"]["valid_seconds"]
+    eval_user = det["eval_beam200"]["ms_per_user"] / 1000
+    users = rows["valid"] + rows["test"]
+    cpu = {  # seconds on this machine's one thread
+        "data": det["data"]["seconds"], "embed": n / res["encoder_items_per_s"],
+        "stage1": a["stage1_epochs"] * (steps * s1_step + s1_valid), "codes": det["codes"]["seconds"],
+        "stage2": a["stage2_epochs"] * (steps * s2_step + s2_valid), "eval": users * eval_user}
+
+    def plan(gpus: int, speedup: float, enc: float) -> dict[str, float]:
+        return {"data": cpu["data"], "codes": cpu["codes"], "embed": n / (enc * gpus),
+                "stage1": cpu["stage1"] / (speedup * gpus), "stage2": cpu["stage2"] / (speedup * gpus),
+                "eval": cpu["eval"] / (speedup * gpus)}
+
+    cluster = plan(2, a["a10g_speedup"], a["encoder_a10g_items_per_s"])
+    node = plan(8, a["a100_speedup"], a["encoder_a100_items_per_s"])
+    price = a["usd_per_hour"]
+    c_h, n_h = sum(cluster.values()) / 3600, sum(node.values()) / 3600
+    c_usd = c_h * (price["m5.2xlarge"] + 2 * price["g5.xlarge"])
+    n_usd = n_h * price["p4d.24xlarge"]
+    out = ["", "## On paper: a full run at this size", "",
+           f"A full run of the {n:,}-item catalogue with its {n * USERS_PER_ITEM:,} users ({rows['train']:,} training rows, "
+           f"{steps:,} steps of 256 an epoch; {users:,} users ranked, valid and test). **Measured here** (one CPU thread, "
+           f"at {n:,} items): a Stage I step {s1_step * 1000:.0f} ms and its validation {s1_valid:.0f} s; a Stage II step "
+           f"{s2_step * 1000:.0f} ms and its validation {s2_valid:.0f} s; {eval_user * 1000:.1f} ms a user at beam 200; "
+           f"the data stage {cpu['data']:.0f} s and the codes {cpu['codes']:.0f} s; the encoder {res['encoder_items_per_s']:.0f} "
+           f"items/s (at {res['sizes'][0]:,}). **Assumed** (not measured in this project: no GPU has been lent to it): "
+           f"{a['stage1_epochs']} Stage I and {a['stage2_epochs']} Stage II epochs (Beauty's); a training step or a "
+           f"user's search {a['a10g_speedup']:.0f}x faster on an A10G and {a['a100_speedup']:.0f}x on an A100 than on one "
+           f"thread here; the encoder at {a['encoder_a10g_items_per_s']:,.0f} and {a['encoder_a100_items_per_s']:,.0f} items/s; "
+           "data-parallel workers and evaluation actors that scale linearly; AWS on-demand list prices "
+           + ", ".join(f"{k} ${v}/h" for k, v in price.items()) + ".", "",
+           "| stage | one CPU thread here | cluster.yaml: m5.2xlarge head + 2 g5.xlarge (A10G) | one 8-GPU node (p4d.24xlarge, A100) |",
+           "|---|---|---|---|"]
+    def t(sec: float) -> str:
+        return f"{sec / 3600:,.1f} h" if sec >= 3600 else f"{sec / 60:,.1f} min"
+
+    for st in ("data", "embed", "stage1", "codes", "stage2", "eval"):
+        out.append(f"| {st} | {t(cpu[st])} | {t(cluster[st])} | {t(node[st])} |")
+    out += [f"| total | {t(sum(cpu.values()))} | {t(c_h * 3600)}, about ${c_usd:,.2f} | {t(n_h * 3600)}, about ${n_usd:,.2f} |",
+            "", "The CPU stages (data, codes) take the same time everywhere: they run on one process of the head. "
+            "Without a GPU the training stages dominate; with GPUs the assumed speedups decide the total, so the two "
+            "right-hand columns are only as good as those assumptions."]
+    return out
 
 
 PER_UNIT = {  # name -> (stage, field)
