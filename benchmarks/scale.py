@@ -395,10 +395,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, help="write NAME.md and NAME.png again from this NAME.json (its "
+                   "measurements and its commit), with this checkout's tables and estimate")
     add_allow_dirty(p)
     args = p.parse_args(argv)
     if args.child:
         _child(args)
+        return 0
+    if args.render:
+        res = json.loads(args.render.read_text())
+        tree = res.pop("written_from")
+        now = check_tree(args.allow_dirty)
+        md = markdown(res, res["command"]) + (f"\nTables rendered again from the JSON by `python benchmarks/scale.py "
+                                               f"--render {args.render}` at commit {now.get('commit')}.\n")
+        write_result(args.render.parent / args.render.stem, res, md, tree)
+        plot(res, args.render.parent / f"{args.render.stem}.png")
         return 0
     tree = check_tree(args.allow_dirty)
     import platform
