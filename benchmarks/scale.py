@@ -160,6 +160,62 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     return out
 
 
+def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: int = 20) -> dict[str, Any]:
+    """The per-unit costs the goals compare, measured in one process with the sizes interleaved, so
+    that the load of a shared machine falls on every size alike: `rounds` rounds (the first one a
+    warm-up), each timing, size after size, `chunk` Stage I and Stage II training steps and
+    `users` test users ranked at beam 50 and at beam 200. Returns the medians over the timed rounds."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from prorec.config import EvalConfig, Stage1Config, Stage2Config
+    from prorec.data.history import history_tensor
+    from prorec.data.splits import read_split
+    from prorec.evaluate import Ranker
+    from prorec.stage1 import build_trainer
+    from prorec.stage2 import Stage2Trainer, load_inputs
+    from prorec.trainer import LocalContext
+
+    subjects: dict[int, dict[str, Any]] = {}
+    for n in sizes:
+        run = work / f"n{n}"
+        s1 = build_trainer(Stage1Config(num_workers=0, valid_users=1), run / "data",
+                           run / "embeddings" / "semantic.parquet", LocalContext(None))
+        c2 = Stage2Config(num_workers=0, valid_users=1)
+        s2 = Stage2Trainer(c2, load_inputs(c2, run / "data", run / "codes" / "codes.parquet",
+                                           run / "stage1" / "item_embeddings.parquet"), torch.device("cpu"),
+                           LocalContext(None))
+        s1.steps = s2.steps = chunk
+        rankers = {b: Ranker(str(run / "stage2"), str(run / "codes" / "codes.parquet"),
+                             EvalConfig(beam_size=b, use_ray=False), depth=20, threads=1) for b in (50, 200)}
+        test = read_split(run / "data", "test")
+        pick = np.sort(np.random.default_rng(1).choice(test.num_rows, min(users, test.num_rows), replace=False))
+        hist = history_tensor(test.take(pick).column("history")).numpy()
+        subjects[n] = {"stage1": s1, "stage2": s2, "rankers": rankers, "history": hist}
+        print(f"scale: side by side: {n:,} items loaded", file=sys.stderr, flush=True)
+    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in sizes} for k in (
+        "stage1_ms_per_step", "stage2_ms_per_step", "eval_beam50_ms_per_user", "eval_beam200_ms_per_user")}
+    for r in range(rounds):
+        for n in sizes:
+            sub = subjects[n]
+            for key, trainer in (("stage1_ms_per_step", sub["stage1"]), ("stage2_ms_per_step", sub["stage2"])):
+                t0 = time.perf_counter()
+                trainer.train_epoch(r)
+                if r:
+                    times[key][n].append(1000 * (time.perf_counter() - t0) / chunk)
+            for b, ranker in sub["rankers"].items():
+                t0 = time.perf_counter()
+                ranker.rank(sub["history"])
+                if r:
+                    times[f"eval_beam{b}_ms_per_user"][n].append(1000 * (time.perf_counter() - t0) / len(sub["history"]))
+        print(f"scale: side by side: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return {"rounds": rounds - 1, "chunk_steps": chunk, "users": users,
+            "median": {k: [statistics.median(v[n]) for n in sizes] for k, v in times.items()},
+            "all": {k: {str(n): v[n] for n in sizes} for k, v in times.items()}}
+
+
 def _epoch(metrics_path: Path, steps: int) -> dict[str, Any]:
     """A training stage's one epoch from its metrics.json: the step's cost and the validation's."""
     m = json.loads(metrics_path.read_text())
@@ -174,6 +230,12 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.child == "side_by_side":
+        out = side_by_side([int(x) for x in args.child_sizes.split(",")], Path(args.run), args.users, args.rounds)
+        out["seconds"] = time.perf_counter() - t0
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        Path(args.result).write_text(json.dumps(out))
+        return
     out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
                     args.valid_candidates, args.ray_workers)
     out["seconds"] = time.perf_counter() - t0
@@ -206,6 +268,50 @@ def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encod
                            f"log: {run / (stage + '.log')}\n" + "\n".join(tail))
     out = json.loads(result.read_text())
     out["process_seconds"] = wall  # with the interpreter's start and imports
+    return out
+
+
+def measure_side_by_side(sizes: list[int], args: argparse.Namespace, tree: dict[str, Any]) -> dict[str, Any]:
+    """`side_by_side` in a fresh process over the run directories of every size."""
+    work = Path(args.work)
+    result = work / "side_by_side.result.json"
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "side_by_side", "--child-sizes",
+           ",".join(map(str, sizes)), "--run", str(work), "--result", str(result), "--users",
+           str(min(args.users, 256)), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+    print(f"scale: side by side at {', '.join(f'{n:,}' for n in sizes)} items ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (work / "side_by_side.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"scale: the side-by-side measurement failed (exit {proc.returncode}); log: "
+                           f"{work / 'side_by_side.log'}\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-5:]))
+    return {**json.loads(result.read_text()), "written_from": tree}
+
+
+GOALS = {"stage1_ms_per_step": 2.0, "stage2_ms_per_step": 2.0, "eval_beam50_ms_per_user": 1.5,
+         "eval_beam200_ms_per_user": 1.5}
+
+
+def side_by_side_md(res: dict[str, Any]) -> list[str]:
+    sbs = res.get("side_by_side")
+    if not sbs:
+        return []
+    sizes = res["sizes"]
+    tree = sbs.get("written_from") or {}
+    out = ["", "## Side by side in one process: the goals", "",
+           f"The per-unit costs again, measured in one process with the sizes interleaved ({sbs['rounds']} timed rounds "
+           f"after a warm-up; each round, size after size: {sbs['chunk_steps']} Stage I steps, {sbs['chunk_steps']} "
+           f"Stage II steps, {sbs['users']} test users at beam 50 and at beam 200), so that the shared machine's load "
+           "falls on every size alike; medians. The rows above come one size after another, minutes apart."
+           + (f" Measured from commit {str(tree.get('commit'))[:10]}." if tree.get("commit") else ""), "",
+           "| measure | " + " | ".join(f"{n:,} items" for n in sizes) + " | largest / smallest | goal |",
+           "|---|" + "---|" * (len(sizes) + 2)]
+    for key, v in sbs["median"].items():
+        ratio = v[-1] / v[0]
+        goal = GOALS.get(key)
+        verdict = f"at most {goal:g}x: {'met' if ratio <= goal else 'not met'}" if goal else ""
+        out.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{x:.1f}" for x in v) + f" | {ratio:.2f} | {verdict} |")
     return out
 
 
@@ -263,6 +369,7 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
     for name, v in res["per_unit"].items():
         ratio = v[-1] / v[0] if v[0] and v[-1] else None
         lines.append(f"| {name} | " + " | ".join(_fmt(x) for x in v) + f" | {_fmt(ratio)} |")
+    lines += side_by_side_md(res)
     lines += estimate(res)
     return "\n".join(lines) + "\n"
 
@@ -395,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--child-encode", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=4, help="side-by-side rounds (the first is a warm-up)")
+    p.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
+                   help="skip the side-by-side measurement after the sizes")
+    p.add_argument("--side-by-side-only", action="store_true",
+                   help="only add the side-by-side measurement to an existing NAME.json, over its --work")
+    p.add_argument("--child-sizes", help=argparse.SUPPRESS)
     p.add_argument("--render", type=Path, help="write NAME.md and NAME.png again from this NAME.json (its "
                    "measurements and its commit), with this checkout's tables and estimate")
     add_allow_dirty(p)
@@ -412,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         plot(res, args.render.parent / f"{args.render.stem}.png")
         return 0
     tree = check_tree(args.allow_dirty)
+    if args.side_by_side_only:
+        stem = Path(args.results) / args.name
+        res = json.loads(stem.with_suffix(".json").read_text())
+        first = res.pop("written_from")
+        res["side_by_side"] = measure_side_by_side(res["sizes"], args, tree)
+        write_result(stem, res, markdown(res, res["command"]), first)
+        return 0
     import platform
 
     sizes = sorted(args.sizes)
@@ -443,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     res["per_unit"] = {name: [det.get(field) for det in res["details"].get(st, [])]
                        for name, (st, field) in PER_UNIT.items() if st in res["details"]}
     res["exponents"] = {st: exponents(sizes, d["seconds"]) for st, d in res["stages"].items()}
+    if args.side_by_side and {"stage1", "stage2", "eval_beam50"} <= set(args.stages):
+        res["side_by_side"] = measure_side_by_side(sizes, args, tree)
     cmd = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = cmd
     out_dir = Path(args.results)

@@ -10,7 +10,7 @@ from benchmarks import scale
 
 def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
     results = tmp_path / "results"
-    rc = scale.main(["--sizes", "400", "200", "--steps", "3", "--users", "16", "--no-encode", "--work",
+    rc = scale.main(["--sizes", "400", "200", "--steps", "3", "--users", "16", "--rounds", "2", "--no-encode", "--work",
                      str(tmp_path / "work"), "--name", "tiny", "--results", str(results), "--allow-dirty"])
     assert rc == 0
     res = json.loads((results / "tiny.json").read_text())
@@ -31,6 +31,9 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
     md = (results / "tiny.md").read_text()
     assert "growth exponent" in md and "| stage1 |" in md
     assert (results / "tiny.png").stat().st_size > 1000
+    sbs = res["side_by_side"]["median"]  # the goals, measured with the sizes interleaved
+    assert set(sbs) == set(scale.GOALS) and all(len(v) == 2 and min(v) > 0 for v in sbs.values())
+    assert "Side by side in one process" in md
 
 
 def test_growth_exponents():
