@@ -7,11 +7,24 @@ growing with the catalogue while the step's real work does not. With `sparse=Tru
 gradient holds only the touched rows, and `RowSparseAdam` updates only those rows (and their
 moments): a step's cost no longer depends on the catalogue size (benchmarks/results/scale.md).
 
-The update of a touched row is exactly torch's Adam (same moments, bias correction by the
-parameter's step count, L2 or decoupled weight decay). Rows a step does not touch are left alone,
-moments included ("lazy Adam", as `torch.optim.SparseAdam` and TensorFlow's LazyAdam): dense Adam
-would keep moving them by their decaying momentum. So the two agree exactly when every row is
-touched every step (tests/test_optim.py) and differ, by design, for rows left out of a step.
+Dense Adam keeps moving a row on the steps that do not touch it: its gradient is zero there, but its
+momentum is not, so every touch is followed by a geometric tail of updates. Plain "lazy" Adam
+(`torch.optim.SparseAdam`) drops that tail, and on Beauty it trained Stage I visibly worse
+(benchmarks/results/sparse_grads_beauty.md). `RowSparseAdam` instead *catches a row up* when it is
+next touched (and every row at `flush`, before a validation or a checkpoint): for the k steps it
+skipped,
+
+    m <- beta1^k m,   v <- beta2^k v,
+    w <- w - (m / sqrt(v)) * sum_{j=1..k} a_(s+j) r^j,   r = beta1 / sqrt(beta2),
+    a_t = lr_t * sqrt(1 - beta2^t) / (1 - beta1^t)        (the step size Adam used at step t),
+
+with s the row's last step. That is dense Adam's own recurrence for a zero gradient, exact but for
+Adam's eps (negligible beside sqrt(v) for a row that was ever touched); the sum is cut after
+TAIL_STEPS steps, where r^j is below 1e-11. Decoupled weight decay (AdamW) multiplies the skipped
+steps' factors (1 - lr_t * wd) in as well. L2 weight decay (added to the gradient, torch Adam's
+default) is not caught up: dense Adam feeds it to every row on every step, a sparse step only to
+the rows it touches. tests/test_optim.py checks the parameters against torch's Adam.
+
 Dense-gradient parameters go through torch's Adam unchanged.
 """
 from __future__ import annotations
@@ -20,9 +33,12 @@ import math
 
 import torch
 
+TAIL_STEPS = 256  # r^j < 1e-11 past this with Adam's default betas
+
 
 class RowSparseAdam(torch.optim.Adam):
-    """torch.optim.Adam that also takes sparse (COO, row-indexed) gradients and updates only their rows."""
+    """torch.optim.Adam that also takes sparse (COO, row-indexed) gradients: each step updates the
+    touched rows, after catching them up on the steps they skipped (see the module docstring)."""
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -45,6 +61,55 @@ class RowSparseAdam(torch.optim.Adam):
             self._row_step(group, p, g)
         return loss
 
+    # -- the step sizes of the steps so far (each step's lr is the group's at that step)
+
+    @staticmethod
+    def _record(group: dict, state: dict, t: int) -> None:
+        """Write step t's size a_t (index t - 1 of state["sizes"]) and its cumulative log decay factor
+        (index t of state["log_decay"]); both grow by doubling, so a step costs O(1) here."""
+        beta1, beta2 = group["betas"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        if len(state["sizes"]) < t:
+            state["sizes"] = torch.cat([state["sizes"], torch.zeros_like(state["sizes"])])
+            state["log_decay"] = torch.cat([state["log_decay"], torch.zeros_like(state["log_decay"])])
+        state["sizes"][t - 1] = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        decay = 1 - lr * wd if (wd and group.get("decoupled_weight_decay", False)) else 1.0
+        state["log_decay"][t] = state["log_decay"][t - 1] + math.log(max(decay, 1e-300))
+
+    def _catch_up(self, group: dict, p: torch.Tensor, rows: torch.Tensor, until: int) -> None:
+        """Bring `rows` of p (and their moments) to step `until`, as dense Adam with zero gradients would."""
+        state = self.state[p]
+        last = state["last"].index_select(0, rows)
+        k = (until - last).clamp(min=0)
+        busy = k > 0
+        if not bool(busy.any()):
+            return
+        rows, last, k = rows[busy], last[busy], k[busy]
+        beta1, beta2 = group["betas"]
+        r = beta1 / math.sqrt(beta2)
+        sizes = state["sizes"].to(p.device)
+        j = torch.arange(1, TAIL_STEPS + 1, device=p.device)
+        steps = last[:, None] + j[None, :]  # (R, J): the skipped steps s + j, 1-based
+        live = j[None, :] <= k[:, None]
+        at = (steps - 1).clamp(max=until - 1)
+        term = sizes[at] * r ** j.double()  # (R, J): dense Adam's update of step s + j, over m / sqrt(v)
+        m, v = state["exp_avg"].index_select(0, rows), state["exp_avg_sq"].index_select(0, rows)
+        direction = torch.where(v > 0, m / v.sqrt().clamp(min=1e-30), torch.zeros_like(m))
+        w = p.index_select(0, rows)
+        shape = (-1, *[1] * (w.dim() - 1))
+        if group["weight_decay"] and group.get("decoupled_weight_decay", False):
+            # p_T = D(s, T) p_s - sum_j u_(s+j) D(s+j, T), D(a, b) = prod of (1 - lr_t * wd) for t in (a, b]
+            log_decay = state["log_decay"].to(p.device)
+            w.mul_(torch.exp(log_decay[until] - log_decay[last]).to(w.dtype).view(shape))
+            term = term * torch.exp(log_decay[until] - log_decay[at + 1])
+        coef = torch.where(live, term, 0.0).sum(1)
+        w.sub_(direction * coef.to(w.dtype).view(shape))
+        kk = k.double().view(-1, *[1] * (m.dim() - 1))
+        state["exp_avg"].index_copy_(0, rows, m * (beta1 ** kk).to(m.dtype))
+        state["exp_avg_sq"].index_copy_(0, rows, v * (beta2 ** kk).to(v.dtype))
+        p.index_copy_(0, rows, w)
+        state["last"].index_fill_(0, rows, until)
+
     def _row_step(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
@@ -53,12 +118,19 @@ class RowSparseAdam(torch.optim.Adam):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["last"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)  # step a row is current to
+            # a_t of this parameter's steps t = 1, 2, ... (index t - 1), and the sum of log(1 - lr_t * wd)
+            # up to step t (index t); float64, on the CPU
+            state["sizes"] = torch.zeros(1024, dtype=torch.float64)
+            state["log_decay"] = torch.zeros(1025, dtype=torch.float64)
+        state["step"] += 1
+        t = int(state["step"])
+        self._record(group, state, t)
         grad = grad.coalesce()
         rows, g = grad.indices()[0], grad.values()
         if rows.numel() == 0:
             return
-        state["step"] += 1
-        step = float(state["step"])
+        self._catch_up(group, p, rows, t - 1)
         w = p.index_select(0, rows)
         if wd != 0:
             if group.get("decoupled_weight_decay", False):
@@ -69,7 +141,50 @@ class RowSparseAdam(torch.optim.Adam):
         v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
-        bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+        bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
         denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
         w.addcdiv_(m, denom, value=-lr / bias1)
         p.index_copy_(0, rows, w)
+        state["last"].index_fill_(0, rows, t)
+
+    def track(self, *tables: torch.nn.Module | None) -> None:
+        """Catch a table's rows up as a forward pass reads them (a pre-hook on each sparse table, e.g.
+        nn.Embedding(sparse=True)), so that the forward sees the weights dense Adam would have:
+        without it a row read after skipped steps would be stale until the optimiser touched it."""
+        for table in tables:
+            if table is None:
+                continue
+            group = next(g for g in self.param_groups if any(p is table.weight for p in g["params"]))
+
+            def hook(module, args, group=group):
+                state = self.state.get(module.weight)
+                if state and "last" in state:
+                    with torch.no_grad():
+                        self._catch_up(group, module.weight, args[0].reshape(-1).unique(), int(state["step"]))
+
+            table.register_forward_pre_hook(hook)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Catch every row of every sparse parameter up to the last step (call before reading the
+        weights: a validation, a checkpoint, the end of training). O(rows) once, not a step."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "last" in state:
+                    self._catch_up(group, p, torch.arange(p.shape[0], device=p.device), int(state["step"]))
+
+    def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
+        """torch's load casts every state tensor to its parameter's dtype; the row bookkeeping (the
+        long `last` steps, the float64 step sizes) is set aside and put back as it was saved."""
+        keep = ("last", "sizes", "log_decay")
+        extras, state = {}, {}
+        for idx, st in state_dict["state"].items():
+            extras[idx] = {k: v for k, v in st.items() if k in keep}
+            state[idx] = {k: v for k, v in st.items() if k not in keep}
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, ex in extras.items():
+            p = params[int(idx)]
+            for k, v in ex.items():
+                self.state[p][k] = v.to(p.device) if k == "last" else v.to("cpu", torch.float64)

@@ -200,6 +200,8 @@ class Stage1Trainer:
         self.model = ctx.prepare_model(core)
         self.semantic = torch.from_numpy(semantic).to(self.device) if semantic is not None else None
         self.opt = adam(core.parameters(), cfg)
+        if core.din.item_emb.sparse:
+            self.opt.track(core.din.item_emb)  # rows read by a forward are first caught up (prorec.optim)
         self.guard = DivergenceGuard("stage1", self.device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
@@ -277,6 +279,7 @@ class Stage1Trainer:
     def validate(self) -> dict[str, float]:
         """Recall@10 and NDCG@10 of DIN as a retriever over the full catalogue (history items excluded)."""
         data, din = self.data, self.core.din
+        self.opt.flush()  # every row of E_C as dense Adam would have it (the DIN scores the whole table)
         din.eval()
         t0 = time.perf_counter()
         users = self.valid_shard[np.argsort(data.valid_len[self.valid_shard], kind="stable")]
@@ -326,6 +329,7 @@ class Stage1Trainer:
     # -- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        self.opt.flush()
         return {"model": self.core.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict()}
 
@@ -335,6 +339,7 @@ class Stage1Trainer:
         self.sched.load_state_dict(state["scheduler"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        self.opt.flush()
         return self.core.state_dict()
 
 

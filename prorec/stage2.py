@@ -137,6 +137,8 @@ class Stage2Trainer:
         model.set_sparse_grads(use_sparse_grads(cfg, device, ctx.world_size, "stage2"))
         self.model = ctx.prepare_model(model.to(device))
         self.opt = adam(self.model.parameters(), cfg)
+        if model.sparse_grads:  # rows read by a forward are first caught up (prorec.optim)
+            self.opt.track(model.item_emb, model.item_out, getattr(model, "item_out_bias", None))
         self.guard = DivergenceGuard("stage2", device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.amp = cfg.bf16 and device.type == "cuda"
@@ -200,6 +202,7 @@ class Stage2Trainer:
                 "lr": self.sched.get_last_lr()[0], "train_seconds": time.perf_counter() - t0}
 
     def validate(self) -> dict[str, float]:
+        self.opt.flush()  # the beam search reads whole item tables
         model = _unwrap(self.model)
         search = BeamSearch(model, self.trie, self.cfg.valid_beam_size, VALID_TOPK, self.cfg.valid_exclude_history,
                             autocast=self.amp)
@@ -216,7 +219,7 @@ class Stage2Trainer:
         return {f"valid_{k}": float(v) / total for k, v in zip(per_user, sums[:-1].tolist())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model_state(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"model": self.model_state(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}  # flushed
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _unwrap(self.model).load_state_dict(state["model"])
@@ -224,6 +227,7 @@ class Stage2Trainer:
         self.sched.load_state_dict(state["sched"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        self.opt.flush()
         return _unwrap(self.model).state_dict()
 
 
