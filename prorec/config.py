@@ -173,9 +173,9 @@ class Stage1Config(TrainConfig):
     # state and the losses stay fp32), on a CPU with bf16 instructions or a GPU. About 1.5x faster a
     # step on this project's CPU; not bit-equal to fp32 (benchmarks/results/stage1_speed.md).
     bf16: bool = False
-    # Row-sparse gradients for the item table E_C: a step updates the
-    # rows it touched (lazy Adam, prorec/optim.py), so its cost does not grow with the catalogue.
-    # False = dense gradients and plain Adam over the whole tables (as before; O(catalogue) a step).
+    # Row-sparse gradients for the item table E_C: a step updates the rows it touched, each first
+    # caught up on the steps it skipped, as dense Adam would have moved it (prorec/optim.py), so a
+    # step's cost does not grow with the catalogue. False = dense gradients, Adam over the whole table.
     sparse_grads: bool = True
 
     def validate(self) -> None:
@@ -239,8 +239,9 @@ class Stage2Config(TrainConfig, GeneratorArch):
     # bfloat16 autocast for training and beam search on CUDA (added by Stage II); CPU runs in fp32.
     bf16: bool = True
     # Row-sparse gradients for the per-item tables (the item-ID embedding and the item head's output
-    # embeddings and biases): a step updates the rows it touched (lazy Adam, prorec/optim.py), so its
-    # cost does not grow with the catalogue. False = dense gradients and Adam over the whole tables.
+    # embeddings and biases): a step updates the rows it touched, each first caught up on the steps it
+    # skipped (prorec/optim.py; L2 weight decay is not caught up), so its cost does not grow with the
+    # catalogue. False = dense gradients and Adam over the whole tables.
     sparse_grads: bool = True
 
     @property

@@ -276,7 +276,7 @@ def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(ti
 
 
 def test_sparse_item_gradients_learn_like_dense_ones(tiny_data):
-    """stage1.sparse_grads: E_C gets row-sparse gradients and lazy Adam; after equal epochs the
+    """stage1.sparse_grads: E_C gets row-sparse gradients and caught-up Adam rows; after equal epochs the
     validation is within noise of the dense run's."""
     from prorec.stage1 import Stage1Trainer
     from prorec.trainer import LocalContext
