@@ -52,3 +52,14 @@ def beauty_dir() -> Path:
     if not (BEAUTY / "user_sequence.txt").is_file():
         pytest.skip("../shared/data/amazon-beauty is not present")
     return BEAUTY
+
+
+class RankContext:
+    """A trainer context that only says which data-parallel worker this is (no Ray, no checkpoints):
+    enough to build one rank's trainer and compare what it holds."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def prepare_model(self, model):
+        return model

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RankContext
 
 from prorec.artifacts import read_embeddings, write_embeddings
 from prorec.config import ConfigError, Stage1Config
@@ -311,19 +312,10 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(tiny_data):
         assert np.array_equal(p.target_counts, whole.target_counts)
         assert p.width == whole.width and p.sharded and not whole.sharded
 
-    class Rank:
-        world_size = 3
-
-        def __init__(self, rank):
-            self.rank = rank
-
-        def prepare_model(self, m):
-            return m
-
     # The trainer picks the same validation users and steps from either load.
     for r in range(3):
-        a = Stage1Trainer(cfg, whole, None, Rank(r))
-        b = Stage1Trainer(cfg, parts[r], None, Rank(r))
+        a = Stage1Trainer(cfg, whole, None, RankContext(r, 3))
+        b = Stage1Trainer(cfg, parts[r], None, RankContext(r, 3))
         assert a.steps == b.steps
         assert np.array_equal(whole.valid_target[a.valid_shard], parts[r].valid_target[b.valid_shard])
         assert np.array_equal(whole.valid_hist[a.valid_shard], parts[r].valid_hist[b.valid_shard])

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import RankContext
 import torch
 from safetensors.torch import load_file
 
@@ -227,22 +228,13 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(artifacts):
     assert all(p.splits["train"][0].shape[0] < 0.4 * n for p in parts)
     assert parts[0].splits["train"][0].dtype == torch.int32  # half the memory of long
 
-    class Rank:
-        world_size = 3
-
-        def __init__(self, rank):
-            self.rank = rank
-
-        def prepare_model(self, m):
-            return m
-
     def trim(h):  # a part is padded to its own longest history, the whole load to the split's
         return h[:, : int((h > 0).sum(1).max())]
 
     for r, p in enumerate(parts):
         rows = shard_rows(n, r, 3)
         assert torch.equal(trim(p.splits["train"][0].long()), trim(whole.splits["train"][0][rows].long()))
-        ta, tb = Stage2Trainer(cfg, whole, torch.device("cpu"), Rank(r)), Stage2Trainer(cfg, p, torch.device("cpu"), Rank(r))
+        ta, tb = Stage2Trainer(cfg, whole, torch.device("cpu"), RankContext(r, 3)), Stage2Trainer(cfg, p, torch.device("cpu"), RankContext(r, 3))
         assert ta.steps == tb.steps
         assert torch.equal(trim(ta.valid_hist), trim(tb.valid_hist)) and torch.equal(ta.valid_tgt, tb.valid_tgt)
         assert torch.equal(trim(ta.hist.long()), trim(tb.hist.long()))

@@ -10,6 +10,7 @@ So a model that fuses both modalities can beat either one alone.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -58,6 +59,31 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[list[Item], 
         items.append(Item(item_id=f"S{i:06d}", title=title, categories=[["Beauty", top, sub]],
                           keywords=title.lower()))
     return items, item_cat, n_cat
+
+
+def _dataset(cfg: SyntheticConfig, rng: np.random.Generator, items: list[Item], n_cat: int, complements: np.ndarray,
+             from_categories: Callable[[np.ndarray, set[int]], int]) -> Dataset:
+    """The users (the last draws of the stream): preferred categories, a length, then items that follow
+    a hidden complement with probability p_transition or are drawn from the preferred categories."""
+    sequences: list[tuple[str, list[str]]] = []
+    for u in range(cfg.n_users):
+        n_pref = 1 + int(rng.random() < 0.5)
+        pref = rng.choice(n_cat, size=min(n_pref, n_cat), replace=False)
+        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
+        length = min(length, cfg.n_items)
+        seen: set[int] = set()
+        seq: list[int] = []
+        cur = from_categories(pref, seen)
+        while True:
+            seq.append(cur)
+            seen.add(cur)
+            if len(seq) == length:
+                break
+            nxt = [int(c) for c in complements[cur] if int(c) not in seen]
+            cur = nxt[int(rng.integers(len(nxt)))] if nxt and rng.random() < cfg.p_transition else from_categories(pref, seen)
+        sequences.append((f"U{u:06d}", [items[i].item_id for i in seq]))
+    return Dataset(items=items, sequences=sequences, source=f"synthetic(seed={cfg.seed})")
+
 
 
 def generate(cfg: SyntheticConfig | None = None) -> Dataset:
@@ -117,24 +143,7 @@ def generate(cfg: SyntheticConfig | None = None) -> Dataset:
         k = int(np.searchsorted(starts, j, side="right")) - 1
         return int(by_cat[pref[k]][j - starts[k]])
 
-    sequences: list[tuple[str, list[str]]] = []
-    for u in range(cfg.n_users):
-        n_pref = 1 + int(rng.random() < 0.5)
-        pref = rng.choice(n_cat, size=min(n_pref, n_cat), replace=False)
-        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
-        length = min(length, cfg.n_items)
-        seen: set[int] = set()
-        seq: list[int] = []
-        cur = from_categories(pref, seen)
-        while True:
-            seq.append(cur)
-            seen.add(cur)
-            if len(seq) == length:
-                break
-            nxt = [int(c) for c in complements[cur] if int(c) not in seen]
-            cur = nxt[int(rng.integers(len(nxt)))] if nxt and rng.random() < cfg.p_transition else from_categories(pref, seen)
-        sequences.append((f"U{u:06d}", [items[i].item_id for i in seq]))
-    return Dataset(items=items, sequences=sequences, source=f"synthetic(seed={cfg.seed})")
+    return _dataset(cfg, rng, items, n_cat, complements, from_categories)
 
 
 def generate_reference(cfg: SyntheticConfig | None = None) -> Dataset:
@@ -164,24 +173,7 @@ def generate_reference(cfg: SyntheticConfig | None = None) -> Dataset:
         w = pop[pool] / pop[pool].sum()
         return int(rng.choice(pool, p=w))
 
-    sequences: list[tuple[str, list[str]]] = []
-    for u in range(cfg.n_users):
-        n_pref = 1 + int(rng.random() < 0.5)
-        pref = rng.choice(n_cat, size=min(n_pref, n_cat), replace=False)
-        length = int(rng.integers(cfg.min_len, cfg.max_len + 1))
-        length = min(length, cfg.n_items)
-        seen: set[int] = set()
-        seq: list[int] = []
-        cur = from_categories(pref, seen)
-        while True:
-            seq.append(cur)
-            seen.add(cur)
-            if len(seq) == length:
-                break
-            nxt = [int(c) for c in complements[cur] if int(c) not in seen]
-            cur = nxt[int(rng.integers(len(nxt)))] if nxt and rng.random() < cfg.p_transition else from_categories(pref, seen)
-        sequences.append((f"U{u:06d}", [items[i].item_id for i in seq]))
-    return Dataset(items=items, sequences=sequences, source=f"synthetic(seed={cfg.seed})")
+    return _dataset(cfg, rng, items, n_cat, complements, from_categories)
 
 
 def write_synthetic(out_dir: str | Path, cfg: SyntheticConfig | None = None) -> Path:
