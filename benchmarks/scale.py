@@ -346,6 +346,10 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
                   f"{enc:.0f} items/s; at the larger sizes random unit vectors of its width (384) stand in, so the "
                   f"`embed` row there times writing them, and the encoder itself would take about "
                   + ", ".join(f"{n / enc / 60:,.0f} min at {n:,}" for n in sizes[1:]) + " on this thread.", ""]
+    reused = [f"{st} at {n:,}" for st, ds in res["details"].items() for n, d in zip(sizes, ds) if d.get("reused")]
+    if reused:
+        lines += ["Kept from an earlier invocation (`--reuse`: their result files were there, made by the same code "
+                  "for those stages): " + ", ".join(reused) + ".", ""]
     lines += ["## Wall time (s)", "", f"| stage | {cols} | growth exponent {grow} |",
               "|---|" + "---|" * (len(sizes) + 1)]
     for st, d in res["stages"].items():
@@ -547,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             encode = args.encode and n == sizes[0] and stage == "embed"
             prev = run / f"{stage}.result.json"
             if args.reuse and prev.is_file():
-                out = json.loads(prev.read_text())
+                out = {**json.loads(prev.read_text()), "reused": True}
             else:
                 print(f"scale: {stage} at {n:,} items ...", file=sys.stderr, flush=True)
                 out = measure(stage, n, run, args, encode)

@@ -25,10 +25,11 @@ def write_item_table(path: str | Path, item_idx: np.ndarray, item_id: list[str],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     order = np.argsort(np.asarray(item_idx), kind="stable")
+    in_order = bool((order == np.arange(len(order))).all())  # the usual case: no reordered copy of rows
     table = pa.table({
         "item_idx": pa.array(np.asarray(item_idx, dtype=np.int32)[order]),
-        "item_id": pa.array([item_id[i] for i in order], pa.string()),
-        column: to_arrow(np.ascontiguousarray(rows[order])),
+        "item_id": pa.array(list(item_id) if in_order else [item_id[i] for i in order], pa.string()),
+        column: to_arrow(np.ascontiguousarray(rows) if in_order else np.ascontiguousarray(rows[order])),
     })
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     tmp = path.with_suffix(".tmp.parquet")
@@ -86,13 +87,20 @@ def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
 
     Every item must have exactly one row (and, given `item_ids`, the item_id of items.parquet); `what`
     names the file's role in the error."""
-    idx, ids, vectors, _ = read_embeddings(path)
+    arrow = pq.read_table(path)
+    idx = arrow.column("item_idx").to_numpy().astype(np.int64)
     if (len(idx) != n_items or (len(idx) and (idx.min() < 1 or idx.max() > n_items)) or len(np.unique(idx)) != len(idx)
-            or (item_ids is not None and ids != list(item_ids))):
+            or (item_ids is not None and arrow.column("item_id").to_pylist() != list(item_ids))):
         raise ValueError(f"{path}: expected {what} of this dataset's items 1..{n_items} (one row each, the same "
                          f"item_id as items.parquet); got {len(idx)} rows. Fix: rerun the stage that wrote it on this dataset")
-    table = np.zeros((n_items + 1, vectors.shape[1]), dtype=np.float32)
-    table[idx] = vectors
+    # Chunk by chunk into the padded table: no combined copy of the column (a million rows x 384 is 1.8 GB).
+    col = arrow.column("embedding")
+    table = np.zeros((n_items + 1, col.type.list_size), dtype=np.float32)
+    at = 0
+    for chunk in col.chunks:
+        rows = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1)
+        table[idx[at:at + len(chunk)]] = rows
+        at += len(chunk)
     return table
 
 

@@ -34,6 +34,7 @@ import math
 import torch
 
 TAIL_STEPS = 256  # r^j < 1e-11 past this with Adam's default betas
+CATCH_UP_ROWS = 8192  # rows caught up at once: a block's (rows, TAIL_STEPS) float64 work is 16 MB
 
 
 class RowSparseAdam(torch.optim.Adam):
@@ -77,7 +78,12 @@ class RowSparseAdam(torch.optim.Adam):
         state["log_decay"][t] = state["log_decay"][t - 1] + math.log(max(decay, 1e-300))
 
     def _catch_up(self, group: dict, p: torch.Tensor, rows: torch.Tensor, until: int) -> None:
-        """Bring `rows` of p (and their moments) to step `until`, as dense Adam with zero gradients would."""
+        """Bring `rows` of p (and their moments) to step `until`, as dense Adam with zero gradients would;
+        CATCH_UP_ROWS rows at a time (the work is rows x TAIL_STEPS)."""
+        for lo in range(0, rows.numel(), CATCH_UP_ROWS):
+            self._catch_up_block(group, p, rows[lo:lo + CATCH_UP_ROWS], until)
+
+    def _catch_up_block(self, group: dict, p: torch.Tensor, rows: torch.Tensor, until: int) -> None:
         state = self.state[p]
         last = state["last"].index_select(0, rows)
         k = (until - last).clamp(min=0)
