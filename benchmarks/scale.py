@@ -75,6 +75,14 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
 
     data, sem = run / "data", run / "embeddings" / "semantic.parquet"
     out: dict[str, Any] = {}
+    # A stage starts from an empty folder: a checkpoint or a cached file left by an earlier run would
+    # be resumed or reused, and the time would measure nothing.
+    import shutil
+
+    folder = {"generate": "raw", "data": "data", "embed": "embeddings", "stage1": "stage1", "codes": "codes",
+              "stage2": "stage2"}.get(stage)
+    if folder:
+        shutil.rmtree(run / folder, ignore_errors=True)
     if stage == "generate":
         from prorec.data.synthetic import write_synthetic
 
