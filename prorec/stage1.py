@@ -123,19 +123,22 @@ class Stage1Data:
             raise ValueError(f"{data_dir}/items.parquet: item_idx must be exactly 1..{len(idx)}")
         item_ids = items.sort_by("item_idx").column("item_id").to_pylist()
         n_train = count_rows(data_dir, "train")
+        cols = ["history", "target"]  # not the user ids
         if rank is None:
             train, valid = read_split(data_dir, "train"), read_split(data_dir, "valid")
             targets = train.column("target")
         else:
-            train = read_rows(data_dir, "train", shard_rows(n_train, rank, world))
+            train = read_rows(data_dir, "train", shard_rows(n_train, rank, world), columns=cols)
             users = pick_valid_users(count_rows(data_dir, "valid"), valid_users, seed)[rank::world]
-            valid = read_rows(data_dir, "valid", users)
+            valid = read_rows(data_dir, "valid", users, columns=cols)
             targets = pq.read_table(Path(data_dir) / "train.parquet", columns=["target"]).column("target")
         counts = np.bincount(targets.to_numpy().astype(np.int64), minlength=len(idx) + 1)
         width = history_width(data_dir)
         th, tl = _right_aligned(train, width)
         vh, vl = _right_aligned(valid, width)
-        return cls(len(idx), item_ids, width, th, tl, train.column("target").to_numpy().astype(np.int64),
+        train_target = train.column("target").to_numpy().astype(np.int64)
+        del train  # the Arrow table: the padded arrays hold what training needs
+        return cls(len(idx), item_ids, width, th, tl, train_target,
                    vh, vl, valid.column("target").to_numpy().astype(np.int64), n_train, counts, rank is not None)
 
 
@@ -445,8 +448,10 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
     needs_semantic = cfg.fusion in ("semantic", "concat") or uses_alignment(cfg)
     if needs_semantic and (semantic_path is None or not semantic_path.is_file()):
         raise FileNotFoundError(f"stage1.fusion={cfg.fusion} needs the semantic embeddings, {semantic_path} is missing")
-    semantic = load_semantic(semantic_path, item_ids)[1:] if needs_semantic else None
-    semantic_pca = pca(semantic, cfg.dim) if cfg.fusion in ("semantic", "concat") else None
+    # E_S is read here only for the fusions that project it; for prorec (the alignment's cosine,
+    # after training) it is read after the trainer, which holds its own copy, is gone.
+    semantic = load_semantic(semantic_path, item_ids)[1:] if cfg.fusion in ("semantic", "concat") else None
+    semantic_pca = pca(semantic, cfg.dim) if semantic is not None else None
     metrics: dict[str, Any] = {"fusion": cfg.fusion, "n_items": len(item_ids), "dim": cfg.dim}
 
     e_c = None
@@ -462,14 +467,15 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
         t0 = time.perf_counter()
         fit = _fit(cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
         state = fit.best_model_state
-        e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32)
+        e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32, copy=False)
         din = DIN(din_config(cfg, len(item_ids), history_width(data_dir)))
         din.load_state_dict(_part(state, "din."))
         save_din(out_dir, din)  # read by the evaluation's reranker (eval.rerank_weight)
         adapter = None
         if uses_alignment(cfg):  # read by `prorec items add`: a new item's text mapped into E_C's space
-            adapter = ModalityAdapter(semantic.shape[1], cfg.dim)
-            adapter.load_state_dict(_part(state, "adapter."))
+            adapter_state = _part(state, "adapter.")
+            adapter = ModalityAdapter(adapter_state["proj.weight"].shape[1], cfg.dim)  # W: (dim, d_s)
+            adapter.load_state_dict(adapter_state)
             save_adapter(out_dir, adapter)
         history = fit.history
         best = fit.best_metrics
@@ -486,6 +492,8 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
             "history": history,
         })
         if adapter is not None:
+            del fit, state  # the best weights live on in din and the adapter
+            semantic = load_semantic(semantic_path, item_ids)[1:]
             metrics["align_cosine"] = aligned_cosine(adapter, din.item_emb.weight[1:], semantic)
     vectors = fuse(cfg.fusion, e_c, semantic_pca)
     metrics["output_dim"] = int(vectors.shape[1])

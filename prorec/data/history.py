@@ -11,6 +11,9 @@ import pyarrow as pa
 import torch
 
 
+_BLOCK_ROWS = 1 << 18  # histories padded at once by pad_histories
+
+
 def history_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Length of every history in a list<int> column, int64."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -28,7 +31,7 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False)  # a view of the item ids, in their own dtype
     lens = np.diff(offsets)
     if len(lens) and lens.min() < 1:
         raise ValueError("every history needs at least one item")
@@ -37,11 +40,16 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
     if width is None:
         width = int(lens.max()) if len(lens) else 1
     lens = np.minimum(lens, width)
-    row = np.repeat(np.arange(len(lens)), lens)
-    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # 0..len-1 in each row
-    column = within if align == "left" else (width - lens)[row] + within
     out = np.zeros((len(lens), width), dtype=dtype)
-    out[row, column] = values[(offsets[1:] - lens)[row] + within]  # the most recent lens items
+    # Block by block: the index arrays of a block are a few times its items, not the split's
+    # (14 million training rows would need gigabytes of them at once).
+    for lo in range(0, len(lens), _BLOCK_ROWS):
+        b_lens = lens[lo:lo + _BLOCK_ROWS]
+        row = np.repeat(np.arange(len(b_lens)), b_lens)
+        within = np.arange(int(b_lens.sum())) - np.repeat(np.cumsum(b_lens) - b_lens, b_lens)  # 0..len-1 a row
+        column = within if align == "left" else (width - b_lens)[row] + within
+        ends = offsets[lo + 1:lo + 1 + len(b_lens)]
+        out[lo + row, column] = values[(ends - b_lens)[row] + within]  # the most recent lens items
     return out
 
 
