@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"prorec"
+_READ_BATCH = 65_536  # rows of an item table read at once
 
 
 def write_item_table(path: str | Path, item_idx: np.ndarray, item_id: list[str], column: str, rows: np.ndarray,
@@ -87,20 +88,23 @@ def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
 
     Every item must have exactly one row (and, given `item_ids`, the item_id of items.parquet); `what`
     names the file's role in the error."""
-    arrow = pq.read_table(path)
-    idx = arrow.column("item_idx").to_numpy().astype(np.int64)
+    pf = pq.ParquetFile(path)
+    ids = pq.read_table(path, columns=["item_idx", "item_id"])
+    idx = ids.column("item_idx").to_numpy().astype(np.int64)
     if (len(idx) != n_items or (len(idx) and (idx.min() < 1 or idx.max() > n_items)) or len(np.unique(idx)) != len(idx)
-            or (item_ids is not None and arrow.column("item_id").to_pylist() != list(item_ids))):
+            or (item_ids is not None and ids.column("item_id").to_pylist() != list(item_ids))):
         raise ValueError(f"{path}: expected {what} of this dataset's items 1..{n_items} (one row each, the same "
                          f"item_id as items.parquet); got {len(idx)} rows. Fix: rerun the stage that wrote it on this dataset")
-    # Chunk by chunk into the padded table: no combined copy of the column (a million rows x 384 is 1.8 GB).
-    col = arrow.column("embedding")
-    table = np.zeros((n_items + 1, col.type.list_size), dtype=np.float32)
+    del ids
+    # Batch by batch into the padded table, so that Arrow never holds the whole column (a million rows
+    # x 384 floats is 1.8 GB, and Arrow's allocator keeps freed memory for reuse).
+    table = np.zeros((n_items + 1, pf.schema_arrow.field("embedding").type.list_size), dtype=np.float32)
     at = 0
-    for chunk in col.chunks:
-        rows = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1)
-        table[idx[at:at + len(chunk)]] = rows
-        at += len(chunk)
+    for batch in pf.iter_batches(batch_size=_READ_BATCH, columns=["embedding"]):
+        col = batch.column(0)
+        table[idx[at:at + len(col)]] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+        at += len(col)
+    pa.default_memory_pool().release_unused()
     return table
 
 

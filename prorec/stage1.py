@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import time
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
@@ -138,6 +140,7 @@ class Stage1Data:
         vh, vl = _right_aligned(valid, width)
         train_target = train.column("target").to_numpy().astype(np.int64)
         del train  # the Arrow table: the padded arrays hold what training needs
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
         return cls(len(idx), item_ids, width, th, tl, train_target,
                    vh, vl, valid.column("target").to_numpy().astype(np.int64), n_train, counts, rank is not None)
 
@@ -466,6 +469,7 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
         write_json(sig_path, sig)
         t0 = time.perf_counter()
         fit = _fit(cfg, data_dir, semantic_path if uses_alignment(cfg) else None, out_dir, stop_after_epoch)
+        gc.collect()  # the trainer (its data, E_S, Adam's moments) sits in a reference cycle: free it now
         state = fit.best_model_state
         e_c = state["din.item_emb.weight"][1:].numpy().astype(np.float32, copy=False)
         din = DIN(din_config(cfg, len(item_ids), history_width(data_dir)))

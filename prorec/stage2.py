@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import sys
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from prorec.artifacts import read_item_table, write_json
@@ -105,6 +107,7 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
         # Training histories are kept as int32 (half the memory; a batch is widened to long).
         out[s] = (history_tensor(table.column("history"), dtype=np.int32 if s == "train" else np.int64),
                   torch.from_numpy(table.column("target").to_numpy().astype(np.int64)))
+    pa.default_memory_pool().release_unused()  # the Arrow tables are gone; their memory goes back too
     return Stage2Inputs(item_codes, k, teacher, out, max_history, n_train, rank is not None)
 
 
@@ -276,6 +279,7 @@ def run_stage2(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path:
         fit = _fit(config, ctx, pick_device(cfg.use_gpu))
     else:
         fit = FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage2", out_dir))
+    gc.collect()  # the trainer sits in a reference cycle (its optimiser's hooks on the model): free it now
     # Rebuild the config from the artifacts once more (cheap) so that model_config.json is exact.
     inputs = load_inputs(cfg, Path(data_dir), Path(codes_path), stage1_path, splits=())
     save_generator(out_dir, generator_config(cfg, inputs), fit.best_model_state)
