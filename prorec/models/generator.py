@@ -245,7 +245,9 @@ class Generator(nn.Module):
             self.item_out = nn.Embedding(cfg.n_items + 1, d)
             # The item head's biases, one a row: an embedding table (not a bare vector) so that it can
             # take row-sparse gradients, which DDP accepts from nn.Embedding(sparse=True) alone.
-            self.item_out_bias = nn.Embedding(cfg.n_items + 1, 1)
+            # Zeros from the start, drawing no random numbers (the other weights' init stays as before).
+            self.item_out_bias = nn.Embedding(cfg.n_items + 1, 1, _weight=torch.zeros(cfg.n_items + 1, 1))
+            self.item_out_bias.skip_init = True
             siblings, item_prefix = sibling_tables(self.item_codes, K)
             self.register_buffer("siblings", siblings, persistent=False)  # [n_prefixes, K] item_idx, 0 = none
             self.register_buffer("item_prefix", item_prefix, persistent=False)  # [n_items + 1] prefix id
@@ -258,8 +260,6 @@ class Generator(nn.Module):
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
         self.sparse_grads = False
         self.apply(self._init)
-        if cfg.item_head:
-            nn.init.zeros_(self.item_out_bias.weight)
         self.register_load_state_dict_pre_hook(_upgrade_state)
         nn.init.normal_(self.bos, std=0.02)
         nn.init.normal_(self.head_w, std=0.02)
@@ -285,7 +285,7 @@ class Generator(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
+        elif isinstance(m, nn.Embedding) and not getattr(m, "skip_init", False):
             nn.init.normal_(m.weight, std=0.02)
 
     def set_teacher(self, emb: torch.Tensor) -> None:
