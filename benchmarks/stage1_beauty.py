@@ -62,7 +62,7 @@ def _validate_all(cfg: Stage1Config, data: Path, run_dir: Path, threads: int) ->
     trainer = Stage1Trainer(dataclasses.replace(cfg, valid_users=0), Stage1Data.load(data), None, LocalContext(None))
     trainer.core.din.load_state_dict({k[len("din."):]: v for k, v in state.items() if k.startswith("din.")})
     out = trainer.validate()
-    out["users"] = len(trainer.valid_users)
+    out["users"] = len(trainer.valid_shard)
     return out
 
 

@@ -10,7 +10,7 @@ moments): a step's cost no longer depends on the catalogue size (benchmarks/resu
 Dense Adam keeps moving a row on the steps that do not touch it: its gradient is zero there, but its
 momentum is not, so every touch is followed by a geometric tail of updates. Plain "lazy" Adam
 (`torch.optim.SparseAdam`) drops that tail, and on Beauty it trained Stage I visibly worse
-(benchmarks/results/sparse_grads_beauty.md). `RowSparseAdam` instead *catches a row up* when it is
+(benchmarks/results/sparse_grads_beauty_lazy.md). `RowSparseAdam` instead *catches a row up* when it is
 next touched (and every row at `flush`, before a validation or a checkpoint): for the k steps it
 skipped,
 
@@ -93,7 +93,7 @@ class RowSparseAdam(torch.optim.Adam):
         rows, last, k = rows[busy], last[busy], k[busy]
         beta1, beta2 = group["betas"]
         r = beta1 / math.sqrt(beta2)
-        sizes = state["sizes"].to(p.device)
+        sizes = state["sizes"]
         j = torch.arange(1, TAIL_STEPS + 1, device=p.device)
         steps = last[:, None] + j[None, :]  # (R, J): the skipped steps s + j, 1-based
         live = j[None, :] <= k[:, None]
@@ -105,7 +105,7 @@ class RowSparseAdam(torch.optim.Adam):
         shape = (-1, *[1] * (w.dim() - 1))
         if group["weight_decay"] and group.get("decoupled_weight_decay", False):
             # p_T = D(s, T) p_s - sum_j u_(s+j) D(s+j, T), D(a, b) = prod of (1 - lr_t * wd) for t in (a, b]
-            log_decay = state["log_decay"].to(p.device)
+            log_decay = state["log_decay"]
             w.mul_(torch.exp(log_decay[until] - log_decay[last]).to(w.dtype).view(shape))
             term = term * torch.exp(log_decay[until] - log_decay[at + 1])
         coef = torch.where(live, term, 0.0).sum(1)
@@ -126,9 +126,9 @@ class RowSparseAdam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["last"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)  # step a row is current to
             # a_t of this parameter's steps t = 1, 2, ... (index t - 1), and the sum of log(1 - lr_t * wd)
-            # up to step t (index t); float64, on the CPU
-            state["sizes"] = torch.zeros(1024, dtype=torch.float64)
-            state["log_decay"] = torch.zeros(1025, dtype=torch.float64)
+            # up to step t (index t); float64, beside the parameter, so a catch-up never copies them
+            state["sizes"] = torch.zeros(1024, dtype=torch.float64, device=p.device)
+            state["log_decay"] = torch.zeros(1025, dtype=torch.float64, device=p.device)
         state["step"] += 1
         t = int(state["step"])
         self._record(group, state, t)
@@ -193,4 +193,4 @@ class RowSparseAdam(torch.optim.Adam):
         for idx, ex in extras.items():
             p = params[int(idx)]
             for k, v in ex.items():
-                self.state[p][k] = v.to(p.device) if k == "last" else v.to("cpu", torch.float64)
+                self.state[p][k] = v.to(p.device) if k == "last" else v.to(p.device, torch.float64)

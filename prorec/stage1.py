@@ -64,7 +64,7 @@ from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray,
                             length_grouped_batches, pick_device, run_epochs, set_seed, shard_rows, use_sparse_grads,
-                            warmup_lambda)
+                            validation_rows, warmup_lambda)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -84,14 +84,6 @@ def _right_aligned(table, width: int) -> tuple[np.ndarray, np.ndarray]:
 def history_width(data_dir: Path) -> int:
     """The longest history of the train and valid splits: DIN's recency table covers it."""
     return max(longest_history(data_dir, s) for s in ("train", "valid"))
-
-
-def pick_valid_users(n_valid: int, valid_users: int, seed: int) -> np.ndarray:
-    """The rows of valid.parquet early stopping watches: all, or a fixed random `valid_users` of them."""
-    vu = np.arange(n_valid)
-    if 0 < valid_users < n_valid:
-        vu = np.sort(np.random.default_rng(seed).choice(vu, valid_users, replace=False))
-    return vu
 
 
 @dataclass
@@ -131,7 +123,7 @@ class Stage1Data:
             targets = train.column("target")
         else:
             train = read_rows(data_dir, "train", shard_rows(n_train, rank, world), columns=cols)
-            users = pick_valid_users(count_rows(data_dir, "valid"), valid_users, seed)[rank::world]
+            users = validation_rows(count_rows(data_dir, "valid"), valid_users, seed)[rank::world]
             valid = read_rows(data_dir, "valid", users, columns=cols)
             targets = pq.read_table(Path(data_dir) / "train.parquet", columns=["target"]).column("target")
         counts = np.bincount(targets.to_numpy().astype(np.int64), minlength=len(idx) + 1)
@@ -224,8 +216,7 @@ class Stage1Trainer:
         # A fixed random subset of validation users, split among the ranks (a sharded load holds
         # this rank's part already).
         self.valid_shard = (np.arange(len(data.valid_target)) if data.sharded
-                            else pick_valid_users(len(data.valid_target), cfg.valid_users, cfg.seed)[rank::world])
-        self.valid_users = self.valid_shard
+                            else validation_rows(len(data.valid_target), cfg.valid_users, cfg.seed)[rank::world])
 
     def _amp(self):
         """bfloat16 autocast of the forward pass when stage1.bf16 (fp32 weights, optimiser and losses)."""

@@ -36,7 +36,8 @@ from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, capped_steps, fit_on_ray, length_grouped_batches,
-                            pick_device, run_epochs, shard_rows, use_sparse_grads, warmup_lambda)
+                            pick_device, run_epochs, shard_rows, use_sparse_grads, validation_rows,
+                            warmup_lambda)
 
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
@@ -73,13 +74,6 @@ class Stage2Inputs:
         return CodeTrie.from_codes(self.item_codes[1:].numpy(), np.arange(1, self.n_items + 1), self.k)
 
 
-def valid_rows(cfg: Stage2Config, n_valid: int) -> np.ndarray:
-    """The rows of valid.parquet early stopping watches: all, or a fixed random cfg.valid_users."""
-    if 0 < cfg.valid_users < n_valid:
-        return np.sort(np.random.default_rng(cfg.seed).choice(n_valid, cfg.valid_users, replace=False))
-    return np.arange(n_valid)
-
-
 def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None,
                 splits: tuple[str, ...] = ("train", "valid"), rank: int | None = None,
                 world: int = 1) -> Stage2Inputs:
@@ -100,7 +94,7 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
         elif s == "train":
             table = read_rows(data_dir, s, shard_rows(n_train, rank, world))
         elif s == "valid":
-            picked = valid_rows(cfg, count_rows(data_dir, s))
+            picked = validation_rows(count_rows(data_dir, s), cfg.valid_users, cfg.seed)
             table = read_rows(data_dir, s, picked[shard_rows(len(picked), rank, world)])
         else:
             raise ValueError(f"load_inputs: a worker's part covers train and valid, not {s}")
@@ -159,7 +153,7 @@ class Stage2Trainer:
         # Validation users: a fixed random subset (cfg.valid_users), sharded over workers.
         vh, vt = inputs.splits["valid"]
         if not inputs.sharded:
-            pick = torch.from_numpy(valid_rows(cfg, vh.shape[0]))
+            pick = torch.from_numpy(validation_rows(vh.shape[0], cfg.valid_users, cfg.seed))
             vh, vt = vh[pick], vt[pick]
             vshard = shard_rows(vh.shape[0], ctx.rank, ctx.world_size)
             vh, vt = vh[vshard], vt[vshard]

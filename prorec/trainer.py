@@ -354,6 +354,14 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def validation_rows(n_valid: int, valid_users: int, seed: int) -> np.ndarray:
+    """The rows of valid.parquet a training stage's early stopping watches: all of them, or a fixed
+    random `valid_users` of them (sorted), the same for every worker and every resume."""
+    if 0 < valid_users < n_valid:
+        return np.sort(np.random.default_rng(seed).choice(n_valid, valid_users, replace=False))
+    return np.arange(n_valid)
+
+
 def capped_steps(steps: int, steps_per_epoch: int) -> int:
     """An epoch's steps: a whole pass (`steps`), or at most `steps_per_epoch` when that is > 0."""
     return min(steps, steps_per_epoch) if steps_per_epoch > 0 else steps

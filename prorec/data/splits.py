@@ -137,13 +137,13 @@ def read_rows(data_dir: str | Path, split: str, rows: slice | np.ndarray, column
             raise IndexError(f"read_rows: row numbers outside 0..{n - 1} of {split}.parquet")
     if len(wanted) == n and (n == 0 or (wanted[0] == 0 and bool((np.diff(wanted) == 1).all()))):
         return pf.read(columns=columns)  # every row, in order
-    groups = np.unique(np.searchsorted(starts, wanted, side="right") - 1)
+    at = np.searchsorted(starts, wanted, side="right") - 1  # the row group of every wanted row
+    groups = np.unique(at)
     if len(groups) == 0:
         return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
     table = pf.read_row_groups(groups.tolist(), columns=columns)
     # Row r of the file is row (r - starts[g]) + (rows of the groups read before g) of `table`.
     before = np.cumsum(sizes[groups]) - sizes[groups]
-    at = np.searchsorted(starts, wanted, side="right") - 1
     local = wanted - starts[at] + before[np.searchsorted(groups, at)]
     return table.take(pa.array(local))
 
