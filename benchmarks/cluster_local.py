@@ -3,11 +3,14 @@
     python benchmarks/cluster_local.py up --root runs/cluster        # start it, print its address, leave it up
     python benchmarks/cluster_local.py status --root runs/cluster
     python benchmarks/cluster_local.py down --root runs/cluster      # stop exactly its processes
+    python benchmarks/cluster_local.py faults                        # the pipeline on it, and three faults
+    python benchmarks/cluster_local.py costs                         # what Ray costs, side by side
 
 Each node is a `ray start` with its own temp dir (under /tmp/prl-<cluster id>/: Ray's socket paths
 must stay under 107 bytes, so not under --root, which holds cluster.json), its own ports, `--num-cpus 1` and a
 custom resource that names it (`node_head`, `node_w1`, `node_w2`, ...), so that a test can ask for a
-node, or check where a task or a Train worker ran. Token authentication stays on (Ray 2.60's
+node, or check where a task or a Train worker ran; worker nodes also have `worker_node` (what the
+evaluation's actors ask for in jobs/configs/cluster_local.yaml, to stay off the head). Token authentication stays on (Ray 2.60's
 default; the token is ~/.ray/auth_token, made once with `ray get-auth-token --generate`).
 
 Never `ray stop`: it would end every other Ray instance on the machine. Every process of a node
@@ -34,6 +37,9 @@ from typing import Any
 
 MARK = "PRORECLOCAL_CLUSTER"  # environment variable: "<cluster id>/<node name>"
 STATE_FILE = "cluster.json"
+# Ports a node gives its worker processes (each Ray worker process holds one: Train workers, Ray
+# Data actors, the evaluation actors, the job supervisor, ...). 8 ran out during a pipeline run.
+WORKER_PORTS = 64
 
 
 def free_ports(n: int) -> list[int]:
@@ -92,9 +98,9 @@ class LocalCluster:
     def _start_node(self, name: str) -> None:
         temp = self.temp / name
         temp.mkdir(parents=True, exist_ok=True)
-        (p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, *workers) = free_ports(7 + 8)
+        (p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, *workers) = free_ports(7 + WORKER_PORTS)
         cmd = ["ray", "start", f"--temp-dir={temp}", f"--num-cpus={self.cpus}", "--num-gpus=0",
-               f"--resources={json.dumps({f'node_{name}': 1})}", f"--node-manager-port={p_node}",
+               f"--resources={json.dumps({f'node_{name}': 1, **({} if name == 'head' else {'worker_node': 1})})}", f"--node-manager-port={p_node}",
                f"--object-manager-port={p_obj}", f"--dashboard-agent-listen-port={p_agent}",
                f"--dashboard-agent-grpc-port={p_agent_grpc}", f"--metrics-export-port={p_metrics}",
                f"--runtime-env-agent-port={p_rtenv}", f"--worker-port-list={','.join(map(str, workers))}",
@@ -166,6 +172,18 @@ class LocalCluster:
         res = json.loads(out.stdout.strip().splitlines()[-1])
         return {k: v for k, v in res.items() if k.startswith("node_")}
 
+    def node_names(self) -> dict[str, str]:
+        """{Ray node id: this cluster's name for it ("head", "w1", ...)} of the nodes alive now."""
+        code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+                "print(json.dumps({n['NodeID']: [k for k in n['Resources'] if k.startswith('node_')] "
+                "for n in ray.nodes() if n['Alive']}))")
+        env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=self.timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"cluster_local: cannot reach {self.address}: {out.stderr[-1000:]}")
+        nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        return {nid: res[0][len("node_"):] for nid, res in nodes.items() if res}
+
     def wait_for_nodes(self) -> None:
         """Until every node this cluster started (and did not kill) is alive at the head."""
         want = {node["resource"] for node in self.nodes.values()}
@@ -214,22 +232,462 @@ class LocalCluster:
         self.down()
 
 
+# ------------------------------------------------------------------------------------------------
+# The pipeline on the cluster, and the faults it must survive
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "jobs/configs/cluster_local.yaml"
+# What `--working-dir .` must not upload: run directories, results, the git history.
+EXCLUDES = ["runs/", ".git/", "benchmarks/results/", "*.egg-info/", "__pycache__/"]
+
+
+def auth_token() -> str:
+    """The cluster token `ray start` uses: RAY_AUTH_TOKEN, else ~/.ray/auth_token."""
+    return os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+
+class Jobs:
+    """`ray job submit` of jobs/pipeline.py on a LocalCluster, and watching what it does."""
+
+    def __init__(self, cluster: LocalCluster, config: str = CONFIG, overrides: tuple[str, ...] = ()) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.cluster, self.config, self.overrides = cluster, config, list(overrides)
+        # The token in the header: the SDK adds it only when RAY_AUTH_MODE=token was set before
+        # `import ray`, which a test process cannot promise.
+        self.client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {auth_token()}"})
+        self.names: dict[str, str] = {}  # Ray node id -> node name, for every node ever seen
+
+    def command(self, out: Path, *extra: str) -> list[str]:
+        """The `ray job submit` command line (the one a user types) for a pipeline run into `out`."""
+        entry = ["python", "jobs/pipeline.py", "--config", self.config, "--out", str(out), *extra, *self.overrides]
+        return ["ray", "job", "submit", "--address", self.cluster.dashboard, "--working-dir", str(REPO),
+                "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--no-wait", "--", *entry]
+
+    def submit(self, out: Path, *extra: str) -> str:
+        cmd = self.command(out, *extra)
+        sub_id = f"prorec-{uuid.uuid4().hex[:8]}"
+        cmd.insert(cmd.index("--no-wait"), f"--submission-id={sub_id}")
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray job submit failed: {(proc.stdout + proc.stderr)[-2000:]}")
+        return sub_id
+
+    def status(self, job: str) -> str:
+        return str(self.client.get_job_status(job).value)
+
+    def wait(self, job: str, timeout: float = 900.0, until: tuple[str, ...] = ("SUCCEEDED", "FAILED", "STOPPED")) -> str:
+        deadline = time.monotonic() + timeout
+        while (st := self.status(job)) not in until:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job} still {st} after {timeout:.0f} s; its logs:\n{self.logs(job)[-3000:]}")
+            time.sleep(1.0)
+        return st
+
+    def logs(self, job: str) -> str:
+        return self.client.get_job_logs(job)
+
+    def info(self, job: str) -> dict[str, Any]:
+        i = self.client.get_job_info(job)
+        return {"status": str(i.status.value), "seconds": round((i.end_time - i.start_time) / 1000, 1)
+                if i.end_time and i.start_time else None}
+
+    def stop(self, job: str) -> None:
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        subprocess.run(["ray", "job", "stop", "--address", self.cluster.dashboard, job], env=env,
+                       capture_output=True, text=True, timeout=120)
+        self.wait(job, timeout=120)
+
+    def node_names(self) -> dict[str, str]:
+        self.names.update(self.cluster.node_names())
+        return self.names
+
+    def actor_nodes(self, class_part: str) -> list[str]:
+        """Names of the nodes where alive actors whose class name contains `class_part` run."""
+        names = self.node_names()
+        code = ("import json; from ray.util.state import list_actors; "
+                f"print(json.dumps([a.node_id for a in list_actors(address={self.cluster.dashboard!r}, "
+                f"filters=[('state', '=', 'ALIVE')], limit=1000) if {class_part!r} in (a.class_name or '')]))")
+        env = {**os.environ, "RAY_ADDRESS": self.cluster.address, "RAY_AUTH_MODE": "token"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"cluster_local: the state API failed: {out.stderr[-1000:]}")
+        return sorted(names.get(n, n) for n in json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def run(self, out: Path, *extra: str, timeout: float = 900.0) -> dict[str, Any]:
+        """Submit a run, wait for it; its status, wall seconds and logs."""
+        job = self.submit(out, *extra)
+        st = self.wait(job, timeout)
+        return {"job": job, **self.info(job), "final_status": st, "logs": self.logs(job)}
+
+
+def wait_for(what: str, check, timeout: float = 300.0, every: float = 0.5):
+    """Poll `check()` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster_local: {what} did not happen within {timeout:.0f} s")
+        time.sleep(every)
+    return value
+
+
+def first_checkpoint(run: Path, stage: str) -> Path | None:
+    """The first Ray Train checkpoint of `stage` in run directory `run`, once one is complete."""
+    found = sorted((run / stage / "ray" / stage).glob("checkpoint_*/state.pt"))
+    return found[0] if found else None
+
+
+def stage_workers(run: Path, stage: str, names: dict[str, str]) -> list[list[str]]:
+    """Per attempt, the node names of a training stage's workers by rank (from its events log)."""
+    from prorec.artifacts import read_events
+
+    return [[names.get(w["node_id"], w["node_id"]) for w in e["workers"]]
+            for e in read_events(run / stage) if e["kind"] == "workers"]
+
+
+def run_summary(run: Path, names: dict[str, str]) -> dict[str, Any]:
+    """What a finished run directory says: test metrics, each stage's wall time and events, and
+    where the workers and actors ran."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    stages = {}
+    for name, rec in manifest["stages"].items():
+        stages[name] = {k: rec[k] for k in ("status", "wall_seconds", "lost_seconds", "reused_from") if k in rec}
+        stages[name]["events"] = [{k: v for k, v in e.items() if k not in ("at",)} for e in rec.get("events", [])]
+    placement = {s: stage_workers(run, s, names) for s in ("stage1", "stage2")}
+    from prorec.artifacts import read_events
+
+    actors = [e for e in read_events(run / "eval") if e["kind"] == "actors"]
+    placement["eval"] = ({names.get(n, n): c for n, c in actors[-1]["shards_by_node"].items()} if actors else {})
+    return {"metrics": json.loads((run / "eval" / "metrics.json").read_text()), "stages": stages,
+            "placement": placement}
+
+
+def same_files(a: Path, b: Path, files: list[str]) -> dict[str, bool]:
+    from prorec.artifacts import file_hash
+
+    return {f: file_hash(a / f) == file_hash(b / f) for f in files}
+
+
+def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w3") -> dict[str, Any]:
+    """Fault 1: Stage II of a rerun (`--reuse clean --from-stage stage2`) loses a worker node after
+    its first checkpoint; the benchmark starts a replacement node, as an autoscaler would."""
+    job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "stage2")
+    wait_for("stage2's first checkpoint", lambda: first_checkpoint(out, "stage2") or jobs.status(job) in ("FAILED", "SUCCEEDED"))
+    names = jobs.node_names()
+    placed = stage_workers(out, "stage2", names)[0]
+    victim = next(n for n in placed if n != "head")
+    t_kill = time.time()
+    killed = cluster.kill_node(victim)
+    cluster.add_node(replace)
+    st = jobs.wait(job)
+    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) after "
+                     "Stage II's first checkpoint; replacement node " + replace + " started",
+            "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
+
+
+def fault_eval(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w4") -> dict[str, Any]:
+    """Fault 2: the evaluation of a rerun (`--reuse clean --from-stage eval`) loses a worker node
+    that runs one of its actors, once the first users are ranked; a replacement node is started."""
+    job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "eval")
+    wait_for("the evaluation's first ranked users", lambda: "users ranked" in jobs.logs(job)
+             or jobs.status(job) in ("FAILED", "SUCCEEDED"), every=0.3)
+    nodes = [n for n in jobs.actor_nodes("Ranker") if n != "head"]
+    if not nodes:
+        raise RuntimeError("cluster_local: no evaluation actor on a worker node to kill")
+    victim = nodes[0]
+    t_kill = time.time()
+    killed = cluster.kill_node(victim)
+    cluster.add_node(replace)
+    st = jobs.wait(job)
+    return {"fault": f"SIGKILL of node {victim} ({len(killed)} processes), running an evaluation actor, after "
+                     f"the first users were ranked; replacement node {replace} started",
+            "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
+
+
+def fault_driver(cluster: LocalCluster, jobs: Jobs, out: Path) -> dict[str, Any]:
+    """Fault 3: `ray job stop` of a whole run's driver after Stage I's first checkpoint; then the very
+    same `ray job submit` command again, which skips the finished stages and resumes Stage I from
+    its checkpoint. (A run from scratch, not a `--reuse` rerun: the same command must resume, and
+    a `--from-stage` in it would start Stage I over.)"""
+    job = jobs.submit(out)
+    wait_for("stage1's first checkpoint", lambda: first_checkpoint(out, "stage1") or jobs.status(job) in ("FAILED", "SUCCEEDED"),
+             timeout=600)
+    t_kill = time.time()
+    jobs.stop(job)
+    first = jobs.info(job)
+    again = jobs.submit(out)
+    st = jobs.wait(again)
+    return {"fault": "`ray job stop` of the driver after Stage I's first checkpoint, then the same `ray job submit` again",
+            "killed": "driver", "killed_at": t_kill, "job": job, "stopped": first, "resubmitted": again,
+            "final_status": st, **jobs.info(again)}
+
+
+def compare(clean: Path, run: Path, files: list[str]) -> dict[str, Any]:
+    """A fault run against the clean one: metrics equal, and which artifacts are byte-identical."""
+    m_clean = json.loads((clean / "eval" / "metrics.json").read_text())
+    m_run = json.loads((run / "eval" / "metrics.json").read_text())
+    return {"metrics_equal": m_clean == m_run, "identical_files": same_files(clean, run, files)}
+
+
+def faults(root: Path, which: tuple[str, ...] = ("stage2", "eval", "driver"), overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The clean run, then each fault run, on a fresh 3-node cluster each (a fault leaves a cluster
+    changed). Returns everything `write_report` needs."""
+    root = Path(root).resolve()
+    shutil.rmtree(root / "runs", ignore_errors=True)
+    runs = root / "runs"
+    out: dict[str, Any] = {"config": CONFIG, "overrides": list(overrides), "runs": {}}
+    clean = runs / "clean"
+    with LocalCluster(root / "cluster", workers=2) as cluster:
+        jobs = Jobs(cluster, overrides=overrides)
+        out["command"] = " ".join(jobs.command(Path("RUN"))).replace(cluster.dashboard, "http://127.0.0.1:<dashboard port>")
+        r = jobs.run(clean)
+        (root / "clean.log").write_text(r.pop("logs"))
+        if r["final_status"] != "SUCCEEDED":
+            raise RuntimeError(f"cluster_local: the clean run ended {r['final_status']}; see {root / 'clean.log'}")
+        out["runs"]["clean"] = {**r, **run_summary(clean, jobs.node_names())}
+        print(f"clean run: {r['seconds']} s", flush=True)
+    for name in which:
+        run = runs / name
+        with LocalCluster(root / "cluster", workers=2) as cluster:
+            jobs = Jobs(cluster, overrides=overrides)
+            if name == "stage2":
+                f = fault_stage2(cluster, jobs, clean, run)
+                files = ["stage2/model.safetensors", "eval/metrics.json", "eval/predictions.parquet"]
+            elif name == "eval":
+                f = fault_eval(cluster, jobs, clean, run)
+                files = ["eval/metrics.json", "eval/predictions.parquet"]
+            else:
+                f = fault_driver(cluster, jobs, run)
+                files = ["stage1/item_embeddings.parquet", "codes/codes.parquet", "stage2/model.safetensors",
+                         "eval/metrics.json", "eval/predictions.parquet"]
+            (root / f"{name}.log").write_text(jobs.logs(f["resubmitted"] if "resubmitted" in f else f["job"]))
+            if f["final_status"] != "SUCCEEDED":
+                raise RuntimeError(f"cluster_local: the {name} fault run ended {f['final_status']}; see {root / (name + '.log')}")
+            out["runs"][name] = {**f, **run_summary(run, jobs.node_names()), **compare(clean, run, files)}
+            print(f"{name} fault run: {f['seconds']} s, metrics equal: {out['runs'][name]['metrics_equal']}", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# What Ray costs: the same work in-process, on Ray on one node, and on the local cluster
+
+COST_CONFIG = "jobs/configs/default.yaml"  # the synthetic default: 2,000 users, 600 items
+# (label, stage, Ray Train workers, CPUs (= torch threads) a worker, on the local cluster)
+TRAIN_MODES = [("in-process, 1 thread", 0, 1, False), ("Ray Train, 1 worker x 1 CPU", 1, 1, False),
+               ("in-process, 2 threads", 0, 2, False), ("Ray Train, 1 worker x 2 CPUs", 1, 2, False),
+               ("Ray Train, 2 workers x 1 CPU", 2, 1, False),
+               ("Ray Train, 2 workers x 1 CPU, local cluster", 2, 1, True)]
+EVAL_MODES = [("in-process, 2 threads", False, False), ("2 actors x 1 CPU", True, False),
+              ("2 actors x 1 CPU, local cluster", True, True)]
+
+
+def _time_one(args: argparse.Namespace) -> dict[str, Any]:
+    """(In a fresh process.) One training fit or one evaluation on the prepared run; its wall time,
+    without Ray's own start (which a pipeline pays once for all its stages)."""
+    import torch
+
+    from prorec.config import load_config
+    from prorec.pipeline import connect_ray
+
+    torch.set_num_threads(args.threads)
+    run, cfg = Path(args.run), load_config(REPO / COST_CONFIG)
+    if args.ray:
+        connect_ray()
+    t0 = time.perf_counter()
+    if args.stage == "eval":
+        from prorec.evaluate import run_evaluate
+
+        c = cfg.eval
+        c.use_ray, c.num_actors, c.cpus_per_actor = args.ray, 2, 1.0
+        run_evaluate(c, run / "data", run / "codes" / "codes.parquet", run / "stage2", Path(args.out),
+                     run / "stage1", run / "embeddings" / "semantic.parquet")
+    else:
+        c = getattr(cfg, args.stage)
+        c.num_workers, c.cpus_per_worker, c.max_epochs, c.patience = args.workers, float(args.threads), args.epochs, 99
+        if args.cluster:
+            c.placement_strategy = "STRICT_SPREAD"
+        if args.stage == "stage1":
+            from prorec.stage1 import run_stage1
+
+            run_stage1(c, run / "data", run / "embeddings" / "semantic.parquet", Path(args.out))
+        else:
+            from prorec.stage2 import run_stage2
+
+            run_stage2(c, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
+                       Path(args.out))
+    return {"seconds": time.perf_counter() - t0}
+
+
+def _timed(run: Path, stage: str, workers: int, threads: int, epochs: int, cluster: LocalCluster | None,
+           scratch: Path, ray: bool = True) -> float:
+    out = scratch / f"{stage}-{workers}x{threads}-{epochs}-{'c' if cluster else 'l'}-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_time", "--run", str(run), "--stage", stage,
+           "--workers", str(workers), "--threads", str(threads), "--epochs", str(epochs), "--out", str(out)]
+    if ray and (workers > 0 or stage == "eval"):
+        cmd.append("--ray")
+    if cluster is not None:
+        cmd.append("--cluster")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update({"OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
+    if cluster is not None:
+        env.update({"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cluster_local: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def costs(root: Path, epochs: tuple[int, int] = (1, 4)) -> dict[str, Any]:
+    """Per-epoch cost (checkpoint and report included) of Stage I and Stage II in each TRAIN_MODE,
+    from fits of epochs[0] and epochs[1] epochs: (W_long - W_short) / (difference in epochs), so
+    each mode's fixed start-up cost (Ray Train's worker group, loading the data) drops out and is
+    reported on its own; and the evaluation's wall in each EVAL_MODE. Each fit in a fresh process."""
+    root = Path(root).resolve()
+    run = root / "cost_run"
+    if not (run / "stage2" / "model.safetensors").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}}
+        subprocess.run([sys.executable, "jobs/pipeline.py", "--config", COST_CONFIG, "--out", str(run), "--until", "stage2"],
+                       env=env, check=True, cwd=REPO, capture_output=True, timeout=1800)
+    scratch = root / "cost_scratch"
+    res: dict[str, Any] = {"config": COST_CONFIG, "epochs": list(epochs), "train": {}, "eval": {}}
+    with LocalCluster(root / "cost_cluster", workers=2) as cluster:
+        for stage in ("stage1", "stage2"):
+            for label, workers, threads, on_cluster in TRAIN_MODES:
+                c = cluster if on_cluster else None
+                w = [_timed(run, stage, workers, threads, e, c, scratch) for e in epochs]
+                per = (w[1] - w[0]) / (epochs[1] - epochs[0])
+                res["train"].setdefault(stage, {})[label] = {"walls": [round(x, 2) for x in w],
+                                                             "per_epoch": round(per, 2), "fixed": round(w[0] - per, 2)}
+                print(f"costs: {stage} {label}: {res['train'][stage][label]}", flush=True)
+        for label, on_ray, on_cluster in EVAL_MODES:
+            secs = _timed(run, "eval", 0, 2 if not on_ray else 1, 0, cluster if on_cluster else None, scratch, ray=on_ray)
+            res["eval"][label] = round(secs, 2)
+            print(f"costs: eval {label}: {secs:.1f} s", flush=True)
+    return res
+
+
+def costs_md(res: dict[str, Any]) -> str:
+    e0, e1 = res["epochs"]
+    lines = ["## What Ray costs", "",
+             f"Made by `python benchmarks/cluster_local.py costs` on `{res['config']}` (2,000 users, 600 items): every fit "
+             f"in a fresh process, run for {e0} and for {e1} epochs; an epoch's cost is the difference over {e1 - e0} "
+             "epochs (training, validation, checkpoint and report), and the rest of the shorter fit is the fixed cost "
+             "(starting the worker group, loading the data). Ray's own start is left out: a pipeline pays it once. "
+             "All on this 2-core machine, one mode after another in one run.", ""]
+    for stage, modes in res["train"].items():
+        base1 = modes["in-process, 1 thread"]["per_epoch"]
+        base2 = modes["Ray Train, 1 worker x 2 CPUs"]["per_epoch"]
+        lines += [f"**{stage}**", "", "| mode | an epoch, s | vs in-process, 1 thread | vs 1 worker x 2 CPUs | fixed, s |",
+                  "|---|---|---|---|---|"]
+        for label, m in modes.items():
+            lines.append(f"| {label} | {m['per_epoch']:.2f} | {m['per_epoch'] / base1:.2f}x | {m['per_epoch'] / base2:.2f}x | {m['fixed']:.1f} |")
+        lines.append("")
+    ev = res["eval"]
+    base = ev["in-process, 2 threads"]
+    lines += ["**evaluation** (4,000 users, beam 20, the default config's reranking)", "", "| mode | wall, s | vs in-process |", "|---|---|---|"]
+    lines += [f"| {label} | {s:.1f} | {s / base:.2f}x |" for label, s in ev.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(res: dict[str, Any], path: Path) -> None:
+    """cluster_local.json and .md from what `faults` (and `costs`) measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    runs = res.get("runs", {})
+    clean = runs.get("clean", {})
+    lines = ["# The pipeline on a local 3-node Ray cluster, and the faults it survives", "",
+             "Made by `python benchmarks/cluster_local.py faults` (config `" + res.get("config", CONFIG) + "`"
+             + (", overrides " + " ".join(res["overrides"]) if res.get("overrides") else "") + ").",
+             "Each run is a real `ray job submit` on a fresh cluster of a head and two worker nodes, each its own",
+             "`ray start --num-cpus 1` on this 2-core machine, token authentication on:", "",
+             "    " + res.get("command", ""), ""]
+    if clean:
+        pl = clean["placement"]
+        lines += ["## Where the work ran (the clean run)", "",
+                  f"- Stage I's 2 Ray Train workers (rank 0, rank 1): {', '.join('/'.join(a) for a in pl['stage1'])}",
+                  f"- Stage II's 2 Ray Train workers: {', '.join('/'.join(a) for a in pl['stage2'])}",
+                  f"- the evaluation's shards by node: {pl['eval']}",
+                  "- the embedding: Ray Data (`map_batches` on an actor pool); codes and the data stage in the driver, on the head", "",
+                  f"Clean run: {clean['seconds']} s wall (job start to end). Test metrics: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in clean["metrics"]["test"].items()), ""]
+    if len(runs) > 1:
+        lines += ["## Faults", "",
+                  "| fault | killed | the run | time lost (from the manifest) | job wall, s (clean run: "
+                  + str(clean.get("seconds")) + ") | final metrics equal to the clean run's | artifacts byte-identical |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            if name == "clean":
+                continue
+            lost = {s: v["lost_seconds"] for s, v in r["stages"].items() if v.get("lost_seconds") is not None}
+            kinds = {s: [e["kind"] for e in v["events"]] for s, v in r["stages"].items() if v["events"]}
+            identical = ", ".join(f"{f}: {'yes' if ok else 'NO'}" for f, ok in r["identical_files"].items())
+            what = {"stage2": "a worker node during Stage II", "eval": "a worker node during the evaluation",
+                    "driver": "the driver during Stage I"}[name]
+            lines.append(f"| {what} | {r['killed']} | {r['final_status']}; events {kinds} | "
+                         f"{', '.join(f'{s} {v:.1f} s' for s, v in lost.items()) or '-'} | {r['seconds']} | "
+                         f"{'yes' if r['metrics_equal'] else 'NO'} | {identical} |")
+        lines += ["", "What each fault did, in the run's own words (the events its manifest records):", ""]
+        for name, r in runs.items():
+            if name == "clean":
+                continue
+            lines.append(f"- **{name}**: {r['fault']}.")
+            for s, v in r["stages"].items():
+                for e in v["events"]:
+                    e = {k: val for k, val in e.items() if k not in ("time",)}
+                    lines.append(f"  - {s}: {json.dumps(e)}")
+            pl = r["placement"]
+            lines.append(f"  - placement, per attempt: stage1 {pl['stage1']}, stage2 {pl['stage2']}; eval shards by node {pl['eval']}")
+    if "costs" in res:
+        lines += ["", costs_md(res["costs"])]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["up", "status", "down"])
-    p.add_argument("--root", default="runs/cluster", help="where the nodes' temp dirs and cluster.json go")
+    p.add_argument("action", choices=["up", "status", "down", "faults", "costs", "_time"])
+    p.add_argument("--root", default=None, help="where the cluster state goes (default runs/cluster; "
+                                                 "for faults runs/cluster_local, with the run directories)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", nargs="*", choices=["stage2", "eval", "driver"], default=["stage2", "eval", "driver"],
+                   help="faults: which fault runs (default all three)")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "cluster_local.md"))
+    p.add_argument("overrides", nargs="*", help="faults: config overrides for every run (section.key=value)")
+    for flag in ("--run", "--stage", "--out"):  # _time: one timed fit or evaluation (costs runs it)
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    for flag in ("--workers", "--threads", "--epochs"):
+        p.add_argument(flag, type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--ray", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.action == "_time":
+        print(json.dumps(_time_one(args)))
+        return 0
+    # SIGTERM (a timeout, a kill) ends this process through its `finally`s, so the clusters go down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    root = args.root or ("runs/cluster_local" if args.action == "faults" else "runs/cluster")
     if args.action == "up":
-        c = LocalCluster(args.root, args.workers).up()
+        c = LocalCluster(root, args.workers).up()
         print(json.dumps({"address": c.address, "dashboard": c.dashboard, "nodes": sorted(c.nodes),
                           "processes": len(c.pids())}))
     elif args.action == "status":
-        c = LocalCluster.attach(args.root)
+        c = LocalCluster.attach(root)
         print(json.dumps({"address": c.address, "alive": c.alive_resources(), "processes": len(c.pids())}))
-    else:
-        LocalCluster.attach(args.root).down()
+    elif args.action == "down":
+        LocalCluster.attach(root).down()
         print("down")
+    else:
+        results = Path(args.results)
+        old = json.loads(results.with_suffix(".json").read_text()) if results.with_suffix(".json").is_file() else {}
+        if args.action == "faults":
+            res = {**faults(Path(root), tuple(args.only), tuple(args.overrides)),
+                   **({"costs": old["costs"]} if "costs" in old else {})}
+        else:
+            res = {**old, "costs": costs(Path(root))}
+        write_report(res, results)
+        print(f"wrote {results} and its .json")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +72,34 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+EVENTS_FILE = "events.jsonl"  # a stage folder's log of what happened to its run (placements, faults)
+
+
+def record_event(folder: str | Path | None, kind: str, **fields: Any) -> None:
+    """Append one event ({"kind", "time" (unix seconds), "at" (UTC), ...fields}) to folder/events.jsonl.
+    The pipeline copies a stage's events into its manifest record. A line is one write of a few
+    hundred bytes, so concurrent writers (Ray workers of one stage) do not interleave."""
+    if folder is None:
+        return
+    import datetime as dt
+
+    now = time.time()
+    rec = {"kind": kind, "time": round(now, 3),
+           "at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"), **fields}
+    path = Path(folder) / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def read_events(folder: str | Path) -> list[dict[str, Any]]:
+    """The events a stage folder recorded, oldest first ([] if none)."""
+    path = Path(folder) / EVENTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -278,7 +278,7 @@ def run(cfg: SASRecTrainConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
 STAGE = Stage(
     name="sasrec", folder="sasrec", section="sasrec", run=run, inputs={"data": Input("data")},
     outputs=(SASREC_FILE, SASREC_CONFIG_FILE, METRICS_FILE, EVAL_METRICS_FILE, PREDICTIONS_FILE),
-    execution_only=frozenset({"valid_batch_size"}), added_fields={"steps_per_epoch": 0})
+    execution_only=frozenset({"valid_batch_size", "placement_strategy"}), added_fields={"steps_per_epoch": 0})
 
 
 # ----------------------------------------------------------------------------------------------

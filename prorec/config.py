@@ -107,6 +107,9 @@ class EmbedConfig:
         _check(self.num_gpus_per_actor >= 0, "embed.num_gpus_per_actor must be >= 0")
 
 
+TRAIN_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class TrainConfig:
     """Settings every trained stage shares."""
@@ -129,6 +132,10 @@ class TrainConfig:
     # 0 = a whole pass over the training rows. On a big catalogue a pass is long: a smaller "epoch"
     # validates and checkpoints more often, each epoch drawing its batches afresh.
     steps_per_epoch: int = 0
+    # Where Ray places the workers (a placement-group strategy): PACK fills a node first (Ray's
+    # default); SPREAD prefers distinct nodes; STRICT_SPREAD demands them (one worker a node), so
+    # losing a node costs at most one worker. Changes where training runs, never what it computes.
+    placement_strategy: str = "PACK"
 
     def validate(self, section: str) -> None:
         _check(self.lr > 0, f"{section}.lr must be > 0")
@@ -141,6 +148,8 @@ class TrainConfig:
         _check(self.num_workers >= 0, f"{section}.num_workers must be >= 0")
         _check(self.cpus_per_worker > 0, f"{section}.cpus_per_worker must be > 0")
         _check(self.steps_per_epoch >= 0, f"{section}.steps_per_epoch must be >= 0 (0 = a whole pass over the data)")
+        _check(self.placement_strategy in TRAIN_PLACEMENTS, f"{section}.placement_strategy must be one of "
+               f"{', '.join(TRAIN_PLACEMENTS)} (got {self.placement_strategy!r})")
 
 
 @dataclass
@@ -303,6 +312,15 @@ class EvalConfig:
     # autocasts anyway). About 2x faster on a CPU with bf16 instructions (AVX512-BF16, AMX), and not
     # bit-exact: close scores can swap places (benchmarks/results/eval_split.md measures how often).
     bf16: bool = False
+    # Where Ray places the actors: DEFAULT (Ray's: fill the nodes that have room) or SPREAD (over as
+    # many nodes as it can, so that losing one loses few shards).
+    placement_strategy: str = "DEFAULT"
+    # Custom Ray resources each actor asks for besides its CPUs and GPUs (e.g. {"worker_node": 0.01}
+    # keeps the actors off a head node that lacks that resource).
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    # How often one shard of users is ranked again after its actor was lost (a node gone, an actor
+    # killed); the lost actor restarts (Ray's max_restarts), on another node if its own is gone.
+    max_retries: int = 3
 
     @property
     def rerank_weights(self) -> dict[str, float]:
@@ -322,6 +340,10 @@ class EvalConfig:
         _check(self.num_actors >= 1, "eval.num_actors must be >= 1")
         _check(self.num_gpus_per_actor >= 0, "eval.num_gpus_per_actor must be >= 0")
         _check(self.cpus_per_actor > 0, "eval.cpus_per_actor must be > 0")
+        _check(self.placement_strategy in ("DEFAULT", "SPREAD"),
+               f"eval.placement_strategy must be DEFAULT or SPREAD (got {self.placement_strategy!r})")
+        _check(self.max_retries >= 0, "eval.max_retries must be >= 0")
+        _check(all(v > 0 for v in self.actor_resources.values()), "eval.actor_resources must ask for amounts > 0")
         for name in RERANK_FIELDS.values():
             _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
 
@@ -433,6 +455,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[]") for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -94,8 +94,9 @@ def encode_local(spec: EncoderSpec, table: pa.Table, batch_size: int) -> tuple[n
 def _actor_resources(cfg: EmbedConfig) -> tuple[float, int | None]:
     """(CPUs per actor, torch threads per actor). GPU actors: 1 CPU, torch's default threads.
 
-    CPU actors split the cluster's CPUs evenly; each runs that many torch threads (1 when there
-    are as many actors as cores), so actors do not oversubscribe the cores and thrash.
+    CPU actors split the cluster's CPUs evenly, but none asks for more than the largest node has;
+    each runs that many torch threads (1 when there are as many actors as cores), so actors do not
+    oversubscribe the cores and thrash.
     """
     import ray
 
@@ -103,6 +104,10 @@ def _actor_resources(cfg: EmbedConfig) -> tuple[float, int | None]:
         return 1.0, None
     total = float(ray.cluster_resources().get("CPU", 1.0))
     per_actor = max(1.0, total // cfg.num_actors) if total >= cfg.num_actors else total / cfg.num_actors
+    # An actor lives on one node: never ask for more CPUs than the largest node has (on a cluster of
+    # three 1-CPU nodes, one actor asking for all 3 would wait forever).
+    largest = max((float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]), default=total)
+    per_actor = min(per_actor, largest) if largest > 0 else per_actor
     return per_actor, max(1, int(per_actor))
 
 

@@ -8,9 +8,10 @@ With a rerank weight > 0 (`eval.rerank_weight`, `rerank_semantic_weight`, `reran
 the beam keeps all `beam_size` candidates and `prorec.rerank` reorders them (Stage I's DIN, semantic
 affinity, transitions): the list is still drawn from the full catalogue by the beam search.
 
-With `use_ray`, `num_actors` actors each load the model once and rank shards of users through a
-`ray.util.ActorPool`; shards are whole beam-search batches, so each user is searched in the same
-batch as in-process and the two give the same rankings.
+With `use_ray`, `num_actors` actors each load the model once and rank shards of users, each fed
+its next shard as it returns one; shards are whole beam-search batches, so each user is searched
+in the same batch as in-process and the two give the same rankings. A shard whose actor is lost
+(a node gone) is ranked again by the restarted actor (`eval.max_retries`), and counted once.
 """
 from __future__ import annotations
 
@@ -101,6 +102,17 @@ class Ranker:
         read-only, so the rows are copied before torch sees them)."""
         return self.rank(np.array(history[rows]))
 
+    def rank_rows_placed(self, history: np.ndarray, rows: slice) -> tuple[np.ndarray, str]:
+        """`rank_rows`, and the id of the Ray node this actor runs on (where each shard went)."""
+        return self.rank_rows(history, rows), self.node_id()
+
+    @staticmethod
+    def node_id() -> str:
+        """The Ray node this actor runs on (also the probe that says a restarted actor is back)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class _Progress:
     """One line on stderr each time another tenth of the users is ranked."""
@@ -126,31 +138,97 @@ def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
 
 
 def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
-                 histories: dict[str, np.ndarray], rerank_inputs: dict[str, str | None]) -> dict[str, np.ndarray]:
+                 histories: dict[str, np.ndarray], rerank_inputs: dict[str, str | None],
+                 events_dir: Path | None = None, ranker_cls: type = Ranker) -> dict[str, np.ndarray]:
+    """Rank every user on `cfg.num_actors` actors, a shard at a time, each actor fed its next shard as
+    soon as it returns one.
+
+    An actor lost with its shard (its node died, its process was killed) is restarted by Ray
+    (max_restarts), on another node if its own is gone; the shard goes back in the queue, at most
+    `cfg.max_retries` times a shard, and the actor gets work again once a probe call says it is back.
+    Results are kept by shard, and every shard must come back exactly once, so no user is lost or
+    counted twice. Each loss is recorded in events_dir/events.jsonl with the seconds the lost
+    attempt had run. (`ranker_cls`, a Ranker, is for tests that make an actor die.)"""
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     threads = max(1, int(cfg.cpus_per_actor))
-    actor_cls = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)(Ranker)
+    options: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor,
+                               "max_restarts": cfg.max_retries}
+    if cfg.actor_resources:
+        options["resources"] = dict(cfg.actor_resources)
+    if cfg.placement_strategy == "SPREAD":
+        options["scheduling_strategy"] = "SPREAD"
+    actor_cls = ray.remote(**options)(ranker_cls)
     actors = [actor_cls.remote(str(model_dir), str(codes_path), cfg, depth, threads, cfg.num_gpus_per_actor > 0,
                                **rerank_inputs)
               for _ in range(cfg.num_actors)]
     # A few shards per actor so that a slow one does not leave the others idle at the end.
     jobs = [(split, sl) for split, h in histories.items() for sl in _shards(len(h), cfg.batch_size, 4 * cfg.num_actors)]
     refs = {split: ray.put(h) for split, h in histories.items()}
-    pool = ActorPool(actors)
+    results: dict[int, np.ndarray] = {}
+    tries = [0] * len(jobs)
+    todo = list(range(len(jobs)))[::-1]  # popped from the end: in job order
+    running: dict[Any, tuple[int, Any, float]] = {}  # shard call -> (job, actor, submitted at)
+    probing: dict[Any, Any] = {}  # probe call -> an actor that lost a shard (is it back?)
+    idle = list(actors)
+    shards_by_node: dict[str, int] = {}
     try:
         progress = _Progress(sum(len(h) for h in histories.values()))
-        parts = []
-        for (_, rows), part in zip(jobs, pool.map(lambda a, job: a.rank_rows.remote(refs[job[0]], job[1]), jobs)):
-            parts.append(part)  # map yields in job order, each as soon as it and those before it are done
-            progress.add(rows.stop - rows.start)
+        while todo or running:
+            while todo and idle:
+                j, actor = todo.pop(), idle.pop()
+                running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, time.perf_counter())
+                tries[j] += 1
+            if not running and not probing:
+                raise RuntimeError("eval: every actor is gone (restarted eval.max_retries times), with shards left")
+            [ref], _ = ray.wait(list(running) + list(probing), num_returns=1)
+            if ref in probing:
+                actor = probing.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)  # back
+                except ActorUnavailableError:
+                    time.sleep(0.5)  # still restarting
+                    probing[actor.node_id.remote()] = actor
+                except ActorDiedError:
+                    pass  # out of restarts: the others carry on
+                continue
+            j, actor, t_sub = running.pop(ref)
+            try:
+                ranked, node = ray.get(ref)
+            except RayActorError as e:
+                split, rows = jobs[j]
+                print(f"eval: an actor was lost while it ranked {split} users {rows.start}-{rows.stop} "
+                      f"({type(e).__name__}); the shard is queued again (try {tries[j] + 1} of {cfg.max_retries + 1})",
+                      file=sys.stderr, flush=True)
+                from prorec.artifacts import record_event
+
+                record_event(events_dir, "actor_lost", split=split, rows=[rows.start, rows.stop], attempt=tries[j],
+                             error=type(e).__name__, lost_seconds=round(time.perf_counter() - t_sub, 2))
+                if tries[j] > cfg.max_retries:
+                    raise RuntimeError(f"eval: {split} users {rows.start}-{rows.stop} were lost with their actor "
+                                       f"{tries[j]} times (eval.max_retries={cfg.max_retries})") from e
+                todo.append(j)
+                probing[actor.node_id.remote()] = actor
+                continue
+            results[j] = ranked
+            shards_by_node[node] = shards_by_node.get(node, 0) + 1
+            idle.append(actor)
+            progress.add(jobs[j][1].stop - jobs[j][1].start)
     finally:
         for a in actors:
             ray.kill(a)
+    missing = [j for j in range(len(jobs)) if j not in results]
+    if missing:
+        raise RuntimeError(f"eval: shards {missing} were never ranked")
+    from prorec.artifacts import record_event
+
+    record_event(events_dir, "actors", actors=cfg.num_actors, shards=len(jobs), shards_by_node=shards_by_node,
+                 retried=sum(t - 1 for t in tries))
     out = {}
     for split in histories:
-        mine = [p for (s, _), p in zip(jobs, parts) if s == split]
+        mine = [results[j] for j, (s, _) in enumerate(jobs) if s == split]
         out[split] = np.concatenate(mine) if mine else np.zeros((0, depth), dtype=np.int64)
     return out
 
@@ -177,7 +255,7 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     n_users = sum(len(h) for h in histories.values())
     t0 = time.perf_counter()
     if cfg.use_ray:
-        ranked = _rank_on_ray(cfg, model_dir, codes_path, depth, histories, rerank_inputs)
+        ranked = _rank_on_ray(cfg, model_dir, codes_path, depth, histories, rerank_inputs, out_dir)
     else:
         ranker = Ranker(str(model_dir), str(codes_path), cfg, depth, use_gpu=cfg.num_gpus_per_actor > 0,
                         **rerank_inputs)
@@ -219,7 +297,8 @@ STAGE = Stage(
     inputs={"data": Input("data"), "semantic": Input("embed", "semantic.parquet"), "stage1": Input("stage1"),
             "codes": Input("codes", "codes.parquet"), "model": Input("stage2")},
     outputs=("metrics.json", "predictions.parquet"),
-    execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size"}),
+    execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size",
+                              "placement_strategy", "max_retries", "actor_resources"}),
     added_fields={"bf16": False},
     uses_ray=lambda c: c.use_ray,
     resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prorec.artifacts import file_hash, write_json
+from prorec.artifacts import file_hash, read_events, write_json
 from prorec.stages import BY_NAME, NAMES, folder_of, output_files, stage_config
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2
-# Sub-folders of a stage folder that are never reused: training checkpoints belong to their run.
-NOT_REUSED = ("ray", "checkpoint")
+# What of a stage folder is never reused: training checkpoints and the events log belong to their run.
+NOT_REUSED = ("ray", "checkpoint", "events.jsonl")
 
 
 def _now() -> str:
@@ -165,7 +165,21 @@ class Manifest:
                         "cpu_seconds": round(cpu_seconds, 3), "skipped_last_run": False,
                         "outputs": {o: file_hash(self.run_dir / o) for o in output_files(stage)}})
             rec.pop("reused_from", None)
+            self._copy_events(stage)
         self.save()
+
+    def _copy_events(self, stage: str) -> None:
+        """The stage folder's events (artifacts.record_event: where its workers ran, each resume or
+        lost actor with the seconds it cost) into its record; `lost_seconds` sums them."""
+        rec = self.data["stages"][stage]
+        events = read_events(self.run_dir / folder_of(stage))
+        rec.pop("events", None)
+        rec.pop("lost_seconds", None)
+        if events:
+            rec["events"] = events
+            lost = [e["lost_seconds"] for e in events if e.get("lost_seconds") is not None]
+            if lost:
+                rec["lost_seconds"] = round(sum(lost), 2)
 
     def adopt(self, stage: str, key: str, depends_on: dict[str, Any], source: Path) -> None:
         """Take `stage`'s finished folder from the run directory `source` (same key) and record it as done."""
@@ -182,6 +196,7 @@ class Manifest:
         rec = self.data["stages"][stage]
         rec.update({"status": "failed", "finished": _now(), "wall_seconds": round(wall_seconds, 3),
                     "error": f"{type(error).__name__}: {error}"})
+        self._copy_events(stage)
         self.save()
 
     def set_metrics(self, metrics: dict[str, Any]) -> None:

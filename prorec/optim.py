@@ -26,6 +26,13 @@ default) is not caught up: dense Adam feeds it to every row on every step, a spa
 the rows it touches. tests/test_optim.py checks the parameters against torch's Adam.
 
 Dense-gradient parameters go through torch's Adam unchanged.
+
+Data-parallel workers. DDP all-reduces the dense gradients; the row-sparse ones it is told to leave
+alone (`exclude_row_sparse_from_ddp`, which flags them), and `step` averages those over the workers
+itself (`all_reduce_row_sparse`): each worker's touched rows and their values are all-gathered with
+dense collectives and summed row by row. DDP's own sparse all-reduce over gloo corrupted the heap
+here ("double free or corruption", "malloc(): unaligned tcache chunk": a worker aborted in about
+one Stage II run in two on 2 CPU workers, Ray Train 2.60, torch 2.13).
 """
 from __future__ import annotations
 
@@ -35,6 +42,54 @@ import torch
 
 TAIL_STEPS = 256  # r^j < 1e-11 past this with Adam's default betas
 CATCH_UP_ROWS = 8192  # rows caught up at once: a block's (rows, TAIL_STEPS) float64 work is 16 MB
+
+
+ROW_SPARSE_ALL_REDUCE = "row_sparse_all_reduce"  # a parameter flag: RowSparseAdam averages its gradient over the workers
+
+
+def exclude_row_sparse_from_ddp(model: torch.nn.Module) -> list[str]:
+    """Before wrapping `model` in DDP: keep DDP away from the weights of its sparse embedding tables
+    (nn.Embedding(sparse=True)) and flag them, so that RowSparseAdam.step all-reduces their
+    gradients instead. Returns their names."""
+    names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    if names:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        params = dict(model.named_parameters())
+        for n in names:
+            setattr(params[n], ROW_SPARSE_ALL_REDUCE, True)
+    return names
+
+
+@torch.no_grad()
+def all_reduce_row_sparse(params: list[torch.Tensor]) -> None:
+    """Replace each parameter's row-sparse gradient (None = no row touched) by its mean over the
+    workers of the default process group, as DDP averages a dense one. Dense collectives only: the
+    touched-row counts, then every worker's rows and values padded to the largest count, all-gathered
+    and summed row by row (coalesce), in rank order on every worker, so every worker gets the same
+    gradient. Every worker must call it with the same parameters in the same order."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        g = p.grad
+        if g is None:
+            g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=p.device),
+                                        torch.zeros(0, *p.shape[1:], dtype=p.dtype, device=p.device), p.shape)
+        g = g.coalesce()
+        rows, values = g.indices()[0], g.values()
+        counts = [torch.zeros(1, dtype=torch.long, device=p.device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([rows.numel()], device=p.device))
+        most = int(max(int(c) for c in counts))
+        pad = most - rows.numel()
+        rows_p = torch.cat([rows, rows.new_zeros(pad)])
+        values_p = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
+        all_rows = [torch.empty_like(rows_p) for _ in range(world)]
+        all_values = [torch.empty_like(values_p) for _ in range(world)]
+        dist.all_gather(all_rows, rows_p)
+        dist.all_gather(all_values, values_p)
+        rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts)])
+        values = torch.cat([v[: int(c)] for v, c in zip(all_values, counts)]) / world
+        p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape).coalesce() if rows.numel() else None
 
 
 class RowSparseAdam(torch.optim.Adam):
@@ -47,6 +102,9 @@ class RowSparseAdam(torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        synced = [p for group in self.param_groups for p in group["params"] if getattr(p, ROW_SPARSE_ALL_REDUCE, False)]
+        if synced:
+            all_reduce_row_sparse(synced)
         sparse: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:
             for p in group["params"]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from prorec.artifacts import EVENTS_FILE, record_event
 from prorec.config import ConfigError, PipelineConfig, check_against_data, load_config, save_config
 from prorec.data.canonical import ITEMS_FILE, SEQUENCES_FILE, DataError
 from prorec.data.splits import RAW_FOLDER
@@ -242,6 +243,11 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, from_stage: str | None, sour
             out = run_dir / stage.folder
             if decision.fresh and not stage.keep_folder:
                 shutil.rmtree(out, ignore_errors=True)
+            elif decision.fresh:  # a stage that keeps its folder (its own cache) starts a new events log
+                (out / EVENTS_FILE).unlink(missing_ok=True)
+            else:  # the last driver stopped in this stage: say so in its events
+                prev = manifest.data["stages"].get(name, {})
+                record_event(out, "stage_resumed", reason=decision.reason, previous_start=prev.get("started"))
             manifest.start(name, keys[name], stage_config(cfg, name), decision.reason)
             t0, cpu0 = time.perf_counter(), time.process_time()
             try:

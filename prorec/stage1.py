@@ -356,7 +356,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Stage1Config(**config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    ctx = RayTrainContext()
+    ctx = RayTrainContext(config.get("events_dir"))
     trainer = build_trainer(cfg, Path(config["data_dir"]), config["semantic_path"], ctx)
     run_epochs(trainer, ctx, cfg.max_epochs, cfg.patience, SCORE_KEY, stop_after_epoch=config["stop_after_epoch"])
 
@@ -368,7 +368,7 @@ def _fit(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None, out_dir:
         config = {"cfg": dataclasses.asdict(cfg), "data_dir": str(data_dir),
                   "semantic_path": str(semantic_path) if semantic_path else None, "stop_after_epoch": stop_after_epoch}
         return FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage1", out_dir))
-    ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage1 ")
+    ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage1 ", events_dir=out_dir)
     return run_epochs(build_trainer(cfg, data_dir, semantic_path, ctx), ctx, cfg.max_epochs, cfg.patience,
                       SCORE_KEY, stop_after_epoch=stop_after_epoch)
 
@@ -418,7 +418,8 @@ def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None
     through whether it aligns: collaborative and concat train the same model, so one's checkpoint
     serves the other (the Beauty benchmark trains it once)."""
     c = {k: v for k, v in dataclasses.asdict(cfg).items()
-         if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker", "use_gpu", "fusion")}
+         if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker", "use_gpu", "fusion",
+                      "placement_strategy")}
     c["alignment"] = uses_alignment(cfg)
     return {"stage1": c, "train": file_hash(data_dir / "train.parquet"),
             "semantic": file_hash(semantic_path) if semantic_path else None}
@@ -521,7 +522,9 @@ STAGE = Stage(
     # din.safetensors and din_config.json too, except for fusion=semantic, which trains no DIN; and
     # adapter.safetensors and adapter_config.json for fusion=prorec, the one that trains the adapter.
     outputs=("item_embeddings.parquet", "metrics.json"),
-    # Training keeps every field in its key: the worker count changes the batches each step sees.
+    # Training keeps every field in its key but where the workers run: the worker count changes the
+    # batches each step sees.
+    execution_only=frozenset({"placement_strategy"}),
     added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

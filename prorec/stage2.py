@@ -250,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     torch.set_num_threads(max(1, int(config["stage2"]["cpus_per_worker"])))
-    _fit(config, RayTrainContext(), ray.train.torch.get_device())
+    _fit(config, RayTrainContext(config.get("events_dir")), ray.train.torch.get_device())
 
 
 def run_stage2(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None, out_dir: Path,
@@ -269,7 +269,7 @@ def run_stage2(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path:
               "stop_after_epoch": stop_after_epoch}
     t0 = time.perf_counter()
     if cfg.num_workers == 0:
-        ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage2: ")
+        ctx = LocalContext(out_dir / "checkpoint", log_prefix="stage2: ", events_dir=out_dir)
         fit = _fit(config, ctx, pick_device(cfg.use_gpu))
     else:
         fit = FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage2", out_dir))
@@ -291,7 +291,9 @@ STAGE = Stage(
     inputs={"data": Input("data"), "stage1_embeddings": Input("stage1", "item_embeddings.parquet"),
             "codes": Input("codes", "codes.parquet")},
     outputs=(MODEL_FILE, CONFIG_FILE, METRICS_FILE),
-    # Training keeps every field in its key: the worker count changes the batches each step sees.
+    # Training keeps every field in its key but where the workers run: the worker count changes the
+    # batches each step sees.
+    execution_only=frozenset({"placement_strategy"}),
     added_fields={"steps_per_epoch": 0, "sparse_grads": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -124,10 +125,15 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, ckpt_dir: str | Path | None, log_prefix: str = "", verbose: bool = True):
+    def __init__(self, ckpt_dir: str | Path | None, log_prefix: str = "", verbose: bool = True,
+                 events_dir: str | Path | None = None):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         self.log_prefix = log_prefix
         self.verbose = verbose
+        self.events_dir = events_dir  # where run_epochs records a resume (artifacts.record_event)
+
+    def placement(self) -> list[dict[str, Any]] | None:
+        return None  # this process: nothing to say
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -192,17 +198,39 @@ def _load_checkpoint_dir(ckpt: Any) -> dict[str, Any] | None:
 class RayTrainContext:
     """Inside a Ray Train worker. Every rank calls `report` once an epoch (it is a barrier)."""
 
-    def __init__(self) -> None:
+    def __init__(self, events_dir: str | Path | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        self.events_dir = events_dir
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where every rank of this worker group runs ([{"rank", "node_id", "node_ip"}], by rank),
+        gathered on every rank (a collective: every rank calls it)."""
+        import ray
+
+        mine = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
+        if self.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        return sorted(every, key=lambda w: w["rank"])
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the workers; the sparse item tables are left to RowSparseAdam (prorec.optim)."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model) if self.world_size > 1 else model
+        if self.world_size == 1:
+            return model
+        from prorec.optim import exclude_row_sparse_from_ddp
+
+        exclude_row_sparse_from_ddp(model)
+        return ray.train.torch.prepare_model(model)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         import ray.train
@@ -229,9 +257,13 @@ class TuneContext:
 
     rank = 0
     world_size = 1
+    events_dir = None
 
     def __init__(self, describe: Callable[[dict[str, Any]], str]) -> None:
         self.describe = describe
+
+    def placement(self) -> None:
+        return None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -254,15 +286,24 @@ def fit_on_ray(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, An
                out_dir: str | Path, max_failures: int = 2) -> dict[str, Any]:
     """Run `loop` on a Ray Train `TorchTrainer` with cfg's workers (cfg: a TrainConfig) and return the
     last checkpoint's state. Checkpoints go under out_dir/ray/<name>, so a rerun with the same
-    out_dir resumes from the latest one; a failed run raises with Ray's error as the cause."""
+    out_dir resumes from the latest one; a failed run raises with Ray's error as the cause.
+
+    Losing a worker (its process, or its node) restarts the whole group from the last checkpoint, at
+    most `max_failures` times (Ray Train's FailureConfig), with the same number of workers: on a
+    replacement node, or on the room the others have left. A fixed size, not Ray's elastic
+    (min, max) workers, because the worker count sets each step's batch: a resumed run computes
+    what an uninterrupted one does. The loop gets `events_dir` (out_dir) in its config, where
+    run_epochs records each attempt's placement and each resume (`artifacts.record_event`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = (Path(out_dir) / "ray").resolve()
+    _check_spread(cfg, name)
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config,
+        loop, train_loop_config={**loop_config, "events_dir": str(Path(out_dir).resolve())},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -276,6 +317,21 @@ def fit_on_ray(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, An
     if state is None:
         raise RuntimeError(f"{name} on Ray Train left no readable checkpoint (see {storage / name})")
     return state
+
+
+def _check_spread(cfg: Any, name: str) -> None:
+    """STRICT_SPREAD puts each worker on its own node: with fewer nodes alive than workers, the
+    worker group cannot start until more join (an autoscaler), and Ray says so only after a minute.
+    Say it now, with the fix."""
+    import ray
+
+    if cfg.placement_strategy != "STRICT_SPREAD" or cfg.num_workers <= 1:
+        return
+    alive = sum(1 for n in ray.nodes() if n["Alive"])
+    if alive < cfg.num_workers:
+        print(f"{name}: warning: placement_strategy=STRICT_SPREAD needs {cfg.num_workers} nodes, one a worker, and "
+              f"{alive} is alive: the workers wait until an autoscaler adds nodes. Fix: {name}.placement_strategy=SPREAD "
+              f"(distinct nodes where it can) or PACK", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -301,12 +357,24 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
     """
     start, best, best_state, best_metrics, bad, history = 0, -math.inf, None, {}, 0, []
     saved = ctx.load_checkpoint()
+    placement = ctx.placement()  # a collective on Ray Train: every rank, before anything else
     if saved is not None:
         trainer.load_state_dict(saved["trainer"])
         start, best, bad = saved["epoch"] + 1, saved["best_score"], saved["bad_epochs"]
         best_state, best_metrics, history = saved["best_model"], saved["best_metrics"], saved["history"]
         if ctx.rank == 0:
             print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
+            # The time lost: from the checkpoint to this resume (the work after the checkpoint that
+            # was thrown away, noticing the failure, restarting, reloading the data).
+            saved_at = saved.get("saved_at")
+            from prorec.artifacts import record_event
+
+            record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved_at,
+                         lost_seconds=round(time.time() - saved_at, 2) if saved_at else None)
+    if placement is not None and ctx.rank == 0:
+        from prorec.artifacts import record_event
+
+        record_event(ctx.events_dir, "workers", start_epoch=start, workers=placement)
     for epoch in range(start, max_epochs):
         if bad >= patience:
             break
@@ -326,7 +394,7 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         history.append(metrics)
         ctx.report(metrics, {"trainer": trainer.state_dict(), "epoch": epoch, "best_score": best,
                              "bad_epochs": bad, "best_model": best_state, "best_metrics": best_metrics,
-                             "history": history})
+                             "history": history, "saved_at": time.time()})
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if best_state is None:

@@ -45,3 +45,38 @@ def test_three_nodes_place_work_by_node_and_survive_losing_one(tmp_path):
     finally:
         assert not cluster.pids(), "the cluster left processes behind"
     assert (tmp_path / "cluster" / "cluster.json").is_file() and not cluster.temp.exists()
+
+
+@pytest.mark.timeout(600)
+def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
+    """`ray job submit` of jobs/configs/cluster_local.yaml on the 3-node cluster: Stage I and II on
+    2 workers on distinct nodes, the evaluation's actors on both worker nodes. Then a rerun of Stage
+    II loses a worker node after its first checkpoint: Ray Train restarts the group from that
+    checkpoint, and the run ends with the clean run's model and metrics, bit for bit, its manifest
+    recording the loss and its cost. No process of the cluster is left behind, pass or fail."""
+    from benchmarks.cluster_local import Jobs, compare, fault_stage2, run_summary
+
+    cluster = LocalCluster(tmp_path / "cluster", workers=2)
+    try:
+        with cluster:
+            jobs = Jobs(cluster)
+            clean = jobs.run(tmp_path / "clean")
+            assert clean["final_status"] == "SUCCEEDED", clean["logs"][-3000:]
+            names = jobs.node_names()
+            first = run_summary(tmp_path / "clean", names)
+            for stage in ("stage1", "stage2"):
+                ranks = first["placement"][stage][-1]
+                assert len(ranks) == 2 and len(set(ranks)) == 2, (stage, first["placement"])
+            assert set(first["placement"]["eval"]) == {"w1", "w2"}, first["placement"]
+            fault = fault_stage2(cluster, jobs, tmp_path / "clean", tmp_path / "fault")
+            assert fault["final_status"] == "SUCCEEDED", jobs.logs(fault["job"])[-3000:]
+            after = run_summary(tmp_path / "fault", jobs.node_names())
+    finally:
+        assert not cluster.pids(), "the cluster left processes behind"
+    same = compare(tmp_path / "clean", tmp_path / "fault", ["stage2/model.safetensors", "eval/predictions.parquet"])
+    assert same["metrics_equal"] and all(same["identical_files"].values()), same
+    events = after["stages"]["stage2"]["events"]
+    resumed = [e for e in events if e["kind"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["lost_seconds"] > 0 and after["stages"]["stage2"]["lost_seconds"] > 0
+    attempts = after["placement"]["stage2"]
+    assert len(attempts) == 2 and fault["killed"] in attempts[0] and fault["killed"] not in attempts[1]

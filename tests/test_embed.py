@@ -182,3 +182,20 @@ def test_unknown_model_offline_error_says_what_to_pass(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderNotFoundError, match="without config.json"):
         resolve_encoder(EmbedConfig(model=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("nodes, actors, want", [
+    ([2.0], 1, (2.0, 2)),            # one 2-core machine, one actor: both cores, 2 threads
+    ([2.0], 2, (1.0, 1)),            # two actors share them
+    ([1.0, 1.0, 1.0], 1, (1.0, 1)),  # three 1-CPU nodes: one actor cannot span nodes
+    ([4.0, 1.0], 1, (4.0, 4)),
+])
+def test_a_cpu_actor_never_asks_for_more_cpus_than_one_node_has(monkeypatch, nodes, actors, want):
+    import ray
+
+    from prorec.embed import _actor_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": sum(nodes)})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": c}} for c in nodes]
+                        + [{"Alive": False, "Resources": {"CPU": 64.0}}])  # a dead node does not count
+    assert _actor_resources(EmbedConfig(num_actors=actors)) == want

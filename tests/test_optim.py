@@ -148,3 +148,74 @@ def test_din_trains_to_the_same_weights_with_a_sparse_item_table():
     for (name, a), b in zip(din.state_dict().items(), twin.state_dict().values()):
         loose = name in ("score_mlp.lin2.bias", "score_mlp.out.bias")
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-3 if loose else 1e-5, msg=name)
+
+
+def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One of `world` gloo processes: a sparse table and a dense layer under DDP, the table left to
+    RowSparseAdam, trained a few steps on rank-specific rows (rank 1 touches none of `other` on step 0)."""
+    import torch.distributed as dist
+
+    from prorec.optim import RowSparseAdam, exclude_row_sparse_from_ddp
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(50, 4, sparse=True),
+                                 "other": torch.nn.Embedding(50, 4, sparse=True), "lin": torch.nn.Linear(4, 1)})
+
+    class Net(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, rows, other):
+            x = self.m["emb"](rows).sum(1)
+            if other is not None:
+                x = x + self.m["other"](other).sum(1)
+            return self.m["lin"](x).pow(2).mean()
+
+    net = Net(model)
+    assert exclude_row_sparse_from_ddp(net) == ["m.emb.weight", "m.other.weight"]
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = RowSparseAdam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(4):
+        rows = torch.randint(1, 50, (6, 3), generator=g)
+        other = None if (rank == 1 and step == 0) else torch.randint(1, 50, (6, 2), generator=g)
+        opt.zero_grad(set_to_none=True)
+        ddp(rows, other).backward()
+        opt.step()
+    opt.flush()
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_row_sparse_gradients_average_over_workers_like_dense_ddp(tmp_path):
+    """Two gloo workers: the sparse tables, all-reduced by RowSparseAdam instead of DDP, train to the
+    weights one process reaches on the mean of the two workers' gradients; and both workers hold the
+    same weights."""
+    import torch.multiprocessing as mp
+
+    world, out = 2, str(tmp_path / "w")
+    mp.spawn(_ddp_worker, args=(world, f"file://{tmp_path / 'init'}", out), nprocs=world, join=True)
+    w0, w1 = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    # The reference: one process, the mean of both workers' losses (= the mean gradient).
+    torch.manual_seed(0)
+    ref = torch.nn.ModuleDict({"emb": torch.nn.Embedding(50, 4, sparse=True), "other": torch.nn.Embedding(50, 4, sparse=True),
+                               "lin": torch.nn.Linear(4, 1)})
+    opt = RowSparseAdam(ref.parameters(), lr=0.05)
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(world)]
+    for step in range(4):
+        loss = 0.0
+        for r in range(world):
+            rows = torch.randint(1, 50, (6, 3), generator=gens[r])
+            x = ref["emb"](rows).sum(1)
+            if not (r == 1 and step == 0):
+                x = x + ref["other"](torch.randint(1, 50, (6, 2), generator=gens[r])).sum(1)
+            loss = loss + ref["lin"](x).pow(2).mean() / world
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    opt.flush()
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(w0[k], v, atol=1e-6), k

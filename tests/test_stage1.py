@@ -183,6 +183,12 @@ def test_two_ray_workers_reach_the_quality_of_one_and_resume(ray_session, tiny_d
         recalls[workers] = m["valid"]["recall@10"]
     # resumed, not restarted: the first three epochs are the checkpointed ones, timings included
     assert m["history"][:3] == first["history"]
+    # the events log says so: two attempts placed, the second resumed from epoch 2 and what it cost
+    from prorec.artifacts import read_events
+
+    events = read_events(tmp_path / "w2")
+    assert [e["kind"] for e in events] == ["workers", "resumed", "workers"]
+    assert events[1]["from_epoch"] == 2 and events[1]["lost_seconds"] >= 0 and events[2]["start_epoch"] == 3
     assert recalls[1] > 0.2 and abs(recalls[2] - recalls[1]) < 0.08, recalls
 
 

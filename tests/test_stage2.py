@@ -198,6 +198,44 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
         (tmp_path / "localdin" / "metrics.json").read_text())
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, trained, artifacts, tmp_path):
+    """An actor's process dies in the middle of its first shard (as when its node is lost): Ray
+    restarts it, the shard is ranked again, and the rankings equal the in-process ones, every user
+    exactly once; the loss is recorded with the seconds it cost."""
+    import os
+
+    from prorec.artifacts import read_events
+    from prorec.data.history import history_tensor
+    from prorec.evaluate import Ranker, _rank_on_ray
+
+    marker = tmp_path / "died"
+
+    class DiesOnce(Ranker):  # defined here, so Ray ships it by value to the actors
+        def rank_rows_placed(self, history, rows):
+            if rows.start > 0 and not os.path.exists(marker):  # one shard past the first, once
+                open(marker, "w").close()
+                os._exit(1)
+            return super().rank_rows_placed(history, rows)
+
+    cfg = EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=16, max_retries=2)
+    tables = {s: read_split(artifacts["data"], s) for s in ("valid", "test")}
+    histories = {s: history_tensor(t.column("history"), 20).numpy() for s, t in tables.items()}
+    inputs = {"stage1_dir": None, "semantic_path": None, "data_dir": str(artifacts["data"])}
+    pooled = _rank_on_ray(cfg, trained, artifacts["codes"], 20, histories, inputs, tmp_path, ranker_cls=DiesOnce)
+    local = Ranker(str(trained), str(artifacts["codes"]), cfg, 20, **inputs)
+    assert marker.exists()
+    for s, h in histories.items():
+        assert pooled[s].shape == (len(h), 20)
+        assert np.array_equal(pooled[s], local.rank(h))
+    events = read_events(tmp_path)
+    lost = [e for e in events if e["kind"] == "actor_lost"]
+    assert len(lost) == 1 and lost[0]["lost_seconds"] >= 0 and "Actor" in lost[0]["error"]
+    done = [e for e in events if e["kind"] == "actors"][-1]
+    assert done["retried"] == 1 and sum(done["shards_by_node"].values()) == done["shards"]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
@@ -208,6 +246,10 @@ def test_ray_train_with_two_workers(ray_session, artifacts, tmp_path):
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
     assert (out / "ray" / "stage2").is_dir()
+    from prorec.artifacts import read_events
+
+    [workers] = [e for e in read_events(out) if e["kind"] == "workers"]  # one attempt, both ranks placed
+    assert [w["rank"] for w in workers["workers"]] == [0, 1] and all(w["node_id"] for w in workers["workers"])
     assert metrics["best"]["valid_ndcg@10"] == max(h["valid_ndcg@10"] for h in metrics["history"])
     # The saved model is the best epoch's: the two workers' validation shards add up to every user's.
     assert valid_ndcg10(load_generator(out), artifacts) == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-3)
