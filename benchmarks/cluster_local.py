@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="faults: config overrides for every run (section.key=value)")
     for flag in ("--run", "--stage", "--out"):  # _time: one timed fit or evaluation (costs runs it)
         p.add_argument(flag, help=argparse.SUPPRESS)
-    for flag in ("--workers", "--threads", "--epochs"):
+    for flag in ("--threads", "--epochs"):  # (and --workers: the Ray Train workers)
         p.add_argument(flag, type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--ray", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
