@@ -320,10 +320,10 @@ def wait_for(what: str, check, timeout: float = 300.0, every: float = 0.5):
     return value
 
 
-def first_checkpoint(run: Path, stage: str) -> Path | None:
-    """The first Ray Train checkpoint of `stage` in run directory `run`, once one is complete."""
-    found = sorted((run / stage / "ray" / stage).glob("checkpoint_*/state.pt"))
-    return found[0] if found else None
+def checkpoint_written(run: Path, stage: str, n: int = 1) -> bool:
+    """Whether `stage` in run directory `run` has written at least n Ray Train checkpoints. (The n-th
+    on disk means the (n-1)-th is registered: Ray Train copies a checkpoint before it records it.)"""
+    return len(list((run / stage / "ray" / stage).glob("checkpoint_*/state.pt"))) >= n
 
 
 def stage_workers(run: Path, stage: str, names: dict[str, str]) -> list[list[str]]:
@@ -358,20 +358,20 @@ def same_files(a: Path, b: Path, files: list[str]) -> dict[str, bool]:
 
 
 def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w3") -> dict[str, Any]:
-    """Fault 1: Stage II of a rerun (`--reuse clean --from-stage stage2`) loses a worker node after
-    its first checkpoint; the benchmark starts a replacement node, as an autoscaler would."""
+    """Fault 1: Stage II of a rerun (`--reuse clean --from-stage stage2`) loses a worker node once
+    its second checkpoint is on disk; the benchmark starts a replacement node, as an autoscaler would."""
     names = jobs.node_names()  # before: the kill must come while Stage II still trains
     job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "stage2")
-    wait_for("stage2's first checkpoint", lambda: first_checkpoint(out, "stage2") or jobs.status(job) in ("FAILED", "SUCCEEDED"),
-             every=0.2)
+    wait_for("stage2's second checkpoint", lambda: checkpoint_written(out, "stage2", 2)
+             or jobs.status(job) in ("FAILED", "SUCCEEDED"), every=0.2)
     placed = stage_workers(out, "stage2", names)[0]
     victim = next(n for n in placed if n != "head")
     t_kill = time.time()
     killed = cluster.kill_node(victim)
     cluster.add_node(replace)
     st = jobs.wait(job)
-    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) after "
-                     "Stage II's first checkpoint; replacement node " + replace + " started",
+    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) once "
+                     "Stage II's second checkpoint was on disk; replacement node " + replace + " started",
             "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
 
 
@@ -395,19 +395,20 @@ def fault_eval(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replac
 
 
 def fault_driver(cluster: LocalCluster, jobs: Jobs, out: Path) -> dict[str, Any]:
-    """Fault 3: `ray job stop` of a whole run's driver after Stage I's first checkpoint; then the very
+    """Fault 3: `ray job stop` of a whole run's driver once Stage I's second checkpoint is on disk; then the very
     same `ray job submit` command again, which skips the finished stages and resumes Stage I from
     its checkpoint. (A run from scratch, not a `--reuse` rerun: the same command must resume, and
     a `--from-stage` in it would start Stage I over.)"""
     job = jobs.submit(out)
-    wait_for("stage1's first checkpoint", lambda: first_checkpoint(out, "stage1") or jobs.status(job) in ("FAILED", "SUCCEEDED"),
-             timeout=600)
+    wait_for("stage1's second checkpoint", lambda: checkpoint_written(out, "stage1", 2)
+             or jobs.status(job) in ("FAILED", "SUCCEEDED"), timeout=600, every=0.2)
     t_kill = time.time()
     jobs.stop(job)
     first = jobs.info(job)
     again = jobs.submit(out)
     st = jobs.wait(again)
-    return {"fault": "`ray job stop` of the driver after Stage I's first checkpoint, then the same `ray job submit` again",
+    return {"fault": "`ray job stop` of the driver once Stage I's second checkpoint was on disk, then the same "
+                     "`ray job submit` again",
             "killed": "driver", "killed_at": t_kill, "job": job, "stopped": first, "resubmitted": again,
             "final_status": st, **jobs.info(again)}
 
@@ -604,8 +605,8 @@ def write_report(res: dict[str, Any], path: Path) -> None:
                   + ", ".join(f"{k} {v:.4f}" for k, v in clean["metrics"]["test"].items()), ""]
     if len(runs) > 1:
         lines += ["## Faults", "",
-                  "| fault | killed | the run | time lost (from the manifest) | job wall, s (clean run: "
-                  + str(clean.get("seconds")) + ") | final metrics equal to the clean run's | artifacts byte-identical |",
+                  "| fault | killed | the run | time lost (from the manifest) | the struck stage's wall, s: this run / clean run "
+                  "| final metrics equal to the clean run's | artifacts byte-identical |",
                   "|---|---|---|---|---|---|---|"]
         for name, r in runs.items():
             if name == "clean":
@@ -615,8 +616,12 @@ def write_report(res: dict[str, Any], path: Path) -> None:
             identical = ", ".join(f"{f}: {'yes' if ok else 'NO'}" for f, ok in r["identical_files"].items())
             what = {"stage2": "a worker node during Stage II", "eval": "a worker node during the evaluation",
                     "driver": "the driver during Stage I"}[name]
+            struck = {"stage2": "stage2", "eval": "eval", "driver": "stage1"}[name]
+            walls = f"{r['stages'][struck].get('wall_seconds')} / {clean['stages'][struck].get('wall_seconds')}"
+            if name == "driver":
+                walls += " (this run: the resumed driver's part only)"
             lines.append(f"| {what} | {r['killed']} | {r['final_status']}; events {kinds} | "
-                         f"{', '.join(f'{s} {v:.1f} s' for s, v in lost.items()) or '-'} | {r['seconds']} | "
+                         f"{', '.join(f'{s} {v:.1f} s' for s, v in lost.items()) or '-'} | {walls} | "
                          f"{'yes' if r['metrics_equal'] else 'NO'} | {identical} |")
         lines += ["", "What each fault did, in the run's own words (the events its manifest records):", ""]
         for name, r in runs.items():

@@ -372,8 +372,12 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
             record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved_at,
                          lost_seconds=round(time.time() - saved_at, 2) if saved_at else None)
     if placement is not None and ctx.rank == 0:
-        from prorec.artifacts import record_event
+        from prorec.artifacts import read_events, record_event
 
+        before = [e for e in read_events(ctx.events_dir) if e["kind"] == "workers"] if ctx.events_dir else []
+        if saved is None and before:  # a restart with no checkpoint yet: everything since the last start is lost
+            record_event(ctx.events_dir, "restarted", from_epoch=None,
+                         lost_seconds=round(time.time() - before[-1]["time"], 2))
         record_event(ctx.events_dir, "workers", start_epoch=start, workers=placement)
     for epoch in range(start, max_epochs):
         if bad >= patience:
