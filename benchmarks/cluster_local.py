@@ -320,10 +320,16 @@ def wait_for(what: str, check, timeout: float = 300.0, every: float = 0.5):
     return value
 
 
-def checkpoint_written(run: Path, stage: str, n: int = 1) -> bool:
-    """Whether `stage` in run directory `run` has written at least n Ray Train checkpoints. (The n-th
-    on disk means the (n-1)-th is registered: Ray Train copies a checkpoint before it records it.)"""
-    return len(list((run / stage / "ray" / stage).glob("checkpoint_*/state.pt"))) >= n
+def checkpoint_registered(run: Path, stage: str) -> bool:
+    """Whether Ray Train has registered a checkpoint of `stage` in run directory `run`: listed in its
+    checkpoint_manager_snapshot.json. A checkpoint on disk is not enough: the controller collects
+    the workers' reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and a report of a rank 0
+    that dies before that is lost, checkpoint and all (results/cluster_local_strike_early.md)."""
+    path = run / stage / "ray" / stage / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(path.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not there yet, or being written
+        return False
 
 
 def stage_workers(run: Path, stage: str, names: dict[str, str]) -> list[list[str]]:
@@ -359,10 +365,10 @@ def same_files(a: Path, b: Path, files: list[str]) -> dict[str, bool]:
 
 def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w3") -> dict[str, Any]:
     """Fault 1: Stage II of a rerun (`--reuse clean --from-stage stage2`) loses a worker node once
-    its second checkpoint is on disk; the benchmark starts a replacement node, as an autoscaler would."""
+    Ray Train has registered its first checkpoint; the benchmark starts a replacement node, as an autoscaler would."""
     names = jobs.node_names()  # before: the kill must come while Stage II still trains
     job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "stage2")
-    wait_for("stage2's second checkpoint", lambda: checkpoint_written(out, "stage2", 2)
+    wait_for("stage2's first registered checkpoint", lambda: checkpoint_registered(out, "stage2")
              or jobs.status(job) in ("FAILED", "SUCCEEDED"), every=0.2)
     placed = stage_workers(out, "stage2", names)[0]
     victim = next(n for n in placed if n != "head")
@@ -370,8 +376,7 @@ def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, repl
     killed = cluster.kill_node(victim)
     cluster.add_node(replace)
     st = jobs.wait(job)
-    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) once "
-                     "Stage II's second checkpoint was on disk; replacement node " + replace + " started",
+    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) x; replacement node " + replace + " started",
             "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
 
 
@@ -395,20 +400,21 @@ def fault_eval(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replac
 
 
 def fault_driver(cluster: LocalCluster, jobs: Jobs, out: Path) -> dict[str, Any]:
-    """Fault 3: `ray job stop` of a whole run's driver once Stage I's second checkpoint is on disk; then the very
+    """Fault 3: `ray job stop` of a whole run's driver once Ray Train has registered Stage I's first
+    checkpoint; then the very
     same `ray job submit` command again, which skips the finished stages and resumes Stage I from
     its checkpoint. (A run from scratch, not a `--reuse` rerun: the same command must resume, and
     a `--from-stage` in it would start Stage I over.)"""
     job = jobs.submit(out)
-    wait_for("stage1's second checkpoint", lambda: checkpoint_written(out, "stage1", 2)
+    wait_for("stage1's first registered checkpoint", lambda: checkpoint_registered(out, "stage1")
              or jobs.status(job) in ("FAILED", "SUCCEEDED"), timeout=600, every=0.2)
     t_kill = time.time()
     jobs.stop(job)
     first = jobs.info(job)
     again = jobs.submit(out)
     st = jobs.wait(again)
-    return {"fault": "`ray job stop` of the driver once Stage I's second checkpoint was on disk, then the same "
-                     "`ray job submit` again",
+    return {"fault": "`ray job stop` of the driver once Ray Train had registered Stage I's first checkpoint, then "
+                     "the same `ray job submit` again",
             "killed": "driver", "killed_at": t_kill, "job": job, "stopped": first, "resubmitted": again,
             "final_status": st, **jobs.info(again)}
 
