@@ -161,27 +161,24 @@ class LocalCluster:
         self._start_node(name)
         self.wait_for_nodes()
 
-    def alive_resources(self) -> dict[str, float]:
-        """The custom node resources the head reports alive now ({"node_head": 1.0, ...})."""
-        code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-                "print(json.dumps(ray.cluster_resources()))")
+    def ask(self, expression: str) -> Any:
+        """The JSON value of a Python expression evaluated by a fresh driver connected to the cluster
+        (a separate process: this one may never `import ray` under token authentication's rules)."""
+        code = f"import json, ray; ray.init(address='auto', logging_level='ERROR'); print(json.dumps({expression}))"
         env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=self.timeout)
         if out.returncode != 0:
             raise RuntimeError(f"cluster_local: cannot reach {self.address}: {out.stderr[-1000:]}")
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        return {k: v for k, v in res.items() if k.startswith("node_")}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def alive_resources(self) -> dict[str, float]:
+        """The custom node resources the head reports alive now ({"node_head": 1.0, ...})."""
+        return {k: v for k, v in self.ask("ray.cluster_resources()").items() if k.startswith("node_")}
 
     def node_names(self) -> dict[str, str]:
         """{Ray node id: this cluster's name for it ("head", "w1", ...)} of the nodes alive now."""
-        code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-                "print(json.dumps({n['NodeID']: [k for k in n['Resources'] if k.startswith('node_')] "
-                "for n in ray.nodes() if n['Alive']}))")
-        env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=self.timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"cluster_local: cannot reach {self.address}: {out.stderr[-1000:]}")
-        nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        nodes = self.ask("{n['NodeID']: [k for k in n['Resources'] if k.startswith('node_')] "
+                         "for n in ray.nodes() if n['Alive']}")
         return {nid: res[0][len("node_"):] for nid, res in nodes.items() if res}
 
     def wait_for_nodes(self) -> None:
