@@ -532,7 +532,7 @@ def _timed(run: Path, stage: str, workers: int, threads: int, epochs: int, clust
     return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def costs(root: Path, epochs: tuple[int, int] = (1, 4)) -> dict[str, Any]:
+def costs(root: Path, epochs: tuple[int, int] = (1, 6)) -> dict[str, Any]:
     """Per-epoch cost (checkpoint and report included) of Stage I and Stage II in each TRAIN_MODE,
     from fits of epochs[0] and epochs[1] epochs: (W_long - W_short) / (difference in epochs), so
     each mode's fixed start-up cost (Ray Train's worker group, loading the data) drops out and is
