@@ -471,6 +471,7 @@ TRAIN_MODES = [("in-process, 1 thread", 0, 1, False), ("Ray Train, 1 worker x 1 
                ("in-process, 2 threads", 0, 2, False), ("Ray Train, 1 worker x 2 CPUs", 1, 2, False),
                ("Ray Train, 2 workers x 1 CPU", 2, 1, False),
                ("Ray Train, 2 workers x 1 CPU, local cluster", 2, 1, True)]
+EVAL_BEAM = 200  # the project's default beam for a reranked evaluation: enough work to time
 EVAL_MODES = [("in-process, 2 threads", False, False), ("2 actors x 1 CPU", True, False),
               ("2 actors x 1 CPU, local cluster", True, True)]
 
@@ -492,7 +493,7 @@ def _time_one(args: argparse.Namespace) -> dict[str, Any]:
         from prorec.evaluate import run_evaluate
 
         c = cfg.eval
-        c.use_ray, c.num_actors, c.cpus_per_actor = args.ray, 2, 1.0
+        c.use_ray, c.num_actors, c.cpus_per_actor, c.beam_size = args.ray, 2, 1.0, EVAL_BEAM
         run_evaluate(c, run / "data", run / "codes" / "codes.parquet", run / "stage2", Path(args.out),
                      run / "stage1", run / "embeddings" / "semantic.parquet")
     else:
@@ -532,11 +533,13 @@ def _timed(run: Path, stage: str, workers: int, threads: int, epochs: int, clust
     return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def costs(root: Path, epochs: tuple[int, int] = (1, 6)) -> dict[str, Any]:
+def costs(root: Path, epochs: tuple[int, int] = (1, 6), parts: tuple[str, ...] = ("stage1", "stage2", "eval"),
+          old: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-epoch cost (checkpoint and report included) of Stage I and Stage II in each TRAIN_MODE,
     from fits of epochs[0] and epochs[1] epochs: (W_long - W_short) / (difference in epochs), so
     each mode's fixed start-up cost (Ray Train's worker group, loading the data) drops out and is
-    reported on its own; and the evaluation's wall in each EVAL_MODE. Each fit in a fresh process."""
+    reported on its own; and the evaluation's wall in each EVAL_MODE (at beam EVAL_BEAM). Each fit in
+    a fresh process. Only `parts` are measured; the others are kept from `old` (an earlier result)."""
     root = Path(root).resolve()
     run = root / "cost_run"
     if not (run / "stage2" / "model.safetensors").is_file():
@@ -545,9 +548,12 @@ def costs(root: Path, epochs: tuple[int, int] = (1, 6)) -> dict[str, Any]:
         subprocess.run([sys.executable, "jobs/pipeline.py", "--config", COST_CONFIG, "--out", str(run), "--until", "stage2"],
                        env=env, check=True, cwd=REPO, capture_output=True, timeout=1800)
     scratch = root / "cost_scratch"
-    res: dict[str, Any] = {"config": COST_CONFIG, "epochs": list(epochs), "train": {}, "eval": {}}
+    old = old or {}
+    res: dict[str, Any] = {"config": COST_CONFIG, "epochs": list(epochs), "eval_beam": EVAL_BEAM,
+                           "train": {k: v for k, v in old.get("train", {}).items() if k not in parts},
+                           "eval": {} if "eval" in parts else old.get("eval", {})}
     with LocalCluster(root / "cost_cluster", workers=2) as cluster:
-        for stage in ("stage1", "stage2"):
+        for stage in [p for p in ("stage1", "stage2") if p in parts]:
             for label, workers, threads, on_cluster in TRAIN_MODES:
                 c = cluster if on_cluster else None
                 w = [_timed(run, stage, workers, threads, e, c, scratch) for e in epochs]
@@ -555,7 +561,7 @@ def costs(root: Path, epochs: tuple[int, int] = (1, 6)) -> dict[str, Any]:
                 res["train"].setdefault(stage, {})[label] = {"walls": [round(x, 2) for x in w],
                                                              "per_epoch": round(per, 2), "fixed": round(w[0] - per, 2)}
                 print(f"costs: {stage} {label}: {res['train'][stage][label]}", flush=True)
-        for label, on_ray, on_cluster in EVAL_MODES:
+        for label, on_ray, on_cluster in EVAL_MODES if "eval" in parts else []:
             secs = _timed(run, "eval", 0, 2 if not on_ray else 1, 0, cluster if on_cluster else None, scratch, ray=on_ray)
             res["eval"][label] = round(secs, 2)
             print(f"costs: eval {label}: {secs:.1f} s", flush=True)
@@ -648,8 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="where the cluster state goes (default runs/cluster; "
                                                  "for faults runs/cluster_local, with the run directories)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--only", nargs="*", choices=["stage2", "eval", "driver"], default=["stage2", "eval", "driver"],
-                   help="faults: which fault runs (default all three)")
+    p.add_argument("--only", nargs="*", choices=["stage1", "stage2", "eval", "driver"], default=None,
+                   help="faults: which fault runs (stage2, eval, driver; default all three); costs: which parts to "
+                        "measure again (stage1, stage2, eval; default all), the rest kept from the last results")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "cluster_local.md"))
     p.add_argument("overrides", nargs="*", help="faults: config overrides for every run (section.key=value)")
     for flag in ("--run", "--stage", "--out"):  # _time: one timed fit or evaluation (costs runs it)
@@ -679,10 +686,11 @@ def main(argv: list[str] | None = None) -> int:
         results = Path(args.results)
         old = json.loads(results.with_suffix(".json").read_text()) if results.with_suffix(".json").is_file() else {}
         if args.action == "faults":
-            res = {**faults(Path(root), tuple(args.only), tuple(args.overrides)),
+            res = {**faults(Path(root), tuple(args.only or ("stage2", "eval", "driver")), tuple(args.overrides)),
                    **({"costs": old["costs"]} if "costs" in old else {})}
         else:
-            res = {**old, "costs": costs(Path(root))}
+            res = {**old, "costs": costs(Path(root), parts=tuple(args.only or ("stage1", "stage2", "eval")),
+                                         old=old.get("costs"))}
         write_report(res, results)
         print(f"wrote {results} and its .json")
     return 0
