@@ -224,3 +224,21 @@ def test_valid_users_above_the_number_of_users_is_fine():
 
 def test_parse_overrides_builds_a_nested_tree():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_placement_settings_are_checked_and_stay_out_of_the_keys():
+    """Where Ray places workers and actors changes no stage's key (a run moved to a cluster redoes
+    nothing); a misspelt strategy or a non-positive resource is refused by name."""
+    from prorec.stages import stage_keys
+
+    moved = load_config(None, ["stage1.placement_strategy=STRICT_SPREAD", "stage2.placement_strategy=SPREAD",
+                               "eval.placement_strategy=SPREAD", "eval.actor_resources.worker_node=0.01",
+                               "eval.max_retries=5"])
+    assert moved.eval.actor_resources == {"worker_node": 0.01}
+    assert stage_keys(moved) == stage_keys(load_config(None, []))
+    for bad, says in (("stage2.placement_strategy=spread", "stage2.placement_strategy must be one of"),
+                      ("eval.placement_strategy=PACK", "eval.placement_strategy must be DEFAULT or SPREAD"),
+                      ("eval.actor_resources.worker_node=0", "eval.actor_resources must ask for amounts > 0"),
+                      ("eval.max_retries=-1", "eval.max_retries must be >= 0")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, [bad])

@@ -135,3 +135,20 @@ def test_sparse_gradients_fall_back_to_dense_only_for_several_gpu_workers(capsys
     assert not use_sparse_grads(cfg, torch.device("cuda"), 2, "stage1")
     assert "NCCL" in capsys.readouterr().out
     assert not use_sparse_grads(Stage1Config(sparse_grads=False), torch.device("cpu"), 1, "stage1")
+
+
+def test_strict_spread_on_too_few_nodes_warns_at_once_with_the_fix(monkeypatch, capsys):
+    import ray
+
+    from prorec.config import Stage2Config
+    from prorec.trainer import _check_spread
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    _check_spread(Stage2Config(num_workers=2, placement_strategy="STRICT_SPREAD"), "stage2")
+    err = capsys.readouterr().err
+    assert "needs 2 nodes" in err and "1 is alive" in err and "stage2.placement_strategy=SPREAD" in err
+    for fine in (Stage2Config(num_workers=2, placement_strategy="SPREAD"), Stage2Config(num_workers=1, placement_strategy="STRICT_SPREAD")):
+        _check_spread(fine, "stage2")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * 2)
+    _check_spread(Stage2Config(num_workers=2, placement_strategy="STRICT_SPREAD"), "stage2")
+    assert capsys.readouterr().err == ""
