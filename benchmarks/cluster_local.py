@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +41,8 @@ STATE_FILE = "cluster.json"
 # Ports a node gives its worker processes (each Ray worker process holds one: Train workers, Ray
 # Data actors, the evaluation actors, the job supervisor, ...). 8 ran out during a pipeline run.
 WORKER_PORTS = 64
+# The `ray` command of the Python that runs this (a virtual environment's, when not activated).
+RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").is_file() else "ray"
 
 
 def free_ports(n: int) -> list[int]:
@@ -99,7 +102,7 @@ class LocalCluster:
         temp = self.temp / name
         temp.mkdir(parents=True, exist_ok=True)
         (p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, *workers) = free_ports(7 + WORKER_PORTS)
-        cmd = ["ray", "start", f"--temp-dir={temp}", f"--num-cpus={self.cpus}", "--num-gpus=0",
+        cmd = [RAY, "start", f"--temp-dir={temp}", f"--num-cpus={self.cpus}", "--num-gpus=0",
                f"--resources={json.dumps({f'node_{name}': 1, **({} if name == 'head' else {'worker_node': 1})})}", f"--node-manager-port={p_node}",
                f"--object-manager-port={p_obj}", f"--dashboard-agent-listen-port={p_agent}",
                f"--dashboard-agent-grpc-port={p_agent_grpc}", f"--metrics-export-port={p_metrics}",
@@ -258,7 +261,7 @@ class Jobs:
     def command(self, out: Path, *extra: str) -> list[str]:
         """The `ray job submit` command line (the one a user types) for a pipeline run into `out`."""
         entry = ["python", "jobs/pipeline.py", "--config", self.config, "--out", str(out), *extra, *self.overrides]
-        return ["ray", "job", "submit", "--address", self.cluster.dashboard, "--working-dir", str(REPO),
+        return [RAY, "job", "submit", "--address", self.cluster.dashboard, "--working-dir", str(REPO),
                 "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--no-wait", "--", *entry]
 
     def submit(self, out: Path, *extra: str) -> str:
@@ -292,7 +295,7 @@ class Jobs:
 
     def stop(self, job: str) -> None:
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        subprocess.run(["ray", "job", "stop", "--address", self.cluster.dashboard, job], env=env,
+        subprocess.run([RAY, "job", "stop", "--address", self.cluster.dashboard, job], env=env,
                        capture_output=True, text=True, timeout=120)
         self.wait(job, timeout=120)
 
@@ -433,7 +436,9 @@ def faults(root: Path, which: tuple[str, ...] = ("stage2", "eval", "driver"), ov
     clean = runs / "clean"
     with LocalCluster(root / "cluster", workers=2) as cluster:
         jobs = Jobs(cluster, overrides=overrides)
-        out["command"] = " ".join(jobs.command(Path("RUN"))).replace(cluster.dashboard, "http://127.0.0.1:<dashboard port>")
+        cmd = ["ray", *jobs.command(Path("RUN"))[1:]]
+        out["command"] = (shlex.join(cmd).replace(cluster.dashboard, "http://127.0.0.1:<dashboard port>")
+                          .replace(str(REPO), "."))
         r = jobs.run(clean)
         (root / "clean.log").write_text(r.pop("logs"))
         if r["final_status"] != "SUCCEEDED":
