@@ -609,6 +609,9 @@ def costs_md(res: dict[str, Any]) -> str:
               "group's start, its placement group, the data loaded in the worker), is paid once a stage.", ""]
     ev = res["eval"]
     base = ev["in-process, 2 threads"]
+    if res.get("eval_run"):
+        lines += [f"The evaluation rows: `python benchmarks/cluster_local.py costs --only eval --eval-run "
+                  f"runs/{Path(res['eval_run']).name}` (every fit above is kept from the last full `costs`).", ""]
     what = (f"the run {Path(res['eval_run']).name} with its own settings" if res.get("eval_run")
             else f"the 4,000 valid and test users of the run above, beam {res.get('eval_beam') or 20}, no reranking")
     lines += [f"**evaluation** ({what}; the actors' start, which loads the models, included)", "",
