@@ -661,7 +661,12 @@ def write_report(res: dict[str, Any], path: Path) -> None:
             lines.append(f"| {what} | {r['killed']} | {r['final_status']}; events {kinds} | "
                          f"{', '.join(f'{s} {v:.1f} s' for s, v in lost.items()) or '-'} | {walls} | "
                          f"{'yes' if r['metrics_equal'] else 'NO'} | {identical} |")
-        lines += ["", "What each fault did, in the run's own words (the events its manifest records):", ""]
+        lines += ["", "A lost Ray Train worker restarts the whole group from the last checkpoint Ray Train registered "
+                  "(FailureConfig), with the same number of workers: on the replacement node or on the room the "
+                  "others left. Not elastic (Ray 2.60's `num_workers=(min, max)`): the worker count sets each "
+                  "step's batch, so a smaller group would train something else, and the final metrics could not "
+                  "equal the clean run's.", "",
+                  "What each fault did, in the run's own words (the events its manifest records):", ""]
         for name, r in runs.items():
             if name == "clean":
                 continue
