@@ -90,16 +90,25 @@ def record_event(folder: str | Path | None, kind: str, **fields: Any) -> None:
            "at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"), **fields}
     path = Path(folder) / EVENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+    with open(path, "ab+") as f:
+        f.seek(0, 2)
+        torn = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"  # a line a killed writer left unfinished
+        f.write((b"\n" if torn else b"") + (json.dumps(rec, default=str) + "\n").encode())
 
 
 def read_events(folder: str | Path) -> list[dict[str, Any]]:
-    """The events a stage folder recorded, oldest first ([] if none)."""
+    """The events a stage folder recorded, oldest first ([] if none). A line a killed process left
+    half-written is skipped: the log must never be what stops a resume."""
     path = Path(folder) / EVENTS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return [e for e in events if isinstance(e, dict) and "kind" in e]
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

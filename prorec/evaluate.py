@@ -137,6 +137,10 @@ def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
     return [slice(s * batch_size, min(n, (s + per) * batch_size)) for s in range(0, batches, per)]
 
 
+WAIT_S = 5.0  # the scheduler looks up at least this often
+STALL_S = 300.0  # how long lost actors may take to come back when nothing else runs
+
+
 def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                  histories: dict[str, np.ndarray], rerank_inputs: dict[str, str | None],
                  events_dir: Path | None = None, ranker_cls: type = Ranker) -> dict[str, np.ndarray]:
@@ -150,7 +154,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     counted twice. Each loss is recorded in events_dir/events.jsonl with the seconds the lost
     attempt had run. (`ranker_cls`, a Ranker, is for tests that make an actor die.)"""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, ActorUnschedulableError, RayActorError
 
     threads = max(1, int(cfg.cpus_per_actor))
     options: dict[str, Any] = {"num_cpus": cfg.cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor,
@@ -173,6 +177,8 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     probing: dict[Any, Any] = {}  # probe call -> an actor that lost a shard (is it back?)
     idle = list(actors)
     shards_by_node: dict[str, int] = {}
+    t_lost: dict[Any, float] = {}  # actor -> when it lost a shard (its restart is given STALL_S)
+    stalled = 0.0  # seconds with nothing running and no lost actor back
     try:
         progress = _Progress(sum(len(h) for h in histories.values()))
         while todo or running:
@@ -182,26 +188,36 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 tries[j] += 1
             if not running and not probing:
                 raise RuntimeError("eval: every actor is gone (restarted eval.max_retries times), with shards left")
-            [ref], _ = ray.wait(list(running) + list(probing), num_returns=1)
+            ready, _ = ray.wait(list(running) + list(probing), num_returns=1, timeout=WAIT_S)
+            if not ready:
+                if running:
+                    continue  # shards still being ranked
+                stalled += WAIT_S
+                if stalled >= STALL_S:
+                    raise RuntimeError(f"eval: no actor came back within {STALL_S:.0f} s of losing its node, with "
+                                       f"{len(todo)} shard(s) left: no node has room for it (its CPUs, GPUs and "
+                                       f"eval.actor_resources {cfg.actor_resources}). Fix: add a node, or rerun, "
+                                       "which resumes at the evaluation")
+                continue
+            stalled = 0.0
+            ref = ready[0]
             if ref in probing:
                 actor = probing.pop(ref)
                 try:
                     ray.get(ref)
                     idle.append(actor)  # back
                 except ActorUnavailableError:
-                    time.sleep(0.5)  # still restarting
-                    probing[actor.node_id.remote()] = actor
-                except ActorDiedError:
-                    pass  # out of restarts: the others carry on
+                    if time.perf_counter() - t_lost.get(actor, time.perf_counter()) < STALL_S:
+                        time.sleep(0.2)  # still restarting: probe again
+                        probing[actor.node_id.remote()] = actor
+                except (ActorDiedError, ActorUnschedulableError):
+                    pass  # out of restarts, or nowhere to go: the others carry on
                 continue
             j, actor, t_sub = running.pop(ref)
             try:
                 ranked, node = ray.get(ref)
-            except RayActorError as e:
+            except (RayActorError, ActorUnschedulableError) as e:
                 split, rows = jobs[j]
-                print(f"eval: an actor was lost while it ranked {split} users {rows.start}-{rows.stop} "
-                      f"({type(e).__name__}); the shard is queued again (try {tries[j] + 1} of {cfg.max_retries + 1})",
-                      file=sys.stderr, flush=True)
                 from prorec.artifacts import record_event
 
                 record_event(events_dir, "actor_lost", split=split, rows=[rows.start, rows.stop], attempt=tries[j],
@@ -209,7 +225,11 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 if tries[j] > cfg.max_retries:
                     raise RuntimeError(f"eval: {split} users {rows.start}-{rows.stop} were lost with their actor "
                                        f"{tries[j]} times (eval.max_retries={cfg.max_retries})") from e
+                print(f"eval: an actor was lost while it ranked {split} users {rows.start}-{rows.stop} "
+                      f"({type(e).__name__}); the shard is queued again (try {tries[j] + 1} of {cfg.max_retries + 1})",
+                      file=sys.stderr, flush=True)
                 todo.append(j)
+                t_lost[actor] = time.perf_counter()
                 probing[actor.node_id.remote()] = actor
                 continue
             results[j] = ranked

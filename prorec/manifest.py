@@ -170,7 +170,9 @@ class Manifest:
 
     def _copy_events(self, stage: str) -> None:
         """The stage folder's events (artifacts.record_event: where its workers ran, each resume or
-        lost actor with the seconds it cost) into its record; `lost_seconds` sums them."""
+        lost actor with the seconds it cost) into its record; `lost_seconds` sums them (wall time a
+        training stage lost; for the evaluation, the seconds the lost shard attempts had run while
+        the other actors went on)."""
         rec = self.data["stages"][stage]
         events = read_events(self.run_dir / folder_of(stage))
         rec.pop("events", None)

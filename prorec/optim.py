@@ -60,6 +60,12 @@ def exclude_row_sparse_from_ddp(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @torch.no_grad()
 def all_reduce_row_sparse(params: list[torch.Tensor]) -> None:
     """Replace each parameter's row-sparse gradient (None = no row touched) by its mean over the
@@ -103,7 +109,7 @@ class RowSparseAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         synced = [p for group in self.param_groups for p in group["params"] if getattr(p, ROW_SPARSE_ALL_REDUCE, False)]
-        if synced:
+        if synced and _distributed():  # a flagged model stepped in a plain process has no one to average with
             all_reduce_row_sparse(synced)
         sparse: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
         for group in self.param_groups:

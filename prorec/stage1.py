@@ -33,9 +33,9 @@ every loss (the adapter exists only when the alignment is computed, and the alig
 on every step when it does), and E_S is not a module buffer (DDP would broadcast the whole table
 from rank 0 on every forward). Each worker reads only its shard of train.parquet and its share of
 the validation users (`Stage1Data.load` with a rank). E_C gets row-sparse gradients
-(`stage1.sparse_grads`, `prorec.optim.RowSparseAdam`), which DDP all-reduces over gloo as the rows
-they hold: a step's cost does not grow with the catalogue (benchmarks/results/scale.md); several
-GPU workers (NCCL, no sparse all-reduce) fall back to dense gradients.
+(`stage1.sparse_grads`, `prorec.optim.RowSparseAdam`), which RowSparseAdam averages over the workers
+as the rows they hold (DDP leaves the table alone): a step's cost does not grow with the catalogue
+(benchmarks/results/scale.md); several GPU workers fall back to dense gradients (untested there).
 """
 from __future__ import annotations
 

@@ -93,11 +93,12 @@ def adam(params, cfg: Any) -> torch.optim.Adam:
 
 def use_sparse_grads(cfg: Any, device: torch.device, world_size: int, stage: str) -> bool:
     """Whether the per-item tables train with row-sparse gradients: cfg.sparse_grads, except with
-    several GPU workers, where DDP all-reduces over NCCL, which has no sparse all-reduce (gloo, the
-    CPU backend, has one): those train dense, and say so."""
+    several GPU workers, which train them dense, and say so. (Several workers average the sparse
+    gradients in RowSparseAdam with dense all-gathers, which NCCL has too, but that path is tested
+    on CPU workers over gloo only.)"""
     if cfg.sparse_grads and device.type == "cuda" and world_size > 1:
-        print(f"{stage}: sparse_grads is on, but {world_size} GPU workers all-reduce over NCCL, which cannot "
-              "reduce sparse gradients: the item tables train with dense gradients", flush=True)
+        print(f"{stage}: sparse_grads is on, but row-sparse gradients are tested on CPU workers only: the item "
+              f"tables of these {world_size} GPU workers train with dense gradients", flush=True)
         return False
     return bool(cfg.sparse_grads)
 
@@ -227,9 +228,13 @@ class RayTrainContext:
 
         if self.world_size == 1:
             return model
+        import torch.distributed as dist
+
         from prorec.optim import exclude_row_sparse_from_ddp
 
-        exclude_row_sparse_from_ddp(model)
+        params = dict(model.named_parameters())
+        for name in exclude_row_sparse_from_ddp(model):  # DDP broadcasts rank 0's weights, but not these
+            dist.broadcast(params[name].data, src=0)
         return ray.train.torch.prepare_model(model)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
@@ -325,7 +330,7 @@ def _check_spread(cfg: Any, name: str) -> None:
     Say it now, with the fix."""
     import ray
 
-    if cfg.placement_strategy != "STRICT_SPREAD" or cfg.num_workers <= 1:
+    if cfg.placement_strategy != "STRICT_SPREAD" or cfg.num_workers <= 1 or not ray.is_initialized():
         return
     alive = sum(1 for n in ray.nodes() if n["Alive"])
     if alive < cfg.num_workers:
@@ -366,11 +371,14 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
             print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
             # The time lost: from the checkpoint to this resume (the work after the checkpoint that
             # was thrown away, noticing the failure, restarting, reloading the data).
-            saved_at = saved.get("saved_at")
-            from prorec.artifacts import record_event
+            # From the checkpoint, or from the last attempt's start when that came later (a failure
+            # before its first checkpoint): that stretch was counted already, when it resumed.
+            from prorec.artifacts import read_events, record_event
 
-            record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved_at,
-                         lost_seconds=round(time.time() - saved_at, 2) if saved_at else None)
+            starts = [e["time"] for e in read_events(ctx.events_dir) if e["kind"] == "workers"] if ctx.events_dir else []
+            since = max([t for t in [saved.get("saved_at"), *starts[-1:]] if t is not None], default=None)
+            record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved.get("saved_at"),
+                         lost_seconds=round(time.time() - since, 2) if since else None)
     if placement is not None and ctx.rank == 0:
         from prorec.artifacts import read_events, record_event
 

@@ -174,3 +174,16 @@ def test_a_finished_stage_is_reused_from_another_run_by_key(tmp_path):
     assert rec["status"] == "done" and rec["key"] == keys["codes"] and rec["reused_from"] == str(src.resolve())
     # Now the destination holds it too: a later run reuses it from there, or skips it in place.
     assert reuse_source([tmp_path / "dest"], "codes", keys["codes"]) == tmp_path / "dest"
+
+
+def test_an_events_log_with_a_half_written_line_still_reads(tmp_path):
+    """A process killed mid-write leaves a broken last line: the log skips it rather than stopping the
+    resume that reads it next."""
+    from prorec.artifacts import EVENTS_FILE, read_events, record_event
+
+    record_event(tmp_path, "workers", start_epoch=0)
+    with open(tmp_path / EVENTS_FILE, "a") as f:
+        f.write('{"kind": "resumed", "lost_sec')
+    record_event(tmp_path, "workers", start_epoch=2)
+    assert [(e["kind"], e["start_epoch"]) for e in read_events(tmp_path)] == [("workers", 0), ("workers", 2)]
+    assert read_events(tmp_path / "nowhere") == []
