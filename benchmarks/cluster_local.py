@@ -36,6 +36,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/cluster_local.py` finds benchmarks/
+from benchmarks.results_io import add_allow_dirty, check_tree, provenance_line  # noqa: E402
+
 MARK = "PRORECLOCAL_CLUSTER"  # environment variable: "<cluster id>/<node name>"
 STATE_FILE = "cluster.json"
 # Ports a node gives its worker processes (each Ray worker process holds one: Train workers, Ray
@@ -591,6 +594,9 @@ def costs_md(res: dict[str, Any]) -> str:
              "epochs (training, validation, checkpoint and report), and the rest of the shorter fit is the fixed cost "
              "(starting the worker group, loading the data). Ray's own start is left out: a pipeline pays it once. "
              "All on this 2-core machine, one mode after another in one run.", ""]
+    for part, tree in res.get("written_from", {}).items():
+        lines.append(f"- {part}: {provenance_line(tree)}")
+    lines.append("")
     for stage, modes in res["train"].items():
         base1 = modes["in-process, 1 thread"]["per_epoch"]
         base2 = modes["Ray Train, 1 worker x 2 CPUs"]["per_epoch"]
@@ -627,6 +633,7 @@ def write_report(res: dict[str, Any], path: Path) -> None:
     runs = res.get("runs", {})
     clean = runs.get("clean", {})
     lines = ["# The pipeline on a local 3-node Ray cluster, and the faults it survives", "",
+             provenance_line(res["written_from"]) if res.get("written_from") else "",
              "Made by `python benchmarks/cluster_local.py faults` (config `" + res.get("config", CONFIG) + "`"
              + (", overrides " + " ".join(res["overrides"]) if res.get("overrides") else "") + ").",
              "Each run is a real `ray job submit` on a fresh cluster of a head and two worker nodes, each its own",
@@ -700,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cluster", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--own-config", action="store_true", help=argparse.SUPPRESS)
+    add_allow_dirty(p)
     p.add_argument("--eval-run", help="costs: time the evaluation of this finished run directory, with its own "
                                       "settings (e.g. runs/beauty_full_run), instead of the small prepared one")
     args = p.parse_args(argv)
@@ -720,14 +728,18 @@ def main(argv: list[str] | None = None) -> int:
         LocalCluster.attach(root).down()
         print("down")
     else:
+        tree = check_tree(args.allow_dirty)  # before an hour of work, not after
         results = Path(args.results)
         old = json.loads(results.with_suffix(".json").read_text()) if results.with_suffix(".json").is_file() else {}
         if args.action == "faults":
             res = {**faults(Path(root), tuple(args.only or ("stage2", "eval", "driver")), tuple(args.overrides)),
-                   **({"costs": old["costs"]} if "costs" in old else {})}
+                   "written_from": tree, **({"costs": old["costs"]} if "costs" in old else {})}
         else:
-            res = {**old, "costs": costs(Path(root), parts=tuple(args.only or ("stage1", "stage2", "eval")),
-                                         old=old.get("costs"), eval_run=Path(args.eval_run).resolve() if args.eval_run else None)}
+            parts = tuple(args.only or ("stage1", "stage2", "eval"))
+            c = costs(Path(root), parts=parts, old=old.get("costs"),
+                      eval_run=Path(args.eval_run).resolve() if args.eval_run else None)
+            c["written_from"] = {**old.get("costs", {}).get("written_from", {}), **{part: tree for part in parts}}
+            res = {**old, "costs": c}
         write_report(res, results)
         print(f"wrote {results} and its .json")
     return 0
