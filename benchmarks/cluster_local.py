@@ -48,15 +48,18 @@ WORKER_PORTS = 64
 RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").is_file() else "ray"
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound to port 0 and released)."""
+def free_ports(n: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """n distinct ports that were free a moment ago (bound to port 0 and released), none in `exclude`
+    (ports already handed to a node: its worker ports stay unbound until its workers start)."""
     socks, ports = [], []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
+            socks.append(s)  # held until all are drawn: the same port cannot come back twice
+            port = s.getsockname()[1]
+            if port not in exclude:
+                ports.append(port)
     finally:
         for s in socks:
             s.close()
@@ -98,13 +101,18 @@ class LocalCluster:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.head_port: int | None = None
         self.dashboard_port: int | None = None
+        self.ports: set[int] = set()  # every port handed to a node of this cluster
 
     # -- one node
 
     def _start_node(self, name: str) -> None:
         temp = self.temp / name
         temp.mkdir(parents=True, exist_ok=True)
-        (p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, *workers) = free_ports(7 + WORKER_PORTS)
+        # Every port of a node from one call, so that none is handed out twice (ports freed by one call
+        # can come back from the next).
+        (p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, p_head, p_dash,
+         *workers) = free_ports(9 + WORKER_PORTS, exclude=self.ports)
+        self.ports.update([p_node, p_obj, p_agent, p_agent_grpc, p_metrics, p_rtenv, p_client, p_head, p_dash, *workers])
         cmd = [RAY, "start", f"--temp-dir={temp}", f"--num-cpus={self.cpus}", "--num-gpus=0",
                f"--resources={json.dumps({f'node_{name}': 1, **({} if name == 'head' else {'worker_node': 1})})}", f"--node-manager-port={p_node}",
                f"--object-manager-port={p_obj}", f"--dashboard-agent-listen-port={p_agent}",
@@ -112,7 +120,7 @@ class LocalCluster:
                f"--runtime-env-agent-port={p_rtenv}", f"--worker-port-list={','.join(map(str, workers))}",
                "--object-store-memory=300000000", "--disable-usage-stats"]
         if name == "head":
-            self.head_port, self.dashboard_port = free_ports(2)
+            self.head_port, self.dashboard_port = p_head, p_dash
             cmd += ["--head", f"--port={self.head_port}", f"--ray-client-server-port={p_client}",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:

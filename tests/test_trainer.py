@@ -144,6 +144,7 @@ def test_strict_spread_on_too_few_nodes_warns_at_once_with_the_fix(monkeypatch, 
     from prorec.config import Stage2Config
     from prorec.trainer import _check_spread
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     _check_spread(Stage2Config(num_workers=2, placement_strategy="STRICT_SPREAD"), "stage2")  # no Ray yet: nothing
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
