@@ -387,7 +387,8 @@ def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, repl
     killed = cluster.kill_node(victim)
     cluster.add_node(replace)
     st = jobs.wait(job)
-    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) x; replacement node " + replace + " started",
+    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) once Ray Train "
+                     f"had registered Stage II's first checkpoint; replacement node {replace} started",
             "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
 
 
