@@ -296,6 +296,10 @@ class Jobs:
             time.sleep(1.0)
         return st
 
+    def ended(self, job: str) -> bool:
+        """Whether the job ended by itself (a watcher waiting for a moment to strike gives up then)."""
+        return self.status(job) in ("FAILED", "SUCCEEDED")
+
     def logs(self, job: str) -> str:
         return self.client.get_job_logs(job)
 
@@ -374,22 +378,29 @@ def same_files(a: Path, b: Path, files: list[str]) -> dict[str, bool]:
     return {f: file_hash(a / f) == file_hash(b / f) for f in files}
 
 
+def strike_node(cluster: LocalCluster, jobs: Jobs, job: str, victim: str, replace: str) -> dict[str, Any]:
+    """SIGKILL every process of node `victim`, start node `replace` in its stead (as an autoscaler
+    would), and wait for the job to end: when, how many processes, and how the job ended."""
+    t_kill = time.time()
+    killed = cluster.kill_node(victim)
+    cluster.add_node(replace)
+    st = jobs.wait(job)
+    return {"killed": victim, "killed_at": t_kill, "processes": len(killed), "job": job, "final_status": st,
+            **jobs.info(job)}
+
+
 def fault_stage2(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w3") -> dict[str, Any]:
     """Fault 1: Stage II of a rerun (`--reuse clean --from-stage stage2`) loses a worker node once
     Ray Train has registered its first checkpoint; the benchmark starts a replacement node, as an autoscaler would."""
     names = jobs.node_names()  # before: the kill must come while Stage II still trains
     job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "stage2")
     wait_for("stage2's first registered checkpoint", lambda: checkpoint_registered(out, "stage2")
-             or jobs.status(job) in ("FAILED", "SUCCEEDED"), every=0.2)
+             or jobs.ended(job), every=0.2)
     placed = stage_workers(out, "stage2", names)[0]
     victim = next(n for n in placed if n != "head")
-    t_kill = time.time()
-    killed = cluster.kill_node(victim)
-    cluster.add_node(replace)
-    st = jobs.wait(job)
-    return {"fault": f"SIGKILL of node {victim} (its raylet and its {len(killed) - 1} other processes) once Ray Train "
-                     f"had registered Stage II's first checkpoint; replacement node {replace} started",
-            "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
+    r = strike_node(cluster, jobs, job, victim, replace)
+    return {"fault": f"SIGKILL of node {victim} (its raylet and its {r['processes'] - 1} other processes) once Ray "
+                     f"Train had registered Stage II's first checkpoint; replacement node {replace} started", **r}
 
 
 def fault_eval(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replace: str = "w4") -> dict[str, Any]:
@@ -398,28 +409,23 @@ def fault_eval(cluster: LocalCluster, jobs: Jobs, clean: Path, out: Path, replac
     jobs.node_names()
     job = jobs.submit(out, "--reuse", str(clean), "--from-stage", "eval")
     wait_for("the evaluation's first ranked users", lambda: "users ranked" in jobs.logs(job)
-             or jobs.status(job) in ("FAILED", "SUCCEEDED"), every=0.2)
+             or jobs.ended(job), every=0.2)
     # The actors ask for `worker_node` (jobs/configs/cluster_local.yaml), one CPU each, and each worker
     # node has one CPU: w1 holds one of them. (Asking the state API first would take seconds.)
     victim = "w1"
-    t_kill = time.time()
-    killed = cluster.kill_node(victim)
-    cluster.add_node(replace)
-    st = jobs.wait(job)
-    return {"fault": f"SIGKILL of node {victim} ({len(killed)} processes), running an evaluation actor, after "
-                     f"the first users were ranked; replacement node {replace} started",
-            "killed": victim, "killed_at": t_kill, "job": job, "final_status": st, **jobs.info(job)}
+    r = strike_node(cluster, jobs, job, victim, replace)
+    return {"fault": f"SIGKILL of node {victim} ({r['processes']} processes), running an evaluation actor, after "
+                     f"the first users were ranked; replacement node {replace} started", **r}
 
 
 def fault_driver(cluster: LocalCluster, jobs: Jobs, out: Path) -> dict[str, Any]:
     """Fault 3: `ray job stop` of a whole run's driver once Ray Train has registered Stage I's first
-    checkpoint; then the very
-    same `ray job submit` command again, which skips the finished stages and resumes Stage I from
+    checkpoint; then the very same `ray job submit` command again, which skips the finished stages and resumes Stage I from
     its checkpoint. (A run from scratch, not a `--reuse` rerun: the same command must resume, and
     a `--from-stage` in it would start Stage I over.)"""
     job = jobs.submit(out)
     wait_for("stage1's first registered checkpoint", lambda: checkpoint_registered(out, "stage1")
-             or jobs.status(job) in ("FAILED", "SUCCEEDED"), timeout=600, every=0.2)
+             or jobs.ended(job), timeout=600, every=0.2)
     t_kill = time.time()
     jobs.stop(job)
     first = jobs.info(job)

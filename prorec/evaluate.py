@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from prorec.artifacts import write_json
+from prorec.artifacts import record_event, write_json
 from prorec.beam import BeamResult, BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import EvalConfig
@@ -218,8 +218,6 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 ranked, node = ray.get(ref)
             except (RayActorError, ActorUnschedulableError) as e:
                 split, rows = jobs[j]
-                from prorec.artifacts import record_event
-
                 record_event(events_dir, "actor_lost", split=split, rows=[rows.start, rows.stop], attempt=tries[j],
                              error=type(e).__name__, lost_seconds=round(time.perf_counter() - t_sub, 2))
                 if tries[j] > cfg.max_retries:
@@ -242,8 +240,6 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     missing = [j for j in range(len(jobs)) if j not in results]
     if missing:
         raise RuntimeError(f"eval: shards {missing} were never ranked")
-    from prorec.artifacts import record_event
-
     record_event(events_dir, "actors", actors=cfg.num_actors, shards=len(jobs), shards_by_node=shards_by_node,
                  retried=sum(t - 1 for t in tries))
     out = {}

@@ -352,6 +352,29 @@ class FitResult:
         return cls(state["best_metrics"], state["best_model"], state["epoch"] + 1, state["history"])
 
 
+def _log_attempt(ctx: Any, saved: dict[str, Any] | None, start: int, placement: list[dict[str, Any]] | None) -> None:
+    """Rank 0 records this attempt in the stage's events log: a resume from a checkpoint ("resumed"),
+    or a restart with no checkpoint after an earlier attempt ("restarted"), each with the time lost
+    since the last progress, then where the workers run ("workers"). The last progress is the
+    checkpoint, or the last attempt's start when that came later (a failure before its first
+    checkpoint): that stretch was counted already, when it resumed. The time lost covers the work
+    thrown away, noticing the failure, restarting and reloading the data."""
+    from prorec.artifacts import read_events, record_event
+
+    if ctx.rank != 0 or ctx.events_dir is None:
+        return
+    starts = [e["time"] for e in read_events(ctx.events_dir) if e["kind"] == "workers"]
+    last_start = starts[-1] if starts else None
+    if saved is not None:
+        since = max([t for t in (saved.get("saved_at"), last_start) if t is not None], default=None)
+        record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved.get("saved_at"),
+                     lost_seconds=round(time.time() - since, 2) if since else None)
+    elif last_start is not None:
+        record_event(ctx.events_dir, "restarted", from_epoch=None, lost_seconds=round(time.time() - last_start, 2))
+    if placement is not None:
+        record_event(ctx.events_dir, "workers", start_epoch=start, workers=placement)
+
+
 def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_epochs: int, patience: int,
                score_key: str, stop_after_epoch: int | None = None) -> FitResult:
     """Train until `max_epochs` or `patience` epochs without a better `score_key`; resume if a checkpoint exists.
@@ -369,24 +392,7 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         best_state, best_metrics, history = saved["best_model"], saved["best_metrics"], saved["history"]
         if ctx.rank == 0:
             print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
-            # The time lost: from the checkpoint to this resume (the work after the checkpoint that
-            # was thrown away, noticing the failure, restarting, reloading the data).
-            # From the checkpoint, or from the last attempt's start when that came later (a failure
-            # before its first checkpoint): that stretch was counted already, when it resumed.
-            from prorec.artifacts import read_events, record_event
-
-            starts = [e["time"] for e in read_events(ctx.events_dir) if e["kind"] == "workers"] if ctx.events_dir else []
-            since = max([t for t in [saved.get("saved_at"), *starts[-1:]] if t is not None], default=None)
-            record_event(ctx.events_dir, "resumed", from_epoch=int(saved["epoch"]), checkpoint_saved_at=saved.get("saved_at"),
-                         lost_seconds=round(time.time() - since, 2) if since else None)
-    if placement is not None and ctx.rank == 0:
-        from prorec.artifacts import read_events, record_event
-
-        before = [e for e in read_events(ctx.events_dir) if e["kind"] == "workers"] if ctx.events_dir else []
-        if saved is None and before:  # a restart with no checkpoint yet: everything since the last start is lost
-            record_event(ctx.events_dir, "restarted", from_epoch=None,
-                         lost_seconds=round(time.time() - before[-1]["time"], 2))
-        record_event(ctx.events_dir, "workers", start_epoch=start, workers=placement)
+    _log_attempt(ctx, saved, start, placement)
     for epoch in range(start, max_epochs):
         if bad >= patience:
             break
