@@ -35,7 +35,9 @@ def write_item_table(path: str | Path, item_idx: np.ndarray, item_id: list[str],
     })
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     tmp = path.with_suffix(".tmp.parquet")
-    pq.write_table(table, tmp)
+    # Row groups of _READ_BATCH rows: a reader decodes a whole row group's column at once, and with
+    # Parquet's default (a million rows) reading a million items' embeddings held 1.8 GB more at its peak.
+    pq.write_table(table, tmp, row_group_size=_READ_BATCH)
     tmp.replace(path)
     return path
 
@@ -134,14 +136,16 @@ def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
         raise ValueError(f"{path}: expected {what} of this dataset's items 1..{n_items} (one row each, the same "
                          f"item_id as items.parquet); got {len(idx)} rows. Fix: rerun the stage that wrote it on this dataset")
     del ids
-    # Batch by batch into the padded table, so that Arrow never holds the whole column (a million rows
-    # x 384 floats is 1.8 GB, and Arrow's allocator keeps freed memory for reuse).
+    # Row group by row group into the padded table, so that Arrow never holds the whole column (a
+    # million rows x 384 floats is 1.8 GB). Not `iter_batches`: measured on a million items, its reader
+    # still held all 1.8 GB of decoded batches in Arrow's pool after the loop (peak 4.1 GB against 2.4).
     table = np.zeros((n_items + 1, pf.schema_arrow.field("embedding").type.list_size), dtype=np.float32)
     at = 0
-    for batch in pf.iter_batches(batch_size=_READ_BATCH, columns=["embedding"]):
-        col = batch.column(0)
+    for g in range(pf.num_row_groups):
+        col = pf.read_row_group(g, columns=["embedding"]).column(0).combine_chunks()
         table[idx[at:at + len(col)]] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         at += len(col)
+        del col
     pa.default_memory_pool().release_unused()
     return table
 

@@ -1,4 +1,5 @@
-"""Histories as padded matrices (prorec/data/history.py): both layouts, truncation, and the torch realignment."""
+"""Histories as padded matrices (prorec/data/history.py): both layouts, truncation, the torch realignment, and the
+unpadded store that pads a batch at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prorec.data.history import history_lengths, history_tensor, pad_histories, realign_right
+from prorec.data.history import RaggedHistories, history_lengths, history_tensor, pad_histories, realign_right
 
 COL = pa.chunked_array([pa.array([[1, 2, 3], [4]], pa.list_(pa.int32())), pa.array([[5, 6, 7, 8, 9]], pa.list_(pa.int32()))])
 
@@ -34,3 +35,31 @@ def test_an_empty_history_is_refused():
         pad_histories(pa.array([[1], []], pa.list_(pa.int32())))
     assert pad_histories(pa.array([], pa.list_(pa.int32()))).shape == (0, 1)
     assert np.asarray(pad_histories(COL)).dtype == np.int64
+
+
+def test_ragged_rows_pad_as_the_column_does():
+    """RaggedHistories.padded(rows) equals pad_histories of the whole column, row for row, in both layouts,
+    for any subset and order of rows; a sliced Arrow column (offsets not from 0) included."""
+    rng = np.random.default_rng(0)
+    lists = [list(rng.integers(1, 50, size=int(n))) for n in rng.integers(1, 9, size=40)]
+    col = pa.chunked_array([pa.array(lists[:15], pa.list_(pa.int32())), pa.array(lists[15:], pa.list_(pa.int32()))])
+    ragged = RaggedHistories.from_column(col)
+    assert len(ragged) == 40 and ragged.values.dtype == np.int32 and ragged.lens.tolist() == [len(x) for x in lists]
+    for align in ("left", "right"):
+        whole = pad_histories(col, align=align)
+        assert np.array_equal(ragged.padded(align=align), whole)
+        rows = rng.permutation(40)[:13]
+        assert np.array_equal(ragged.padded(rows, align=align, width=whole.shape[1]), whole[rows])
+        short = ragged.padded(rows, align=align)  # as wide as the longest of these rows
+        assert short.shape[1] == max(len(lists[r]) for r in rows)
+        assert np.array_equal(short, pad_histories(col.take(pa.array(rows)), align=align))
+    sliced = RaggedHistories.from_column(pa.array(lists, pa.list_(pa.int32())).slice(5, 10))
+    assert np.array_equal(sliced.padded(align="left"), pad_histories(pa.array(lists[5:15], pa.list_(pa.int32()))))
+    assert ragged.values.nbytes == 4 * sum(map(len, lists))  # no padding held
+
+
+def test_ragged_refuses_an_empty_history_and_bad_offsets():
+    with pytest.raises(ValueError, match="at least one item"):
+        RaggedHistories.from_column(pa.array([[1], []], pa.list_(pa.int32())))
+    with pytest.raises(ValueError, match="offsets"):
+        RaggedHistories(np.array([1, 2], np.int32), np.array([0, 3]))

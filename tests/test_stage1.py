@@ -282,6 +282,38 @@ def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(ti
     assert short["recall@10"] > 0.1
 
 
+@pytest.mark.parametrize("m", [7, 40, 500])
+def test_the_chunked_shortlist_ranks_as_the_whole_catalogue_reference(tiny_data, monkeypatch, m):
+    """Validation shortlists are picked chunk by chunk over the catalogue (a running top M): every
+    target's rank equals the plain reference's, which scores the whole catalogue at once; with chunks
+    smaller than M, and M past the catalogue (padding and history slots then hold no candidate)."""
+    import dataclasses
+
+    import torch
+
+    from prorec import stage1
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    data = Stage1Data.load(tiny_data)
+    trainer = Stage1Trainer(small_cfg(fusion="collaborative", valid_candidates=m), data, None, LocalContext(None))
+    trainer.train_epoch(0)
+    trainer.core.eval()
+    rows = np.arange(len(data.valid_target))[:64]
+    width = int(data.valid_len[rows].max())
+    history = torch.from_numpy(data.valid_hist[rows, -width:].astype(np.int64))
+    target = torch.from_numpy(data.valid_target[rows])
+    with torch.no_grad():
+        ref = trainer._shortlist_scores_reference(history)
+        ref.scatter_(1, history, float("-inf"))
+        t = ref.gather(1, target[:, None])
+        want = torch.where(t[:, 0] > float("-inf"), (ref >= t).sum(1) - 1, data.n_items)
+        for chunk in (16, 33, 1 << 17):
+            monkeypatch.setattr(stage1, "SHORTLIST_CHUNK", chunk)
+            assert torch.equal(trainer._shortlist_ranks(history, target), want), chunk
+    assert (want < data.n_items).any() and (m >= data.n_items or (want == data.n_items).any())
+
+
 def test_sparse_item_gradients_learn_like_dense_ones(tiny_data):
     """stage1.sparse_grads: E_C gets row-sparse gradients and caught-up Adam rows; after equal epochs the
     validation is within noise of the dense run's."""
@@ -314,7 +346,7 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(tiny_data):
     assert all(len(p.train_target) < 0.4 * len(whole.train_target) for p in parts)  # memory falls with workers
     for r, p in enumerate(parts):
         rows = shard_rows(whole.n_train, r, 3)
-        assert np.array_equal(p.train_hist, whole.train_hist[rows]) and np.array_equal(p.train_target, whole.train_target[rows])
+        assert np.array_equal(p.train_hist.padded(), whole.train_hist.padded(np.arange(whole.n_train)[rows])) and np.array_equal(p.train_target, whole.train_target[rows])
         assert np.array_equal(p.target_counts, whole.target_counts)
         assert p.width == whole.width and p.sharded and not whole.sharded
 
@@ -326,3 +358,39 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(tiny_data):
         assert np.array_equal(whole.valid_target[a.valid_shard], parts[r].valid_target[b.valid_shard])
         assert np.array_equal(whole.valid_hist[a.valid_shard], parts[r].valid_hist[b.valid_shard])
     assert sum(len(p.valid_target) for p in parts) == 100
+
+
+def test_aligned_cosine_block_by_block_equals_all_at_once():
+    """The mean cosine between E_C and the adapter's E_T, computed in blocks (memory), equals the
+    one-shot reference whatever the block size."""
+    import torch
+
+    from prorec.models.modality import ModalityAdapter
+    from prorec.stage1 import aligned_cosine
+
+    torch.manual_seed(0)
+    adapter = ModalityAdapter(24, 8).eval()
+    torch.nn.init.normal_(adapter.adaln.modulation.weight, std=0.1)  # a modulation that is not zero
+    e_c, sem = torch.randn(101, 8), np.random.default_rng(0).standard_normal((101, 24)).astype(np.float32)
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cosine_similarity(e_c, adapter(torch.from_numpy(sem)), dim=1).mean())
+    for block in (1, 7, 100, 101, 1000):
+        assert abs(aligned_cosine(adapter, e_c, sem, block=block) - ref) < 1e-6
+
+
+def test_item_tables_are_written_in_row_groups_a_reader_takes_at_once(tmp_path, monkeypatch):
+    """write_embeddings cuts the file into row groups of artifacts._READ_BATCH rows (a reader decodes a
+    whole row group at once: Parquet's default of a million rows cost 1.8 GB more at 1.2M items), and
+    read_item_table reads such a file back exactly."""
+    import pyarrow.parquet as pq
+
+    from prorec import artifacts
+    from prorec.artifacts import read_item_table
+
+    monkeypatch.setattr(artifacts, "_READ_BATCH", 16)
+    x = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    path = write_embeddings(tmp_path / "e.parquet", np.arange(1, 51), [f"i{i}" for i in range(1, 51)], x)
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [16, 16, 16, 2]
+    table = read_item_table(path, 50)
+    assert np.array_equal(table[1:], x) and not table[0].any()

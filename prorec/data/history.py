@@ -3,6 +3,7 @@
 Two layouts are in use, and both come from here:
 - "left" (the generator's): items start in column 0, oldest first, and the row is right-padded with 0;
 - "right" (DIN's): the most recent item sits in the last column, and the row is left-padded with 0.
+`RaggedHistories` keeps a split unpadded and pads the rows of one batch at a time.
 """
 from __future__ import annotations
 
@@ -27,8 +28,6 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
     Each history keeps its `max_len` most recent items. `width` defaults to the longest kept history.
     align="left": the generator's layout (items from column 0); "right": DIN's (most recent item last).
     """
-    if align not in ("left", "right"):
-        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = col.offsets.to_numpy().astype(np.int64)
     values = col.values.to_numpy(zero_copy_only=False)  # a view of the item ids, in their own dtype
@@ -37,6 +36,15 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
         raise ValueError("every history needs at least one item")
     if max_len is not None:
         lens = np.minimum(lens, max_len)
+    return _pad(values, offsets[1:], lens, width, align, dtype)
+
+
+def _pad(values: np.ndarray, ends: np.ndarray, lens: np.ndarray, width: int | None, align: str,
+         dtype: type) -> np.ndarray:
+    """Rows whose items are values[end - len:end] -> [rows, width] `dtype`, 0-padded; a row longer
+    than `width` keeps its `width` most recent items."""
+    if align not in ("left", "right"):
+        raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     if width is None:
         width = int(lens.max()) if len(lens) else 1
     lens = np.minimum(lens, width)
@@ -48,9 +56,49 @@ def pad_histories(col: pa.ChunkedArray | pa.Array, max_len: int | None = None, a
         row = np.repeat(np.arange(len(b_lens)), b_lens)
         within = np.arange(int(b_lens.sum())) - np.repeat(np.cumsum(b_lens) - b_lens, b_lens)  # 0..len-1 a row
         column = within if align == "left" else (width - b_lens)[row] + within
-        ends = offsets[lo + 1:lo + 1 + len(b_lens)]
-        out[lo + row, column] = values[(ends - b_lens)[row] + within]  # the most recent lens items
+        out[lo + row, column] = values[(ends[lo:lo + len(b_lens)] - b_lens)[row] + within]  # the most recent items
     return out
+
+
+class RaggedHistories:
+    """A split's histories without padding: the item ids back to back (`values`, int32) and where
+    each row starts (`offsets`, int64, one more than the rows), as Arrow keeps a list column.
+
+    Stage I holds its training rows this way and pads one batch at a time (`padded(rows)`): padded
+    to the longest history, the rows of a catalogue of a million items took 1.15 GB of int32 at
+    width 20 for a mean length of about 4; back to back they take a quarter of that."""
+
+    def __init__(self, values: np.ndarray, offsets: np.ndarray):
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(values):
+            raise ValueError("offsets must start at 0 and end at len(values)")
+        self.values, self.offsets = values, offsets
+        self.lens = np.diff(offsets).astype(np.int32)  # (rows,)
+        if len(self.lens) and self.lens.min() < 1:
+            raise ValueError("every history needs at least one item")
+
+    @classmethod
+    def from_column(cls, col: pa.ChunkedArray | pa.Array) -> "RaggedHistories":
+        """A list<int> column (oldest item first) -> its rows, copied out of Arrow's buffers."""
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.int32)
+        return cls(values, offsets - offsets[0])
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.offsets.nbytes + self.lens.nbytes
+
+    def padded(self, rows: np.ndarray | None = None, width: int | None = None, align: str = "right",
+               dtype: type = np.int64) -> np.ndarray:
+        """These rows (all by default) as [rows, width] `dtype`, 0-padded in `align`'s layout (the
+        same as `pad_histories` of the column); width defaults to the rows' longest history."""
+        if rows is None:
+            return _pad(self.values, self.offsets[1:], self.lens.astype(np.int64), width, align, dtype)
+        rows = np.asarray(rows, dtype=np.int64)
+        return _pad(self.values, self.offsets[rows + 1], self.lens[rows].astype(np.int64), width, align, dtype)
 
 
 def history_tensor(col: pa.ChunkedArray | pa.Array, max_len: int | None = None,
