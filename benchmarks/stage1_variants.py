@@ -1,0 +1,139 @@
+"""Stage I on Beauty: what fewer shared negatives buy in speed and cost in quality, and Stage I's
+validation curves when it trains to convergence.
+
+    python benchmarks/stage1_variants.py speed runs/beauty_full_run --negatives 128 64 32 --name stage1_negatives \\
+        --quality 128:runs/beauty_full_run 64:runs/beauty_s1_neg64_bf16 32:runs/beauty_s1_neg32_bf16
+    python benchmarks/stage1_variants.py curves runs/beauty_s1conv_prorec runs/beauty_s1conv_collab \\
+        --name stage1_converged
+
+`speed`: steps a second of the run's Stage I config in this process (one torch thread) for every
+(stage1.n_negatives, fp32 | bf16), the variants interleaved in `--rounds` rounds (the machine is
+shared: the ratios, measured side by side, are what counts), each after a warm-up of 5 steps, from the
+same initial weights; with `--quality N:RUN ...`, the validation curve that each run's Stage I
+recorded (stage1/metrics.json), to compare after equal epochs.
+`curves`: the validation curve of each run's Stage I (R@10 and N@10 of the DIN over the full
+catalogue, on the validation users Stage I watches), its best epoch, and where early stopping ended it.
+Writes benchmarks/results/NAME.json and NAME.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+
+
+def _history(run: Path) -> list[dict]:
+    return json.loads((run / "stage1" / "metrics.json").read_text())["history"]
+
+
+def speed(args: argparse.Namespace) -> tuple[dict, str]:
+    import torch
+
+    from benchmarks.stage1_speed import steps_per_second
+    from prorec.config import load_config
+    from prorec.stage1 import Stage1Data, load_semantic, uses_alignment
+    from prorec.stages import input_paths
+
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(load_config(args.run / "config.yaml").stage1, num_workers=0, bf16=False)
+    paths = input_paths(args.run, "stage1")
+    data = Stage1Data.load(paths["data"])
+    semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
+    variants = [(n, bf16) for n in args.negatives for bf16 in (False, True)]
+    rates: dict[str, list[float]] = {f"{n}/{'bf16' if b else 'fp32'}": [] for n, b in variants}
+    for _ in range(args.rounds):
+        for n, b in variants:
+            key = f"{n}/{'bf16' if b else 'fp32'}"
+            rates[key].append(steps_per_second(dataclasses.replace(cfg, n_negatives=n, bf16=b), data, semantic,
+                                               args.steps))
+            print(f"stage1_variants: {key} {rates[key][-1]:.2f} steps/s", file=sys.stderr, flush=True)
+    ref = f"{cfg.n_negatives}/fp32" if f"{cfg.n_negatives}/fp32" in rates else next(iter(rates))
+    result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "fusion": cfg.fusion,
+              "batch_size": cfg.batch_size, "n_items": data.n_items, "config_negatives": cfg.n_negatives,
+              "steps_per_second": rates,
+              "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
+                          for q in args.quality}}
+    best = {k: max(v) for k, v in rates.items()}
+    lines = [f"# Stage I: fewer shared negatives, fp32 and bf16 ({args.run})", "",
+             f"    python {' '.join(sys.argv)}", "",
+             f"Fusion {cfg.fusion}, batches of {cfg.batch_size} users, {data.n_items} items; one torch thread, "
+             f"in-process; {args.steps} steps a measurement, the variants interleaved, {args.rounds} rounds "
+             "(the faster of each).", "",
+             f"| negatives | dtype | steps/s | runs | vs {ref} |", "|---|---|---|---|---|"]
+    for key, v in rates.items():
+        n, dt = key.split("/")
+        lines.append(f"| {n} | {dt} | {best[key]:.2f} | {', '.join(f'{x:.2f}' for x in v)} | "
+                     f"{best[key] / best[ref]:.2f}x |")
+    if result["quality"]:
+        lines += ["", "## Validation after equal epochs", "",
+                  "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
+                  "(the same users in every run), as each run's Stage I recorded them.", "",
+                  "| epoch | " + " | ".join(f"{n} negatives R@10 | N@10" for n in result["quality"]) + " |",
+                  "|---|" + "---|---|" * len(result["quality"])]
+        hists = [q["history"] for q in result["quality"].values()]
+        for e in range(max(len(h) for h in hists)):
+            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f}" if e < len(h) else "- | -" for h in hists]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        lines += ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in result["quality"].items())]
+    return result, "\n".join(lines) + "\n"
+
+
+def curves(args: argparse.Namespace) -> tuple[dict, str]:
+    import yaml
+
+    runs = {}
+    for run in args.runs:
+        hist = _history(run)
+        s1 = yaml.safe_load((run / "config.yaml").read_text())["stage1"]
+        best = max(range(len(hist)), key=lambda e: (hist[e]["recall@10"], -e))
+        runs[str(run)] = {"fusion": s1["fusion"], "max_epochs": s1["max_epochs"], "patience": s1["patience"],
+                          "bf16": s1.get("bf16", False), "history": hist, "best_epoch": best,
+                          "stopped_early": len(hist) < s1["max_epochs"]}
+    lines = [f"# Stage I trained to convergence: validation curves", "", f"    python {' '.join(sys.argv)}", "",
+             "Recall@10 / NDCG@10 of the DIN over the full catalogue, on the validation users Stage I watches "
+             "(stage1.valid_users, the same users in every run); early stopping watches Recall@10; "
+             "epoch seconds as the run recorded them (wall, shared machine).", ""]
+    for run, r in runs.items():
+        lines += [f"## `{run}`: fusion {r['fusion']}, at most {r['max_epochs']} epochs, patience {r['patience']}"
+                  f"{', bf16' if r['bf16'] else ''}", "",
+                  f"Best epoch {r['best_epoch']}; " + (f"stopped by patience after epoch {len(r['history']) - 1}."
+                                                     if r["stopped_early"] else "ran every epoch allowed."), "",
+                  "| epoch | R@10 | N@10 | loss | align loss | epoch s |", "|---|---|---|---|---|---|"]
+        for h in r["history"]:
+            mark = " (best)" if h["epoch"] == r["best_epoch"] else ""
+            lines.append(f"| {h['epoch']}{mark} | {h['recall@10']:.4f} | {h['ndcg@10']:.4f} | {h['loss']:.3f} | "
+                         f"{h.get('align_loss', 0):.3f} | {h.get('epoch_seconds', 0):.0f} |")
+        lines.append("")
+    return {"runs": runs}, "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("run", type=Path, help="a run directory with finished data and embed stages")
+    s.add_argument("--negatives", type=int, nargs="+", default=[128, 64, 32])
+    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--rounds", type=int, default=2)
+    s.add_argument("--quality", nargs="*", default=[], metavar="N:RUN")
+    c = sub.add_parser("curves")
+    c.add_argument("runs", type=Path, nargs="+")
+    for p in (s, c):
+        p.add_argument("--name", required=True)
+        add_allow_dirty(p)
+    args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
+    result, md = speed(args) if args.what == "speed" else curves(args)
+    write_result(RESULTS / args.name, {"command": " ".join(sys.argv), **result}, md, tree)
+    print(f"wrote {RESULTS / args.name}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
