@@ -282,7 +282,8 @@ def _arch_message(cfg: GeneratorArch, problem: str) -> str:
 
 
 # The evaluation's rerank signals (prorec/rerank.py) and the EvalConfig field holding each one's weight.
-RERANK_FIELDS = {"din": "rerank_weight", "semantic": "rerank_semantic_weight", "transition": "rerank_transition_weight"}
+RERANK_FIELDS = {"din": "rerank_weight", "semantic": "rerank_semantic_weight", "transition": "rerank_transition_weight",
+                 "cold": "rerank_cold_weight", "cold_semantic": "rerank_cold_semantic_weight"}
 
 
 @dataclass
@@ -308,6 +309,13 @@ class EvalConfig:
     rerank_weight: float = 0.0
     rerank_semantic_weight: float = 0.0
     rerank_transition_weight: float = 0.0
+    # Not in the paper either, for items no training row mentions (cold: added by `prorec items add`,
+    # or seen only in validation and test): + rerank_cold_weight (a fixed lift) + rerank_cold_semantic_weight
+    # * the semantic affinity above, for cold candidates only. A cold item has no collaborative signal
+    # (no transitions, a DIN row and generator rows mapped from its text), so the collaborative terms
+    # rank it low; these two let its text speak for it (benchmarks/results/new_items_beauty.md).
+    rerank_cold_weight: float = 0.0
+    rerank_cold_semantic_weight: float = 0.0
     # bfloat16 autocast of the beam search and the reranker's DIN on a CPU too (a GPU evaluation
     # autocasts anyway). About 2x faster on a CPU with bf16 instructions (AVX512-BF16, AMX), and not
     # bit-exact: close scores can swap places (benchmarks/results/eval_split.md measures how often).

@@ -315,6 +315,6 @@ STAGE = Stage(
     outputs=("metrics.json", "predictions.parquet"),
     execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size",
                               "placement_strategy", "max_retries", "actor_resources"}),
-    added_fields={"bf16": False},
+    added_fields={"bf16": False, "rerank_cold_weight": 0.0, "rerank_cold_semantic_weight": 0.0},
     uses_ray=lambda c: c.use_ray,
     resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from prorec.config import ConfigError, EvalConfig
+from prorec.config import RERANK_FIELDS, ConfigError, EvalConfig
 from prorec.data.canonical import DataError, Problems
 from prorec.data.splits import read_split
 from prorec.manifest import MANIFEST_FILE
@@ -83,7 +83,7 @@ class Recommender:
         if beam is not None:
             cfg = dataclasses.replace(cfg, beam_size=beam)
         if rerank is False:
-            cfg = dataclasses.replace(cfg, rerank_weight=0.0, rerank_semantic_weight=0.0, rerank_transition_weight=0.0)
+            cfg = dataclasses.replace(cfg, **{name: 0.0 for name in RERANK_FIELDS.values()})
         # The run's top-k cut-offs are the evaluation's; a request asks for its own k (<= the beam).
         cfg = dataclasses.replace(cfg, topk=[min(max(cfg.topk), cfg.beam_size)])
         cfg.validate()

@@ -15,6 +15,10 @@ with three signals, each on when its weight (`eval.rerank_weight`, `eval.rerank_
   encoder's, embeddings/semantic.parquet) and those of the items in the user's history.
 - t, transitions: log(1 + n), n = how many training rows have the user's last item directly
   followed by the candidate (the train split only, so validation and test targets are never counted).
+- cold items (`eval.rerank_cold_weight`, `eval.rerank_cold_semantic_weight`): for a candidate that no
+  training row mentions (an item added by `prorec items add`, say), a lift w_cold plus w_cold_sem *
+  a_S(u, i). Its collaborative terms know nothing of it (no transitions; DIN and generator rows mapped
+  from its text), so without them the beam's order puts a new item below the items users bought.
 
 The list is still drawn from the full catalogue by the beam search; the signals only reorder it.
 Scoring 200 candidates costs O(200 * T) per user for each signal, small beside the beam search.
@@ -96,6 +100,29 @@ class Transitions:
         return torch.where(self.keys[at] == want, self.values[at], 0.0)
 
 
+class ColdItems:
+    """c(i) = 1 for an item that no training row mentions (in a history or as the target), else 0."""
+
+    def __init__(self, cold: torch.Tensor) -> None:
+        self.cold = cold  # [N + 1] float, row 0 (padding) 0
+
+    @classmethod
+    def from_split(cls, table: pa.Table, n_items: int) -> "ColdItems":
+        seen = np.zeros(n_items + 1, dtype=bool)
+        seen[table.column("history").combine_chunks().flatten().to_numpy(zero_copy_only=False)] = True
+        seen[table.column("target").to_numpy()] = True
+        seen[0] = True  # padding is never a candidate
+        return cls(torch.from_numpy((~seen).astype(np.float32)))
+
+    def to(self, device: torch.device | str) -> "ColdItems":
+        self.cold = self.cold.to(device)
+        return self
+
+    def __call__(self, items: torch.Tensor) -> torch.Tensor:
+        """items [U, W] (-1 = empty) -> [U, W]."""
+        return self.cold[items.clamp(min=0).to(self.cold.device)]
+
+
 def rerank_scored(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
                   weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> (items reordered by
@@ -118,15 +145,18 @@ def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.T
 
 class Reranker:
     """Reorders a beam's candidates by log p_G + the weighted signals it was given ("din", "semantic",
-    "transition": the keys of `prorec.config.RERANK_FIELDS`)."""
+    "transition", "cold", "cold_semantic": the keys of `prorec.config.RERANK_FIELDS`)."""
 
     def __init__(self, din: DIN | None = None, weight: float = 0.0, *, semantic: SemanticAffinity | None = None,
                  semantic_weight: float = 0.0, transitions: Transitions | None = None,
-                 transition_weight: float = 0.0) -> None:
-        self.weights = {"din": weight, "semantic": semantic_weight, "transition": transition_weight}
-        self.din, self.semantic, self.transitions = din, semantic, transitions
-        for name, model in (("din", din), ("semantic", semantic), ("transition", transitions)):
-            if self.weights[name] > 0 and model is None:
+                 transition_weight: float = 0.0, cold: ColdItems | None = None, cold_weight: float = 0.0,
+                 cold_semantic_weight: float = 0.0) -> None:
+        self.weights = {"din": weight, "semantic": semantic_weight, "transition": transition_weight,
+                        "cold": cold_weight, "cold_semantic": cold_semantic_weight}
+        self.din, self.semantic, self.transitions, self.cold = din, semantic, transitions, cold
+        for name, needs in (("din", [din]), ("semantic", [semantic]), ("transition", [transitions]), ("cold", [cold]),
+                            ("cold_semantic", [cold, semantic])):
+            if self.weights[name] > 0 and any(m is None for m in needs):
                 raise ValueError(f"a {name} weight > 0 needs its model")
 
     @torch.inference_mode()
@@ -145,6 +175,10 @@ class Reranker:
             out["semantic"] = self.semantic(history, items)
         if self.transitions is not None:
             out["transition"] = self.transitions(history, items)
+        if self.cold is not None:
+            out["cold"] = self.cold(items)
+            if self.semantic is not None:
+                out["cold_semantic"] = out["cold"] * out["semantic"]
         return out
 
     def order(self, history: torch.Tensor, beam: BeamResult) -> BeamResult:
@@ -159,14 +193,14 @@ class Reranker:
 def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: str | Path | None,
                  data_dir: str | Path | None) -> None:
     """ValueError naming the weight and what it needs, for each signal that is on without its input."""
-    need = {"din": (stage1_dir, "the Stage I folder (its DIN)"),
-            "semantic": (semantic_path, "the semantic embeddings' Parquet"),
-            "transition": (data_dir, "the dataset folder (its train split)")}
+    din, sem, train = ((stage1_dir, "the Stage I folder (its DIN)"), (semantic_path, "the semantic embeddings' Parquet"),
+                       (data_dir, "the dataset folder (its train split)"))
+    need = {"din": [din], "semantic": [sem], "transition": [train], "cold": [train], "cold_semantic": [train, sem]}
     for signal, w in cfg.rerank_weights.items():
-        path, what = need[signal]
         key = f"eval.{RERANK_FIELDS[signal]}"
-        if w > 0 and path is None:
-            raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
+        for path, what in need[signal]:
+            if w > 0 and path is None:
+                raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
     if cfg.rerank_weights["din"] > 0 and not (Path(stage1_dir) / DIN_FILE).is_file():
         raise ValueError(f"eval.rerank_weight > 0 reranks with the DIN that Stage I trains, and {Path(stage1_dir) / DIN_FILE} "
                          "is missing (stage1.fusion=semantic trains none). Fix: set eval.rerank_weight=0, or rerun "
@@ -182,8 +216,11 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
     check_inputs(cfg, stage1_dir, semantic_path, data_dir)
     w = cfg.rerank_weights
     din = load_din(stage1_dir, device) if w["din"] > 0 else None
-    semantic = SemanticAffinity.from_parquet(semantic_path, n_items).to(device) if w["semantic"] > 0 else None
-    transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
-                   if w["transition"] > 0 else None)
+    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items).to(device)
+                if w["semantic"] > 0 or w["cold_semantic"] > 0 else None)
+    train = read_split(Path(data_dir), "train") if w["transition"] > 0 or w["cold"] > 0 or w["cold_semantic"] > 0 else None
+    transitions = Transitions.from_split(train, n_items).to(device) if w["transition"] > 0 else None
+    cold = ColdItems.from_split(train, n_items).to(device) if w["cold"] > 0 or w["cold_semantic"] > 0 else None
     return Reranker(din, w["din"], semantic=semantic, semantic_weight=w["semantic"],
-                    transitions=transitions, transition_weight=w["transition"])
+                    transitions=transitions, transition_weight=w["transition"], cold=cold, cold_weight=w["cold"],
+                    cold_semantic_weight=w["cold_semantic"])

@@ -103,6 +103,31 @@ def test_the_grown_run_recommends_and_can_rank_new_items(grown, tmp_path):
     assert set(metrics) == {"valid", "test"}
 
 
+def test_the_cold_item_terms_lift_new_items_in_the_grown_run(grown):
+    """eval.rerank_cold_weight through the real path (Recommender -> build_reranker from the run's
+    files): the added items are the cold ones, and a large lift puts every new item of the list
+    ahead of every item seen in training; without it the order is the run's."""
+    import dataclasses
+
+    from prorec.recommend import Query, Recommender, run_settings
+
+    items = pq.read_table(grown / "data" / "items.parquet").to_pydict()
+    shampoos = [i for i, t in zip(items["item_id"], items["text"]) if "Shampoos" in t and not i.startswith("NEW")]
+    base = run_settings(grown)
+    k = len(items["item_id"]) - 10  # a beam of nearly the whole catalogue, so that new items are candidates
+    plain = Recommender(grown, beam=k, settings=base)
+    lifted = Recommender(grown, beam=k, settings=dataclasses.replace(base, rerank_cold_weight=1e4))
+    cold = lifted.ranker.reranker.cold.cold
+    assert {str(lifted.item_ids[i]) for i in cold.nonzero().flatten().tolist()} == {"NEW1", "NEW2", "NEW3"}
+    q = [Query(lifted.indices(shampoos[:3]), k), Query(lifted.indices(shampoos[3:5]), k)]
+    got, before = lifted.recommend(q), plain.recommend(q)
+    for a, b in zip(got, before):
+        new = [i.startswith("NEW") for i in a.items]
+        assert any(new) and new == sorted(new, reverse=True)  # the new items first, then the rest
+        assert set(a.items) == set(b.items)  # the same candidates, reordered
+        assert [i for i in a.items if not i.startswith("NEW")] == [i for i in b.items if not i.startswith("NEW")]
+
+
 def test_bad_new_items_are_refused_naming_the_line(tiny_run, tmp_path, capsys):
     cases = {
         "already": ([{"item_id": "S000001", "title": "x", "categories": [], "keywords": ""}],

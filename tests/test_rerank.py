@@ -10,7 +10,7 @@ import torch
 
 from prorec.artifacts import write_embeddings
 
-from prorec.beam import BeamResult
+from prorec.beam import NEG_INF, BeamResult
 from prorec.config import ConfigError, EvalConfig, load_config
 from prorec.data.history import realign_right
 from prorec.models.din import DIN, DINConfig, load_din, save_din
@@ -125,7 +125,7 @@ def test_each_signal_comes_from_its_artifact_and_a_missing_one_is_named(tmp_path
     pq.write_table(pa.table({"user_id": ["u", "u"], "history": [[1], [1, 2]], "target": [2, 3]}), data / "train.parquet")
     cfg = EvalConfig(rerank_weight=0.5, rerank_semantic_weight=2.0, rerank_transition_weight=1.0)
     rr = build_reranker(cfg, 4, "cpu", tmp_path, tmp_path / "semantic.parquet", data)
-    assert rr.weights == {"din": 0.5, "semantic": 2.0, "transition": 1.0}
+    assert rr.weights == {"din": 0.5, "semantic": 2.0, "transition": 1.0, "cold": 0.0, "cold_semantic": 0.0}
     assert set(rr.signals(torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))) == {"din", "semantic", "transition"}
     only = build_reranker(EvalConfig(rerank_transition_weight=1.0), 4, "cpu", None, None, data)
     assert only.din is None and only.semantic is None and only.transitions is not None
@@ -134,3 +134,37 @@ def test_each_signal_comes_from_its_artifact_and_a_missing_one_is_named(tmp_path
         build_reranker(EvalConfig(rerank_semantic_weight=1.0), 4, "cpu", tmp_path, None, data)
     with pytest.raises(ConfigError, match="eval.rerank_transition_weight"):
         load_config(None, ["eval.rerank_transition_weight=-0.5"])
+    with pytest.raises(ValueError, match="eval.rerank_cold_semantic_weight > 0 needs the semantic embeddings"):
+        build_reranker(EvalConfig(rerank_cold_semantic_weight=1.0), 4, "cpu", None, None, data)
+    with pytest.raises(ValueError, match="eval.rerank_cold_weight > 0 needs the dataset folder"):
+        build_reranker(EvalConfig(rerank_cold_weight=1.0), 4, "cpu", None, None, None)
+
+
+def test_cold_items_are_those_no_training_row_mentions_and_only_they_are_lifted(tmp_path):
+    """ColdItems: an item in no training history and no training target is cold (padding never); the
+    cold lift and the cold semantic term move cold candidates only, by w_cold + w_cold_sem * a_S."""
+    from prorec.rerank import ColdItems
+
+    table = pa.table({"user_id": ["u", "v"], "history": [[1], [1, 2]], "target": [2, 3]})
+    cold = ColdItems.from_split(table, 5)
+    assert cold.cold.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]  # items 4 and 5: never in a training row
+    items = torch.tensor([[3, 4, -1, 5]])
+    assert cold(items).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+    write_embeddings(tmp_path / "semantic.parquet", np.arange(1, 6), list("abcde"),
+                     np.array([[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1]], dtype=np.float32))
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(table, data / "train.parquet")
+    rr = build_reranker(EvalConfig(rerank_cold_weight=0.5, rerank_cold_semantic_weight=2.0), 5, "cpu", None,
+                        tmp_path / "semantic.parquet", data)
+    history = torch.tensor([[1, 0]])
+    sig = rr.signals(history, items)
+    aff = SemanticAffinity.from_parquet(tmp_path / "semantic.parquet", 5)(history, items)
+    assert torch.allclose(sig["cold_semantic"], aff * torch.tensor([[0.0, 1.0, 0.0, 1.0]]))
+    beam = BeamResult(items, torch.tensor([[-1.0, -2.0, NEG_INF, -1.5]]))
+    out = rr.order(history, beam)
+    # totals: item 3 -1.0; item 4 -2.0 + 0.5 + 2 * cos(e1, e4); item 5 -1.5 + 0.5 + 2 * cos(e1, e5) = -1.0 + 0
+    want = {3: -1.0, 4: -2.0 + 0.5 + 2 * float(aff[0, 1]), 5: -1.0}
+    assert out.items[0, :3].tolist() == sorted(want, key=lambda i: -want[i]) and out.items[0, 3] == -1
+    assert torch.allclose(out.scores[0, :3], torch.tensor(sorted(want.values(), reverse=True)))
