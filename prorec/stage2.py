@@ -30,7 +30,7 @@ from prorec.artifacts import read_item_table, write_json
 from prorec.beam import BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import VALID_TOPK, Stage2Config
-from prorec.data.history import history_tensor
+from prorec.data.history import RaggedHistories, history_tensor
 from prorec.data.splits import count_rows, longest_history, read_rows, read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
@@ -55,7 +55,9 @@ class Stage2Inputs:
     item_codes: torch.Tensor  # [N + 1, L] long, row 0 = padding
     k: int
     teacher: torch.Tensor | None  # [N + 1, D] Stage I embeddings (None when distill is off)
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (history [U, S], target [U])
+    # split -> (history, target [U]): the train split's histories unpadded (RaggedHistories, a batch
+    # padded when it is drawn), the others' [U, S] long, right-padded with 0.
+    splits: dict[str, tuple[Any, torch.Tensor]]
     max_history: int
     n_train: int = 0  # rows of the whole train split
     # True: splits["train"] is one worker's shard and splits["valid"] its validation users (load_inputs
@@ -98,9 +100,11 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
             table = read_rows(data_dir, s, picked[shard_rows(len(picked), rank, world)])
         else:
             raise ValueError(f"load_inputs: a worker's part covers train and valid, not {s}")
-        # Training histories are kept as int32 (half the memory; a batch is widened to long).
-        out[s] = (history_tensor(table.column("history"), dtype=np.int32 if s == "train" else np.int64),
-                  torch.from_numpy(table.column("target").to_numpy().astype(np.int64)))
+        # Training histories are kept unpadded, int32 (padded to width 20 for a mean length of about
+        # 4, a million items' training rows took 1.15 GB; a batch is padded and widened to long).
+        hist = (RaggedHistories.from_column(table.column("history")) if s == "train"
+                else history_tensor(table.column("history")))
+        out[s] = (hist, torch.from_numpy(table.column("target").to_numpy().astype(np.int64)))
     pa.default_memory_pool().release_unused()  # the Arrow tables are gone; their memory goes back too
     return Stage2Inputs(item_codes, k, teacher, out, max_history, n_train, rank is not None)
 
@@ -141,11 +145,11 @@ class Stage2Trainer:
         self.amp = cfg.bf16 and device.type == "cuda"
         # Training rows: this worker's contiguous shard; every worker runs the same number of steps
         # (DDP all-reduces every step), so the step count comes from the smallest shard.
-        hist, tgt = inputs.splits["train"]
-        n_train = inputs.n_train or hist.shape[0]
-        shard = slice(0, hist.shape[0]) if inputs.sharded else shard_rows(n_train, ctx.rank, ctx.world_size)
-        self.hist, self.tgt = hist[shard], tgt[shard]
-        self.lengths = (self.hist > 0).sum(1).numpy()
+        self.hist, self.tgt = inputs.splits["train"]
+        n_train = inputs.n_train or len(self.hist)
+        shard = slice(0, len(self.hist)) if inputs.sharded else shard_rows(n_train, ctx.rank, ctx.world_size)
+        self.rows = np.arange(len(self.hist))[shard]  # this worker's training rows
+        self.lengths = self.hist.lens
         smallest = min(s.stop - s.start for s in (shard_rows(n_train, r, ctx.world_size)
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
@@ -169,17 +173,15 @@ class Stage2Trainer:
         # the run was resumed, so a resumed run ends with the same weights as an uninterrupted one.
         seed = self.cfg.seed * 1_000_003 + epoch * 1_009 + self.ctx.rank
         torch.manual_seed(seed)
-        batches = length_grouped_batches(np.arange(self.hist.shape[0]), self.lengths, self.batch_size, self.steps,
+        batches = length_grouped_batches(self.rows, self.lengths, self.batch_size, self.steps,
                                          np.random.default_rng(seed))
         self.model.train()
         keys = ("loss", "gen", "distill")
         sums = torch.zeros(len(keys), device=self.device)  # summed on the device: no sync a step
         t0 = time.perf_counter()
         for step, idx in enumerate(batches):  # a larger shard's few extra rows wait for another epoch's shuffle
-            rows = torch.from_numpy(idx)
-            h = self.hist[rows]
-            h = h[:, : int(self.lengths[idx].max())].to(self.device, torch.long, non_blocking=True)
-            t = self.tgt[rows].to(self.device, non_blocking=True)
+            h = torch.from_numpy(self.hist.padded(idx, align="left")).to(self.device, non_blocking=True)  # [B, longest]
+            t = self.tgt[torch.from_numpy(idx)].to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(h, t)
             self.opt.zero_grad(set_to_none=True)

@@ -265,19 +265,21 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(artifacts):
     a = artifacts
     whole = load_inputs(cfg, a["data"], a["codes"], a["stage1"])
     parts = [load_inputs(cfg, a["data"], a["codes"], a["stage1"], rank=r, world=3) for r in range(3)]
-    n = whole.splits["train"][0].shape[0]
-    assert sum(p.splits["train"][0].shape[0] for p in parts) == n == parts[0].n_train
-    assert all(p.splits["train"][0].shape[0] < 0.4 * n for p in parts)
-    assert parts[0].splits["train"][0].dtype == torch.int32  # half the memory of long
+    n = len(whole.splits["train"][0])
+    assert sum(len(p.splits["train"][0]) for p in parts) == n == parts[0].n_train
+    assert all(len(p.splits["train"][0]) < 0.4 * n for p in parts)  # memory falls with workers
+    assert parts[0].splits["train"][0].values.dtype == np.int32  # unpadded, int32
 
     def trim(h):  # a part is padded to its own longest history, the whole load to the split's
         return h[:, : int((h > 0).sum(1).max())]
 
     for r, p in enumerate(parts):
-        rows = shard_rows(n, r, 3)
-        assert torch.equal(trim(p.splits["train"][0].long()), trim(whole.splits["train"][0][rows].long()))
+        rows = np.arange(n)[shard_rows(n, r, 3)]
+        assert np.array_equal(p.splits["train"][0].padded(align="left"), whole.splits["train"][0].padded(rows, align="left"))
+        assert torch.equal(p.splits["train"][1], whole.splits["train"][1][torch.from_numpy(rows)])
         ta, tb = Stage2Trainer(cfg, whole, torch.device("cpu"), RankContext(r, 3)), Stage2Trainer(cfg, p, torch.device("cpu"), RankContext(r, 3))
         assert ta.steps == tb.steps
         assert torch.equal(trim(ta.valid_hist), trim(tb.valid_hist)) and torch.equal(ta.valid_tgt, tb.valid_tgt)
-        assert torch.equal(trim(ta.hist.long()), trim(tb.hist.long()))
+        assert np.array_equal(ta.hist.padded(ta.rows, align="left"), tb.hist.padded(tb.rows, align="left"))
+        assert torch.equal(ta.tgt[torch.from_numpy(ta.rows)], tb.tgt[torch.from_numpy(tb.rows)])
     assert sum(len(p.splits["valid"][1]) for p in parts) == 50
