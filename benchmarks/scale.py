@@ -317,7 +317,8 @@ def side_by_side_md(res: dict[str, Any]) -> list[str]:
            f"Stage II steps, {sbs['users']} test users at beam 50 and at beam 200), so that the shared machine's load "
            "falls on every size alike; medians; the epoch-end check that every weight is finite (once an epoch, "
            "O(parameters)) is left out of the steps' time. The rows above come one size after another, minutes apart."
-           + (f" Measured from commit {str(tree.get('commit'))[:10]}." if tree.get("commit") else ""), "",
+           + (f" Measured from commit {str(tree.get('commit'))[:10]}." if tree.get("commit") else "")
+           + (" Kept from the earlier invocation (`--reuse`)." if sbs.get("reused") else ""), "",
            "| measure | " + " | ".join(f"{n:,} items" for n in sizes) + " | largest / smallest | goal |",
            "|---|" + "---|" * (len(sizes) + 2)]
     for key, v in sbs["median"].items():
@@ -581,7 +582,13 @@ def main(argv: list[str] | None = None) -> int:
                        for name, (st, field) in PER_UNIT.items() if st in res["details"]}
     res["exponents"] = {st: exponents(sizes, d["seconds"]) for st, d in res["stages"].items()}
     if args.side_by_side and {"stage1", "stage2", "eval_beam50"} <= set(args.stages):
-        res["side_by_side"] = measure_side_by_side(sizes, args, tree)
+        prev = Path(args.results) / f"{args.name}.json"
+        old = json.loads(prev.read_text()) if args.reuse and prev.is_file() else {}
+        if old.get("side_by_side") and old.get("sizes") == sizes:  # --reuse keeps it too (it names its commit)
+            res["side_by_side"] = {**old["side_by_side"], "reused": True}
+            print(f"scale: side by side kept from {prev}", file=sys.stderr, flush=True)
+        else:
+            res["side_by_side"] = measure_side_by_side(sizes, args, tree)
     cmd = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = cmd
     out_dir = Path(args.results)
