@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_setting(text: str) -> tuple[str, int | None, bool | None]:
@@ -148,11 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--single", type=int, default=100, help="users timed one at a time (default 100)")
+    p.add_argument("--direct", action="store_true",
+                   help="Ray Serve's direct ingress (prorec serve --direct): requests go to the replica's own port")
     p.add_argument("--name", default="serve_load")
     add_allow_dirty(p)
     args = p.parse_args(argv)
     tree = check_tree(args.allow_dirty)
 
+    from prorec.serve import direct_ingress_env, free_port
+
+    port = free_port()
+    if args.direct:  # before Ray Serve is imported (it reads the setting then); one replica, on `port`
+        os.environ.update(direct_ingress_env(port, 1))
+    proxy_port = next(p for p in iter(free_port, None) if p != port)
     import ray
     from ray import serve
 
@@ -161,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     histories = test_histories(args.run, args.requests)
     ray.init(num_cpus=max(2, args.threads), include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/recommend"
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if args.direct else port})
+    url = f"http://127.0.0.1:{port}/recommend"  # the replica itself with --direct, else Serve's proxy
     rows, baselines = [], {}
     try:
         for text in args.settings:
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
     md = [f"# {args.name}: prorec serve under load", "", f"Command: `{cmd}`", "",
           f"Run: `{args.run}`; hardware: {platform.machine()}, 2 CPU cores shared by the client, the Serve proxy "
-          f"and one replica ({args.threads} torch threads); @serve.batch max {args.max_batch_size}, wait "
+          f"and one replica ({args.threads} torch threads); "
+          + ("direct ingress (`prorec serve --direct`): requests go to the replica's own port, past the proxy and "
+             "the router; " if args.direct else "requests through Serve's proxy; ")
+          + f"@serve.batch max {args.max_batch_size}, wait "
           f"{args.batch_wait_ms:g} ms. Each cell: up to {args.requests} requests or {args.max_seconds:g} s.", "",
           "| setting | @serve.batch | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
           "|---|---|---|---|---|---|---|---|---|"]
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {label} | {b['offline_users_per_s']:.1f} | {b['single_user_ms_median']:.1f} | {ratio32} | {ratio1} |")
     md += ["", f"![latency against throughput]({png.name})"]
     write_result(RESULTS / args.name, {"command": cmd, "run": str(args.run), "rows": rows, "offline": baselines,
-                             "threads": args.threads}, "\n".join(md) + "\n", tree)
+                             "threads": args.threads, "direct": args.direct}, "\n".join(md) + "\n", tree)
     return 0
 
 

@@ -195,6 +195,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=wait_ms,
                    help=f"@serve.batch's wait for a fuller batch, in ms (default {wait_ms:g})")
     p.add_argument("--no-batch", action="store_true", help="answer each request alone (no @serve.batch)")
+    p.add_argument("--direct", action="store_true",
+                   help="Ray Serve's direct ingress (experimental in Ray 2.60): the replica listens on --port itself, "
+                        "so requests skip Serve's proxy and router (lower latency); only with the Ray instance this "
+                        "command starts, and with several replicas each has its own port, with no load balancer")
     p.add_argument("--write-config", type=Path, metavar="FILE",
                    help="write a `serve deploy` config for these settings to FILE and exit")
     p.set_defaults(func=_cmd_serve)

@@ -25,6 +25,8 @@ authentication of its own).
 """
 import argparse
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,34 @@ def build_app(args: dict[str, Any]) -> Any:
     return server.bind(str(Path(args["run_dir"]).resolve()), **kw)
 
 
+def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
+    """The environment that turns on Ray Serve's direct ingress (experimental in Ray 2.60): each replica
+    runs its own HTTP server, on a port of [port, port + replicas), so a request goes from the client
+    straight to the replica, past Serve's proxy and router. Measured on this 2-core machine
+    (benchmarks/results/serve_load.md): that hop cost about 8 ms at p50 and more at p99. It must be
+    in the environment before Ray starts (Serve reads it when its processes import), so only a Ray
+    instance that `prorec serve` starts itself can use it; there is no load balancer in front of several
+    replicas (each is reached on its own port)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + replicas)}  # Serve's range is [min, max)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def serve_config(run_dir: str | Path, host: str, port: int, app_args: dict[str, Any]) -> dict[str, Any]:
     """A `serve deploy` config file's content for this run."""
     args = {"run_dir": str(Path(run_dir).resolve()), **{k: v for k, v in app_args.items() if v is not None}}
@@ -121,22 +151,39 @@ def main(args: argparse.Namespace) -> int:
     from prorec.recommend import run_settings
 
     run_settings(args.run)  # refuse an unfinished run before starting anything
+    direct = getattr(args, "direct", False)
     if args.write_config is not None:
+        if direct:
+            raise SystemExit("error: --direct and --write-config: direct ingress is set by the environment of the "
+                             "cluster's Ray processes (see prorec.serve.direct_ingress_env), not by a deploy config")
         args.write_config.write_text(yaml.safe_dump(serve_config(args.run, args.host, args.port, app_args(args)),
                                                     sort_keys=False))
         print(f"wrote {args.write_config}; deploy it with: serve deploy {args.write_config}")
         return 0
+    http_port = args.port
+    if direct:  # before Ray or Serve is imported: Serve reads these when it imports
+        if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+            raise SystemExit("error: --direct needs a Ray instance that prorec serve starts itself (the setting must "
+                             "be in the environment of every Serve process); unset RAY_ADDRESS, or leave out --direct")
+        busy = [p for p in range(args.port, args.port + args.replicas) if port_in_use(args.host, p)]
+        if busy:
+            raise SystemExit(f"error: port(s) {busy} on {args.host} are in use; pick another --port")
+        os.environ.update(direct_ingress_env(args.port, args.replicas))
+        http_port = free_port(args.host)  # Serve's proxy still starts; it listens beside the replicas
     import ray
     from ray import serve
 
     from prorec.pipeline import connect_ray
 
     connect_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": http_port})
     serve.run(build_app({"run_dir": str(args.run), **{k: v for k, v in app_args(args).items() if v is not None}}),
               name="prorec", route_prefix="/")
     where = f"http://{args.host}:{args.port}"
-    print(f"serving {args.run} at {where} (POST /recommend, GET /healthz, GET /info); Ctrl-C stops it", flush=True)
+    if direct and args.replicas > 1:
+        where += f" (and ports up to {args.port + args.replicas - 1}: one a replica, no load balancer)"
+    print(f"serving {args.run} at {where} (POST /recommend, GET /healthz, GET /info)"
+          f"{'; direct ingress: the replica answers itself' if direct else ''}; Ctrl-C stops it", flush=True)
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can query it", file=sys.stderr)
     try:

@@ -212,6 +212,54 @@ def test_the_serve_app_answers_like_the_evaluation_and_survives_bad_requests(ray
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_prorec_serve_direct_answers_on_its_own_port_like_the_evaluation(tiny_run, tmp_path):
+    """`prorec serve RUN --direct` as a user runs it (its own process, its own Ray): the replica itself
+    listens on --port (127.0.0.1), answers /healthz, /info and the evaluation's lists, refuses a
+    bad request and stays up; Ctrl-C stops it. --direct with --write-config is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prorec.cli", "serve", str(tiny_run), "--direct", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 200
+        while True:
+            try:
+                if _call(f"{url}/healthz") == (200, {"status": "ok"}):
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        status, info = _call(f"{url}/info")
+        assert status == 200 and info["n_items"] == 120
+        users, histories, expected = _test_users(tiny_run)
+        for h, want in list(zip(histories, expected))[:10]:
+            status, a = _call(f"{url}/recommend", json.dumps({"history": h, "k": 20}).encode())
+            assert status == 200 and a["items"] == want
+        assert _call(f"{url}/recommend", b"{nope")[0] == 400 and _call(f"{url}/healthz")[0] == 200
+        assert "direct ingress" in (tmp_path / "serve.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(SystemExit, match="--direct and --write-config"):
+        cli(["serve", str(tiny_run), "--direct", "--write-config", str(tmp_path / "s.yaml")])
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_recommend_on_ray_data_gives_the_in_process_lists(ray_session, tiny_run, tmp_path):
