@@ -6,7 +6,7 @@
     prorec synthetic --out DIR [--seed N ...]
     prorec run --config jobs/configs/default.yaml --out runs/default
     prorec recommend RUN --input users.jsonl --output recs.parquet [--k 20]
-    prorec serve RUN [--host 127.0.0.1] [--port 8000]
+    prorec serve RUN [--host 127.0.0.1] [--port 8000] [--direct]
     prorec baseline sasrec --config jobs/configs/beauty/sasrec.yaml --data DIR --out runs/beauty_sasrec
 
 Bad data or configuration ends with one line `error: ...` on stderr and exit status 2.
