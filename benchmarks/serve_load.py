@@ -149,23 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tree = check_tree(args.allow_dirty)
 
-    from prorec.serve import direct_ingress_env, free_port
-
-    port = free_port()
-    if args.direct:  # before Ray Serve is imported (it reads the setting then); one replica, on `port`
-        os.environ.update(direct_ingress_env(port, 1))
-    proxy_port = next(p for p in iter(free_port, None) if p != port)
     import ray
     from ray import serve
 
-    from prorec.serve import build_app
+    from prorec.serve import build_app, direct_ingress_env, free_port
+
+    def start() -> str:
+        """A fresh Ray instance with Serve; the URL that requests go to. With --direct each deployment
+        gets its own Ray and port: Ray 2.60's direct ingress blocks a port that a replica of a redeployment
+        fails to bind while the old one lets go of it, so the same port cannot serve twice."""
+        port = free_port()
+        if args.direct:  # in the environment before Ray starts: Serve's processes read it when they import
+            os.environ.update(direct_ingress_env(port, 1))
+        ray.init(num_cpus=max(2, args.threads), include_dashboard=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        proxy = next(p for p in iter(free_port, None) if p != port) if args.direct else port
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy})
+        return f"http://127.0.0.1:{port}/recommend"  # the replica itself with --direct, else Serve's proxy
 
     histories = test_histories(args.run, args.requests)
-    ray.init(num_cpus=max(2, args.threads), include_dashboard=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port if args.direct else port})
-    url = f"http://127.0.0.1:{port}/recommend"  # the replica itself with --direct, else Serve's proxy
     rows, baselines = [], {}
+    url = start()
     try:
         for text in args.settings:
             label, beam, rerank = parse_setting(text)
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: offline {base['offline_users_per_s']:.1f} users/s, single user "
                   f"{base['single_user_ms_median']:.1f} ms (median)", flush=True)
             for batching in (True, False):
+                if args.direct and rows:
+                    serve.shutdown()
+                    ray.shutdown()
+                    url = start()
                 app = build_app({"run_dir": str(args.run), "beam": beam, "rerank": rerank, "batching": batching,
                                  "threads": args.threads, "max_batch_size": args.max_batch_size,
                                  "batch_wait_timeout_s": args.batch_wait_ms / 1000})

@@ -107,9 +107,16 @@ def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
     (benchmarks/results/serve_load.md): that hop cost about 8 ms at p50 and more at p99. It must be
     in the environment before Ray starts (Serve reads it when its processes import), so only a Ray
     instance that `prorec serve` starts itself can use it; there is no load balancer in front of several
-    replicas (each is reached on its own port)."""
+    replicas (each is reached on its own port).
+
+    Serve holds a stopped replica's port for a load balancer to forget it (a draining period of 30 s,
+    then a quarantine of 150 s): with no load balancer in front, and exactly one port a replica, a
+    replica that restarts (or a redeployment) would find no port for minutes, so both are off. Still, a
+    replica that cannot bind its port (the old one not gone yet, as in a redeployment, which starts the
+    new replica first) gets that port blocked for good: `--direct` is for one long-lived server."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + replicas)}  # Serve's range is [min, max)
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + replicas),  # Serve's range is [min, max)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
