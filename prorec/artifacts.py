@@ -113,6 +113,18 @@ def read_events(folder: str | Path) -> list[dict[str, Any]]:
     return [e for e in events if isinstance(e, dict) and "kind" in e]
 
 
+MANIFEST_FILE = "manifest.json"  # a run directory's record (prorec.manifest)
+
+
+def items_added(run_dir: str | Path) -> int:
+    """How many items `prorec items add` appended to a run's catalogue (0 for a run never grown, or a
+    folder with no manifest). They hold the last item indices."""
+    path = Path(run_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return 0
+    return sum(int(a.get("count", 0)) for a in json.loads(path.read_text()).get("items_added", []))
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,9 +309,9 @@ class EvalConfig:
     rerank_weight: float = 0.0
     rerank_semantic_weight: float = 0.0
     rerank_transition_weight: float = 0.0
-    # Not in the paper either, for items no training row mentions (cold: added by `prorec items add`,
-    # or seen only in validation and test): + rerank_cold_weight (a fixed lift) + rerank_cold_semantic_weight
-    # * the semantic affinity above, for cold candidates only. A cold item has no collaborative signal
+    # Not in the paper either, for the items `prorec items add` appended after training (cold: no
+    # training row mentions them): + rerank_cold_weight (a fixed lift) + rerank_cold_semantic_weight *
+    # the semantic affinity above, for cold candidates only. A cold item has no collaborative signal
     # (no transitions, a DIN row and generator rows mapped from its text), so the collaborative terms
     # rank it low; these two let its text speak for it (benchmarks/results/new_items_beauty.md).
     rerank_cold_weight: float = 0.0

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prorec.artifacts import EVENTS_FILE, file_hash, read_events, write_json
+from prorec.artifacts import EVENTS_FILE, MANIFEST_FILE, file_hash, read_events, write_json
 from prorec.stages import BY_NAME, NAMES, folder_of, output_files, stage_config
 
-MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2
 # What of a stage folder is never reused: training checkpoints and the events log belong to their run.
 NOT_REUSED = ("ray", "checkpoint", EVENTS_FILE)

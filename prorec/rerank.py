@@ -15,9 +15,9 @@ with three signals, each on when its weight (`eval.rerank_weight`, `eval.rerank_
   encoder's, embeddings/semantic.parquet) and those of the items in the user's history.
 - t, transitions: log(1 + n), n = how many training rows have the user's last item directly
   followed by the candidate (the train split only, so validation and test targets are never counted).
-- cold items (`eval.rerank_cold_weight`, `eval.rerank_cold_semantic_weight`): for a candidate that no
-  training row mentions (an item added by `prorec items add`, say), a lift w_cold plus w_cold_sem *
-  a_S(u, i). Its collaborative terms know nothing of it (no transitions; DIN and generator rows mapped
+- cold items (`eval.rerank_cold_weight`, `eval.rerank_cold_semantic_weight`): for a candidate that
+  `prorec items add` appended after training (the run's manifest counts them), a lift w_cold plus
+  w_cold_sem * a_S(u, i). Its collaborative terms know nothing of it (no transitions; DIN and generator rows mapped
   from its text), so without them the beam's order puts a new item below the items users bought.
 
 The list is still drawn from the full catalogue by the beam search; the signals only reorder it.
@@ -29,13 +29,14 @@ Stage I writes the DIN it trained to `stage1/din.safetensors` with its config be
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from prorec.artifacts import read_item_table
+from prorec.artifacts import items_added, read_item_table
 from prorec.beam import NEG_INF, BeamResult
 from prorec.config import RERANK_FIELDS, EvalConfig
 from prorec.data.history import realign_right
@@ -50,11 +51,12 @@ class SemanticAffinity:
         self.table = torch.nn.functional.normalize(table.float(), dim=1)  # [N + 1, D], row 0 = padding
 
     @classmethod
-    def from_parquet(cls, path: str | Path, n_items: int) -> "SemanticAffinity":
+    def from_parquet(cls, path: str | Path, n_items: int, weight: str = "eval.rerank_semantic_weight") -> "SemanticAffinity":
+        """`weight`: the setting that asked for it, named in the error."""
         try:
             return cls(torch.from_numpy(read_item_table(path, n_items, "semantic embeddings")))
         except ValueError as e:
-            raise ValueError(f"{e} (or set eval.rerank_semantic_weight=0)") from None
+            raise ValueError(f"{e} (or set {weight}=0)") from None
 
     def to(self, device: torch.device | str) -> "SemanticAffinity":
         self.table = self.table.to(device)
@@ -101,18 +103,22 @@ class Transitions:
 
 
 class ColdItems:
-    """c(i) = 1 for an item that no training row mentions (in a history or as the target), else 0."""
+    """c(i) = 1 for an item that `prorec items add` appended to the catalogue after training, else 0.
+
+    Not "every item no training row mentions": in a leave-one-out split such an item can only be a
+    validation or test target, so lifting it would lift exactly the held-out answers."""
 
     def __init__(self, cold: torch.Tensor) -> None:
         self.cold = cold  # [N + 1] float, row 0 (padding) 0
 
     @classmethod
-    def from_split(cls, table: pa.Table, n_items: int) -> "ColdItems":
-        seen = np.zeros(n_items + 1, dtype=bool)
-        seen[table.column("history").combine_chunks().flatten().to_numpy(zero_copy_only=False)] = True
-        seen[table.column("target").to_numpy()] = True
-        seen[0] = True  # padding is never a candidate
-        return cls(torch.from_numpy((~seen).astype(np.float32)))
+    def added(cls, n_items: int, n_added: int) -> "ColdItems":
+        """The last n_added of items 1..n_items (`items add` appends them)."""
+        if not 0 <= n_added <= n_items:
+            raise ValueError(f"{n_added} items added to a catalogue of {n_items}: the run's manifest and items disagree")
+        cold = torch.zeros(n_items + 1)
+        cold[n_items - n_added + 1:] = 1.0
+        return cls(cold)
 
     def to(self, device: torch.device | str) -> "ColdItems":
         self.cold = self.cold.to(device)
@@ -216,11 +222,18 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
     check_inputs(cfg, stage1_dir, semantic_path, data_dir)
     w = cfg.rerank_weights
     din = load_din(stage1_dir, device) if w["din"] > 0 else None
-    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items).to(device)
+    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items, "eval.rerank_semantic_weight" if w["semantic"] > 0
+                                              else "eval.rerank_cold_semantic_weight").to(device)
                 if w["semantic"] > 0 or w["cold_semantic"] > 0 else None)
-    train = read_split(Path(data_dir), "train") if w["transition"] > 0 or w["cold"] > 0 or w["cold_semantic"] > 0 else None
-    transitions = Transitions.from_split(train, n_items).to(device) if w["transition"] > 0 else None
-    cold = ColdItems.from_split(train, n_items).to(device) if w["cold"] > 0 or w["cold_semantic"] > 0 else None
+    transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
+                   if w["transition"] > 0 else None)
+    cold = None
+    if w["cold"] > 0 or w["cold_semantic"] > 0:
+        added = items_added(Path(data_dir).parent)  # the run directory that holds data/
+        if added == 0:
+            print(f"warning: eval.rerank_cold_weight / rerank_cold_semantic_weight > 0, but {Path(data_dir).parent} has no "
+                  "items added by `prorec items add`: the cold-item terms change nothing", file=sys.stderr)
+        cold = ColdItems.added(n_items, added).to(device)
     return Reranker(din, w["din"], semantic=semantic, semantic_weight=w["semantic"],
                     transitions=transitions, transition_weight=w["transition"], cold=cold, cold_weight=w["cold"],
                     cold_semantic_weight=w["cold_semantic"])

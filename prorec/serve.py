@@ -119,6 +119,9 @@ def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
+RAY_WORKER_PORTS = (10002, 19999)  # Ray's default min_worker_port and max_worker_port
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -172,7 +175,11 @@ def main(args: argparse.Namespace) -> int:
         if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
             raise SystemExit("error: --direct needs a Ray instance that prorec serve starts itself (the setting must "
                              "be in the environment of every Serve process); unset RAY_ADDRESS, or leave out --direct")
-        busy = [p for p in range(args.port, args.port + args.replicas) if port_in_use(args.host, p)]
+        ports = range(args.port, args.port + args.replicas)
+        if any(RAY_WORKER_PORTS[0] <= p <= RAY_WORKER_PORTS[1] for p in ports):
+            raise SystemExit(f"error: --direct --port {args.port}: ports {RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]} are "
+                             "where Ray starts its workers, which could take the replica's port; pick one outside them")
+        busy = [p for p in ports if port_in_use(args.host, p)]
         if busy:
             raise SystemExit(f"error: port(s) {busy} on {args.host} are in use; pick another --port")
         os.environ.update(direct_ingress_env(args.port, args.replicas))

@@ -140,24 +140,33 @@ def test_each_signal_comes_from_its_artifact_and_a_missing_one_is_named(tmp_path
         build_reranker(EvalConfig(rerank_cold_weight=1.0), 4, "cpu", None, None, None)
 
 
-def test_cold_items_are_those_no_training_row_mentions_and_only_they_are_lifted(tmp_path):
-    """ColdItems: an item in no training history and no training target is cold (padding never); the
-    cold lift and the cold semantic term move cold candidates only, by w_cold + w_cold_sem * a_S."""
+def test_cold_items_are_the_added_ones_and_only_they_are_lifted(tmp_path, capsys):
+    """ColdItems: the items `prorec items add` appended (the run's manifest counts them), never items
+    that merely have no training row (in leave-one-out those are held-out targets); the cold lift and
+    the cold semantic term move cold candidates only, by w_cold + w_cold_sem * a_S."""
+    import json
+
     from prorec.rerank import ColdItems
 
-    table = pa.table({"user_id": ["u", "v"], "history": [[1], [1, 2]], "target": [2, 3]})
-    cold = ColdItems.from_split(table, 5)
-    assert cold.cold.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]  # items 4 and 5: never in a training row
+    assert ColdItems.added(5, 2).cold.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert ColdItems.added(5, 0).cold.sum() == 0
+    with pytest.raises(ValueError, match="manifest and items disagree"):
+        ColdItems.added(5, 6)
     items = torch.tensor([[3, 4, -1, 5]])
-    assert cold(items).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    assert ColdItems.added(5, 2)(items).tolist() == [[0.0, 1.0, 0.0, 1.0]]
 
     write_embeddings(tmp_path / "semantic.parquet", np.arange(1, 6), list("abcde"),
                      np.array([[1, 0], [0, 1], [1, 1], [1, 0.1], [0, 1]], dtype=np.float32))
     data = tmp_path / "data"
     data.mkdir()
-    pq.write_table(table, data / "train.parquet")
-    rr = build_reranker(EvalConfig(rerank_cold_weight=0.5, rerank_cold_semantic_weight=2.0), 5, "cpu", None,
-                        tmp_path / "semantic.parquet", data)
+    # Item 3 is in no training row, like a held-out target; items 4 and 5 were added after training.
+    pq.write_table(pa.table({"user_id": ["u", "v"], "history": [[1], [1, 2]], "target": [2, 1]}), data / "train.parquet")
+    cfg = EvalConfig(rerank_cold_weight=0.5, rerank_cold_semantic_weight=2.0)
+    rr = build_reranker(cfg, 5, "cpu", None, tmp_path / "semantic.parquet", data)  # no manifest: nothing added
+    assert rr.cold.cold.sum() == 0 and "no items added" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text(json.dumps({"items_added": [{"count": 1}, {"count": 1}]}))
+    rr = build_reranker(cfg, 5, "cpu", None, tmp_path / "semantic.parquet", data)
+    assert rr.cold.cold.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]  # not item 3
     history = torch.tensor([[1, 0]])
     sig = rr.signals(history, items)
     aff = SemanticAffinity.from_parquet(tmp_path / "semantic.parquet", 5)(history, items)
@@ -168,3 +177,5 @@ def test_cold_items_are_those_no_training_row_mentions_and_only_they_are_lifted(
     want = {3: -1.0, 4: -2.0 + 0.5 + 2 * float(aff[0, 1]), 5: -1.0}
     assert out.items[0, :3].tolist() == sorted(want, key=lambda i: -want[i]) and out.items[0, 3] == -1
     assert torch.allclose(out.scores[0, :3], torch.tensor(sorted(want.values(), reverse=True)))
+    with pytest.raises(ValueError, match="eval.rerank_cold_semantic_weight=0"):
+        build_reranker(EvalConfig(rerank_cold_semantic_weight=1.0), 6, "cpu", None, tmp_path / "semantic.parquet", data)

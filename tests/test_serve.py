@@ -247,6 +247,10 @@ def test_prorec_serve_direct_answers_on_its_own_port_like_the_evaluation(tiny_ru
             status, a = _call(f"{url}/recommend", json.dumps({"history": h, "k": 20}).encode())
             assert status == 200 and a["items"] == want
         assert _call(f"{url}/recommend", b"{nope")[0] == 400 and _call(f"{url}/healthz")[0] == 200
+        for _ in range(60):  # the replica answers before `serve.run` returns and the command says where it serves
+            if "direct ingress" in (tmp_path / "serve.log").read_text():
+                break
+            time.sleep(0.5)
         assert "direct ingress" in (tmp_path / "serve.log").read_text()
     finally:
         os.killpg(proc.pid, signal.SIGINT)
@@ -257,6 +261,8 @@ def test_prorec_serve_direct_answers_on_its_own_port_like_the_evaluation(tiny_ru
             proc.wait()
     with pytest.raises(SystemExit, match="--direct and --write-config"):
         cli(["serve", str(tiny_run), "--direct", "--write-config", str(tmp_path / "s.yaml")])
+    with pytest.raises(SystemExit, match="where Ray starts its workers"):
+        cli(["serve", str(tiny_run), "--direct", "--port", "12000"])
 
 
 @pytest.mark.slow
