@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{m['recall@20']:.4f} | {m['ndcg@20']:.4f} | {t['users_with_a_new_item_in_top20'] if group == 'all_users' else ''} |")
     c = cold["chosen"]
     md += ["", "## The cold-item terms, chosen on validation", "",
-           f"Not in the paper: `eval.rerank_cold_weight` and `eval.rerank_cold_semantic_weight` lift a candidate that no "
-           f"training row mentions by w_cold + w_cold_sem x its semantic affinity to the history (prorec/rerank.py). "
+           f"Not in the paper: `eval.rerank_cold_weight` and `eval.rerank_cold_semantic_weight` lift a candidate that "
+           f"`prorec items add` appended by w_cold + w_cold_sem x its semantic affinity to the history (prorec/rerank.py). "
            f"Swept on {cold['valid_users']} validation users ({cold['valid_new_item_users']} with a new item as target; "
            f"each user's second-to-last item the target), over the grown run's beam of {cold['beam']} with the config's "
            f"other weights. Rule, fixed before the sweep: the best validation NDCG@10 on new-item users among the pairs "
