@@ -216,6 +216,11 @@ class LocalCluster:
             raise ValueError("kill_node: the head holds the GCS; kill a worker node")
         pids = self.pids(node)
         _signal_all(pids, signal.SIGKILL)
+        # A killed process stays in /proc until the kernel has run it to its end, which on a loaded
+        # machine can take a moment (a CI run saw one of four still listed right after the signal).
+        deadline = time.monotonic() + 10.0
+        while self.pids(node) and time.monotonic() < deadline:
+            time.sleep(0.1)
         self.nodes.pop(node, None)
         self._save()
         return pids
