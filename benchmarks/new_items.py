@@ -114,7 +114,8 @@ def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], 
 
     import torch
 
-    from prorec.recommend import Recommender, _pad
+    from prorec.metrics import ranking_metrics, target_ranks
+    from prorec.recommend import Query, Recommender
     from prorec.rerank import build_reranker, rerank
     from prorec.stages import input_paths
 
@@ -124,12 +125,10 @@ def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], 
                                 rerank_cold_weight=1.0, rerank_cold_semantic_weight=1.0)
     rr = build_reranker(every, rec.n_items, "cpu", paths["stage1"], paths["semantic"], paths["data"])
     items, scores, signals, targets = [], [], [], []
-    m = rec.max_history
     for lo in range(0, len(users), settings.batch_size):
         batch = users[lo:lo + settings.batch_size]
-        hist = [rec.indices([i for i in h if i in rec.index]) for _, h, _ in batch]
-        excl = _pad([h[:-m] for h in hist]) if any(len(h) > m for h in hist) else None
-        h = _pad([x[-m:] for x in hist])
+        h, excl = rec.tensors([Query(rec.indices([i for i in hist if i in rec.index]), settings.beam_size)
+                               for _, hist, _ in batch])
         res = rec.ranker.rank_scored(h, excl)
         items.append(res.items)
         scores.append(res.scores.float())
@@ -137,18 +136,18 @@ def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], 
         targets += [rec.index.get(t, -2) for _, _, t in batch]
     items, scores = torch.cat(items), torch.cat(scores)
     signals = {k: torch.cat([s[k] for s in signals]) for k in signals[0]}
-    target = torch.tensor(targets)[:, None]
-    new_rows = torch.tensor([t in held for _, _, t in users])
+    target = np.array(targets)
+    new_rows = np.array([t in held for _, _, t in users])
     base = {k: v for k, v in settings.rerank_weights.items() if k not in ("cold", "cold_semantic")}
     grid = []
     for wc in colds:
         for wcs in cold_sems:
-            top = rerank(items, scores, signals, {**base, "cold": wc, "cold_semantic": wcs})[:, :10]
-            hit = top == target
-            gain = (hit.float() / torch.log2(torch.arange(2, 12, dtype=torch.float32))).sum(1)
-            grid.append({"cold": wc, "cold_semantic": wcs, "all_ndcg@10": float(gain.mean()),
-                         "all_recall@10": float(hit.any(1).float().mean()),
-                         "new_ndcg@10": float(gain[new_rows].mean()), "new_recall@10": float(hit[new_rows].any(1).float().mean())})
+            ranks = target_ranks(rerank(items, scores, signals, {**base, "cold": wc, "cold_semantic": wcs})[:, :10].numpy(),
+                                 target)
+            every, new = ranking_metrics(ranks, [10]), ranking_metrics(ranks[new_rows], [10])
+            grid.append({"cold": wc, "cold_semantic": wcs, "all_ndcg@10": every["ndcg@10"],
+                         "all_recall@10": every["recall@10"], "new_ndcg@10": new["ndcg@10"],
+                         "new_recall@10": new["recall@10"]})
     floor = next(g for g in grid if g["cold"] == 0 and g["cold_semantic"] == 0)["all_ndcg@10"] * (1 - tolerance)
     chosen = max((g for g in grid if g["all_ndcg@10"] >= floor), key=lambda g: g["new_ndcg@10"])
     return {"grid": grid, "chosen": chosen, "tolerance": tolerance, "valid_users": len(users),

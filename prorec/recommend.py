@@ -137,13 +137,7 @@ class Recommender:
         bs = self.cfg.batch_size
         for lo in range(0, len(todo), bs):
             rows = todo[lo:lo + bs]
-            hist = _pad([queries[i].history[-self.max_history:] for i in rows])
-            # The model reads the most recent max_history items; the older ones are still the user's,
-            # so with history exclusion they are left out of the list too.
-            excl_rows = [list(dict.fromkeys(queries[i].exclude + (queries[i].history[:-self.max_history]
-                                                                  if self.cfg.exclude_history else [])))
-                         for i in rows]
-            excl = _pad(excl_rows) if any(excl_rows) else None
+            hist, excl = self.tensors([queries[i] for i in rows])
             res = self.ranker.rank_scored(hist, excl)
             items, scores = res.items.cpu().numpy(), res.scores.float().cpu().numpy()
             for j, i in enumerate(rows):
@@ -153,6 +147,16 @@ class Recommender:
                                     [float(s) for s in scores[j, : q.k][keep]],
                                     truncated=max(0, len(q.history) - self.max_history))
         return answers  # type: ignore[return-value]
+
+    def tensors(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of queries with a history -> (the histories the model reads [B, S], right-padded;
+        the items to leave out of each list [B, E], or None). The model reads the most recent
+        max_history items; the older ones are still the user's, so with history exclusion they are
+        left out of the list too."""
+        hist = _pad([q.history[-self.max_history:] for q in queries])
+        excl_rows = [list(dict.fromkeys(q.exclude + (q.history[:-self.max_history] if self.cfg.exclude_history else [])))
+                     for q in queries]
+        return hist, (_pad(excl_rows) if any(excl_rows) else None)
 
     def _popular(self, q: Query) -> Answer:
         banned = set(q.exclude)

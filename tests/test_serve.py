@@ -4,7 +4,6 @@ the evaluation wrote to eval/predictions.parquet."""
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from prorec.cli import main as cli
 from prorec.config import load_config
-from prorec.serve import BadRequest, parse_request, serve_config
+from prorec.serve import BadRequest, free_port, parse_request, serve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,12 +151,6 @@ def test_write_config_is_a_valid_serve_deploy_config(tiny_run, tmp_path):
     assert serve_config(tiny_run, "0.0.0.0", 9000, {})["http_options"] == {"host": "0.0.0.0", "port": 9000}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(url: str, body: bytes | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -177,7 +170,7 @@ def test_the_serve_app_answers_like_the_evaluation_and_survives_bad_requests(ray
 
     from prorec.serve import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"run_dir": str(tiny_run), "max_batch_size": 8}), name="prorec", route_prefix="/")
@@ -223,7 +216,7 @@ def test_prorec_serve_direct_answers_on_its_own_port_like_the_evaluation(tiny_ru
     import sys
     import time
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "serve.log", "w")
