@@ -18,6 +18,13 @@ and measure how well the run ranks them (issue 21).
    - `semantic_nn`: the last history item's most similar items by text (cosine of the run's MiniLM
      embeddings, new items included);
    - `popularity`: the training split's most frequent targets (new items never appear);
+   - with `--paper-stage2`: the generator alone with the paper's Stage II (no item head, no item-ID
+     embedding: `stage2.item_head=false stage2.item_id_embedding=false`), trained on the same
+     held-out data from the same Stage I and codes (OUT/run_paper), the items added the same way;
+   - with `--sasrec CONFIG`: SASRec (`jobs/baseline.py sasrec`) trained on the same held-out data
+     (OUT/run/sasrec): an ID-only model, which cannot rank an item it never saw; a user whose history
+     has no item it knows gets the popularity list, and the table says how many;
+   - with `--sasrec-trained-with RUN`: a SASRec run trained on the full data, on the same users;
    - with `--trained-with RUN`: a pipeline run trained on the full data (the new items seen in
      training), on the same users: what adding them without retraining costs.
 5. Reports Recall and NDCG @10 and @20 on the users whose target is new and on all users, and how
@@ -181,6 +188,39 @@ def rank_popularity(run: Path, users: list) -> list[list[str]]:
     return [[i for i in order if i not in set(h)][:20] for _, h, _ in users]
 
 
+def rank_sasrec(run: Path, users: list) -> tuple[list[list[str]], int]:
+    """SASRec's top 20 (RUN/sasrec, trained on RUN's data), history items removed, over the items it
+    was trained with: it has no row for any other item. A history is its known items, the most recent
+    max_len of them; a user with none gets the popularity list. Returns (lists, how many got it)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from prorec.baselines import rank
+    from prorec.models.sasrec import load_sasrec
+
+    items = pq.read_table(run / "data" / "items.parquet").to_pydict()
+    index = dict(zip(items["item_id"], items["item_idx"]))
+    id_of = dict(zip(items["item_idx"], items["item_id"]))
+    model = load_sasrec(run / "sasrec")
+    width = model.cfg.max_len
+    hist = np.zeros((len(users), width), dtype=np.int64)
+    empty = []
+    for r, (_, h, _) in enumerate(users):
+        known = [index[i] for i in h if i in index][-width:]
+        if known:
+            hist[r, :len(known)] = known
+        else:
+            empty.append(r)
+    rows = np.setdiff1d(np.arange(len(users)), empty)
+    ranked = rank(model, torch.from_numpy(hist[rows]), True, 512)
+    out: list[list[str]] = [[] for _ in users]
+    for r, top in zip(rows, ranked):
+        out[r] = [id_of[int(i)] for i in top if i > 0]
+    for r, top in zip(empty, rank_popularity(run, [users[r] for r in empty])):
+        out[r] = top
+    return out, len(empty)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="canonical dataset (default: the synthetic default, generated)")
@@ -196,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="eval.rerank_cold_semantic_weight values swept on validation")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="how much all validation users' NDCG@10 may lose (relative) to the cold terms")
+    p.add_argument("--paper-stage2", action="store_true",
+                   help="also the generator alone with the paper's Stage II, trained on the held-out data")
+    p.add_argument("--sasrec", type=Path, metavar="CONFIG",
+                   help="also SASRec (this baseline config) trained on the held-out data: the ID-only row")
+    p.add_argument("--sasrec-trained-with", type=Path, metavar="RUN",
+                   help="a finished SASRec baseline run on the full data (jobs/baseline.py sasrec)")
     p.add_argument("overrides", nargs="*")
     add_allow_dirty(p)
     args = p.parse_args(argv)
@@ -231,8 +277,32 @@ def main(argv: list[str] | None = None) -> int:
              "prorec generator alone (beam 20)": rank_with_run(plus, users, 20, False, cfg.eval),
              "semantic nearest neighbour": rank_semantic_nn(plus, users),
              "popularity": rank_popularity(plus, users)}
+    if args.paper_stage2:
+        paper = load_config(args.config, [*args.overrides, f"data.path={out / 'train_data'}",
+                                          "stage2.item_head=false", "stage2.item_id_embedding=false"])
+        run_stages(paper, out / "run_paper", until="stage2", reuse=[out / "run"])  # Stage I and codes linked in
+        paper_plus = out / "run_paper_plus"
+        if paper_plus.exists():
+            shutil.rmtree(paper_plus)
+        add_items(out / "run_paper", out / "new_items.jsonl", paper_plus)
+        modes["prorec generator alone, the paper's Stage II (beam 20)"] = rank_with_run(paper_plus, users, 20, False,
+                                                                                     paper.eval)
+    notes = []
+    if args.sasrec:
+        from prorec.baselines import run_baseline
+
+        sas = load_config(args.sasrec, [f"data.path={out / 'train_data'}"])
+        run_baseline(sas, out / "run")  # the data stage is the run's own when the data settings agree
+        modes["SASRec trained without the new items (ID-only)"], empty = rank_sasrec(out / "run", users)
+        notes.append(f"SASRec trained without the new items: {empty} users with no history item it knows "
+                     "got the popularity list.")
     if args.trained_with:
         modes["trained with the new items (--trained-with)"] = rank_with_run(args.trained_with, users, None, None)
+    if args.sasrec_trained_with:
+        modes["SASRec trained with the new items (--sasrec-trained-with)"], empty = rank_sasrec(
+            args.sasrec_trained_with, users)
+        notes.append(f"SASRec trained with the new items: {empty} users with no history item it knows got the "
+                     "popularity list.")
     table = {}
     for name, ranked in modes.items():
         shown = sum(any(i in split["held"] for i in r) for r in ranked)
@@ -250,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             m = t[group]
             md.append(f"| {name} | {group.replace('_', ' ')} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
                       f"{m['recall@20']:.4f} | {m['ndcg@20']:.4f} | {t['users_with_a_new_item_in_top20'] if group == 'all_users' else ''} |")
+    md += ["", *notes] if notes else []
     c = cold["chosen"]
     md += ["", "## The cold-item terms, chosen on validation", "",
            f"Not in the paper: `eval.rerank_cold_weight` and `eval.rerank_cold_semantic_weight` lift a candidate that "
