@@ -139,7 +139,7 @@ class Stage2Trainer:
         self.model = ctx.prepare_model(model.to(device))
         self.opt = adam(self.model.parameters(), cfg)
         if model.sparse_grads:  # rows read by a forward are first caught up (prorec.optim)
-            self.opt.track(model.item_emb, model.item_out, getattr(model, "item_out_bias", None))
+            self.opt.track(*model.item_tables())
         self.guard = DivergenceGuard("stage2", device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.amp = cfg.bf16 and device.type == "cuda"
@@ -296,6 +296,6 @@ STAGE = Stage(
     # Training keeps every field in its key but where the workers run: the worker count changes the
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
-    added_fields={"steps_per_epoch": 0, "sparse_grads": False},
+    added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

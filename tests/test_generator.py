@@ -304,3 +304,31 @@ def test_weights_saved_with_the_item_bias_as_a_vector_still_load():
     twin = make_model(item_head=True)
     twin.load_state_dict(old)
     assert torch.equal(twin.item_out_b, model.item_out_b)
+
+
+def test_a_tied_item_head_is_the_item_id_embedding_and_round_trips(tmp_path):
+    """stage2.tie_item_head: the head's output embeddings are the item-ID embedding's rows (one
+    table, saved once); the loss is the untied model's with that table copied into its head, both
+    uses of the table get gradient, and the saved model loads to the same scores."""
+    from prorec.models.generator import load_generator, save_generator
+
+    tied = make_model(item_head=True, item_id_embedding=True, tie_item_head=True, distill=False)
+    assert tied.item_out is tied.item_emb and tied.item_tables() == [tied.item_emb, tied.item_out_bias]
+    assert "item_out.weight" not in tied.state_dict()
+    assert sum(p.numel() for p in tied.parameters()) == sum(
+        p.numel() for p in make_model(item_head=True, item_id_embedding=True, distill=False).parameters()) - (N + 1) * 32
+    untied = make_model(item_head=True, item_id_embedding=True, distill=False)
+    state = {**tied.state_dict(), "item_out.weight": tied.item_emb.weight.detach()}
+    untied.load_state_dict(state)
+    hist, target = history(), torch.tensor([4, 17, 33])
+    torch.testing.assert_close(tied(hist, target)["loss"], untied(hist, target)["loss"])
+    # the gradient of the one table is the sum of the input's and the head's
+    tied(hist, target)["loss"].backward()
+    untied(hist, target)["loss"].backward()
+    torch.testing.assert_close(tied.item_emb.weight.grad, untied.item_emb.weight.grad + untied.item_out.weight.grad)
+    save_generator(tmp_path, tied.cfg, tied.state_dict())
+    back = load_generator(tmp_path)
+    assert back.item_out is back.item_emb
+    torch.testing.assert_close(back(hist, target)["loss"], tied.eval()(hist, target)["loss"])
+    with pytest.raises(ValueError, match="tie_item_head needs item_head and item_id_embedding"):
+        make_model(item_head=True, item_id_embedding=False, tie_item_head=True)

@@ -104,14 +104,16 @@ def test_dense_parameters_still_take_torch_adam():
     assert torch.equal(lin.weight, twin.weight) and torch.equal(lin.bias, twin.bias)
 
 
-def test_the_generator_trains_to_the_same_weights_with_sparse_item_tables():
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_generator_trains_to_the_same_weights_with_sparse_item_tables(tied):
     # 256 items, codes (prefix, token) with K=16: every batch's histories hold every item, and its
     # targets every prefix, so every row of the item-ID embedding and of the item head is touched.
+    # Tied (stage2.tie_item_head), the one table gets both uses' row-sparse gradients.
     torch.manual_seed(0)
     n, k = 256, 16
     codes = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.stack([torch.arange(n) // k, torch.arange(n) % k], 1)])
     cfg = GeneratorConfig(n_items=n, k=k, code_length=2, d_model=32, n_heads=2, ff_dim=64, dropout=0.0,
-                          decoder_layers=1, distill=False)
+                          decoder_layers=1, distill=False, tie_item_head=tied)
     dense = Generator(cfg, codes)
     sparse = copy.deepcopy(dense)
     sparse.set_sparse_grads(True)

@@ -242,7 +242,8 @@ class Generator(nn.Module):
             self.register_buffer("head_w", torch.zeros(0, d, K), persistent=False)
             self.register_buffer("head_b", torch.zeros(0, K), persistent=False)
         if cfg.item_head:
-            self.item_out = nn.Embedding(cfg.n_items + 1, d)
+            if not cfg.tie_item_head:  # tied: `item_out` is `item_emb` (the property below)
+                self.item_out = nn.Embedding(cfg.n_items + 1, d)
             # The item head's biases, one a row: an embedding table (not a bare vector) so that it can
             # take row-sparse gradients, which DDP accepts from nn.Embedding(sparse=True) alone.
             # Zeros from the start, drawing no random numbers (the other weights' init stays as before).
@@ -251,8 +252,6 @@ class Generator(nn.Module):
             siblings, item_prefix = sibling_tables(self.item_codes, K)
             self.register_buffer("siblings", siblings, persistent=False)  # [n_prefixes, K] item_idx, 0 = none
             self.register_buffer("item_prefix", item_prefix, persistent=False)  # [n_items + 1] prefix id
-        else:
-            self.item_out = None
         if cfg.distill:
             self.dis_token = nn.Parameter(torch.zeros(d))
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
@@ -266,14 +265,29 @@ class Generator(nn.Module):
         if cfg.distill:
             nn.init.normal_(self.dis_token, std=0.02)
 
+    @property
+    def item_out(self) -> nn.Embedding | None:
+        """The item head's output embeddings [n_items + 1, d]: a table of their own, the item-ID
+        embedding itself when `tie_item_head`, None without the item head."""
+        if self.cfg.item_head and self.cfg.tie_item_head:
+            return self.item_emb
+        return self._modules.get("item_out")
+
+    def item_tables(self) -> list[nn.Embedding]:
+        """The per-item tables, each once (a tied head is the item-ID embedding)."""
+        out: list[nn.Embedding] = []
+        for table in (self.item_emb, self.item_out, getattr(self, "item_out_bias", None)):
+            if table is not None and all(table is not t for t in out):
+                out.append(table)
+        return out
+
     def set_sparse_grads(self, on: bool) -> None:
         """Row-sparse gradients for the per-item tables (item-ID embedding, item head weights and
         bias), for `prorec.optim.RowSparseAdam`: a training step's cost then does not grow with the
         catalogue. Training-only; the weights and their files are the same either way."""
         self.sparse_grads = bool(on)
-        for table in (self.item_emb, self.item_out, getattr(self, "item_out_bias", None)):
-            if table is not None:
-                table.sparse = self.sparse_grads
+        for table in self.item_tables():
+            table.sparse = self.sparse_grads
 
     @property
     def item_out_b(self) -> torch.Tensor:

@@ -30,6 +30,10 @@ class GeneratorArch:
     # with a shared K-way head whose token t means unrelated items in different groups. On by
     # default, chosen on validation as above; false + item_id_embedding false is the paper's Stage II.
     item_head: bool = True
+    # The item head's output embeddings are the item-ID embedding's rows (one table, as SASRec ties
+    # its input and output item embeddings): half the per-item weights. Needs item_head and
+    # item_id_embedding; the head keeps its own per-item biases.
+    tie_item_head: bool = False
     distill: bool = True  # False = the paper's "CKA only" ablation
     beta: float = 1.0  # weight of L_distill
     tau: float = 0.07  # InfoNCE temperature of L_distill
@@ -46,6 +50,8 @@ class GeneratorArch:
             (self.beta >= 0, "beta must be >= 0"),
             (self.tau > 0, "tau must be > 0"),
             (self.n_negatives >= 1, "n_negatives must be >= 1"),
+            (not self.tie_item_head or (self.item_head and self.item_id_embedding),
+             "tie_item_head needs item_head and item_id_embedding (the two tables it makes one)"),
         ]
         return [msg for ok, msg in checks if not ok]
 
