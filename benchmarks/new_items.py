@@ -22,8 +22,11 @@ and measure how well the run ranks them (issue 21).
      embedding: `stage2.item_head=false stage2.item_id_embedding=false`), trained on the same
      held-out data from the same Stage I and codes (OUT/run_paper), the items added the same way;
    - with `--sasrec CONFIG`: SASRec (`jobs/baseline.py sasrec`) trained on the same held-out data
-     (OUT/run/sasrec): an ID-only model, which cannot rank an item it never saw; a user whose history
-     has no item it knows gets the popularity list, and the table says how many;
+     (OUT/run_sasrec, the data stage linked from OUT/run; its data settings must give the same data
+     stage): an ID-only model, which cannot rank an item it never saw; its input is the history's
+     most recent items it knows, and every item of the history is removed from its list, as for the
+     other rows; a user whose history has no item it knows gets the popularity list, and the table
+     says how many;
    - with `--sasrec-trained-with RUN`: a SASRec run trained on the full data, on the same users;
    - with `--trained-with RUN`: a pipeline run trained on the full data (the new items seen in
      training), on the same users: what adding them without retraining costs.
@@ -189,9 +192,10 @@ def rank_popularity(run: Path, users: list) -> list[list[str]]:
 
 
 def rank_sasrec(run: Path, users: list) -> tuple[list[list[str]], int]:
-    """SASRec's top 20 (RUN/sasrec, trained on RUN's data), history items removed, over the items it
-    was trained with: it has no row for any other item. A history is its known items, the most recent
-    max_len of them; a user with none gets the popularity list. Returns (lists, how many got it)."""
+    """SASRec's top 20 (RUN/sasrec, trained on RUN's data) over the items it was trained with (it has
+    no row for any other item). Its input is the history's known items, the most recent max_len of
+    them; every history item is removed from the list, the older ones too (as `Recommender` removes
+    them). A user with no known item gets the popularity list. Returns (lists, how many got it)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -212,10 +216,13 @@ def rank_sasrec(run: Path, users: list) -> tuple[list[list[str]], int]:
         else:
             empty.append(r)
     rows = np.setdiff1d(np.arange(len(users)), empty)
-    ranked = rank(model, torch.from_numpy(hist[rows]), True, 512)
+    # Deep enough that 20 remain after the history items older than the model's input are removed.
+    longest = max((len(h) for _, h, _ in users), default=0)
+    ranked = rank(model, torch.from_numpy(hist[rows]), True, 512, depth=20 + max(0, longest - width))
     out: list[list[str]] = [[] for _ in users]
     for r, top in zip(rows, ranked):
-        out[r] = [id_of[int(i)] for i in top if i > 0]
+        seen = set(users[r][1])
+        out[r] = [i for i in (id_of[int(j)] for j in top if j > 0) if i not in seen][:20]
     for r, top in zip(empty, rank_popularity(run, [users[r] for r in empty])):
         out[r] = top
     return out, len(empty)
@@ -278,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
              "semantic nearest neighbour": rank_semantic_nn(plus, users),
              "popularity": rank_popularity(plus, users)}
     if args.paper_stage2:
-        paper = load_config(args.config, [*args.overrides, f"data.path={out / 'train_data'}",
-                                          "stage2.item_head=false", "stage2.item_id_embedding=false"])
+        paper = load_config(args.config, [*args.overrides, f"data.path={out / 'train_data'}", "stage2.item_head=false",
+                                          "stage2.item_id_embedding=false", "stage2.tie_item_head=false"])
         run_stages(paper, out / "run_paper", until="stage2", reuse=[out / "run"])  # Stage I and codes linked in
         paper_plus = out / "run_paper_plus"
         if paper_plus.exists():
@@ -290,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if args.sasrec:
         from prorec.baselines import run_baseline
+        from prorec.stages import stage_keys
 
-        sas = load_config(args.sasrec, [f"data.path={out / 'train_data'}"])
-        run_baseline(sas, out / "run")  # the data stage is the run's own when the data settings agree
-        modes["SASRec trained without the new items (ID-only)"], empty = rank_sasrec(out / "run", users)
+        sas = load_config(args.sasrec, [*(o for o in args.overrides if o.startswith("data.")),
+                                        f"data.path={out / 'train_data'}"])
+        if stage_keys(sas)["data"] != stage_keys(cfg)["data"]:
+            p.error(f"--sasrec {args.sasrec}: its data settings (data.max_history, data.text_template) differ from "
+                    f"--config {args.config}'s, so SASRec would train on other splits; make them equal")
+        run_baseline(sas, out / "run_sasrec", reuse=[out / "run"])  # the data stage linked in from OUT/run
+        modes["SASRec trained without the new items (ID-only)"], empty = rank_sasrec(out / "run_sasrec", users)
         notes.append(f"SASRec trained without the new items: {empty} users with no history item it knows "
                      "got the popularity list.")
     if args.trained_with:

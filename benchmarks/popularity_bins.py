@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, path = spec.partition("=")
         if not path:
             p.error(f"--predictions {spec!r}: expected NAME=FILE")
+        if name in models:
+            p.error(f"--predictions: the name {name!r} is given twice")
         t = pq.read_table(path).to_pydict()
         got = dict(zip(t["user_id"], t["items"]))
         missing[name] = sum(u not in got for u in users)

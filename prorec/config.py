@@ -267,6 +267,10 @@ class Stage2Config(TrainConfig, GeneratorArch):
                f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")
         _check(self.valid_batch_size >= 1, "stage2.valid_batch_size must be >= 1")
         _check(self.item_head_init in ("random", "stage1"), "stage2.item_head_init must be random or stage1")
+        _check(not (self.tie_item_head and self.item_head_from_stage1),
+               "stage2.item_head_init=stage1 would also overwrite the item-ID embedding of a tied item head "
+               "(stage2.tie_item_head=true) with unit rows, far larger than the code embeddings it is added to: "
+               "set stage2.item_head_init=random or stage2.tie_item_head=false")
 
 
 # Stage II's validation reports Recall and NDCG at 5, 10 and 20 (and early-stops on NDCG@10).
