@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=2000, help="requests a cell (default 2000)")
     p.add_argument("--max-seconds", type=float, default=150, help="a cell stops after this long (default 150)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the replica and of the offline run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the replica and of the offline run (default 1, prorec serve's own default)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--single", type=int, default=2000,
@@ -178,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
             k = min(20, beam or 20)
             bodies = [json.dumps({"history": h, "k": k}).encode() for h in histories]
             base = offline(args.run, beam, rerank, histories, args.threads, args.single, k)
-            baselines[label] = base
             print(f"{label}: offline {base['offline_users_per_s']:.1f} users/s, single user "
                   f"{base['single_user_ms_median']:.1f} ms (median), {base['single_user_ms_p99']:.1f} ms (p99)", flush=True)
             for batching in (True, False):
@@ -197,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  batch {'on ' if batching else 'off'} c={c:>2}: {cell['rps']:.1f} req/s, p50 "
                           f"{cell['p50_ms']:.0f} ms, p99 {cell['p99_ms']:.0f} ms, {cell['errors']} errors, "
                           f"{cell['requests']} requests", flush=True)
+            # Measured again after the cells: on a shared machine one measurement can be off by 20%. The
+            # goals' ratios take the stricter of the two (the faster offline rate, the faster single user).
+            after = offline(args.run, beam, rerank, histories, args.threads, args.single, k)
+            print(f"{label}, again after the load: offline {after['offline_users_per_s']:.1f} users/s, single user "
+                  f"{after['single_user_ms_median']:.1f} ms (median), {after['single_user_ms_p99']:.1f} ms (p99)", flush=True)
+            baselines[label] = {**{key: min(base[key], after[key]) for key in base if key.startswith("single_user_ms")},
+                                "offline_users_per_s": max(base["offline_users_per_s"], after["offline_users_per_s"]),
+                                "before": base, "after": after}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -218,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
     md += ["", "Single user: the same users' searches one at a time in this process (`Recommender.recommend` of one "
                "query), their median and their own p99; a user's search time depends on her history, so the "
-               "latency's p99 is set beside both.", "",
+               "latency's p99 is set beside both. The offline rate and the single-user times are measured before "
+               "the setting's cells and again after them (before / after in the second table); the ratios take the "
+               "stricter of the two: the faster offline rate, the faster single user.", "",
            "| setting | offline users/s (same settings, this process) | single user ms (median / p99) | "
            "batch on, c=32: req/s / offline | batch on, c=1: p99 / single user median | batch on, c=1: p99 / single user p99 |",
            "|---|---|---|---|---|---|"]
@@ -231,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio1p = f"{c1['p99_ms'] / p99:.2f}" if c1 and p99 else "not measured"
         md.append(f"| {label} | {b['offline_users_per_s']:.1f} | {b['single_user_ms_median']:.1f} / "
                   f"{p99 if p99 is None else round(p99, 1)} | {ratio32} | {ratio1} | {ratio1p} |")
+    md += ["", "| setting | offline users/s, before / after | single user median ms, before / after | "
+           "single user p99 ms, before / after |", "|---|---|---|---|"]
+    for label, b in baselines.items():
+        if "before" in b:
+            x, y = b["before"], b["after"]
+            md.append(f"| {label} | {x['offline_users_per_s']:.1f} / {y['offline_users_per_s']:.1f} | "
+                      f"{x['single_user_ms_median']:.2f} / {y['single_user_ms_median']:.2f} | "
+                      f"{x['single_user_ms_p99']:.2f} / {y['single_user_ms_p99']:.2f} |")
     md += ["", f"![latency against throughput]({png.name})"]
     write_result(RESULTS / args.name, {"command": cmd, "run": str(args.run), "rows": rows, "offline": baselines,
                              "threads": args.threads, "direct": args.direct}, "\n".join(md) + "\n", tree)

@@ -113,8 +113,16 @@ def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
     then a quarantine of 150 s): with no load balancer in front, and exactly one port a replica, a
     replica that restarts (or a redeployment) would find no port for minutes, so both are off. Still, a
     replica that cannot bind its port (the old one not gone yet, as in a redeployment, which starts the
-    new replica first) gets that port blocked for good: `--direct` is for one long-lived server."""
+    new replica first) gets that port blocked for good: `--direct` is for one long-lived server.
+
+    The replica's code runs on its main event loop, beside the HTTP server, not on a thread of its own
+    (Serve's default; its throughput-optimised mode does the same): with a thread, each request crossed
+    between two threads that take turns on the GIL, and measured at concurrency 1 (beam 50, no
+    reranking) that hop cost 2-3 ms of a 4-5 ms search; on the main loop about 1 ms
+    (benchmarks/results/serve_load_direct.notes.md). A batch then holds the loop while it searches, so
+    new requests queue in the socket rather than in Serve: the wait is the same."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + replicas),  # Serve's range is [min, max)
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
