@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--direct", action="store_true",
                    help="Ray Serve's direct ingress (prorec serve --direct): requests go to the replica's own port")
     p.add_argument("--name", default="serve_load")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the result files go (default benchmarks/results)")
     add_allow_dirty(p)
     args = p.parse_args(argv)
     tree = check_tree(args.allow_dirty)
@@ -209,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    png = RESULTS / f"{args.name}.png"
+    args.results.mkdir(parents=True, exist_ok=True)
+    png = args.results / f"{args.name}.png"
     plot(rows, png)
     cmd = " ".join(["python", "benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
     md = [f"# {args.name}: prorec serve under load", "", f"Command: `{cmd}`", "",
           f"Run: `{args.run}`; hardware: {platform.machine()}, 2 CPU cores shared by the client, the Serve proxy "
-          f"and one replica ({args.threads} torch threads); "
+          f"and one replica ({args.threads} torch thread{'' if args.threads == 1 else 's'}); "
           + ("direct ingress (`prorec serve --direct`): requests go to the replica's own port, past the proxy and "
              "the router; " if args.direct else "requests through Serve's proxy; ")
           + f"@serve.batch max {args.max_batch_size}, wait "
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{x['single_user_ms_median']:.2f} / {y['single_user_ms_median']:.2f} | "
                       f"{x['single_user_ms_p99']:.2f} / {y['single_user_ms_p99']:.2f} |")
     md += ["", f"![latency against throughput]({png.name})"]
-    write_result(RESULTS / args.name, {"command": cmd, "run": str(args.run), "rows": rows, "offline": baselines,
+    write_result(args.results / args.name, {"command": cmd, "run": str(args.run), "rows": rows, "offline": baselines,
                              "threads": args.threads, "direct": args.direct}, "\n".join(md) + "\n", tree)
     return 0
 

@@ -282,3 +282,31 @@ def test_a_long_history_keeps_its_older_items_out_of_the_list_and_popular_never_
     assert len(old) > rec.max_history and long.truncated == len(old) - rec.max_history
     assert not set(long.items) & {rec.item_ids[i] for i in old}  # the older ones are the user's too
     assert empty.popular and len(empty.items) == 120 and "None" not in empty.items
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_serve_load_benchmark_runs_on_the_tiny_run(tiny_run, tmp_path):
+    """benchmarks/serve_load.py end to end at a tiny size (its own process and Ray, as a user runs it),
+    so that the load test cannot rot: every cell answered without errors, the offline baseline measured
+    before and after the cells, and the goals' ratios taken from the stricter of the two."""
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--run", str(tiny_run), "--settings", "5:plain",
+           "--concurrency", "1", "4", "--requests", "24", "--single", "8", "--max-seconds", "30", "--name", "tiny",
+           "--results", str(results), "--allow-dirty"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((results / "tiny.json").read_text())
+    cells = res["rows"]
+    assert [(r["batching"], r["concurrency"]) for r in cells] == [(True, 1), (True, 4), (False, 1), (False, 4)]
+    assert all(r["requests"] == 24 and r["errors"] == 0 and r["p50_ms"] <= r["p99_ms"] for r in cells)
+    base = res["offline"]["beam 5, generator alone"]
+    before, after = base["before"], base["after"]
+    assert base["offline_users_per_s"] == max(before["offline_users_per_s"], after["offline_users_per_s"]) > 0
+    assert base["single_user_ms_median"] == min(before["single_user_ms_median"], after["single_user_ms_median"]) > 0
+    md = (results / "tiny.md").read_text()
+    assert "| beam 5, generator alone | on | 4 | 24 |" in md and "before / after" in md
+    assert (results / "tiny.png").stat().st_size > 1000
