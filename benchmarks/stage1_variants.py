@@ -96,7 +96,7 @@ def curves(args: argparse.Namespace) -> tuple[dict, str]:
         runs[str(run)] = {"fusion": s1["fusion"], "max_epochs": s1["max_epochs"], "patience": s1["patience"],
                           "bf16": s1.get("bf16", False), "history": hist, "best_epoch": best,
                           "stopped_early": len(hist) < s1["max_epochs"]}
-    lines = [f"# Stage I trained to convergence: validation curves", "", f"    python {' '.join(sys.argv)}", "",
+    lines = ["# Stage I trained to convergence: validation curves", "", f"    python {' '.join(sys.argv)}", "",
              "Recall@10 / NDCG@10 of the DIN over the full catalogue, on the validation users Stage I watches "
              "(stage1.valid_users, the same users in every run); early stopping watches Recall@10; "
              "epoch seconds as the run recorded them (wall, shared machine).", ""]

@@ -287,8 +287,6 @@ def test_the_chunked_shortlist_ranks_as_the_whole_catalogue_reference(tiny_data,
     """Validation shortlists are picked chunk by chunk over the catalogue (a running top M): every
     target's rank equals the plain reference's, which scores the whole catalogue at once; with chunks
     smaller than M, and M past the catalogue (padding and history slots then hold no candidate)."""
-    import dataclasses
-
     import torch
 
     from prorec import stage1
