@@ -359,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
            "| w_cold | w_cold_sem | valid N@10, all users | valid R@10, all | valid N@10, new-item users | valid R@10, new |",
            "|---|---|---|---|---|---|"]
     shown = sorted(cold["grid"], key=lambda g: -g["new_ndcg@10"])[:12]
-    nf = cold["new_first"]
-    for g in shown + ([c] if c not in shown else []) + ([nf] if nf not in shown and nf is not c else []):
-        mark = " (chosen)" if g is c else " (new-item users first)" if g is nf else ""
+    nf = cold["new_first"]  # the grid's best for new-item users: the first row shown
+    for g in shown + ([c] if c not in shown else []):
+        mark = " (" + "; ".join(m for m, x in (("chosen", c), ("new-item users first", nf)) if g is x) + ")" \
+            if g is c or g is nf else ""
         md.append(f"| {g['cold']:g}{mark} | {g['cold_semantic']:g} | {g['all_ndcg@10']:.4f} | {g['all_recall@10']:.4f} | "
                   f"{g['new_ndcg@10']:.4f} | {g['new_recall@10']:.4f} |")
     base = next(g for g in cold["grid"] if g["cold"] == 0 and g["cold_semantic"] == 0)

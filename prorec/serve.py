@@ -120,7 +120,10 @@ def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
     between two threads that take turns on the GIL, and measured at concurrency 1 (beam 50, no
     reranking) that hop cost 2-3 ms of a 4-5 ms search; on the main loop about 1 ms
     (benchmarks/results/serve_load_direct.notes.md). A batch then holds the loop while it searches, so
-    new requests queue in the socket rather than in Serve: the wait is the same."""
+    new requests queue in the socket rather than in Serve: the wait is the same. So do Serve's health
+    checks (every 10 s, failed after 30 s): a batch of 32 at the default reranked beam takes about
+    0.3 s on one CPU thread here, but a beam or batch hundreds of times larger could hold the loop
+    past the health check's timeout, and Serve would restart the replica."""
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + replicas),  # Serve's range is [min, max)
