@@ -52,17 +52,14 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
             "off": (f"runs/{ds}_tiger_all:eval",
                     _pipeline("jobs/configs/baselines/tiger.yaml", ds, f"runs/{ds}_tiger_all",
                               f"--reuse runs/{ds}_tiger eval.exclude_history=false"))}),
+        # (Beauty's Stage II trained again from beauty_full_run's Stage I and codes, 2026-11-30: its rule-on
+        # numbers equal beauty_full_run_paper_stage2.md's to the last digit.)
         ("PRORec, the paper's Stage II", "the paper's method (beam 20)", {
-            "on": ("benchmarks/results/beauty_full_run_paper_stage2.json#metrics.test",
-                   _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, "runs/beauty_full_run_paper_stage2"))
-            if ds == "beauty" else
-            (f"runs/{ds}_paper_stage2:eval",
-             _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2", reuse)),
-            # Beauty's run directory is gone: its rule-off row would need Stage II trained again.
-            "off": None if ds == "beauty" else
-            (f"runs/{ds}_paper_stage2_all:eval",
-             _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2_all",
-                       f"--reuse runs/{ds}_paper_stage2 eval.exclude_history=false"))}),
+            "on": (f"runs/{ds}_paper_stage2:eval",
+                   _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2", reuse)),
+            "off": (f"runs/{ds}_paper_stage2_all:eval",
+                    _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2_all",
+                              f"--reuse runs/{ds}_paper_stage2 eval.exclude_history=false"))}),
         ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay (beam 20)", {
             "on": (f"runs/{ds}_generator:eval", _pipeline(no_rr, ds, f"runs/{ds}_generator", reuse)),
             "off": (f"runs/{ds}_generator_all:eval",
