@@ -53,7 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
 
 KS = (10, 20)
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also SASRec (this baseline config) trained on the held-out data: the ID-only row")
     p.add_argument("--sasrec-trained-with", type=Path, metavar="RUN",
                    help="a finished SASRec baseline run on the full data (jobs/baseline.py sasrec)")
-    p.add_argument("--results", type=Path, default=RESULTS, help="where the result files go (default benchmarks/results)")
+    add_results_dir(p)
     p.add_argument("overrides", nargs="*")
     add_allow_dirty(p)
     args = p.parse_args(argv)
@@ -285,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     every = list(range(len(users)))
     cold = sweep_cold(plus, split["valid_users"], split["held"], cfg.eval, args.cold_weights,
                       args.cold_semantic_weights, args.tolerance)
-    with_cold = dataclasses.replace(cfg.eval, rerank_cold_weight=cold["chosen"]["cold"],
-                                    rerank_cold_semantic_weight=cold["chosen"]["cold_semantic"])
-    new_first = dataclasses.replace(cfg.eval, rerank_cold_weight=cold["new_first"]["cold"],
-                                    rerank_cold_semantic_weight=cold["new_first"]["cold_semantic"])
+    def with_pair(g: dict):  # the config's eval settings with one pair of cold-item weights
+        return dataclasses.replace(cfg.eval, rerank_cold_weight=g["cold"], rerank_cold_semantic_weight=g["cold_semantic"])
+
     modes = {"prorec (the config's eval settings)": rank_with_run(plus, users, None, None, cfg.eval),
-             "prorec + cold-item terms (chosen on validation)": rank_with_run(plus, users, None, None, with_cold),
-             NEW_FIRST: rank_with_run(plus, users, None, None, new_first),
+             "prorec + cold-item terms (chosen on validation)": rank_with_run(plus, users, None, None,
+                                                                              with_pair(cold["chosen"])),
+             NEW_FIRST: rank_with_run(plus, users, None, None, with_pair(cold["new_first"])),
              "prorec generator alone (beam 20)": rank_with_run(plus, users, 20, False, cfg.eval),
              "semantic nearest neighbour": rank_semantic_nn(plus, users),
              "popularity": rank_popularity(plus, users)}
@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = sorted(cold["grid"], key=lambda g: -g["new_ndcg@10"])[:12]
     nf = cold["new_first"]  # the grid's best for new-item users: the first row shown
     for g in shown + ([c] if c not in shown else []):
-        mark = " (" + "; ".join(m for m, x in (("chosen", c), ("new-item users first", nf)) if g is x) + ")" \
-            if g is c or g is nf else ""
+        names = [name for name, pick in (("chosen", c), ("new-item users first", nf)) if g is pick]
+        mark = f" ({'; '.join(names)})" if names else ""
         md.append(f"| {g['cold']:g}{mark} | {g['cold_semantic']:g} | {g['all_ndcg@10']:.4f} | {g['all_recall@10']:.4f} | "
                   f"{g['new_ndcg@10']:.4f} | {g['new_recall@10']:.4f} |")
     base = next(g for g in cold["grid"] if g["cold"] == 0 and g["cold_semantic"] == 0)

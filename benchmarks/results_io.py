@@ -33,6 +33,13 @@ def add_allow_dirty(parser: argparse.ArgumentParser) -> None:
                              "(the result is marked as made from a dirty tree)")
 
 
+def add_results_dir(parser: argparse.ArgumentParser) -> None:
+    """Add `--results DIR`: where a script writes its result files (default benchmarks/results/; tests
+    point it at a temporary folder)."""
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where the result files go (default benchmarks/results)")
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
                           check=True).stdout

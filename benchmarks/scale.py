@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
 
 SIZES = (12_000, 120_000, 1_200_000)
 STAGES = ("generate", "data", "embed", "stage1", "codes", "stage2", "eval_beam50", "eval_beam200")
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="random unit vectors at every size (the encoder is measured at the smallest by default)")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
     p.add_argument("--name", default="scale")
-    p.add_argument("--results", default=str(RESULTS))
+    add_results_dir(p)
     p.add_argument("--reuse", action="store_true", help="keep a stage's earlier measurement at a size if its result file exists")
     # the child process
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[str, int | None, bool | None]:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--direct", action="store_true",
                    help="Ray Serve's direct ingress (prorec serve --direct): requests go to the replica's own port")
     p.add_argument("--name", default="serve_load")
-    p.add_argument("--results", type=Path, default=RESULTS, help="where the result files go (default benchmarks/results)")
+    add_results_dir(p)
     add_allow_dirty(p)
     args = p.parse_args(argv)
     tree = check_tree(args.allow_dirty)
@@ -246,11 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "| setting | offline users/s, before / after | single user median ms, before / after | "
            "single user p99 ms, before / after |", "|---|---|---|---|"]
     for label, b in baselines.items():
-        if "before" in b:
-            x, y = b["before"], b["after"]
-            md.append(f"| {label} | {x['offline_users_per_s']:.1f} / {y['offline_users_per_s']:.1f} | "
-                      f"{x['single_user_ms_median']:.2f} / {y['single_user_ms_median']:.2f} | "
-                      f"{x['single_user_ms_p99']:.2f} / {y['single_user_ms_p99']:.2f} |")
+        x, y = b["before"], b["after"]
+        md.append(f"| {label} | {x['offline_users_per_s']:.1f} / {y['offline_users_per_s']:.1f} | "
+                  f"{x['single_user_ms_median']:.2f} / {y['single_user_ms_median']:.2f} | "
+                  f"{x['single_user_ms_p99']:.2f} / {y['single_user_ms_p99']:.2f} |")
     md += ["", f"![latency against throughput]({png.name})"]
     write_result(args.results / args.name, {"command": cmd, "run": str(args.run), "rows": rows, "offline": baselines,
                              "threads": args.threads, "direct": args.direct}, "\n".join(md) + "\n", tree)
