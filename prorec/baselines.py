@@ -170,10 +170,11 @@ class SASRecTrainer:
         torch.manual_seed(cfg.seed)
         self.model = SASRec(model_config(cfg, data)).to(device)
         self.opt = adam(self.model.parameters(), cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.guard = DivergenceGuard("sasrec", device)
         self.lengths = (data.sequences > 0).sum(1).numpy()
         self.steps = capped_steps(max(1, math.ceil(len(self.lengths) / cfg.batch_size)), cfg.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
         self.epoch = 0
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -278,7 +279,7 @@ def run(cfg: SASRecTrainConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
 STAGE = Stage(
     name="sasrec", folder="sasrec", section="sasrec", run=run, inputs={"data": Input("data")},
     outputs=(SASREC_FILE, SASREC_CONFIG_FILE, METRICS_FILE, EVAL_METRICS_FILE, PREDICTIONS_FILE),
-    execution_only=frozenset({"valid_batch_size", "placement_strategy"}), added_fields={"steps_per_epoch": 0})
+    execution_only=frozenset({"valid_batch_size", "placement_strategy"}), added_fields={"steps_per_epoch": 0, "lr_schedule": "constant"})
 
 
 # ----------------------------------------------------------------------------------------------

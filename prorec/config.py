@@ -108,6 +108,8 @@ class EmbedConfig:
 
 
 TRAIN_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# The learning rate after the warm-up (prorec.trainer.warmup_lambda).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -123,6 +125,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     # True: the weight decay is decoupled from the gradient (AdamW); False: L2 added to it (Adam).
     decoupled_weight_decay: bool = False
+    # After the warm-up: "constant" (the learning rate stays at lr) or "cosine" (it falls to 0 along
+    # half a cosine by the last step of max_epochs; early stopping may end the run before).
+    lr_schedule: str = "constant"
     seed: int = 0
     # Ray Train workers; 0 = train in this process without Ray (tests, single GPU boxes).
     num_workers: int = 1
@@ -142,6 +147,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"{section}.weight_decay must be >= 0 (got {self.weight_decay})")
         _check(self.seed >= 0, f"{section}.seed must be >= 0 (got {self.seed}): numpy refuses negative seeds")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps must be >= 0")
+        _check(self.lr_schedule in LR_SCHEDULES, f"{section}.lr_schedule must be one of {', '.join(LR_SCHEDULES)} "
+               f"(got {self.lr_schedule!r})")
         _check(self.batch_size >= 2, f"{section}.batch_size must be >= 2 (in-batch negatives need two)")
         _check(self.max_epochs >= 1, f"{section}.max_epochs must be >= 1")
         _check(self.patience >= 1, f"{section}.patience must be >= 1")
@@ -252,6 +259,9 @@ class Stage2Config(TrainConfig, GeneratorArch):
     # skipped (prorec/optim.py; L2 weight decay is not caught up), so its cost does not grow with the
     # catalogue. False = dense gradients and Adam over the whole tables.
     sparse_grads: bool = True
+    # Weight decay of the per-item tables (item-ID embedding, item head's output embeddings and
+    # biases), which fit the training rows fastest; None = weight_decay, as for every other weight.
+    item_weight_decay: float | None = None
 
     @property
     def item_head_from_stage1(self) -> bool:
@@ -262,6 +272,8 @@ class Stage2Config(TrainConfig, GeneratorArch):
         TrainConfig.validate(self, "stage2")
         for problem in self.arch_problems():
             _check(False, _arch_message(self, problem))
+        _check(self.item_weight_decay is None or self.item_weight_decay >= 0,
+               f"stage2.item_weight_decay must be >= 0, or null for stage2.weight_decay (got {self.item_weight_decay})")
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
         _check(self.valid_beam_size >= VALID_TOPK,
                f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")

@@ -200,7 +200,6 @@ class Stage1Trainer:
         if core.din.item_emb.sparse:
             self.opt.track(core.din.item_emb)  # rows read by a forward are first caught up (prorec.optim)
         self.guard = DivergenceGuard("stage1", self.device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         # Sharding: every worker runs the same number of steps (DDP all-reduces once a step).
         world, rank = ctx.world_size, ctx.rank
         n = data.n_train
@@ -209,6 +208,8 @@ class Stage1Trainer:
         smallest = min(len(range(n)[shard_rows(n, r, world)]) for r in range(world))
         self.batch_size = max(2, cfg.batch_size // world)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
         # logQ for in-batch negatives: expected count of an item among the batch's targets.
         counts = data.target_counts.astype(np.float64)
         self.log_q = torch.from_numpy(np.log(self.batch_size * np.maximum(counts, 1) / n)).float().to(self.device)
@@ -567,6 +568,6 @@ STAGE = Stage(
     # Training keeps every field in its key but where the workers run: the worker count changes the
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
-    added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0},
+    added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0, "lr_schedule": "constant"},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

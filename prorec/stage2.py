@@ -119,6 +119,16 @@ def generator_config(cfg: Stage2Config, inputs: Stage2Inputs) -> GeneratorConfig
 # ----------------------------------------------------------------------------------------------
 # The epoch trainer
 
+def param_groups(model: Generator, cfg: Stage2Config) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the per-item tables with cfg.item_weight_decay when it is
+    set, every other weight with cfg.weight_decay."""
+    if cfg.item_weight_decay is None:
+        return [{"params": list(model.parameters())}]
+    item = {id(t.weight) for t in model.item_tables()}
+    return [{"params": [p for p in model.parameters() if id(p) not in item]},
+            {"params": [t.weight for t in model.item_tables()], "weight_decay": cfg.item_weight_decay}]
+
+
 def _unwrap(model: torch.nn.Module) -> Generator:
     return getattr(model, "module", model)
 
@@ -137,11 +147,10 @@ class Stage2Trainer:
             model.init_item_head(inputs.teacher)
         model.set_sparse_grads(use_sparse_grads(cfg, device, ctx.world_size, "stage2"))
         self.model = ctx.prepare_model(model.to(device))
-        self.opt = adam(self.model.parameters(), cfg)
+        self.opt = adam(param_groups(model, cfg), cfg)
         if model.sparse_grads:  # rows read by a forward are first caught up (prorec.optim)
             self.opt.track(*model.item_tables())
         self.guard = DivergenceGuard("stage2", device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup_steps))
         self.amp = cfg.bf16 and device.type == "cuda"
         # Training rows: this worker's contiguous shard; every worker runs the same number of steps
         # (DDP all-reduces every step), so the step count comes from the smallest shard.
@@ -154,6 +163,8 @@ class Stage2Trainer:
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
         # Validation users: a fixed random subset (cfg.valid_users), sharded over workers.
         vh, vt = inputs.splits["valid"]
         if not inputs.sharded:
@@ -296,6 +307,7 @@ STAGE = Stage(
     # Training keeps every field in its key but where the workers run: the worker count changes the
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
-    added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False},
+    added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False, "lr_schedule": "constant",
+                  "item_weight_decay": None},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

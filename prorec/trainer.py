@@ -25,6 +25,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from prorec.config import LR_SCHEDULES
+
 CKPT_FILE = "state.pt"
 PREV_CKPT_FILE = "state.prev.pt"  # the checkpoint before the newest, for when the newest is unreadable
 
@@ -103,9 +105,23 @@ def use_sparse_grads(cfg: Any, device: torch.device, world_size: int, stage: str
     return bool(cfg.sparse_grads)
 
 
-def warmup_lambda(warmup_steps: int):
-    """Linear warm-up to the base learning rate, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def warmup_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int = 0):
+    """The learning rate's factor at each step: a linear warm-up to the base rate over warmup_steps,
+    then constant ("constant"), or down to 0 at total_steps along half a cosine ("cosine"; the
+    training's last step, max_epochs x the steps of an epoch). The reference for LR_SCHEDULES."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        done = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
+
 
 
 def set_seed(seed: int) -> None:

@@ -157,3 +157,56 @@ def test_strict_spread_on_too_few_nodes_warns_at_once_with_the_fix(monkeypatch, 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * 2)
     _check_spread(Stage2Config(num_workers=2, placement_strategy="STRICT_SPREAD"), "stage2")
     assert capsys.readouterr().err == ""
+
+
+def test_the_learning_rate_warms_up_then_stays_or_falls_along_a_cosine_to_zero():
+    from prorec.trainer import warmup_lambda
+
+    const, cos = warmup_lambda(10), warmup_lambda(10, "cosine", 110)
+    for step in range(10):  # the same warm-up either way
+        assert const(step) == cos(step) == pytest.approx((step + 1) / 10)
+    assert [const(s) for s in (10, 60, 109, 500)] == [1.0] * 4
+    assert cos(10) == pytest.approx(1.0) and cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12)
+    falling = [cos(s) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(falling, falling[1:]))
+    assert cos(200) == pytest.approx(0.0, abs=1e-12)  # past the last planned step it stays at 0
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        warmup_lambda(10, "linear", 100)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_item_weight_decay_reaches_the_per_item_tables_only(sparse):
+    """stage2.item_weight_decay: with a zero gradient, Adam's L2 moves exactly the weights it decays,
+    so one step shows which group each weight is in, dense or with row-sparse item tables."""
+    from prorec.config import Stage2Config
+    from prorec.models.generator import Generator, GeneratorConfig
+    from prorec.stage2 import param_groups
+    from prorec.trainer import adam
+
+    def step(**kw) -> tuple[bool, bool]:
+        """(whether the per-item tables moved, whether any other weight moved)."""
+        torch.manual_seed(0)
+        codes = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0], [1, 1], [2, 0]])  # row 0: padding
+        model = Generator(GeneratorConfig(n_items=5, k=3, code_length=2, d_model=16, n_heads=2, ff_dim=32,
+                                          decoder_layers=1), codes)
+        model.set_sparse_grads(sparse)
+        cfg = Stage2Config(lr=0.1, **kw)
+        opt = adam(param_groups(model, cfg), cfg)
+        item = {id(t.weight) for t in model.item_tables()}
+        params = list(model.parameters())
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(params)  # each weight once
+        before = [p.detach().clone() for p in params]
+        hist = torch.tensor([[1, 2, 0]])
+        loss = 0.0 * model(hist, torch.tensor([3]))["loss"]  # every weight gets a gradient of 0
+        loss.backward()
+        opt.step()
+        if sparse:
+            opt.flush()
+        moved = [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+        return (any(m for m, p in zip(moved, params) if id(p) in item),
+                any(m for m, p in zip(moved, params) if id(p) not in item))
+
+    assert step(weight_decay=0.01) == (True, True)  # sparse: the rows this batch read
+    assert step(weight_decay=0.01, item_weight_decay=0.0) == (False, True)
+    assert step(weight_decay=0.0, item_weight_decay=0.01) == (True, False)
+    assert step(weight_decay=0.0) == (False, False)
