@@ -283,3 +283,16 @@ def test_a_worker_loads_only_its_shard_and_its_validation_users(artifacts):
         assert np.array_equal(ta.hist.padded(ta.rows, align="left"), tb.hist.padded(tb.rows, align="left"))
         assert torch.equal(ta.tgt[torch.from_numpy(ta.rows)], tb.tgt[torch.from_numpy(tb.rows)])
     assert sum(len(p.splits["valid"][1]) for p in parts) == 50
+
+
+def test_cosine_schedule_and_item_weight_decay_reach_the_stage(artifacts, tmp_path):
+    """stage2.lr_schedule=cosine: the learning rate the stage records after each epoch falls to 0 at
+    the last of max_epochs; stage2.item_weight_decay is accepted by the stage and the model learns."""
+    out = run_stage2(small(item_head=True, max_epochs=3, patience=3, lr_schedule="cosine", item_weight_decay=1e-3),
+                     artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
+    lrs = [h["lr"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+    assert len(lrs) == 3 and lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(0.0, abs=1e-9)
+    assert lrs[0] < 3e-3  # decayed already during the first epoch
+    torch.manual_seed(0)
+    model = load_generator(out)
+    assert valid_ndcg10(model, artifacts) > valid_ndcg10(Generator(model.cfg, model.item_codes), artifacts) + 0.02
