@@ -61,14 +61,14 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
             "off": (f"runs/{ds}_paper_stage2_all:eval",
                     _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2_all",
                               f"--reuse runs/{ds}_paper_stage2 eval.exclude_history=false"))}),
-        ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay (beam 20)", {
+        ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay; constant learning rate (beam 20)", {
             "on": (f"runs/{ds}_generator:eval", _pipeline(no_rr, ds, f"runs/{ds}_generator", reuse)),
             "off": (f"runs/{ds}_generator_all:eval",
                     _pipeline(no_rr, ds, f"runs/{ds}_generator_all", reuse + " eval.exclude_history=false"))}),
         # The same generator with the learning rate along a cosine (stage2.lr_schedule=cosine, 2026-11-30):
         # better on validation on both datasets, now in the Beauty configs.
         ("PRORec, default Stage II + cosine learning rate (generator alone)",
-         "the same, the learning rate falling along a cosine over the 12 epochs (beam 20)", {
+         "the same, the learning rate along a cosine over the 12 epochs: prorec_cpu.yaml's since 2026-11-30 (beam 20)", {
              "on": (f"runs/{ds}_gen_cosine:eval", _pipeline(no_rr, ds, f"runs/{ds}_gen_cosine",
                                                             reuse + " stage2.lr_schedule=cosine")),
              "off": (f"runs/{ds}_gen_cosine_all:eval",
