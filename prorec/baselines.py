@@ -53,8 +53,8 @@ from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, LocalContext, adam, capped_steps, length_grouped_batches, pick_device, run_epochs,
-                            warmup_lambda)
+from prorec.trainer import (DivergenceGuard, LocalContext, adam, capped_steps, length_grouped_batches, lr_scheduler,
+                            pick_device, run_epochs)
 
 METRICS_FILE = "metrics.json"
 EVAL_METRICS_FILE = "eval/metrics.json"
@@ -173,8 +173,7 @@ class SASRecTrainer:
         self.guard = DivergenceGuard("sasrec", device)
         self.lengths = (data.sequences > 0).sum(1).numpy()
         self.steps = capped_steps(max(1, math.ceil(len(self.lengths) / cfg.batch_size)), cfg.steps_per_epoch)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
+        self.sched = lr_scheduler(self.opt, cfg, self.steps, "sasrec")
         self.epoch = 0
 
     def train_epoch(self, epoch: int) -> dict[str, float]:

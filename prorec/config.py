@@ -126,7 +126,8 @@ class TrainConfig:
     # True: the weight decay is decoupled from the gradient (AdamW); False: L2 added to it (Adam).
     decoupled_weight_decay: bool = False
     # After the warm-up: "constant" (the learning rate stays at lr) or "cosine" (it falls to 0 along
-    # half a cosine by the last step of max_epochs; early stopping may end the run before).
+    # half a cosine by the last step of max_epochs; early stopping, or a Tune trial that ASHA stops
+    # before max_epochs, may end the run before it reaches the low rates).
     lr_schedule: str = "constant"
     seed: int = 0
     # Ray Train workers; 0 = train in this process without Ray (tests, single GPU boxes).
@@ -274,6 +275,9 @@ class Stage2Config(TrainConfig, GeneratorArch):
             _check(False, _arch_message(self, problem))
         _check(self.item_weight_decay is None or self.item_weight_decay >= 0,
                f"stage2.item_weight_decay must be >= 0, or null for stage2.weight_decay (got {self.item_weight_decay})")
+        _check(self.item_weight_decay is None or self.item_head or self.item_id_embedding,
+               f"stage2.item_weight_decay={self.item_weight_decay} would reach no weight: with stage2.item_head and "
+               "stage2.item_id_embedding both false there are no per-item tables; set it to null")
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
         _check(self.valid_beam_size >= VALID_TOPK,
                f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")

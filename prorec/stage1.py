@@ -63,8 +63,8 @@ from prorec.models.din import DIN, DINConfig, save_din
 from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray,
-                            length_grouped_batches, pick_device, run_epochs, set_seed, shard_rows, use_sparse_grads,
-                            validation_rows, warmup_lambda)
+                            length_grouped_batches, lr_scheduler, pick_device, run_epochs, set_seed, shard_rows,
+                            use_sparse_grads, validation_rows)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -208,8 +208,7 @@ class Stage1Trainer:
         smallest = min(len(range(n)[shard_rows(n, r, world)]) for r in range(world))
         self.batch_size = max(2, cfg.batch_size // world)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
+        self.sched = lr_scheduler(self.opt, cfg, self.steps, "stage1")
         # logQ for in-batch negatives: expected count of an item among the batch's targets.
         counts = data.target_counts.astype(np.float64)
         self.log_q = torch.from_numpy(np.log(self.batch_size * np.maximum(counts, 1) / n)).float().to(self.device)

@@ -35,9 +35,9 @@ from prorec.data.splits import count_rows, longest_history, read_rows, read_spli
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
 from prorec.stage import Input, Stage
-from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, capped_steps, fit_on_ray, length_grouped_batches,
-                            pick_device, run_epochs, shard_rows, use_sparse_grads, validation_rows,
-                            warmup_lambda)
+from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, RayTrainContext, adam, capped_steps, fit_on_ray,
+                            length_grouped_batches, lr_scheduler, pick_device, run_epochs, shard_rows,
+                            use_sparse_grads, validation_rows)
 
 METRICS_FILE = "metrics.json"
 SCORE_KEY = "valid_ndcg@10"
@@ -163,8 +163,7 @@ class Stage2Trainer:
                                                    for r in range(ctx.world_size)))
         self.batch_size = max(1, cfg.batch_size // ctx.world_size)
         self.steps = capped_steps(max(1, math.ceil(smallest / self.batch_size)), cfg.steps_per_epoch)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_epochs * self.steps))
+        self.sched = lr_scheduler(self.opt, cfg, self.steps, "stage2")
         # Validation users: a fixed random subset (cfg.valid_users), sharded over workers.
         vh, vt = inputs.splits["valid"]
         if not inputs.sharded:

@@ -124,6 +124,18 @@ def warmup_lambda(warmup_steps: int, schedule: str = "constant", total_steps: in
 
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: Any, steps_per_epoch: int, stage: str):
+    """The LambdaLR of a trained stage: cfg.warmup_steps, then cfg.lr_schedule over cfg.max_epochs
+    epochs of steps_per_epoch steps. A cosine with no step after the warm-up stays constant, and
+    says so."""
+    total = cfg.max_epochs * steps_per_epoch
+    if cfg.lr_schedule == "cosine" and total <= cfg.warmup_steps:
+        print(f"{stage}: lr_schedule is cosine, but the warm-up ({cfg.warmup_steps} steps) covers all {total} "
+              f"training steps ({cfg.max_epochs} epochs of {steps_per_epoch}): the rate never falls; lower "
+              f"{stage}.warmup_steps or raise {stage}.max_epochs", file=sys.stderr, flush=True)
+    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps, cfg.lr_schedule, total))
+
+
 def set_seed(seed: int) -> None:
     import random
 

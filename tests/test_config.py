@@ -242,3 +242,11 @@ def test_placement_settings_are_checked_and_stay_out_of_the_keys():
                       ("eval.max_retries=-1", "eval.max_retries must be >= 0")):
         with pytest.raises(ConfigError, match=says):
             load_config(None, [bad])
+
+
+def test_item_weight_decay_without_per_item_tables_is_refused():
+    from prorec.config import load_config
+
+    with pytest.raises(Exception, match="item_weight_decay=0.001 would reach no weight"):
+        load_config(None, ["stage2.item_head=false", "stage2.item_id_embedding=false", "stage2.item_weight_decay=0.001"])
+    load_config(None, ["stage2.item_head=false", "stage2.item_id_embedding=false"])  # null: fine

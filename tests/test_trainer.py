@@ -174,8 +174,8 @@ def test_the_learning_rate_warms_up_then_stays_or_falls_along_a_cosine_to_zero()
         warmup_lambda(10, "linear", 100)
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_item_weight_decay_reaches_the_per_item_tables_only(sparse):
+@pytest.mark.parametrize("sparse,tied", [(False, False), (True, False), (False, True), (True, True)])
+def test_item_weight_decay_reaches_the_per_item_tables_only(sparse, tied):
     """stage2.item_weight_decay: with a zero gradient, Adam's L2 moves exactly the weights it decays,
     so one step shows which group each weight is in, dense or with row-sparse item tables."""
     from prorec.config import Stage2Config
@@ -188,10 +188,12 @@ def test_item_weight_decay_reaches_the_per_item_tables_only(sparse):
         torch.manual_seed(0)
         codes = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0], [1, 1], [2, 0]])  # row 0: padding
         model = Generator(GeneratorConfig(n_items=5, k=3, code_length=2, d_model=16, n_heads=2, ff_dim=32,
-                                          decoder_layers=1), codes)
+                                          decoder_layers=1, tie_item_head=tied), codes)
         model.set_sparse_grads(sparse)
         cfg = Stage2Config(lr=0.1, **kw)
         opt = adam(param_groups(model, cfg), cfg)
+        if sparse:
+            opt.track(*model.item_tables())  # each tracked table finds its own group
         item = {id(t.weight) for t in model.item_tables()}
         params = list(model.parameters())
         assert sum(len(g["params"]) for g in opt.param_groups) == len(params)  # each weight once
@@ -210,3 +212,16 @@ def test_item_weight_decay_reaches_the_per_item_tables_only(sparse):
     assert step(weight_decay=0.01, item_weight_decay=0.0) == (False, True)
     assert step(weight_decay=0.0, item_weight_decay=0.01) == (True, False)
     assert step(weight_decay=0.0) == (False, False)
+
+
+def test_a_cosine_that_the_warm_up_covers_says_the_rate_never_falls(capsys):
+    from prorec.config import Stage2Config
+    from prorec.trainer import lr_scheduler
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    lr_scheduler(opt, Stage2Config(lr_schedule="cosine", warmup_steps=100, max_epochs=2), 40, "stage2")
+    assert "warm-up (100 steps) covers all 80 training steps" in capsys.readouterr().err
+    lr_scheduler(opt, Stage2Config(lr_schedule="cosine", warmup_steps=100, max_epochs=3), 40, "stage2")
+    lr_scheduler(opt, Stage2Config(lr_schedule="constant", warmup_steps=100, max_epochs=1), 40, "stage2")
+    assert capsys.readouterr().err == ""
