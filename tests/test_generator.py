@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from prorec.models.generator import DecoderCache, Generator, GeneratorConfig
+from prorec.models.generator import DecoderCache, Generator, GeneratorConfig, code_loss
 
 torch.set_num_threads(1)
 N, K, L = 40, 6, 3
@@ -105,6 +106,40 @@ def test_generation_loss_is_the_mean_code_cross_entropy():
     logits = model.code_logits(model.decode(model.encode(hist), model.item_codes[target]))
     logp = torch.log_softmax(logits, -1).gather(2, model.item_codes[target][..., None])[..., 0]
     torch.testing.assert_close(model(hist, target)["gen"], -logp.mean())
+
+
+def test_code_loss_smooths_over_the_allowed_tokens_alone():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(7, K), torch.randint(0, K, (7,))
+    # Every token allowed: PyTorch's own label smoothing.
+    for eps in (0.0, 0.1, 0.5):
+        torch.testing.assert_close(code_loss(logits, targets, eps), F.cross_entropy(logits, targets, label_smoothing=eps))
+    # Some tokens forbidden (-inf, as the item head writes them): the smoothed mass goes to the others only,
+    # i.e. the same as PyTorch's smoothing over the row's allowed columns.
+    allowed = torch.rand(7, K) < 0.6
+    allowed[torch.arange(7), targets] = True
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    loss = code_loss(masked, targets, 0.2)
+    assert torch.isfinite(loss)
+    by_row = []
+    for r in range(7):
+        cols = allowed[r].nonzero()[:, 0]
+        t = (cols == targets[r]).nonzero()[0]
+        by_row.append(F.cross_entropy(logits[r, cols][None], t, label_smoothing=0.2))
+    torch.testing.assert_close(loss, torch.stack(by_row).mean())
+    torch.testing.assert_close(code_loss(masked, targets), F.cross_entropy(masked, targets))
+
+
+def test_label_smoothing_reaches_the_generation_loss():
+    hist, target = history(), torch.tensor([4, 17, 33])
+    plain, smooth = make_model(item_head=True, distill=False), make_model(item_head=True, distill=False, label_smoothing=0.3)
+    codes = plain.item_codes[target]
+    logits = plain.code_logits(plain.decode(plain.encode(hist), codes), target)
+    want = code_loss(logits.reshape(-1, K), codes.reshape(-1), 0.3)
+    torch.testing.assert_close(smooth(hist, target)["gen"], want)
+    assert not torch.allclose(plain(hist, target)["gen"], want)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        GeneratorConfig(n_items=5, k=4, code_length=2, label_smoothing=1.0)
 
 
 def test_config_rejects_bad_values():

@@ -490,7 +490,7 @@ class Generator(nn.Module):
         hidden = self.decode(memory, codes, with_distill=self.cfg.distill)
         L = self.cfg.code_length
         logits = self.code_logits(hidden[:, :L], target).float()  # (B, L, K)
-        gen = F.cross_entropy(logits.reshape(-1, self.cfg.k), codes.reshape(-1))
+        gen = code_loss(logits.reshape(-1, self.cfg.k), codes.reshape(-1), self.cfg.label_smoothing)
         out = {"gen": gen}
         if self.cfg.distill:
             out["distill"] = self.distill_loss(hidden[:, L], target)
@@ -510,6 +510,20 @@ class Generator(nn.Module):
         neg = neg.masked_fill(negs[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1) / self.cfg.tau
         return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+def code_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """The mean cross-entropy of rows of logits [R, K] (-inf = a token the row cannot take) against
+    targets [R], label-smoothed over each row's own allowed (finite) tokens: (1 - smoothing) x the
+    target's NLL + smoothing x the mean NLL of the allowed tokens. `F.cross_entropy(label_smoothing=)`
+    spreads the mass over all K columns, and a -inf column would make the loss infinite."""
+    if smoothing == 0.0:
+        return F.cross_entropy(logits, targets)
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(1, targets[:, None])[:, 0]
+    allowed = torch.isfinite(logits)
+    uniform = -logp.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1)
+    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
 
 
 # ----------------------------------------------------------------------------------------------

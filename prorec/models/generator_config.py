@@ -38,6 +38,10 @@ class GeneratorArch:
     beta: float = 1.0  # weight of L_distill
     tau: float = 0.07  # InfoNCE temperature of L_distill
     n_negatives: int = 256  # random other items per batch for L_distill
+    # Label smoothing of L_gen: each code level's target gets 1 - label_smoothing of the mass and the
+    # rest is spread evenly over the level's allowed tokens (all K at the shared heads; at the item
+    # head, the prefix's own items). 0 = the plain cross-entropy.
+    label_smoothing: float = 0.0
 
     def arch_problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
@@ -50,6 +54,7 @@ class GeneratorArch:
             (self.beta >= 0, "beta must be >= 0"),
             (self.tau > 0, "tau must be > 0"),
             (self.n_negatives >= 1, "n_negatives must be >= 1"),
+            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (not self.tie_item_head or (self.item_head and self.item_id_embedding),
              "tie_item_head needs item_head and item_id_embedding (the two tables it makes one)"),
         ]
