@@ -1,4 +1,4 @@
-"""Stage I on Beauty: what fewer shared negatives buy in speed and cost in quality, and Stage I's
+"""Stage I on Beauty: what fewer shared negatives or attention units buy in speed and cost in quality, and Stage I's
 validation curves when it trains to convergence.
 
     python benchmarks/stage1_variants.py speed runs/beauty_full_run --negatives 128 64 32 --name stage1_negatives \\
@@ -6,8 +6,11 @@ validation curves when it trains to convergence.
     python benchmarks/stage1_variants.py curves runs/beauty_s1conv_prorec runs/beauty_s1conv_collab \\
         --name stage1_converged
 
+    python benchmarks/stage1_variants.py speed runs/beauty_gen_cosine --negatives 128 --attention-hidden 16 8 4 \
+        --name stage1_attention --quality J16-fp32:runs/beauty_gen_cosine J4-bf16:runs/beauty_s1_j4_bf16
+
 `speed`: steps a second of the run's Stage I config in this process (one torch thread) for every
-(stage1.n_negatives, fp32 | bf16), the variants interleaved in `--rounds` rounds (the machine is
+(stage1.n_negatives, stage1.attention_hidden, fp32 | bf16), the variants interleaved in `--rounds` rounds (the machine is
 shared: the ratios, measured side by side, are what counts), each after a warm-up of 5 steps, from the
 same initial weights; with `--quality N:RUN ...`, the validation curve that each run's Stage I
 recorded (stage1/metrics.json), to compare after equal epochs.
@@ -46,36 +49,45 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     paths = input_paths(args.run, "stage1")
     data = Stage1Data.load(paths["data"])
     semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
-    variants = [(n, bf16) for n in args.negatives for bf16 in (False, True)]
-    rates: dict[str, list[float]] = {f"{n}/{'bf16' if b else 'fp32'}": [] for n, b in variants}
+    units = args.attention_hidden or [cfg.attention_hidden]
+    variants = [(n, j, bf16) for n in args.negatives for j in units for bf16 in (False, True)]
+
+    def key_of(n: int, j: int, bf16: bool) -> str:  # "128/fp32"; "128/J16/fp32" when J varies too
+        return "/".join([str(n)] + ([f"J{j}"] if len(units) > 1 else []) + ["bf16" if bf16 else "fp32"])
+
+    rates: dict[str, list[float]] = {key_of(*v): [] for v in variants}
     for _ in range(args.rounds):
-        for n, b in variants:
-            key = f"{n}/{'bf16' if b else 'fp32'}"
-            rates[key].append(steps_per_second(dataclasses.replace(cfg, n_negatives=n, bf16=b), data, semantic,
-                                               args.steps))
+        for n, j, b in variants:
+            key = key_of(n, j, b)
+            rates[key].append(steps_per_second(dataclasses.replace(cfg, n_negatives=n, attention_hidden=j, bf16=b),
+                                               data, semantic, args.steps))
             print(f"stage1_variants: {key} {rates[key][-1]:.2f} steps/s", file=sys.stderr, flush=True)
-    ref = f"{cfg.n_negatives}/fp32" if f"{cfg.n_negatives}/fp32" in rates else next(iter(rates))
+    ref = key_of(cfg.n_negatives, cfg.attention_hidden, False)
+    ref = ref if ref in rates else next(iter(rates))
     result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "fusion": cfg.fusion,
               "batch_size": cfg.batch_size, "n_items": data.n_items, "config_negatives": cfg.n_negatives,
+              "config_attention_hidden": cfg.attention_hidden, "attention_hidden": units,
               "steps_per_second": rates,
               "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
                           for q in args.quality}}
     best = {k: max(v) for k, v in rates.items()}
-    lines = [f"# Stage I: fewer shared negatives, fp32 and bf16 ({args.run})", "",
+    what = "shared negatives" + (" and attention units J" if len(units) > 1 else "")
+    lines = [f"# Stage I: {what}, fp32 and bf16 ({args.run})", "",
              f"    python {' '.join(sys.argv)}", "",
-             f"Fusion {cfg.fusion}, batches of {cfg.batch_size} users, {data.n_items} items; one torch thread, "
+             f"Fusion {cfg.fusion}, batches of {cfg.batch_size} users, {data.n_items} items"
+             f"{'' if len(units) > 1 else f', J = {units[0]} attention units'}; one torch thread, "
              f"in-process; {args.steps} steps a measurement, the variants interleaved, {args.rounds} rounds "
              "(the faster of each).", "",
-             f"| negatives | dtype | steps/s | runs | vs {ref} |", "|---|---|---|---|---|"]
+             f"| {' | '.join(['negatives'] + (['J'] if len(units) > 1 else []))} | dtype | steps/s | runs | vs {ref} |",
+             "|---|" + ("---|" if len(units) > 1 else "") + "---|---|---|---|"]
     for key, v in rates.items():
-        n, dt = key.split("/")
-        lines.append(f"| {n} | {dt} | {best[key]:.2f} | {', '.join(f'{x:.2f}' for x in v)} | "
-                     f"{best[key] / best[ref]:.2f}x |")
+        lines.append(f"| {' | '.join(p.lstrip('J') for p in key.split('/'))} | {best[key]:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v)} | {best[key] / best[ref]:.2f}x |")
     if result["quality"]:
         lines += ["", "## Validation after equal epochs", "",
                   "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
                   "(the same users in every run), as each run's Stage I recorded them.", "",
-                  "| epoch | " + " | ".join(f"{n} negatives R@10 | N@10" for n in result["quality"]) + " |",
+                  "| epoch | " + " | ".join(f"{n} R@10 | N@10" for n in result["quality"]) + " |",
                   "|---|" + "---|---|" * len(result["quality"])]
         hists = [q["history"] for q in result["quality"].values()]
         for e in range(max(len(h) for h in hists)):
@@ -120,6 +132,8 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("run", type=Path, help="a run directory with finished data and embed stages")
     s.add_argument("--negatives", type=int, nargs="+", default=[128, 64, 32])
+    s.add_argument("--attention-hidden", type=int, nargs="+", default=[],
+                   help="DIN attention units J to time (default: the run's stage1.attention_hidden alone)")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--quality", nargs="*", default=[], metavar="N:RUN")

@@ -170,6 +170,10 @@ class Stage1Config(TrainConfig):
     alpha: float = 1.0  # weight of L_align
     tau: float = 0.07  # InfoNCE temperature of the alignment
     dropout: float = 0.1
+    # Hidden units J of DIN's activation unit (prorec.models.din.DINConfig.attention_hidden). Its
+    # (B, J, T, candidates) activations are most of a training step's work, so a step's cost falls
+    # nearly in proportion to J (benchmarks/results/stage1_attention.md).
+    attention_hidden: int = 16
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
     # other targets of the batch, with logQ correction; "full" = softmax over the whole catalogue
@@ -204,6 +208,7 @@ class Stage1Config(TrainConfig):
         _check(self.fusion in ("semantic", "collaborative", "concat", "prorec"),
                "stage1.fusion must be semantic, collaborative, concat or prorec")
         _check(self.dim >= 2, "stage1.dim must be >= 2")
+        _check(self.attention_hidden >= 1, f"stage1.attention_hidden must be >= 1 (got {self.attention_hidden})")
         _check(0.0 <= self.dropout < 1.0, f"stage1.dropout must be in [0, 1) (got {self.dropout})")
         _check(self.alpha >= 0, "stage1.alpha must be >= 0")
         _check(self.tau > 0, "stage1.tau must be > 0")

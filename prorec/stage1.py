@@ -172,8 +172,10 @@ class Stage1Model(nn.Module):
 
 
 def din_config(cfg: Stage1Config, n_items: int, width: int) -> DINConfig:
-    """The DIN Stage I trains: cfg's width and dropout, a recency table as long as the longest history."""
-    return DINConfig(n_items=n_items, dim=cfg.dim, max_history=width, dropout=cfg.dropout)
+    """The DIN Stage I trains: cfg's width, attention units and dropout, a recency table as long as
+    the longest history."""
+    return DINConfig(n_items=n_items, dim=cfg.dim, max_history=width, dropout=cfg.dropout,
+                     attention_hidden=cfg.attention_hidden)
 
 
 def uses_alignment(cfg: Stage1Config) -> bool:
@@ -567,6 +569,7 @@ STAGE = Stage(
     # Training keeps every field in its key but where the workers run: the worker count changes the
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
-    added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0, "lr_schedule": "constant"},
+    added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0, "lr_schedule": "constant",
+                  "attention_hidden": 16},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

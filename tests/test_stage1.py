@@ -259,6 +259,24 @@ def test_bf16_trains_in_bf16_and_learns_like_fp32(tiny_data):
     assert r32 > 0.15 and abs(r16 - r32) < 0.08, (r16, r32)
 
 
+def test_attention_hidden_sets_the_din_the_stage_trains_and_saves(tiny_data, semantic_path, tmp_path):
+    """stage1.attention_hidden: the DIN's activation unit has that many hidden units, in training and
+    in the din_config.json the reranker rebuilds it from; a J = 4 DIN still learns."""
+    from prorec.models.din import load_din
+    from prorec.stage1 import Stage1Trainer
+    from prorec.trainer import LocalContext
+
+    trainer = Stage1Trainer(small_cfg(fusion="collaborative", attention_hidden=4), Stage1Data.load(tiny_data), None,
+                            LocalContext(None))
+    assert trainer.core.din.attention.lin1.weight.shape == (4, 4 * 32)
+    out = run_stage1(small_cfg(attention_hidden=4, max_epochs=3), tiny_data, semantic_path, tmp_path)
+    din = load_din(out.parent)
+    assert din.cfg.attention_hidden == 4 and din.attention.lin2.weight.shape == (1, 4)
+    assert metrics_of(out)["valid"]["recall@10"] > 0.15
+    with pytest.raises(Exception, match="attention_hidden must be >= 1"):
+        small_cfg(attention_hidden=0).validate()
+
+
 def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(tiny_data):
     """stage1.valid_candidates: with M >= N the shortlist holds every item, so the metrics are the
     full ranking's; a short list gives another retriever's (shortlist, then the DIN), still a real one."""
