@@ -50,7 +50,8 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     data = Stage1Data.load(paths["data"])
     semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
     units = args.attention_hidden or [cfg.attention_hidden]
-    variants = [(n, j, bf16) for n in args.negatives for j in units for bf16 in (False, True)]
+    variants = [(n, j, bf16) for n in args.negatives for j in units for bf16 in (False, True)
+                if ("bf16" if bf16 else "fp32") in args.dtypes]
 
     def key_of(n: int, j: int, bf16: bool) -> str:  # "128/fp32"; "128/J16/fp32" when J varies too
         return "/".join([str(n)] + ([f"J{j}"] if len(units) > 1 else []) + ["bf16" if bf16 else "fp32"])
@@ -62,6 +63,8 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
             rates[key].append(steps_per_second(dataclasses.replace(cfg, n_negatives=n, attention_hidden=j, bf16=b),
                                                data, semantic, args.steps))
             print(f"stage1_variants: {key} {rates[key][-1]:.2f} steps/s", file=sys.stderr, flush=True)
+    if not rates:
+        raise SystemExit("stage1_variants speed: no variant to time (--dtypes names fp32 and/or bf16)")
     ref = key_of(cfg.n_negatives, cfg.attention_hidden, False)
     ref = ref if ref in rates else next(iter(rates))
     result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "fusion": cfg.fusion,
@@ -134,6 +137,8 @@ def main() -> None:
     s.add_argument("--negatives", type=int, nargs="+", default=[128, 64, 32])
     s.add_argument("--attention-hidden", type=int, nargs="+", default=[],
                    help="DIN attention units J to time (default: the run's stage1.attention_hidden alone)")
+    s.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="bf16 only where the CPU has bfloat16 instructions (prorec.trainer.warn_if_bf16_is_emulated)")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--quality", nargs="*", default=[], metavar="N:RUN")

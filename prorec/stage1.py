@@ -64,7 +64,7 @@ from prorec.models.modality import ModalityAdapter, alignment_loss, save_adapter
 from prorec.stage import Input, Stage
 from prorec.trainer import (DivergenceGuard, FitResult, LocalContext, adam, capped_steps, clean_dir, fit_on_ray,
                             length_grouped_batches, lr_scheduler, pick_device, run_epochs, set_seed, shard_rows,
-                            use_sparse_grads, validation_rows)
+                            use_sparse_grads, validation_rows, warn_if_bf16_is_emulated)
 
 SCORE_KEY = "recall@10"
 EVAL_BATCH = 64  # validation users scored at once (x 1024 catalogue items a chunk)
@@ -190,6 +190,8 @@ class Stage1Trainer:
         set_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.cfg, self.data, self.ctx = cfg, data, ctx
         self.device = pick_device(cfg.use_gpu)
+        if cfg.bf16:
+            warn_if_bf16_is_emulated("stage1", self.device)
         din_cfg = din_config(cfg, data.n_items, data.width)
         core = Stage1Model(din_cfg, semantic.shape[1] if semantic is not None else None,
                            cfg.negatives, cfg.alpha, cfg.tau).to(self.device)

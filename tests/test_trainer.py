@@ -225,3 +225,18 @@ def test_a_cosine_that_the_warm_up_covers_says_the_rate_never_falls(capsys):
     lr_scheduler(opt, Stage2Config(lr_schedule="cosine", warmup_steps=100, max_epochs=3), 40, "stage2")
     lr_scheduler(opt, Stage2Config(lr_schedule="constant", warmup_steps=100, max_epochs=1), 40, "stage2")
     assert capsys.readouterr().err == ""
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    import warnings
+
+    from prorec import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="stage1.bf16=true on a CPU without bfloat16 instructions.*stage1.bf16=false"):
+        trainer.warn_if_bf16_is_emulated("stage1", torch.device("cpu"))
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.warn_if_bf16_is_emulated("stage1", torch.device("cpu"))
+        trainer.warn_if_bf16_is_emulated("stage1", torch.device("cuda"))  # a GPU's bf16 is its own
