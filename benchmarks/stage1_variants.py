@@ -75,7 +75,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
                           for q in args.quality}}
     best = {k: max(v) for k, v in rates.items()}
     what = "shared negatives" + (" and attention units J" if len(units) > 1 else "")
-    lines = [f"# Stage I: {what}, fp32 and bf16 ({args.run})", "",
+    lines = [f"# Stage I: {what}, {' and '.join(args.dtypes)} ({args.run})", "",
              f"    python {' '.join(sys.argv)}", "",
              f"Fusion {cfg.fusion}, batches of {cfg.batch_size} users, {data.n_items} items"
              f"{'' if len(units) > 1 else f', J = {units[0]} attention units'}; one torch thread, "
