@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from prorec import devices
 from prorec.artifacts import record_event, write_json
 from prorec.beam import BeamResult, BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
@@ -39,13 +40,6 @@ from prorec.stage import Input, Stage
 
 SPLITS = ("valid", "test")
 PREDICTION_DEPTH = 20  # predictions.parquet holds the top 20 (or the beam, if narrower)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class Ranker:
@@ -68,9 +62,8 @@ class Ranker:
         trie = CodeTrie.from_codes(codes[1:].numpy(), np.arange(1, len(codes)), k)
         self.reranker = build_reranker(cfg, self.model.cfg.n_items, device, stage1_dir, semantic_path, data_dir)
         self.bf16 = device.type == "cuda" or cfg.bf16
-        if cfg.bf16 and device.type == "cpu" and not _cpu_has_bf16():
-            print("eval: warning: eval.bf16 is on, but this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), "
-                  "so bf16 is emulated and slower than fp32; set eval.bf16=false", file=sys.stderr, flush=True)
+        if cfg.bf16 and device.type == "cpu" and not devices.cpu_has_bf16():
+            print(f"eval: warning: {devices.emulated_bf16_message('eval.bf16')}", file=sys.stderr, flush=True)
         self.search = BeamSearch(self.model, trie, cfg.beam_size, cfg.beam_size if self.reranker else depth,
                                  cfg.exclude_history, autocast=self.bf16)
         self.batch_size, self.depth, self.device = cfg.batch_size, depth, device

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from prorec import devices
 from prorec.config import LR_SCHEDULES
 
 CKPT_FILE = "state.pt"
@@ -149,19 +150,10 @@ def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions torch's CPU kernels use (oneDNN's own check)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def warn_if_bf16_is_emulated(section: str, device: torch.device) -> None:
-    """Warn when `section`.bf16 asks for bfloat16 on a CPU without bf16 instructions (AVX512-BF16 or
-    AMX): torch then emulates it, and a Stage I step ran 4.5x slower than in fp32 on this project's
-    AVX2 machine (where a CPU with them ran 1.3-1.5x faster)."""
-    if device.type == "cpu" and not cpu_has_bf16():
-        warnings.warn(f"{section}.bf16=true on a CPU without bfloat16 instructions "
-                      f"({torch.backends.cpu.get_cpu_capability()}): torch emulates bf16 there, several times "
-                      f"slower than fp32; set {section}.bf16=false on this machine", stacklevel=2)
+    """Warn when `section`.bf16 asks for bfloat16 on a CPU that would emulate it (prorec.devices)."""
+    if device.type == "cpu" and not devices.cpu_has_bf16():
+        warnings.warn(devices.emulated_bf16_message(f"{section}.bf16"), stacklevel=2)
 
 
 class LocalContext:

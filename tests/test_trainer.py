@@ -230,12 +230,12 @@ def test_a_cosine_that_the_warm_up_covers_says_the_rate_never_falls(capsys):
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
     import warnings
 
-    from prorec import trainer
+    from prorec import devices, trainer
 
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
-    with pytest.warns(UserWarning, match="stage1.bf16=true on a CPU without bfloat16 instructions.*stage1.bf16=false"):
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="stage1.bf16 is on, but this CPU has no bfloat16 instructions.*stage1.bf16=false"):
         trainer.warn_if_bf16_is_emulated("stage1", torch.device("cpu"))
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.warn_if_bf16_is_emulated("stage1", torch.device("cpu"))
