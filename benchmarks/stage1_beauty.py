@@ -71,7 +71,7 @@ PROBES = {
     "default": ({}, {}),
     "softmax_attention": ({}, {"attention_softmax": True}),
     "no_dot_residual": ({}, {"dot_residual": False}),
-    "attention_hidden_36": ({}, {"attention_hidden": 36}),
+    "attention_hidden_36": ({"attention_hidden": 36}, {}),  # a Stage I setting since stage1.attention_hidden
     "in_batch_negatives": ({"negatives": "in_batch"}, {}),
 }
 

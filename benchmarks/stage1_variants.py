@@ -6,8 +6,8 @@ validation curves when it trains to convergence.
     python benchmarks/stage1_variants.py curves runs/beauty_s1conv_prorec runs/beauty_s1conv_collab \\
         --name stage1_converged
 
-    python benchmarks/stage1_variants.py speed runs/beauty_gen_cosine --negatives 128 --attention-hidden 16 8 4 \
-        --name stage1_attention --quality J16-fp32:runs/beauty_gen_cosine J4-bf16:runs/beauty_s1_j4_bf16
+    python benchmarks/stage1_variants.py speed runs/beauty_gen_cosine --negatives 128 --attention-hidden 16 8 4 2 \\
+        --dtypes fp32 --name stage1_attention_speed
 
 `speed`: steps a second of the run's Stage I config in this process (one torch thread) for every
 (stage1.n_negatives, stage1.attention_hidden, fp32 | bf16), the variants interleaved in `--rounds` rounds (the machine is

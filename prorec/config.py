@@ -171,8 +171,8 @@ class Stage1Config(TrainConfig):
     tau: float = 0.07  # InfoNCE temperature of the alignment
     dropout: float = 0.1
     # Hidden units J of DIN's activation unit (prorec.models.din.DINConfig.attention_hidden). Its
-    # (B, J, T, candidates) activations are most of a training step's work, so a step's cost falls
-    # nearly in proportion to J (benchmarks/results/stage1_attention.md).
+    # (B, J, T, candidates) activations are a large part of a training step's work: J = 4 ran 1.38x
+    # and J = 2 1.64x the steps a second of J = 16 on an AVX2 CPU (benchmarks/results/stage1_attention_speed.md).
     attention_hidden: int = 16
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
@@ -245,7 +245,7 @@ class Stage2Config(TrainConfig, GeneratorArch):
     """Encoder-decoder generator with the distillation token (PRORec §3.4).
 
     The model's own settings (d_model, n_heads, ..., item_head, item_id_embedding, distill, beta,
-    tau, n_negatives) and their defaults live in `prorec.models.generator_config.GeneratorArch`."""
+    tau, n_negatives, label_smoothing) and their defaults live in `prorec.models.generator_config.GeneratorArch`."""
 
     # The item head's output embeddings start as "random" or as the L2-normalised Stage I item
     # embeddings ("stage1"; needs stage1.dim == stage2.d_model).

@@ -127,7 +127,10 @@ def test_code_loss_smooths_over_the_allowed_tokens_alone():
         t = (cols == targets[r]).nonzero()[0]
         by_row.append(F.cross_entropy(logits[r, cols][None], t, label_smoothing=0.2))
     torch.testing.assert_close(loss, torch.stack(by_row).mean())
-    torch.testing.assert_close(code_loss(masked, targets), F.cross_entropy(masked, targets))
+    # the gradient: finite everywhere, 0 on the forbidden tokens
+    leaf = masked.clone().requires_grad_(True)
+    code_loss(leaf, targets, 0.2).backward()
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[~allowed] == 0).all()
 
 
 def test_label_smoothing_reaches_the_generation_loss():
@@ -135,6 +138,7 @@ def test_label_smoothing_reaches_the_generation_loss():
     plain, smooth = make_model(item_head=True, distill=False), make_model(item_head=True, distill=False, label_smoothing=0.3)
     codes = plain.item_codes[target]
     logits = plain.code_logits(plain.decode(plain.encode(hist), codes), target)
+    assert torch.isinf(logits[:, L - 1]).any()  # the item head's forbidden tokens, which the smoothing skips
     want = code_loss(logits.reshape(-1, K), codes.reshape(-1), 0.3)
     torch.testing.assert_close(smooth(hist, target)["gen"], want)
     assert not torch.allclose(plain(hist, target)["gen"], want)

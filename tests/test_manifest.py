@@ -1,6 +1,7 @@
 """Stage keys, the rerun plan and reuse: which stages a config change invalidates (no stage runs here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -68,6 +69,22 @@ def test_a_field_added_later_keeps_old_keys_at_the_value_that_reproduces_old_run
     key, so their evaluation is not rerun; at true it is."""
     assert "eval.bf16" not in stage_config(load_config(None, []), "eval")
     assert stage_config(load_config(None, ["eval.bf16=true"]), "eval")["eval.bf16"] is True
+
+
+def test_every_added_field_is_a_field_of_its_section_and_its_default_stays_out_of_the_key():
+    from prorec.stages import STAGES as REGISTRY
+
+    cfg = load_config(None, [])
+    for stage in REGISTRY:
+        name = stage.name
+        section = getattr(cfg, stage.section)
+        fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+        for field, old in stage.added_fields.items():
+            assert field in fields, f"{name}: added field {field} is not a field of {stage.section}"
+            if fields[field] == old:
+                assert f"{stage.section}.{field}" not in stage_config(cfg, name)
+    assert stage_config(load_config(None, ["stage2.label_smoothing=0.1"]), "stage2")["stage2.label_smoothing"] == 0.1
+    assert stage_config(load_config(None, ["stage1.attention_hidden=4"]), "stage1")["stage1.attention_hidden"] == 4
 
 
 def test_canonical_data_is_keyed_by_content_not_path(tmp_path):
