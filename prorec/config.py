@@ -171,8 +171,9 @@ class Stage1Config(TrainConfig):
     tau: float = 0.07  # InfoNCE temperature of the alignment
     dropout: float = 0.1
     # Hidden units J of DIN's activation unit (prorec.models.din.DINConfig.attention_hidden). Its
-    # (B, J, T, candidates) activations are a large part of a training step's work: J = 4 ran 1.38x
-    # and J = 2 1.64x the steps a second of J = 16 on an AVX2 CPU (benchmarks/results/stage1_attention_speed.md).
+    # (B, J, T, candidates) activations are a large part of a training step's work: J = 4 ran 1.50x
+    # and J = 2 1.67x the steps a second of J = 16 on an AVX2 CPU (benchmarks/results/stage1_attention_speed.md);
+    # J = 4 matched J = 16's validation after three epochs on Beauty (stage1_attention_quality.md).
     attention_hidden: int = 16
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
