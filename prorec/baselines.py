@@ -188,7 +188,7 @@ class SASRecTrainer:
         for step, idx in enumerate(batches):
             rows = torch.from_numpy(idx)
             seq = self.data.sequences[rows, : int(self.lengths[idx].max())].to(self.device)  # (B, T + 1)
-            loss = self.model.loss(seq, self.data.first_scored[rows].to(self.device))
+            loss = self.model.loss(seq, self.data.first_scored[rows].to(self.device), self.cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -278,7 +278,8 @@ def run(cfg: SASRecTrainConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
 STAGE = Stage(
     name="sasrec", folder="sasrec", section="sasrec", run=run, inputs={"data": Input("data")},
     outputs=(SASREC_FILE, SASREC_CONFIG_FILE, METRICS_FILE, EVAL_METRICS_FILE, PREDICTIONS_FILE),
-    execution_only=frozenset({"valid_batch_size", "placement_strategy"}), added_fields={"steps_per_epoch": 0, "lr_schedule": "constant"})
+    execution_only=frozenset({"valid_batch_size", "placement_strategy"}),
+    added_fields={"steps_per_epoch": 0, "lr_schedule": "constant", "label_smoothing": 0.0})
 
 
 # ----------------------------------------------------------------------------------------------

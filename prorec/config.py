@@ -408,9 +408,13 @@ class SASRecTrainConfig(TrainConfig):
     # pipeline's numbers.
     exclude_history: bool = True
     valid_batch_size: int = 1024  # users scored at once against the whole catalogue (memory only)
+    # Label smoothing of the cross-entropy over the N items, as stage2.label_smoothing is for the
+    # generator: give both the same value to compare them fairly. 0 = off.
+    label_smoothing: float = 0.0
 
     def validate(self) -> None:
         TrainConfig.validate(self, "sasrec")
+        _check(0.0 <= self.label_smoothing < 1.0, f"sasrec.label_smoothing must be in [0, 1) (got {self.label_smoothing})")
         _check(min(self.d_model, self.n_heads, self.n_layers, self.ff_dim) >= 1,
                f"sasrec: d_model, n_heads, n_layers and ff_dim must be >= 1 (got sasrec.d_model={self.d_model}, "
                f"sasrec.n_heads={self.n_heads}, sasrec.n_layers={self.n_layers}, sasrec.ff_dim={self.ff_dim})")

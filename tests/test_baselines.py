@@ -54,6 +54,23 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(again.score(history), model.score(history))
 
 
+def test_label_smoothing_spreads_mass_over_the_items_never_the_padding():
+    model = _model()
+    seq = torch.tensor([[3, 7, 9, 4, 0], [30, 1, 2, 0, 0]])
+    assert torch.isfinite(model.loss(seq, label_smoothing=0.2))
+    # By hand: (1 - eps) x the target's NLL + eps x the mean NLL over items 1..N, every scored position.
+    logp = torch.log_softmax(model(seq[:, :-1])[..., 1:], -1)  # (B, T, N): items only
+    targets, scored = seq[:, 1:], seq[:, 1:] > 0
+    nll = -logp[scored].gather(1, (targets[scored] - 1)[:, None]).squeeze(1)
+    expected = (0.8 * nll - 0.2 * logp[scored].mean(1)).mean()
+    torch.testing.assert_close(model.loss(seq, label_smoothing=0.2), expected)
+    # 0 is the plain cross-entropy over the catalogue, padding column included.
+    torch.testing.assert_close(model.loss(seq, label_smoothing=0.0),
+                               torch.nn.functional.cross_entropy(model(seq[:, :-1])[scored], targets[scored]))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_config(TINY, ["sasrec.label_smoothing=1.0"])
+
+
 def test_every_train_row_is_trained_once_with_its_own_history(tiny_raw):
     # max_history 3 cuts most users' later histories, so both kinds of training sequence occur.
     train = split_sequences(load_canonical(tiny_raw), max_history=3)["train"]

@@ -132,19 +132,24 @@ class SASRec(nn.Module):
         """history (B, T) -> the scores of the next item at every position (B, T, N + 1)."""
         return self.logits(self.hidden(history))
 
-    def loss(self, sequence: torch.Tensor, first_scored: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, sequence: torch.Tensor, first_scored: torch.Tensor | None = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over the catalogue of every next item of `sequence`.
 
         sequence (B, T + 1) items, right-padded with 0: position t reads items 0..t and predicts item
         t + 1. first_scored (B,): positions before it are read but not scored (a row whose early
-        positions some other row already scores); None = score them all.
+        positions some other row already scores); None = score them all. label_smoothing spreads that
+        share of each target's mass evenly over the N items (never over the padding column, whose
+        -inf score would make PyTorch's smoothing infinite); 0 is the plain cross-entropy.
         """
         inputs, targets = sequence[:, :-1], sequence[:, 1:]  # (B, T) each
         scored = targets > 0  # (B, T)
         if first_scored is not None:
             scored &= torch.arange(targets.shape[1], device=targets.device)[None, :] >= first_scored[:, None]
         h = self.hidden(inputs)[scored]  # (M, d): the logits only where a target is scored
-        return F.cross_entropy(self.logits(h), targets[scored])
+        if not label_smoothing:
+            return F.cross_entropy(self.logits(h), targets[scored])
+        return F.cross_entropy(self.logits(h)[:, 1:], targets[scored] - 1, label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def score(self, history: torch.Tensor) -> torch.Tensor:
