@@ -456,13 +456,23 @@ def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None
     """What a checkpoint depends on. max_epochs and patience may change on a resume (train longer),
     and so may the workers (the checkpoint format does not depend on them). The fusion matters only
     through whether it aligns: collaborative and concat train the same model, so one's checkpoint
-    serves the other (the Beauty benchmark trains it once)."""
+    serves the other (the Beauty benchmark trains it once). A field added to the section after
+    checkpoints were written is left out while it has its old behaviour (its `STAGE.added_fields`
+    value), as in the stage key, so an interrupted run from before the field resumes."""
     c = {k: v for k, v in dataclasses.asdict(cfg).items()
          if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker", "use_gpu", "fusion",
-                      "placement_strategy")}
+                      "placement_strategy")
+         and (k not in STAGE.added_fields or v != STAGE.added_fields[k])}
     c["alignment"] = uses_alignment(cfg)
     return {"stage1": c, "train": file_hash(data_dir / "train.parquet"),
             "semantic": file_hash(semantic_path) if semantic_path else None}
+
+
+def _without_old_defaults(sig: dict[str, Any]) -> dict[str, Any]:
+    """A saved signature as `_run_signature` writes it now: one written between a field's addition
+    and this rule holds the field at its old value, which now means "left out"."""
+    c = {k: v for k, v in sig.get("stage1", {}).items() if k not in STAGE.added_fields or v != STAGE.added_fields[k]}
+    return {**sig, "stage1": c}
 
 
 def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: Path,
@@ -493,7 +503,7 @@ def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: 
     if cfg.fusion != "semantic":
         sig = _run_signature(cfg, data_dir, semantic_path if uses_alignment(cfg) else None)
         sig_path = out_dir / "run_signature.json"
-        if sig_path.is_file() and json.loads(sig_path.read_text()) != sig:
+        if sig_path.is_file() and _without_old_defaults(json.loads(sig_path.read_text())) != sig:
             print(f"stage1: the config or inputs changed since the checkpoints in {out_dir} were written; "
                   "starting afresh", flush=True)
             clean_dir(out_dir / "checkpoint")

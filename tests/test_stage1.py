@@ -6,6 +6,7 @@ the way a language model's embeddings would, without loading one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -122,6 +123,29 @@ def test_resume_after_a_crash_continues_from_the_next_epoch(tiny_data, semantic_
     run_stage1(small_cfg(max_epochs=4, patience=4, alpha=0.5), tiny_data, semantic_path, tmp_path, stop_after_epoch=0)
     assert "starting afresh" in capsys.readouterr().out
     assert [h["epoch"] for h in metrics_of(out)["history"]] == [0]
+
+
+def test_a_field_added_later_at_its_old_value_keeps_the_resume_signature(tiny_data, semantic_path):
+    # A checkpoint written before a field existed has no such key in its signature; the same run
+    # with the field at its old behaviour must resume, and any other value must not.
+    from prorec.stage1 import STAGE, _run_signature, _without_old_defaults
+    cfg = dataclasses.replace(small_cfg(), **STAGE.added_fields)
+    sig = _run_signature(cfg, tiny_data, semantic_path)["stage1"]
+    assert STAGE.added_fields and not set(STAGE.added_fields) & set(sig)
+    assert "alpha" in sig and "dim" in sig  # the fields that always mattered stay in
+    for name, old in STAGE.added_fields.items():
+        if isinstance(old, bool):
+            other = not old
+        elif isinstance(old, str):
+            other = "cosine" if old != "cosine" else "constant"
+        else:
+            other = old + 4
+        changed = _run_signature(dataclasses.replace(cfg, **{name: other}), tiny_data, semantic_path)["stage1"]
+        assert changed[name] == other and {k: v for k, v in changed.items() if k != name} == sig
+    # A signature written while the fields were kept at their old values reads as today's.
+    full = _run_signature(cfg, tiny_data, semantic_path)
+    written_before = {**full, "stage1": {**full["stage1"], **STAGE.added_fields}}
+    assert _without_old_defaults(written_before) == full
 
 
 def test_every_fusion_has_the_right_shape(with_and_without_cka, tiny_data, semantic_path, tmp_path):
@@ -280,7 +304,6 @@ def test_attention_hidden_sets_the_din_the_stage_trains_and_saves(tiny_data, sem
 def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(tiny_data):
     """stage1.valid_candidates: with M >= N the shortlist holds every item, so the metrics are the
     full ranking's; a short list gives another retriever's (shortlist, then the DIN), still a real one."""
-    import dataclasses
 
     from prorec.stage1 import Stage1Trainer
     from prorec.trainer import LocalContext
