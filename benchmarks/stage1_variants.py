@@ -8,12 +8,15 @@ validation curves when it trains to convergence.
 
     python benchmarks/stage1_variants.py speed runs/beauty_gen_cosine --negatives 128 --attention-hidden 16 8 4 2 \\
         --dtypes fp32 --name stage1_attention_speed
+    python benchmarks/stage1_variants.py settings runs/beauty_gen_cosine --variant J16: J4:attention_hidden=4 \\
+        "small:attention_hidden=4,score_hidden=32,align_items=512" --name stage1_small_step
 
 `speed`: steps a second of the run's Stage I config in this process (one torch thread) for every
 (stage1.n_negatives, stage1.attention_hidden, fp32 | bf16), the variants interleaved in `--rounds` rounds (the machine is
 shared: the ratios, measured side by side, are what counts), each after a warm-up of 5 steps, from the
 same initial weights; with `--quality N:RUN ...`, the validation curve that each run's Stage I
 recorded (stage1/metrics.json), to compare after equal epochs.
+`settings`: the same for named sets of stage1 overrides (`NAME:key=value,...`), the first the reference.
 `curves`: the validation curve of each run's Stage I (R@10 and N@10 of the DIN over the full
 catalogue, on the validation users Stage I watches), its best epoch, and where early stopping ended it.
 Writes benchmarks/results/NAME.json and NAME.md.
@@ -100,6 +103,64 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     return result, "\n".join(lines) + "\n"
 
 
+def settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """Steps a second of named sets of Stage I settings (`NAME:key=value,key=value`, each a stage1
+    override of the run's config), interleaved in rounds; the first is the reference."""
+    import torch
+
+    from benchmarks.stage1_speed import steps_per_second
+    from prorec.config import load_config
+    from prorec.stage1 import Stage1Data, load_semantic, uses_alignment
+    from prorec.stages import input_paths
+
+    torch.set_num_threads(1)
+    variants = {}
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        overrides = [f"stage1.{kv}" for kv in sets.split(",") if kv]
+        cfg = load_config(args.run / "config.yaml", overrides).stage1
+        variants[name] = (overrides, dataclasses.replace(cfg, num_workers=0))
+    if len(variants) != len(args.variant):
+        raise SystemExit("stage1_variants settings: two --variant entries share a name")
+    paths = input_paths(args.run, "stage1")
+    data = Stage1Data.load(paths["data"])
+    semantic = (load_semantic(paths["semantic"], data.item_ids)
+                if any(uses_alignment(c) for _, c in variants.values()) else None)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (_, cfg) in variants.items():
+            rates[name].append(steps_per_second(cfg, data, semantic if uses_alignment(cfg) else None, args.steps))
+            print(f"stage1_variants: {name} {rates[name][-1]:.2f} steps/s", file=sys.stderr, flush=True)
+    ref = next(iter(rates))
+    best = {k: max(v) for k, v in rates.items()}
+    result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "n_items": data.n_items,
+              "variants": {n: o for n, (o, _) in variants.items()}, "steps_per_second": rates,
+              "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
+                          for q in args.quality}}
+    lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
+             f"The run's Stage I config with each set's overrides, {data.n_items} items; one torch thread, in-process; "
+             f"{args.steps} steps a measurement after a warm-up of 5, the sets interleaved, {args.rounds} rounds "
+             "(the faster of each).", "",
+             f"| set | overrides | steps/s | runs | vs {ref} |", "|---|---|---|---|---|"]
+    for name, v in rates.items():
+        lines.append(f"| {name} | {' '.join(variants[name][0]) or '(the run config)'} | {best[name]:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v)} | {best[name] / best[ref]:.2f}x |")
+    if result["quality"]:
+        lines += ["", "## Validation after equal epochs", "",
+                  "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
+                  "(the same users in every run), as each run's Stage I recorded them; epoch seconds as recorded "
+                  "(wall, on a shared machine: not a speed measurement).", "",
+                  "| epoch | " + " | ".join(f"{n} R@10 | N@10 | s" for n in result["quality"]) + " |",
+                  "|---|" + "---|---|---|" * len(result["quality"])]
+        hists = [q["history"] for q in result["quality"].values()]
+        for e in range(max(len(h) for h in hists)):
+            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f} | {h[e].get('epoch_seconds', 0):.0f}"
+                     if e < len(h) else "- | - | -" for h in hists]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        lines += ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in result["quality"].items())]
+    return result, "\n".join(lines) + "\n"
+
+
 def curves(args: argparse.Namespace) -> tuple[dict, str]:
     import yaml
 
@@ -142,14 +203,21 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--rounds", type=int, default=2)
     s.add_argument("--quality", nargs="*", default=[], metavar="N:RUN")
+    v = sub.add_parser("settings")
+    v.add_argument("run", type=Path, help="a run directory with finished data and embed stages")
+    v.add_argument("--variant", nargs="+", required=True, metavar="NAME:key=value,...",
+                   help="stage1 overrides of the run's config; the first set is the reference")
+    v.add_argument("--steps", type=int, default=30)
+    v.add_argument("--rounds", type=int, default=2)
+    v.add_argument("--quality", nargs="*", default=[], metavar="NAME:RUN")
     c = sub.add_parser("curves")
     c.add_argument("runs", type=Path, nargs="+")
-    for p in (s, c):
+    for p in (s, v, c):
         p.add_argument("--name", required=True)
         add_allow_dirty(p)
     args = ap.parse_args()
     tree = check_tree(args.allow_dirty)
-    result, md = speed(args) if args.what == "speed" else curves(args)
+    result, md = {"speed": speed, "settings": settings, "curves": curves}[args.what](args)
     write_result(RESULTS / args.name, {"command": " ".join(sys.argv), **result}, md, tree)
     print(f"wrote {RESULTS / args.name}.md", file=sys.stderr)
 

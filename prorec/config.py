@@ -175,6 +175,14 @@ class Stage1Config(TrainConfig):
     # and J = 2 1.67x the steps a second of J = 16 on an AVX2 CPU (benchmarks/results/stage1_attention_speed.md);
     # J = 4 matched J = 16's validation after three epochs on Beauty (stage1_attention_quality.md).
     attention_hidden: int = 16
+    # Width of the DIN's scoring MLP over [v(c), c, v(c) * c]: layers of score_hidden and
+    # score_hidden // 2 units (DINConfig.mlp_hidden; 64 = its (64, 32)). Run for every (user,
+    # candidate) pair, it is the step's largest product once J is small.
+    score_hidden: int = 64
+    # The alignment's InfoNCE (L_align) runs over at most this many of the batch's distinct items,
+    # drawn at random each step; 0 = all of them (about 1,800 at Beauty's batch of 256), as the
+    # paper's. Its cost is quadratic in the items, plus the modality adapter over each of them.
+    align_items: int = 0
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
     # other targets of the batch, with logQ correction; "full" = softmax over the whole catalogue
@@ -210,6 +218,9 @@ class Stage1Config(TrainConfig):
                "stage1.fusion must be semantic, collaborative, concat or prorec")
         _check(self.dim >= 2, "stage1.dim must be >= 2")
         _check(self.attention_hidden >= 1, f"stage1.attention_hidden must be >= 1 (got {self.attention_hidden})")
+        _check(self.score_hidden >= 2, f"stage1.score_hidden must be >= 2 (got {self.score_hidden})")
+        _check(self.align_items == 0 or self.align_items >= 2,
+               f"stage1.align_items must be 0 (all the batch's items) or >= 2 (got {self.align_items})")
         _check(0.0 <= self.dropout < 1.0, f"stage1.dropout must be in [0, 1) (got {self.dropout})")
         _check(self.alpha >= 0, "stage1.alpha must be >= 0")
         _check(self.tau > 0, "stage1.tau must be > 0")

@@ -172,10 +172,10 @@ class Stage1Model(nn.Module):
 
 
 def din_config(cfg: Stage1Config, n_items: int, width: int) -> DINConfig:
-    """The DIN Stage I trains: cfg's width, attention units and dropout, a recency table as long as
-    the longest history."""
+    """The DIN Stage I trains: cfg's width, attention units, scoring MLP and dropout, a recency table
+    as long as the longest history."""
     return DINConfig(n_items=n_items, dim=cfg.dim, max_history=width, dropout=cfg.dropout,
-                     attention_hidden=cfg.attention_hidden)
+                     attention_hidden=cfg.attention_hidden, mlp_hidden=(cfg.score_hidden, cfg.score_hidden // 2))
 
 
 def uses_alignment(cfg: Stage1Config) -> bool:
@@ -254,6 +254,8 @@ class Stage1Trainer:
             if self.semantic is not None:
                 align_items = torch.unique(torch.cat([history.flatten(), target]))
                 align_items = align_items[align_items > 0]  # (M,) distinct items of the batch
+                if cfg.align_items and len(align_items) > cfg.align_items:  # a random subset of them
+                    align_items = align_items[torch.randperm(len(align_items), device=self.device)[:cfg.align_items]]
                 align_sem = self.semantic[align_items]
             with self._amp():
                 loss, seq, align = self.model(history, target, extra, align_items, align_sem)
@@ -582,6 +584,6 @@ STAGE = Stage(
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0, "lr_schedule": "constant",
-                  "attention_hidden": 16},
+                  "attention_hidden": 16, "score_hidden": 64, "align_items": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

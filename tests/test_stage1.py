@@ -301,6 +301,36 @@ def test_attention_hidden_sets_the_din_the_stage_trains_and_saves(tiny_data, sem
         small_cfg(attention_hidden=0).validate()
 
 
+def test_score_hidden_and_align_items_shape_the_step_and_the_saved_din(tiny_data, semantic_path, tmp_path,
+                                                                      monkeypatch):
+    """stage1.score_hidden sets the scoring MLP's widths (in din_config.json too); stage1.align_items
+    caps the items the alignment's InfoNCE sees a step at a random subset of the batch's distinct
+    items, which the default (0) uses whole; the small variant still learns."""
+    import prorec.stage1 as stage1_module
+    from prorec.models.din import load_din
+
+    seen: list[int] = []
+    real = stage1_module.alignment_loss
+
+    def recording(e_c, e_t, tau):
+        seen.append(e_c.shape[0])
+        return real(e_c, e_t, tau)
+
+    monkeypatch.setattr(stage1_module, "alignment_loss", recording)
+    out = run_stage1(small_cfg(attention_hidden=4, score_hidden=16, align_items=24, max_epochs=3), tiny_data,
+                     semantic_path, tmp_path / "small")
+    din = load_din(out.parent)
+    assert din.cfg.mlp_hidden == (16, 8) and din.score_mlp.lin1.weight.shape == (16, 3 * 32)
+    assert metrics_of(out)["valid"]["recall@10"] > 0.15
+    assert seen and max(seen) == 24  # the tiny batches of 64 users hold more than 24 distinct items
+    seen.clear()
+    run_stage1(small_cfg(max_epochs=1), tiny_data, semantic_path, tmp_path / "default")
+    assert min(seen) > 24 and len(set(seen)) > 1  # every distinct item of each batch
+    for bad in (dict(score_hidden=1), dict(align_items=1)):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            small_cfg(**bad).validate()
+
+
 def test_a_shortlist_as_long_as_the_catalogue_validates_like_the_full_ranking(tiny_data):
     """stage1.valid_candidates: with M >= N the shortlist holds every item, so the metrics are the
     full ranking's; a short list gives another retriever's (shortlist, then the DIN), still a real one."""
