@@ -283,31 +283,17 @@ def test_bf16_trains_in_bf16_and_learns_like_fp32(tiny_data):
     assert r32 > 0.15 and abs(r16 - r32) < 0.08, (r16, r32)
 
 
-def test_attention_hidden_sets_the_din_the_stage_trains_and_saves(tiny_data, semantic_path, tmp_path):
-    """stage1.attention_hidden: the DIN's activation unit has that many hidden units, in training and
-    in the din_config.json the reranker rebuilds it from; a J = 4 DIN still learns."""
+def test_the_small_step_settings_shape_the_din_the_stage_trains_and_saves(tiny_data, semantic_path, tmp_path,
+                                                                         monkeypatch):
+    """stage1.attention_hidden and stage1.score_hidden: the DIN's activation unit has that many hidden
+    units and its scoring MLP those widths, in training and in the din_config.json the reranker
+    rebuilds it from. stage1.align_items caps the items the alignment's InfoNCE sees a step at a
+    random subset of the batch's distinct items, which the default (0) uses whole. The small
+    variant still learns."""
+    import prorec.stage1 as stage1_module
     from prorec.models.din import load_din
     from prorec.stage1 import Stage1Trainer
     from prorec.trainer import LocalContext
-
-    trainer = Stage1Trainer(small_cfg(fusion="collaborative", attention_hidden=4), Stage1Data.load(tiny_data), None,
-                            LocalContext(None))
-    assert trainer.core.din.attention.lin1.weight.shape == (4, 4 * 32)
-    out = run_stage1(small_cfg(attention_hidden=4, max_epochs=3), tiny_data, semantic_path, tmp_path)
-    din = load_din(out.parent)
-    assert din.cfg.attention_hidden == 4 and din.attention.lin2.weight.shape == (1, 4)
-    assert metrics_of(out)["valid"]["recall@10"] > 0.15
-    with pytest.raises(Exception, match="attention_hidden must be >= 1"):
-        small_cfg(attention_hidden=0).validate()
-
-
-def test_score_hidden_and_align_items_shape_the_step_and_the_saved_din(tiny_data, semantic_path, tmp_path,
-                                                                      monkeypatch):
-    """stage1.score_hidden sets the scoring MLP's widths (in din_config.json too); stage1.align_items
-    caps the items the alignment's InfoNCE sees a step at a random subset of the batch's distinct
-    items, which the default (0) uses whole; the small variant still learns."""
-    import prorec.stage1 as stage1_module
-    from prorec.models.din import load_din
 
     seen: list[int] = []
     real = stage1_module.alignment_loss
@@ -317,17 +303,23 @@ def test_score_hidden_and_align_items_shape_the_step_and_the_saved_din(tiny_data
         return real(e_c, e_t, tau)
 
     monkeypatch.setattr(stage1_module, "alignment_loss", recording)
+    data = Stage1Data.load(tiny_data)
+    semantic = load_semantic(semantic_path, data.item_ids)
+    trainer = Stage1Trainer(small_cfg(), data, semantic, LocalContext(None))  # the defaults
+    trainer.steps = 3
+    trainer.train_epoch(0)
+    assert len(seen) == 3 and min(seen) > 24  # every distinct item of each batch of 64 users
+    seen.clear()
     out = run_stage1(small_cfg(attention_hidden=4, score_hidden=16, align_items=24, max_epochs=3), tiny_data,
-                     semantic_path, tmp_path / "small")
+                     semantic_path, tmp_path)
+    assert seen and max(seen) == 24
     din = load_din(out.parent)
+    assert din.cfg.attention_hidden == 4 and din.attention.lin2.weight.shape == (1, 4)
     assert din.cfg.mlp_hidden == (16, 8) and din.score_mlp.lin1.weight.shape == (16, 3 * 32)
     assert metrics_of(out)["valid"]["recall@10"] > 0.15
-    assert seen and max(seen) == 24  # the tiny batches of 64 users hold more than 24 distinct items
-    seen.clear()
-    run_stage1(small_cfg(max_epochs=1), tiny_data, semantic_path, tmp_path / "default")
-    assert min(seen) > 24 and len(set(seen)) > 1  # every distinct item of each batch
-    for bad in (dict(score_hidden=1), dict(align_items=1)):
-        with pytest.raises(Exception, match=next(iter(bad))):
+    for bad, msg in ((dict(attention_hidden=0), "attention_hidden must be >= 1"),
+                     (dict(score_hidden=1), "score_hidden must be >= 2"), (dict(align_items=1), "align_items must be 0")):
+        with pytest.raises(Exception, match=msg):
             small_cfg(**bad).validate()
 
 
