@@ -85,6 +85,11 @@ def _probe(name: str, base: Stage1Config, data: Path, steps: int, threads: int) 
 
     torch.set_num_threads(threads)
     cfg_kw, din_kw = PROBES[name]
+    # din_config passes these itself (from the Stage I config), and its keyword would win over the
+    # partial's: a probe must set them as Stage I settings (cfg_kw), not DIN ones.
+    passed = {"n_items", "dim", "max_history", "dropout", "attention_hidden", "mlp_hidden"}
+    if passed & set(din_kw):
+        raise ValueError(f"probe {name}: set {sorted(passed & set(din_kw))} through the Stage I config, not the DIN's")
     s1.DINConfig = functools.partial(DINConfig, **din_kw)  # this process only
     trainer = s1.build_trainer(dataclasses.replace(base, fusion="collaborative", **cfg_kw), data, None,
                                LocalContext(None))

@@ -134,11 +134,16 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     ref = next(iter(rates))
     best = {k: max(v) for k, v in rates.items()}
     result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "n_items": data.n_items,
-              "variants": {n: o for n, (o, _) in variants.items()}, "steps_per_second": rates,
+              "variants": {n: {"overrides": o, "stage1": dataclasses.asdict(c)} for n, (o, c) in variants.items()},
+              "steps_per_second": rates,
               "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
                           for q in args.quality}}
     lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
-             f"The run's Stage I config with each set's overrides, {data.n_items} items; one torch thread, in-process; "
+             f"The run's Stage I config with each set's overrides (fusion {', '.join(sorted({c.fusion for _, c in variants.values()}))}, "
+             f"{', '.join(sorted({'bf16' if c.bf16 else 'fp32' for _, c in variants.values()}))}, batches of "
+             f"{', '.join(sorted({str(c.batch_size) for _, c in variants.values()}))} users, "
+             f"{', '.join(sorted({str(c.n_negatives) for _, c in variants.values()}))} shared negatives; the JSON has "
+             f"every set's whole config), {data.n_items} items; one torch thread, in-process; "
              f"{args.steps} steps a measurement after a warm-up of 5, the sets interleaved, {args.rounds} rounds "
              "(the faster of each).", "",
              f"| set | overrides | steps/s | runs | vs {ref} |", "|---|---|---|---|---|"]
@@ -154,7 +159,8 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
                   "|---|" + "---|---|---|" * len(result["quality"])]
         hists = [q["history"] for q in result["quality"].values()]
         for e in range(max(len(h) for h in hists)):
-            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f} | {h[e].get('epoch_seconds', 0):.0f}"
+            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f} | "
+                     + (f"{h[e]['epoch_seconds']:.0f}" if "epoch_seconds" in h[e] else "-")
                      if e < len(h) else "- | - | -" for h in hists]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
         lines += ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in result["quality"].items())]

@@ -419,8 +419,10 @@ class SASRecTrainConfig(TrainConfig):
     # pipeline's numbers.
     exclude_history: bool = True
     valid_batch_size: int = 1024  # users scored at once against the whole catalogue (memory only)
-    # Label smoothing of the cross-entropy over the N items, as stage2.label_smoothing is for the
-    # generator: give both the same value to compare them fairly. 0 = off.
+    # Label smoothing of the cross-entropy: the target keeps 1 - label_smoothing of the mass, the
+    # rest is spread over the N items. stage2.label_smoothing spreads it over each code level's
+    # allowed tokens instead, so the same value is the same kind of regulariser, not the same
+    # distribution. 0 = off.
     label_smoothing: float = 0.0
 
     def validate(self) -> None:

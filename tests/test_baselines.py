@@ -71,6 +71,17 @@ def test_label_smoothing_spreads_mass_over_the_items_never_the_padding():
         load_config(TINY, ["sasrec.label_smoothing=1.0"])
 
 
+def test_the_trainer_trains_with_the_configured_smoothing(tiny_data, monkeypatch):
+    from prorec.baselines import SASRecTrainer, load_data
+
+    seen = []
+    real = SASRec.loss
+    monkeypatch.setattr(SASRec, "loss", lambda self, seq, first=None, eps=0.0: seen.append(eps) or real(self, seq, first, eps))
+    cfg = dataclasses.replace(load_config(TINY, ["sasrec.label_smoothing=0.2"]).sasrec, steps_per_epoch=2)
+    SASRecTrainer(cfg, load_data(tiny_data), torch.device("cpu")).train_epoch(0)
+    assert seen == [0.2, 0.2]
+
+
 def test_every_train_row_is_trained_once_with_its_own_history(tiny_raw):
     # max_history 3 cuts most users' later histories, so both kinds of training sequence occur.
     train = split_sequences(load_canonical(tiny_raw), max_history=3)["train"]
