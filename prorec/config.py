@@ -177,11 +177,15 @@ class Stage1Config(TrainConfig):
     attention_hidden: int = 16
     # Width of the DIN's scoring MLP over [v(c), c, v(c) * c]: layers of score_hidden and
     # score_hidden // 2 units (DINConfig.mlp_hidden; 64 = its (64, 32)). Run for every (user,
-    # candidate) pair, it is the step's largest product once J is small.
+    # candidate) pair, it is the step's largest product once J is small. J = 4 with 32 kept the
+    # validation of J = 16 after three epochs on Beauty, 1.88x the steps a second on a loaded machine
+    # (benchmarks/results/stage1_small_step.md).
     score_hidden: int = 64
     # The alignment's InfoNCE (L_align) runs over at most this many of the batch's distinct items,
     # drawn at random each step; 0 = all of them (about 1,800 at Beauty's batch of 256), as the
     # paper's. Its cost is quadratic in the items, plus the modality adapter over each of them.
+    # 256 slowed the DIN's own learning on Beauty (R@10 0.115 against 0.121 after three epochs at
+    # J = 4, stage1_small_step.md): the items left out of a step lose the alignment's pull.
     align_items: int = 0
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the

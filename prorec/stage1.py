@@ -36,6 +36,15 @@ the validation users (`Stage1Data.load` with a rank). E_C gets row-sparse gradie
 (`stage1.sparse_grads`, `prorec.optim.RowSparseAdam`), which RowSparseAdam averages over the workers
 as the rows they hold (DDP leaves the table alone): a step's cost does not grow with the catalogue
 (benchmarks/results/scale.md); several GPU workers fall back to dense gradients (untested there).
+
+What a step costs, and the settings that cut it. With the default DIN (J = 16 attention units) most
+of a step is the candidate-dependent attention over (user, candidate, history item) triples. At
+J = 4 (`stage1.attention_hidden`) the rest shows: the scoring MLP over (user, candidate) pairs
+(`stage1.score_hidden`, its first layer's width) and the alignment, quadratic in the batch's
+distinct items plus the adapter over each (`stage1.align_items` caps them at a random subset).
+benchmarks/results/stage1_small_step.md has their steps a second side by side and the validation
+after three epochs on Beauty: a smaller scoring MLP kept the quality, fewer aligned items slowed the
+DIN's own learning (the alignment pulls every item of the batch towards its text each step).
 """
 from __future__ import annotations
 
