@@ -178,7 +178,7 @@ def curves(args: argparse.Namespace) -> tuple[dict, str]:
         runs[str(run)] = {"fusion": s1["fusion"], "max_epochs": s1["max_epochs"], "patience": s1["patience"],
                           "bf16": s1.get("bf16", False), "history": hist, "best_epoch": best,
                           "stopped_early": len(hist) < s1["max_epochs"]}
-    lines = ["# Stage I trained to convergence: validation curves", "", f"    python {' '.join(sys.argv)}", "",
+    lines = [f"# {args.title}", "", f"    python {' '.join(sys.argv)}", "",
              "Recall@10 / NDCG@10 of the DIN over the full catalogue, on the validation users Stage I watches "
              "(stage1.valid_users, the same users in every run); early stopping watches Recall@10; "
              "epoch seconds as the run recorded them (wall, shared machine).", ""]
@@ -218,6 +218,7 @@ def main() -> None:
     v.add_argument("--quality", nargs="*", default=[], metavar="NAME:RUN")
     c = sub.add_parser("curves")
     c.add_argument("runs", type=Path, nargs="+")
+    c.add_argument("--title", default="Stage I trained to convergence: validation curves")
     for p in (s, v, c):
         p.add_argument("--name", required=True)
         add_allow_dirty(p)
