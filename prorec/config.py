@@ -173,7 +173,8 @@ class Stage1Config(TrainConfig):
     # Hidden units J of DIN's activation unit (prorec.models.din.DINConfig.attention_hidden). Its
     # (B, J, T, candidates) activations are a large part of a training step's work: J = 4 ran 1.50x
     # and J = 2 1.67x the steps a second of J = 16 on an AVX2 CPU (benchmarks/results/stage1_attention_speed.md);
-    # J = 4 matched J = 16's validation after three epochs on Beauty (stage1_attention_quality.md).
+    # J = 4 matched J = 16's validation after three epochs on Beauty (stage1_attention_quality.md)
+    # and Sports (sports_stage1_attention.md), and downstream on Beauty: prorec_cpu.yaml uses 4.
     attention_hidden: int = 16
     # Width of the DIN's scoring MLP over [v(c), c, v(c) * c]: layers of score_hidden and
     # score_hidden // 2 units (DINConfig.mlp_hidden; 64 = its (64, 32)). Run for every (user,
