@@ -39,6 +39,39 @@ def _history(run: Path) -> list[dict]:
     return json.loads((run / "stage1" / "metrics.json").read_text())["history"]
 
 
+def _quality(specs: list[str]) -> dict[str, dict]:
+    """`--quality NAME:RUN ...` -> {NAME: {"run": RUN, "history": its Stage I curve}}."""
+    return {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
+            for q in specs}
+
+
+def _quality_lines(quality: dict[str, dict], seconds: bool) -> list[str]:
+    """The "validation after equal epochs" section for `_quality`'s runs; `seconds` adds each epoch's
+    recorded wall time."""
+    if not quality:
+        return []
+    per_run = 3 if seconds else 2
+    lines = ["", "## Validation after equal epochs", "",
+             "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
+             "(the same users in every run), as each run's Stage I recorded them"
+             + ("; epoch seconds as recorded (wall, on a shared machine: not a speed measurement)." if seconds else "."),
+             "", "| epoch | " + " | ".join(f"{n} R@10 | N@10" + (" | s" if seconds else "") for n in quality) + " |",
+             "|---|" + "---|" * per_run * len(quality)]
+    hists = [q["history"] for q in quality.values()]
+    for e in range(max(len(h) for h in hists)):
+        cells = []
+        for h in hists:
+            if e >= len(h):
+                cells.append(" | ".join(["-"] * per_run))
+                continue
+            cell = f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f}"
+            if seconds:
+                cell += " | " + (f"{h[e]['epoch_seconds']:.0f}" if "epoch_seconds" in h[e] else "-")
+            cells.append(cell)
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines + ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in quality.items())]
+
+
 def speed(args: argparse.Namespace) -> tuple[dict, str]:
     import torch
 
@@ -74,8 +107,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
               "batch_size": cfg.batch_size, "n_items": data.n_items, "config_negatives": cfg.n_negatives,
               "config_attention_hidden": cfg.attention_hidden, "attention_hidden": units,
               "steps_per_second": rates,
-              "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
-                          for q in args.quality}}
+              "quality": _quality(args.quality)}
     best = {k: max(v) for k, v in rates.items()}
     what = "shared negatives" + (" and attention units J" if len(units) > 1 else "")
     lines = [f"# Stage I: {what}, {' and '.join(args.dtypes)} ({args.run})", "",
@@ -89,17 +121,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     for key, v in rates.items():
         lines.append(f"| {' | '.join(p.lstrip('J') for p in key.split('/'))} | {best[key]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v)} | {best[key] / best[ref]:.2f}x |")
-    if result["quality"]:
-        lines += ["", "## Validation after equal epochs", "",
-                  "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
-                  "(the same users in every run), as each run's Stage I recorded them.", "",
-                  "| epoch | " + " | ".join(f"{n} R@10 | N@10" for n in result["quality"]) + " |",
-                  "|---|" + "---|---|" * len(result["quality"])]
-        hists = [q["history"] for q in result["quality"].values()]
-        for e in range(max(len(h) for h in hists)):
-            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f}" if e < len(h) else "- | -" for h in hists]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        lines += ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in result["quality"].items())]
+    lines += _quality_lines(result["quality"], seconds=False)
     return result, "\n".join(lines) + "\n"
 
 
@@ -136,8 +158,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "n_items": data.n_items,
               "variants": {n: {"overrides": o, "stage1": dataclasses.asdict(c)} for n, (o, c) in variants.items()},
               "steps_per_second": rates,
-              "quality": {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
-                          for q in args.quality}}
+              "quality": _quality(args.quality)}
     lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
              f"The run's Stage I config with each set's overrides (fusion {', '.join(sorted({c.fusion for _, c in variants.values()}))}, "
              f"{', '.join(sorted({'bf16' if c.bf16 else 'fp32' for _, c in variants.values()}))}, batches of "
@@ -150,20 +171,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     for name, v in rates.items():
         lines.append(f"| {name} | {' '.join(variants[name][0]) or '(the run config)'} | {best[name]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v)} | {best[name] / best[ref]:.2f}x |")
-    if result["quality"]:
-        lines += ["", "## Validation after equal epochs", "",
-                  "Recall@10 / NDCG@10 of the DIN over the full catalogue on the validation users Stage I watches "
-                  "(the same users in every run), as each run's Stage I recorded them; epoch seconds as recorded "
-                  "(wall, on a shared machine: not a speed measurement).", "",
-                  "| epoch | " + " | ".join(f"{n} R@10 | N@10 | s" for n in result["quality"]) + " |",
-                  "|---|" + "---|---|---|" * len(result["quality"])]
-        hists = [q["history"] for q in result["quality"].values()]
-        for e in range(max(len(h) for h in hists)):
-            cells = [f"{h[e]['recall@10']:.4f} | {h[e]['ndcg@10']:.4f} | "
-                     + (f"{h[e]['epoch_seconds']:.0f}" if "epoch_seconds" in h[e] else "-")
-                     if e < len(h) else "- | - | -" for h in hists]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        lines += ["", "Runs: " + ", ".join(f"{n}: `{q['run']}`" for n, q in result["quality"].items())]
+    lines += _quality_lines(result["quality"], seconds=True)
     return result, "\n".join(lines) + "\n"
 
 

@@ -67,8 +67,11 @@ class Stage:
             d = self.key_fields(section_cfg)
         else:
             d = {k: v for k, v in dataclasses.asdict(section_cfg).items() if k not in self.execution_only}
-        d = {k: v for k, v in d.items() if k not in self.added_fields or v != self.added_fields[k]}
-        return {f"{self.section}.{k}": v for k, v in d.items()}
+        return {f"{self.section}.{k}": v for k, v in self.without_old_values(d).items()}
+
+    def without_old_values(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """`fields` less each added field that holds the value reproducing the runs made before it."""
+        return {k: v for k, v in fields.items() if k not in self.added_fields or v != self.added_fields[k]}
 
     @property
     def upstream(self) -> tuple[str, ...]:

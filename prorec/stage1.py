@@ -470,10 +470,9 @@ def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None
     serves the other (the Beauty benchmark trains it once). A field added to the section after
     checkpoints were written is left out while it has its old behaviour (its `STAGE.added_fields`
     value), as in the stage key, so an interrupted run from before the field resumes."""
-    c = {k: v for k, v in dataclasses.asdict(cfg).items()
-         if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker", "use_gpu", "fusion",
-                      "placement_strategy")
-         and (k not in STAGE.added_fields or v != STAGE.added_fields[k])}
+    c = STAGE.without_old_values({k: v for k, v in dataclasses.asdict(cfg).items()
+                                  if k not in ("max_epochs", "patience", "num_workers", "cpus_per_worker",
+                                               "use_gpu", "fusion", "placement_strategy")})
     c["alignment"] = uses_alignment(cfg)
     return {"stage1": c, "train": file_hash(data_dir / "train.parquet"),
             "semantic": file_hash(semantic_path) if semantic_path else None}
@@ -482,8 +481,7 @@ def _run_signature(cfg: Stage1Config, data_dir: Path, semantic_path: Path | None
 def _without_old_defaults(sig: dict[str, Any]) -> dict[str, Any]:
     """A saved signature as `_run_signature` writes it now: one written between a field's addition
     and this rule holds the field at its old value, which now means "left out"."""
-    c = {k: v for k, v in sig.get("stage1", {}).items() if k not in STAGE.added_fields or v != STAGE.added_fields[k]}
-    return {**sig, "stage1": c}
+    return {**sig, "stage1": STAGE.without_old_values(sig.get("stage1", {}))}
 
 
 def run_stage1(cfg: Stage1Config, data_dir: Path, semantic_path: Path, out_dir: Path,
