@@ -334,7 +334,7 @@ def item_head_ab(args: argparse.Namespace, tree: dict) -> None:
                 "item head, before (reference gather)": as_before(after), "item head (item_logits_compact)": after}
     steps, losses = {}, {}
     for v, model in variants.items():
-        model.set_teacher(teacher)
+        model.set_stage1(teacher)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     gcfg = GeneratorConfig(**{**cfg.arch(), "item_head": False, "item_id_embedding": False}, n_items=n_items, k=k,
                            code_length=L, distill_dim=128)
     model = Generator(gcfg, torch.randint(0, k, (n_items + 1, L)))
-    model.set_teacher(torch.randn(n_items + 1, 128))
+    model.set_stage1(torch.randn(n_items + 1, 128))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = int(np.ceil(len(target) / cfg.batch_size))
     plain = np.array_split(np.random.default_rng(0).permutation(len(target)), steps)

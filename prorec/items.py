@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 
 from prorec.artifacts import file_hash, read_embeddings, write_embeddings, write_json
 from prorec.codes import CODES_FILE, REPORT_FILE, codes_meta, load_codes, write_codes
@@ -233,6 +234,8 @@ def _grow(src: Path, run: Path, new_items: list[Item], items_path: Path, manifes
     for name in ("item_emb.weight", "item_out.weight", "item_out_bias.weight"):
         if name in state:
             state[name] = torch.cat([state[name], regress_rows(x_old, state[name][1:], mapped)])
+    if "stage1_emb" in state:  # history_stage1: the history tokens' Stage I features, the mapped rows as Stage I's
+        state["stage1_emb"] = torch.cat([state["stage1_emb"], F.normalize(torch.from_numpy(mapped).float(), dim=-1)])
     model.cfg.n_items = n + m
     save_generator(run / "stage2", model.cfg, state)
     load_generator(run / "stage2")  # the grown model rebuilds (sibling tables, trie paths)

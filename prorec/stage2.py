@@ -84,7 +84,7 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
     hold them (nothing of the other workers' rows is kept)."""
     n_items = count_rows(data_dir, "items")
     item_codes, k = item_code_table(Path(codes_path), n_items)
-    need = cfg.distill or cfg.item_head_from_stage1
+    need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1
     teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings")) if need else None)
     # The encoder's position table covers the longest history of any split.
     max_history = max(longest_history(data_dir, s) for s in ("train", "valid", "test"))
@@ -142,7 +142,7 @@ class Stage2Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
         model = Generator(self.gcfg, inputs.item_codes)
         if inputs.teacher is not None:
-            model.set_teacher(inputs.teacher)
+            model.set_stage1(inputs.teacher)
         if cfg.item_head_from_stage1:
             model.init_item_head(inputs.teacher)
         model.set_sparse_grads(use_sparse_grads(cfg, device, ctx.world_size, "stage2"))
@@ -308,6 +308,6 @@ STAGE = Stage(
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False, "lr_schedule": "constant",
                   "item_weight_decay": None,
-                  "label_smoothing": 0.0},
+                  "label_smoothing": 0.0, "history_stage1": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -21,7 +21,7 @@ def make_model(**kw) -> Generator:
     model = Generator(cfg, codes)
     for p in model.parameters():  # larger weights than the init, so that mistakes show in the outputs
         torch.nn.init.normal_(p, std=0.3)
-    model.set_teacher(torch.randn(N + 1, 8))
+    model.set_stage1(torch.randn(N + 1, 8))
     return model.eval()
 
 

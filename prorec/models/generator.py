@@ -1,7 +1,8 @@
 """The encoder-decoder generator with the distillation token (PRORec §3.4).
 
 Encoder: one token per history item = the sum of its per-level code embeddings (+ an optional
-item-ID embedding) + a recency position embedding; padding is masked. Decoder: <BOS>, the target's
+item-ID embedding, + an optional projection of its fixed Stage I embedding) + a recency position
+embedding; padding is masked. Decoder: <BOS>, the target's
 code tokens, then the learnable distillation token [c_dis], under a causal mask; per-level heads
 predict code token l from position l. With `item_head`, the last level is scored per item instead:
 the logit of last token t after prefix p is h . e_out[item(p, t)] + b[item(p, t)], normalised over
@@ -257,6 +258,11 @@ class Generator(nn.Module):
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
             # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_teacher).
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
+        if cfg.history_stage1:
+            # Each history item's Stage I embedding, L2-normalised (set_stage1); saved with the weights,
+            # since the encoder reads it at every request, and projected to the model's width.
+            self.register_buffer("stage1_emb", torch.zeros(cfg.n_items + 1, cfg.distill_dim))
+            self.stage1_proj = nn.Linear(cfg.distill_dim, d)
         self.sparse_grads = False
         self.apply(self._init)
         self.register_load_state_dict_pre_hook(_upgrade_state)
@@ -302,13 +308,21 @@ class Generator(nn.Module):
         elif isinstance(m, nn.Embedding) and not getattr(m, "skip_init", False):
             nn.init.normal_(m.weight, std=0.02)
 
-    def set_teacher(self, emb: torch.Tensor) -> None:
-        """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused)."""
-        if not self.cfg.distill:
+    def set_stage1(self, emb: torch.Tensor) -> None:
+        """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused), stored
+        L2-normalised as the distillation target (distill) and as the history tokens' Stage I features
+        (history_stage1); a model with neither ignores them."""
+        want = (self.cfg.n_items + 1, self.cfg.distill_dim)
+        if not (self.cfg.distill or self.cfg.history_stage1):
             return
-        if tuple(emb.shape) != tuple(self.teacher.shape):
-            raise ValueError(f"teacher embeddings must have shape {tuple(self.teacher.shape)}, got {tuple(emb.shape)}")
-        self.teacher.copy_(F.normalize(emb.float(), dim=-1))
+        if tuple(emb.shape) != want:
+            raise ValueError(f"Stage I embeddings must have shape {want}, got {tuple(emb.shape)}")
+        unit = F.normalize(emb.float(), dim=-1)
+        if self.cfg.distill:
+            self.teacher.copy_(unit)
+        if self.cfg.history_stage1:
+            self.stage1_emb.copy_(unit)
+            self.stage1_emb[0] = 0.0  # padding
 
     @torch.no_grad()
     def init_item_head(self, emb: torch.Tensor) -> None:
@@ -331,6 +345,8 @@ class Generator(nn.Module):
         x = self.code_emb(codes).sum(dim=2)  # (B, S, d)
         if self.item_emb is not None:
             x = x + self.item_emb(history)
+        if self.cfg.history_stage1:
+            x = x + self.stage1_proj(self.stage1_emb[history])
         lengths = valid.sum(1, keepdim=True)  # (B, 1)
         recency = (lengths - 1 - torch.arange(history.shape[1], device=history.device)).clamp(min=0)
         x = self.enc_drop(x + self.enc_pos(recency))

@@ -42,6 +42,11 @@ class GeneratorArch:
     # rest is spread evenly over the level's allowed tokens (all K at the shared heads; at the item
     # head, the prefix's own items). 0 = the plain cross-entropy.
     label_smoothing: float = 0.0
+    # Add to each history token a learned projection of the item's Stage I embedding (fixed,
+    # L2-normalised, saved with the model): the encoder then sees Stage I's fused text and
+    # collaborative view of every history item, also of items with few training rows, whose code and
+    # item-ID embeddings have had few updates. Off by default (added 2026-12-01).
+    history_stage1: bool = False
 
     def arch_problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
@@ -72,7 +77,8 @@ class GeneratorConfig(GeneratorArch):
     n_items: int  # items are 1..n_items; 0 is padding
     k: int  # code vocabulary per level
     code_length: int  # L
-    # Width of the Stage I embeddings [c_dis] is distilled towards (ignored when distill is off).
+    # Width of the Stage I embeddings: what [c_dis] is distilled towards and, with history_stage1, what
+    # the history tokens read (ignored when both are off).
     distill_dim: int = 128
     # Longest history the encoder sees; longer ones keep their most recent items.
     max_history: int = 20
@@ -82,7 +88,8 @@ class GeneratorConfig(GeneratorArch):
             (self.n_items >= 1, "n_items must be >= 1"),
             (self.k >= 2, "k must be >= 2"),
             (self.code_length >= 1, "code_length must be >= 1"),
-            (not self.distill or self.distill_dim >= 1, "distill_dim must be >= 1 when distill is on"),
+            (not (self.distill or self.history_stage1) or self.distill_dim >= 1,
+             "distill_dim must be >= 1 when distill or history_stage1 is on"),
             (self.max_history >= 1, "max_history must be >= 1"),
         ] if not ok]
         if problems:
