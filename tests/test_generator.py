@@ -371,3 +371,40 @@ def test_a_tied_item_head_is_the_item_id_embedding_and_round_trips(tmp_path):
     torch.testing.assert_close(back(hist, target)["loss"], tied.eval()(hist, target)["loss"])
     with pytest.raises(ValueError, match="tie_item_head needs item_head and item_id_embedding"):
         make_model(item_head=True, item_id_embedding=False, tie_item_head=True)
+
+
+def test_history_stage1_adds_the_projected_stage1_features_of_each_history_item(tmp_path):
+    """stage2.history_stage1: each history token gains stage1_proj(unit Stage I row of its item). With
+    the projection zeroed the encoding is the plain model's with the same weights; a changed Stage I
+    row changes the encoding of exactly the users who have that item; the features are a saved
+    buffer, not a weight, and the projection learns."""
+    from prorec.models.generator import load_generator, save_generator
+
+    model = make_model(item_head=True, item_id_embedding=True, history_stage1=True, distill=False)
+    assert "stage1_emb" in model.state_dict() and all(p is not model.stage1_emb for p in model.parameters())
+    torch.testing.assert_close(model.stage1_emb[1:].norm(dim=-1), torch.ones(N))
+    assert torch.equal(model.stage1_emb[0], torch.zeros(8))  # padding
+    plain = make_model(item_head=True, item_id_embedding=True, distill=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("stage1_")})
+    hist = history()
+    with torch.no_grad():
+        differs = (model.encode(hist).kv[0][0] - plain.encode(hist).kv[0][0]).abs().amax()
+        assert differs > 1e-3
+        model.stage1_proj.weight.zero_()
+        model.stage1_proj.bias.zero_()
+        torch.testing.assert_close(model.encode(hist).kv[0][0], plain.encode(hist).kv[0][0])
+        torch.nn.init.normal_(model.stage1_proj.weight, std=0.3)
+        before = model.encode(hist).kv[0][0]
+        model.stage1_emb[27] = -model.stage1_emb[27]  # item 27 is in user 0's history only
+        after = model.encode(hist).kv[0][0]
+    changed = (after - before).abs().amax(dim=(1, 2, 3)) > 1e-4
+    assert changed.tolist() == [True, False, False]
+    target = torch.tensor([4, 17, 33])
+    model(hist, target)["loss"].backward()
+    assert model.stage1_proj.weight.grad.abs().sum() > 0
+    save_generator(tmp_path, model.cfg, model.state_dict())
+    back = load_generator(tmp_path)
+    assert torch.equal(back.stage1_emb, model.stage1_emb)
+    torch.testing.assert_close(back(hist, target)["loss"], model.eval()(hist, target)["loss"])
+    with pytest.raises(ValueError, match=r"Stage I embeddings must have shape \(41, 8\)"):
+        model.set_stage1(torch.randn(N + 1, 5))

@@ -157,3 +157,37 @@ def test_a_full_group_sends_the_item_to_the_nearest_group_with_room():
     got = assign_codes(np.array([[0, 0], [1, 0], [1, 2]]), np.array([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0]]),
                        np.array([[0.05, 1.0]]), k=3)
     assert got.codes.tolist() == [[1, 1]] and got.moved == []
+
+
+def test_a_generator_with_stage1_history_features_grows_them_from_the_mapped_rows(tiny_run, tmp_path):
+    """stage2.history_stage1: the generator's saved Stage I rows grow by the new items' mapped Stage I
+    embeddings (unit length, as Stage II stores them), the old rows stay, and the search stays exact."""
+    import shutil
+
+    from prorec.artifacts import read_embeddings
+    from prorec.models.generator import Generator, save_generator
+
+    run = tmp_path / "hs1"
+    shutil.copytree(tiny_run, run)
+    old = load_generator(run / "stage2")
+    idx, _, vecs, _ = read_embeddings(run / "stage1" / "item_embeddings.parquet")
+    cfg = type(old.cfg).from_dict({**old.cfg.to_dict(), "history_stage1": True, "distill_dim": vecs.shape[1]})
+    emb = torch.zeros(cfg.n_items + 1, vecs.shape[1])
+    emb[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(np.array(vecs)).float()
+    model = Generator(cfg, old.item_codes)
+    model.load_state_dict({**old.state_dict(), **{k: v for k, v in model.state_dict().items() if k.startswith("stage1_")}})
+    model.set_stage1(emb)
+    save_generator(run / "stage2", cfg, model.state_dict())
+    out = tmp_path / "grown"
+    assert cli(["items", "add", str(run), "--items", str(_jsonl(tmp_path / "new.jsonl", NEW)), "--out", str(out)]) == 0
+    grown = load_generator(out / "stage2")
+    n = cfg.n_items
+    assert torch.equal(grown.stage1_emb[: n + 1], model.stage1_emb)
+    gidx, _, gvecs, _ = read_embeddings(out / "stage1" / "item_embeddings.parquet")
+    mapped = torch.from_numpy(np.array(gvecs)[np.argsort(gidx)][n:]).float()
+    torch.testing.assert_close(grown.stage1_emb[n + 1:], torch.nn.functional.normalize(mapped, dim=-1))
+    _, _, codes = load_codes(out / "codes" / "codes.parquet")
+    trie = CodeTrie.from_codes(codes, np.arange(1, len(codes) + 1), grown.cfg.k)
+    hist = torch.tensor([[1, 5, 9, 0], [n + 2, 3, 0, 0], [n + 1, n + 2, n + 3, 7]])
+    got = BeamSearch(grown, trie, beam_size=len(codes), topk=15, exclude_history=True).search(hist)
+    assert torch.equal(got.items, brute_force_topk(grown, hist, trie, 15, exclude_history=True).items)

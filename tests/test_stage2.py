@@ -300,3 +300,22 @@ def test_cosine_schedule_and_item_weight_decay_reach_the_stage(artifacts, tmp_pa
     torch.manual_seed(0)
     model = load_generator(out)
     assert valid_ndcg10(model, artifacts) > valid_ndcg10(Generator(model.cfg, model.item_codes), artifacts) + 0.02
+
+
+def test_history_stage1_reads_stage1_even_without_distillation_and_saves_its_rows(artifacts, tmp_path):
+    """stage2.history_stage1 with distill off: the stage still reads the Stage I embeddings, the saved
+    model holds each item's unit Stage I row (padding 0) and reloads to the recorded validation."""
+    from prorec.artifacts import read_embeddings
+
+    out = run_stage2(small(item_head=True, item_id_embedding=True, distill=False, history_stage1=True, max_epochs=3),
+                     artifacts["data"], artifacts["codes"], artifacts["stage1"], tmp_path)
+    model = load_generator(out)
+    idx, _, vecs, _ = read_embeddings(artifacts["stage1"])
+    want = torch.zeros(model.cfg.n_items + 1, vecs.shape[1])
+    want[torch.from_numpy(idx.astype(np.int64))] = torch.nn.functional.normalize(torch.from_numpy(np.array(vecs)).float(), dim=-1)
+    torch.testing.assert_close(model.stage1_emb, want)
+    metrics = json.loads((out / "metrics.json").read_text())
+    after = valid_ndcg10(model, artifacts)
+    assert after == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-12)
+    torch.manual_seed(0)
+    assert after > valid_ndcg10(Generator(model.cfg, model.item_codes), artifacts) + 0.02
