@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
              "popularity": rank_popularity(plus, users)}
     if args.paper_stage2:
         paper = load_config(args.config, [*args.overrides, f"data.path={out / 'train_data'}", "stage2.item_head=false",
-                                          "stage2.item_id_embedding=false", "stage2.tie_item_head=false"])
+                                          "stage2.item_id_embedding=false", "stage2.tie_item_head=false",
+                                          "stage2.history_stage1=false"])
         run_stages(paper, out / "run_paper", until="stage2", reuse=[out / "run"])  # Stage I and codes linked in
         paper_plus = out / "run_paper_plus"
         if paper_plus.exists():

@@ -64,7 +64,8 @@ from prorec.pipeline import PAPER_BEAUTY, run_pipeline  # noqa: E402
 # they pin what they were measured with, so that a config's later choice does not rerun them.
 # (A later override of the same key wins, e.g. the weight-decay attempts' own value.)
 AS_MEASURED = ["stage2.weight_decay=0.0", "eval.rerank_weight=0.0", "eval.rerank_semantic_weight=0.0",
-               "eval.rerank_transition_weight=0.0", "eval.beam_size=20"]  # generator alone
+               "eval.rerank_transition_weight=0.0", "eval.beam_size=20",  # generator alone
+               "stage2.history_stage1=false"]
 # The paper's variants pin the paper's Stage II (a shared K-way head at every code level, code tokens
 # only), whatever the config file turns on.
 PAPER_STAGE2 = ["stage2.item_head=false", "stage2.item_id_embedding=false", *AS_MEASURED]

@@ -15,7 +15,9 @@ A new item has a text and no interactions. Its way into a finished run:
 4. every table keyed by item grows by one row:
    - the generator: its item codes; its item-ID embedding and item head rows come from the mapped
      embedding through a ridge regression fitted on the existing items (their Stage I embedding ->
-     their row), so a new item is scored like the trained items whose embeddings it resembles;
+     their row), so a new item is scored like the trained items whose embeddings it resembles; a
+     generator with stage2.history_stage1 stores the mapped embedding (unit length) as the item's
+     Stage I features, as Stage II stores the trained items' Stage I rows;
    - the DIN used for reranking: its item row is the mapped embedding (E_C's space);
    - the semantic embeddings, the Stage I embeddings, the codes and data/items.parquet.
 Existing items keep their codes and every one of their rows exactly. The run's manifest records the

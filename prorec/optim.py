@@ -50,10 +50,17 @@ ROW_SPARSE_ALL_REDUCE = "row_sparse_all_reduce"  # a parameter flag: RowSparseAd
 def exclude_row_sparse_from_ddp(model: torch.nn.Module) -> list[str]:
     """Before wrapping `model` in DDP: keep DDP away from the weights of its sparse embedding tables
     (nn.Embedding(sparse=True)) and flag them, so that RowSparseAdam.step all-reduces their
-    gradients instead. Returns their names."""
+    gradients instead. Returns their names.
+
+    DDP is also kept away from the model's buffers. The project's models hold only fixed tables
+    there, which every worker builds from the same artifacts (the generator's codes, sibling
+    tables, Stage I rows; nothing like BatchNorm's running statistics). DDP would otherwise
+    broadcast them from rank 0 before every forward: at a million items, the Stage I rows alone
+    are about 0.5 GB a step."""
     names = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
-    if names:
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    buffers = [name for name, _ in model.named_buffers()]
+    if names or buffers:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names + buffers)
         params = dict(model.named_parameters())
         for n in names:
             setattr(params[n], ROW_SPARSE_ALL_REDUCE, True)

@@ -168,6 +168,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         def __init__(self, m):
             super().__init__()
             self.m = m
+            self.register_buffer("fixed", torch.full((3,), float(rank)))  # a fixed table, per worker here
 
         def forward(self, rows, other):
             x = self.m["emb"](rows).sum(1)
@@ -187,6 +188,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
         ddp(rows, other).backward()
         opt.step()
     opt.flush()
+    assert torch.equal(net.fixed, torch.full((3,), float(rank)))  # DDP broadcast no buffer from rank 0
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}.{rank}")
     dist.destroy_process_group()
 

@@ -256,7 +256,7 @@ class Generator(nn.Module):
         if cfg.distill:
             self.dis_token = nn.Parameter(torch.zeros(d))
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
-            # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_teacher).
+            # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_stage1).
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
         if cfg.history_stage1:
             # Each history item's Stage I embedding, L2-normalised (set_stage1); saved with the weights,
