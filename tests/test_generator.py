@@ -408,3 +408,22 @@ def test_history_stage1_adds_the_projected_stage1_features_of_each_history_item(
     torch.testing.assert_close(back(hist, target)["loss"], model.eval()(hist, target)["loss"])
     with pytest.raises(ValueError, match=r"Stage I embeddings must have shape \(41, 8\)"):
         model.set_stage1(torch.randn(N + 1, 5))
+
+
+def test_with_history_stage1_the_distillation_reads_the_same_stage1_rows():
+    """distill + history_stage1: the Stage I rows are held once (the saved stage1_emb), and the
+    distillation's teacher is those rows."""
+    model = make_model(item_head=True, item_id_embedding=True, history_stage1=True, distill=True)
+    assert [n for n, _ in model.named_buffers() if n in ("teacher", "stage1_emb")] == ["stage1_emb"]
+    assert model.stage1_rows is model.stage1_emb
+    torch.manual_seed(3)
+    hist, target = history(), torch.tensor([4, 17, 33])
+    h_dis = model.decode(model.encode(hist), model.item_codes[target], with_distill=True)[:, L]
+    got = model.distill_loss(h_dis, target)
+    torch.manual_seed(3)
+    negs = torch.randint(1, N + 1, (model.cfg.n_negatives,))
+    q = F.normalize(model.dis_proj(h_dis).float(), dim=-1)
+    rows = F.normalize(model.stage1_emb, dim=-1)
+    logits = torch.cat([(q * rows[target]).sum(-1, keepdim=True),
+                        (q @ rows[negs].T).masked_fill(negs[None, :] == target[:, None], float("-inf"))], 1)
+    torch.testing.assert_close(got, F.cross_entropy(logits / model.cfg.tau, torch.zeros_like(target)))

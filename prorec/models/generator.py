@@ -256,13 +256,15 @@ class Generator(nn.Module):
         if cfg.distill:
             self.dis_token = nn.Parameter(torch.zeros(d))
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
-            # The Stage I teacher: fixed, L2-normalised, not saved with the model (set_stage1).
-            self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
+        # The Stage I item embeddings, L2-normalised (set_stage1), one table: with history_stage1 the
+        # encoder reads each history item's row at every request, so the table is saved with the weights
+        # (stage1_emb) and the distillation reads the same rows; without it the distillation's teacher is
+        # not saved with the model.
         if cfg.history_stage1:
-            # Each history item's Stage I embedding, L2-normalised (set_stage1); saved with the weights,
-            # since the encoder reads it at every request, and projected to the model's width.
             self.register_buffer("stage1_emb", torch.zeros(cfg.n_items + 1, cfg.distill_dim))
-            self.stage1_proj = nn.Linear(cfg.distill_dim, d)
+            self.stage1_proj = nn.Linear(cfg.distill_dim, d)  # to the model's width
+        elif cfg.distill:
+            self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
         self.sparse_grads = False
         self.apply(self._init)
         self.register_load_state_dict_pre_hook(_upgrade_state)
@@ -312,17 +314,20 @@ class Generator(nn.Module):
         """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused), stored
         L2-normalised as the distillation target (distill) and as the history tokens' Stage I features
         (history_stage1); a model with neither ignores them."""
-        want = (self.cfg.n_items + 1, self.cfg.distill_dim)
         if not (self.cfg.distill or self.cfg.history_stage1):
             return
+        want = (self.cfg.n_items + 1, self.cfg.distill_dim)
         if tuple(emb.shape) != want:
             raise ValueError(f"Stage I embeddings must have shape {want}, got {tuple(emb.shape)}")
-        unit = F.normalize(emb.float(), dim=-1)
-        if self.cfg.distill:
-            self.teacher.copy_(unit)
-        if self.cfg.history_stage1:
-            self.stage1_emb.copy_(unit)
-            self.stage1_emb[0] = 0.0  # padding
+        rows = self.stage1_rows
+        rows.copy_(F.normalize(emb.float(), dim=-1))
+        rows[0] = 0.0  # padding (the distillation never reads row 0: targets and negatives are items 1..N)
+
+    @property
+    def stage1_rows(self) -> torch.Tensor:
+        """The Stage I rows [n_items + 1, distill_dim]: `stage1_emb` with history_stage1, else the
+        distillation's `teacher`."""
+        return self.stage1_emb if self.cfg.history_stage1 else self.teacher
 
     @torch.no_grad()
     def init_item_head(self, emb: torch.Tensor) -> None:
@@ -521,8 +526,9 @@ class Generator(nn.Module):
         shared by the batch (a negative that happens to be the target is masked out)."""
         q = F.normalize(self.dis_proj(h_dis).float(), dim=-1)  # (B, D)
         negs = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=target.device)
-        pos = (q * self.teacher[target]).sum(-1, keepdim=True)  # (B, 1)
-        neg = q @ self.teacher[negs].T  # (B, n_neg)
+        teacher = self.stage1_rows
+        pos = (q * teacher[target]).sum(-1, keepdim=True)  # (B, 1)
+        neg = q @ teacher[negs].T  # (B, n_neg)
         neg = neg.masked_fill(negs[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1) / self.cfg.tau
         return F.cross_entropy(logits, torch.zeros_like(target))
