@@ -183,7 +183,7 @@ def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: i
     from prorec.data.splits import read_split
     from prorec.evaluate import Ranker
     from prorec.stage1 import build_trainer
-    from prorec.stage2 import Stage2Trainer, load_inputs
+    from prorec.stage2 import build_trainer as build_stage2
     from prorec.trainer import LocalContext
 
     subjects: dict[int, dict[str, Any]] = {}
@@ -192,9 +192,8 @@ def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: i
         s1 = build_trainer(Stage1Config(num_workers=0, valid_users=1), run / "data",
                            run / "embeddings" / "semantic.parquet", LocalContext(None))
         c2 = Stage2Config(num_workers=0, valid_users=1)
-        s2 = Stage2Trainer(c2, load_inputs(c2, run / "data", run / "codes" / "codes.parquet",
-                                           run / "stage1" / "item_embeddings.parquet"), torch.device("cpu"),
-                           LocalContext(None))
+        s2 = build_stage2(c2, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
+                          torch.device("cpu"), LocalContext(None))
         s1.steps = s2.steps = chunk
         for trainer in (s1, s2):
             # The epoch-end check that every weight is finite reads every parameter once an epoch (1.3 s

@@ -134,6 +134,11 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def embedding_width(path: str | Path) -> int:
+    """The width D of an embeddings file, from its schema (no row is read)."""
+    return pq.ParquetFile(path).schema_arrow.field("embedding").type.list_size
+
+
 def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
                     item_ids: list[str] | None = None) -> np.ndarray:
     """An embeddings file of items 1..n_items -> [n_items + 1, D] float32, row 0 (padding) zero.
@@ -151,7 +156,7 @@ def read_item_table(path: str | Path, n_items: int, what: str = "embeddings",
     # Row group by row group into the padded table, so that Arrow never holds the whole column (a
     # million rows x 384 floats is 1.8 GB). Not `iter_batches`: measured on a million items, its reader
     # still held all 1.8 GB of decoded batches in Arrow's pool after the loop (peak 4.1 GB against 2.4).
-    table = np.zeros((n_items + 1, pf.schema_arrow.field("embedding").type.list_size), dtype=np.float32)
+    table = np.zeros((n_items + 1, embedding_width(path)), dtype=np.float32)
     at = 0
     for g in range(pf.num_row_groups):
         col = pf.read_row_group(g, columns=["embedding"]).column(0).combine_chunks()

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from prorec.artifacts import read_item_table, write_json
+from prorec.artifacts import embedding_width, read_item_table, write_json
 from prorec.beam import BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import VALID_TOPK, Stage2Config
@@ -54,7 +54,9 @@ class Stage2Inputs:
 
     item_codes: torch.Tensor  # [N + 1, L] long, row 0 = padding
     k: int
-    teacher: torch.Tensor | None  # [N + 1, D] Stage I embeddings (None when distill is off)
+    # [N + 1, D] Stage I embeddings: None when no setting reads them, or when load_inputs was asked for
+    # the shapes only (stage1_rows=False)
+    teacher: torch.Tensor | None
     # split -> (history, target [U]): the train split's histories unpadded (RaggedHistories, a batch
     # padded when it is drawn), the others' [U, S] long, right-padded with 0.
     splits: dict[str, tuple[Any, torch.Tensor]]
@@ -63,6 +65,7 @@ class Stage2Inputs:
     # True: splits["train"] is one worker's shard and splits["valid"] its validation users (load_inputs
     # with a rank), so a worker's memory falls as workers are added.
     sharded: bool = False
+    stage1_dim: int = 1  # the Stage I embeddings' width (1 when no setting reads them)
 
     @property
     def n_items(self) -> int:
@@ -78,14 +81,20 @@ class Stage2Inputs:
 
 def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None,
                 splits: tuple[str, ...] = ("train", "valid"), rank: int | None = None,
-                world: int = 1) -> Stage2Inputs:
+                world: int = 1, stage1_rows: bool = True) -> Stage2Inputs:
     """The artifacts as tensors. With a `rank`, one data-parallel worker's part: its contiguous shard
     of the train split and its share of the validation users, read from the Parquet row groups that
-    hold them (nothing of the other workers' rows is kept)."""
+    hold them (nothing of the other workers' rows is kept). `stage1_rows=False` reads only the Stage I
+    file's width, not its table (the model's config needs no more)."""
     n_items = count_rows(data_dir, "items")
     item_codes, k = item_code_table(Path(codes_path), n_items)
     need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1
-    teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings")) if need else None)
+    if need and stage1_path is None:
+        raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, history_stage1 or "
+                         "item_head_from_stage1 is on, and none was given. Fix: run Stage I first, or turn those off")
+    teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings"))
+               if need and stage1_rows else None)
+    stage1_dim = embedding_width(stage1_path) if need else 1
     # The encoder's position table covers the longest history of any split.
     max_history = max(longest_history(data_dir, s) for s in ("train", "valid", "test"))
     n_train = count_rows(data_dir, "train")
@@ -106,13 +115,13 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
                 else history_tensor(table.column("history")))
         out[s] = (hist, torch.from_numpy(table.column("target").to_numpy().astype(np.int64)))
     pa.default_memory_pool().release_unused()  # the Arrow tables are gone; their memory goes back too
-    return Stage2Inputs(item_codes, k, teacher, out, max_history, n_train, rank is not None)
+    return Stage2Inputs(item_codes, k, teacher, out, max_history, n_train, rank is not None, stage1_dim)
 
 
 def generator_config(cfg: Stage2Config, inputs: Stage2Inputs) -> GeneratorConfig:
     """The generator's full config: cfg's architecture plus what the artifacts fix."""
     return GeneratorConfig(**cfg.arch(), n_items=inputs.n_items, k=inputs.k, code_length=inputs.code_length,
-                           distill_dim=inputs.teacher.shape[1] if inputs.teacher is not None else 1,
+                           distill_dim=inputs.stage1_dim,
                            max_history=inputs.max_history)
 
 
@@ -243,16 +252,26 @@ class Stage2Trainer:
 # ----------------------------------------------------------------------------------------------
 # Running it: in-process or on Ray Train
 
-def _fit(config: dict[str, Any], ctx: Any, device: torch.device) -> FitResult:
-    cfg = Stage2Config(**config["stage2"])
-    inputs = load_inputs(cfg, Path(config["data_dir"]), Path(config["codes_path"]), config["stage1_path"],
-                         rank=ctx.rank, world=ctx.world_size)
+def build_trainer(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path: Path | None,
+                  device: torch.device, ctx: Any) -> Stage2Trainer:
+    """One worker's trainer on its part of the data (ctx.rank of ctx.world_size).
+
+    The inputs read here are not kept: the model holds its own normalised copy of the Stage I rows, so
+    the raw table is freed when this returns (N x D floats, 0.5 GB at a million items and D 128, that
+    the epoch loop would otherwise carry beside the model's copy)."""
+    inputs = load_inputs(cfg, Path(data_dir), Path(codes_path), stage1_path, rank=ctx.rank, world=ctx.world_size)
     trainer = Stage2Trainer(cfg, inputs, device, ctx)
     if ctx.rank == 0:
         n = sum(p.numel() for p in trainer.model.parameters())
         print(f"stage2: {n / 1e6:.2f}M parameters, {inputs.n_train} training rows, "
               f"{trainer.steps} steps an epoch on each of {ctx.world_size} worker(s), L={inputs.code_length}, "
               f"K={inputs.k}", file=sys.stderr, flush=True)
+    return trainer
+
+
+def _fit(config: dict[str, Any], ctx: Any, device: torch.device) -> FitResult:
+    cfg = Stage2Config(**config["stage2"])
+    trainer = build_trainer(cfg, config["data_dir"], config["codes_path"], config["stage1_path"], device, ctx)
     return run_epochs(trainer, ctx, cfg.max_epochs, cfg.patience, SCORE_KEY,
                       stop_after_epoch=config.get("stop_after_epoch"))
 
@@ -286,8 +305,8 @@ def run_stage2(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path:
     else:
         fit = FitResult.from_state(fit_on_ray(train_loop_per_worker, config, cfg, "stage2", out_dir))
     gc.collect()  # the trainer sits in a reference cycle (its optimiser's hooks on the model): free it now
-    # Rebuild the config from the artifacts once more (cheap) so that model_config.json is exact.
-    inputs = load_inputs(cfg, Path(data_dir), Path(codes_path), stage1_path, splits=())
+    # Rebuild the config from the artifacts once more (their shapes only) so that model_config.json is exact.
+    inputs = load_inputs(cfg, Path(data_dir), Path(codes_path), stage1_path, splits=(), stage1_rows=False)
     save_generator(out_dir, generator_config(cfg, inputs), fit.best_model_state)
     write_json(out_dir / METRICS_FILE, {"best": fit.best_metrics, "score_key": SCORE_KEY, "epochs_run": fit.epochs_run,
                                         "seconds": time.perf_counter() - t0, "history": fit.history})

@@ -235,7 +235,7 @@ def train_trial(params: dict[str, Any], *, base: PipelineConfig, sweep: SweepCon
     import torch
     from ray import tune
 
-    from prorec.stage2 import Stage2Trainer, load_inputs
+    from prorec.stage2 import build_trainer
     from prorec.stages import input_paths
     from prorec.trainer import TuneContext, run_epochs
 
@@ -247,11 +247,10 @@ def train_trial(params: dict[str, Any], *, base: PipelineConfig, sweep: SweepCon
     s2 = cfg.stage2
     label = f"trial {tune.get_context().get_trial_id()} ({_name(params)})"
     print(f"{label}: Stage II on {device}, artifacts {run_dir.name}, up to {s2.max_epochs} epochs", flush=True)
-    # The valid split only: the sweep never scores the test split.
-    inputs = load_inputs(s2, paths["data"], paths["codes"], paths["stage1_embeddings"], splits=("train", "valid"))
     ctx = TuneContext(lambda m: f"{label}: epoch {m['epoch']}/{s2.max_epochs} loss={m['train_loss']:.4f} "
                                 f"valid ndcg@10={m[SCORE_KEY]:.4f} recall@10={m[RECALL_KEY]:.4f}")
-    trainer = Stage2Trainer(s2, inputs, device, ctx)
+    # Train and valid splits only: the sweep never scores the test split.
+    trainer = build_trainer(s2, paths["data"], paths["codes"], paths["stage1_embeddings"], device, ctx)
     run_epochs(trainer, ctx, s2.max_epochs, s2.patience, SCORE_KEY)
 
 

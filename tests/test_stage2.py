@@ -319,3 +319,36 @@ def test_history_stage1_reads_stage1_even_without_distillation_and_saves_its_row
     assert after == pytest.approx(metrics["best"]["valid_ndcg@10"], abs=1e-12)
     torch.manual_seed(0)
     assert after > valid_ndcg10(Generator(model.cfg, model.item_codes), artifacts) + 0.02
+
+
+def test_stage1_table_is_read_once_and_not_kept_beside_the_models_copy(artifacts, tmp_path, monkeypatch):
+    """Stage II reads the raw Stage I table once, for the model's own normalised rows, and keeps
+    nothing of it: build_trainer frees it (at a million items it is 0.5 GB beside the model's copy for
+    the whole training), and the saved config reads only the file's width."""
+    import gc
+    import weakref
+
+    import prorec.stage2 as s2
+    from prorec.models.generator import CONFIG_FILE
+
+    reads, real = [], s2.read_item_table
+
+    def spy(*args, **kwargs):
+        table = real(*args, **kwargs)
+        reads.append(weakref.ref(table))
+        return table
+
+    monkeypatch.setattr(s2, "read_item_table", spy)
+    trainer = s2.build_trainer(small(history_stage1=True), artifacts["data"], artifacts["codes"], artifacts["stage1"],
+                               torch.device("cpu"), RankContext(0, 1))
+    gc.collect()
+    assert len(reads) == 1 and reads[0]() is None  # nothing holds the raw table any more
+    raw = real(artifacts["stage1"], trainer.gcfg.n_items, "Stage I embeddings")
+    rows = torch.nn.functional.normalize(torch.from_numpy(raw[1:]), dim=-1)
+    assert torch.allclose(trainer.model.stage1_rows[1:], rows, atol=1e-6)  # the model's copy is whole
+
+    reads.clear()
+    out = run_stage2(small(history_stage1=True, max_epochs=1), artifacts["data"], artifacts["codes"],
+                     artifacts["stage1"], tmp_path)
+    assert len(reads) == 1  # the trainer's read; model_config.json's width comes from the file's schema
+    assert json.loads((out / CONFIG_FILE).read_text())["distill_dim"] == raw.shape[1]
