@@ -35,6 +35,22 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
     assert set(sbs) == set(scale.GOALS) and all(len(v) == 2 and min(v) > 0 for v in sbs.values())
     assert "Side by side in one process" in md
 
+    # Stage II's memory, phase by phase, on the catalogues scale.py left (benchmarks/stage2_memory.py).
+    from benchmarks import stage2_memory
+
+    assert stage2_memory.main(["--work", str(tmp_path / "work"), "--sizes", "200", "400", "--steps", "3", "--users", "16",
+                               "--name", "mem", "--results", str(results), "--allow-dirty"]) == 0
+    mem = json.loads((results / "mem.json").read_text())
+    for run in mem["runs"]:
+        phases = [p["phase"] for p in run["phases"]]
+        assert phases[1:3] == ["read the inputs", "build the trainer (model, optimiser, trie)"] and phases[-1] == "end"
+        assert any("training steps" in p for p in phases) and "the saved model" in phases
+        assert all(p["peak_in_phase_mb"] >= p["rss_end_mb"] > 50 for p in run["phases"])
+        assert run["accounts"]["trained"]["optimiser state"] > run["accounts"]["built"]["optimiser state"]
+    tables = [r["accounts"]["built"]["per-item tables (item-ID embedding, item head)"] for r in mem["runs"]]
+    assert 1.8 < tables[1] / tables[0] < 2.2  # two item tables of n + 1 rows
+    assert "| read the inputs |" in (results / "mem.md").read_text()
+
 
 def test_growth_exponents():
     assert scale.exponents([10, 100, 1000], [1.0, 10.0, 1000.0]) == [1.0, 2.0]
