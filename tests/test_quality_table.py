@@ -1,0 +1,47 @@
+"""benchmarks/quality_table.py: each cell read from its run directory; a run directory absent from
+this machine keeps what the committed table recorded from it, and says so; anything else is "not run"."""
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks import quality_table as qt
+
+
+def _metrics(x: float) -> dict[str, float]:
+    return {m: x for m in ("recall@5", "ndcg@5", *qt.METRICS)}
+
+
+def test_rows_read_from_runs_kept_from_the_committed_table_or_not_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(qt, "ROOT", tmp_path)
+    monkeypatch.setattr(qt, "RESULTS", tmp_path / "results")
+    rows = {name: sources for name, _, sources in qt.rows("beauty")}
+    sasrec, tiger, hs1 = "SASRec", "TIGER", next(n for n in rows if "Stage I history" in n)
+    # SASRec's rule-on run is on this machine; TIGER's is not, but the committed table read it.
+    run, folder = rows[sasrec]["on"][0].split(":")
+    (tmp_path / run / folder).mkdir(parents=True)
+    (tmp_path / run / folder / "metrics.json").write_text(json.dumps({"test": _metrics(0.08)}))
+    (tmp_path / run / "manifest.json").write_text(json.dumps({"git": {"commit": "a" * 40, "dirty": False}}))
+    previous = {"written_from": {"commit": "b" * 40},
+                "tables": {"beauty": {tiger: {"on": {"source": rows[tiger]["on"][0], "test": _metrics(0.05),
+                                                     "git": {"commit": "c" * 40}}},
+                                      # a recorded number whose source has since changed is not kept
+                                      hs1: {"on": {"source": "runs/elsewhere:eval", "test": _metrics(0.09)}}}}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "--name", "t", "--allow-dirty"])
+    qt.main()
+    table = json.loads((tmp_path / "results" / "t.json").read_text())["tables"]["beauty"]
+    assert table[sasrec]["on"]["test"]["recall@10"] == 0.08 and "kept_from" not in table[sasrec]["on"]
+    assert table[tiger]["on"]["test"]["recall@10"] == 0.05 and table[tiger]["on"]["kept_from"] == "b" * 40
+    assert table[tiger]["on"]["git"]["commit"] == "c" * 40  # the commit that made the number
+    assert table[hs1]["on"]["test"] is None and table[tiger]["off"]["test"] is None
+    md = (tmp_path / "results" / "t.md").read_text()
+    hs1_line = next(line for line in md.splitlines() if line.startswith(f"| {hs1} |"))
+    assert "not run" in hs1_line and "| 0.0800 |" in md and "| 0.0500 |" in md
+    assert "as recorded in t.json at bbbbbbbbbb" in md
+
+    # Written again on the same machine, the kept number keeps the commit of the table that first read it.
+    qt.main()
+    again = json.loads((tmp_path / "results" / "t.json").read_text())["tables"]["beauty"]
+    assert again[tiger]["on"]["kept_from"] == "b" * 40 and again[tiger]["on"]["test"]["recall@10"] == 0.05
