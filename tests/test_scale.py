@@ -51,6 +51,19 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
     assert 1.8 < tables[1] / tables[0] < 2.2  # two item tables of n + 1 rows
     assert "| read the inputs |" in (results / "mem.md").read_text()
 
+    # The search's time level by level on those models (benchmarks/beam_levels.py).
+    from benchmarks import beam_levels
+
+    assert beam_levels.main(["--work", str(tmp_path / "work"), "--sizes", "200", "400", "--model", "stage2_memory",
+                             "--users", "16", "--rounds", "2", "--name", "levels", "--results", str(results),
+                             "--allow-dirty"]) == 0
+    lv = json.loads((results / "levels.json").read_text())
+    for beam, by_size in lv["median_ms_per_user"].items():
+        for n, parts in by_size.items():
+            steps = [k for k in parts if k.startswith("decoder step")]
+            assert len(steps) == lv["code_length"][n], (beam, n)  # one decoder step a level
+            assert parts["total"] > sum(parts[k] for k in steps) > 0
+
 
 def test_growth_exponents():
     assert scale.exponents([10, 100, 1000], [1.0, 10.0, 1000.0]) == [1.0, 2.0]
