@@ -95,7 +95,7 @@ def account(trainer) -> dict[str, float]:
     return out
 
 
-def child(run: Path, steps: int, users: int) -> dict[str, Any]:
+def child(run: Path, steps: int, users: int, epochs: int) -> dict[str, Any]:
     """Stage II on the catalogue in `run`, phase by phase (this process only)."""
     import shutil
 
@@ -128,14 +128,15 @@ def child(run: Path, steps: int, users: int) -> dict[str, Any]:
     wrap(s2, "load_inputs", ["read the inputs", "the model config's shapes (after training)"])
     wrap(s2.Stage2Trainer, "__init__", "build the trainer (model, optimiser, trie)",
          after=lambda a, _: accounts.__setitem__("built", account(a[0])))
-    wrap(s2.Stage2Trainer, "train_epoch", f"{steps} training steps",
-         after=lambda a, _: accounts.__setitem__("trained", account(a[0])))
-    wrap(s2.Stage2Trainer, "validate", f"validation ({users} users)")
-    wrap(LocalContext, "report", "the epoch's checkpoint (best weights kept, state written)")
+    each = lambda what: [f"epoch {e + 1}: {what}" for e in range(epochs)]  # noqa: E731
+    wrap(s2.Stage2Trainer, "train_epoch", each(f"{steps} training steps"),
+         after=lambda a, _: accounts.setdefault("trained", account(a[0])))
+    wrap(s2.Stage2Trainer, "validate", each(f"validation ({users} users)"))
+    wrap(LocalContext, "report", each("checkpoint (the best weights copied when better, the state written)"))
     wrap(s2, "save_generator", "the saved model")
     out_dir = run / "stage2_memory"
     shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = Stage2Config(num_workers=0, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+    cfg = Stage2Config(num_workers=0, max_epochs=epochs, patience=epochs, steps_per_epoch=steps, valid_users=users)
     s2.run_stage2(cfg, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet", out_dir)
     sampler.mark("end")
     sampler.stop()
@@ -149,8 +150,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
     sizes = res["sizes"]
     head = "| " + " | ".join(f"{n:,} items" for n in sizes) + " |"
     md = ["# Stage II's memory, phase by phase", "", f"Command: `{command}`", "",
-          f"Stage II as in `scale.py`'s stage2 row: in-process, {res['steps']} training steps and {res['users']} "
-          "validation users, the default `Stage2Config` otherwise, on the synthetic catalogues scale.py writes; "
+          f"Stage II as in `scale.py`'s stage2 row: in-process, {res.get('epochs', 1)} epoch(s) of {res['steps']} training "
+          f"steps and {res['users']} validation users, the default `Stage2Config` otherwise, on the synthetic catalogues scale.py writes; "
           "one fresh process a size. Resident memory sampled every 5 ms (/proc/self/statm); a phase's peak is the "
           "largest sample inside it.", "",
           "## Resident memory at the end of each phase, and its peak inside it (MB)", "",
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[12_000, 120_000])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=1,
+                   help="epochs of --steps steps (scale.py runs 1; from 2 on, an improving epoch replaces the best copy)")
     p.add_argument("--name", default="stage2_memory")
     add_results_dir(p)
     add_allow_dirty(p)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        args.out.write_text(json.dumps(child(args.child, args.steps, args.users)))
+        args.out.write_text(json.dumps(child(args.child, args.steps, args.users, args.epochs)))
         return 0
     tree = check_tree(args.allow_dirty)
     runs = []
@@ -198,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage2_memory: {n:,} items ...", file=sys.stderr, flush=True)
         out = run / "stage2_memory.json"
         subprocess.run([sys.executable, __file__, "--child", str(run), "--out", str(out), "--steps", str(args.steps),
-                        "--users", str(args.users)], check=True)
+                        "--users", str(args.users), "--epochs", str(args.epochs)], check=True)
         runs.append(json.loads(out.read_text()))
         print(f"stage2_memory: {n:,} items: peak {runs[-1]['peak_rss_mb']:,.0f} MB", file=sys.stderr, flush=True)
     res = {"command": " ".join(["python", "benchmarks/stage2_memory.py", *(argv or sys.argv[1:])]),
-           "sizes": args.sizes, "steps": args.steps, "users": args.users, "runs": runs}
+           "sizes": args.sizes, "steps": args.steps, "users": args.users, "epochs": args.epochs, "runs": runs}
     write_result(args.results / args.name, res, markdown(res, res["command"]), tree)
     print(f"wrote {args.results / args.name}.md", file=sys.stderr)
     return 0

@@ -429,6 +429,9 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         if ctx.rank == 0:
             print(f"resuming from the checkpoint of epoch {saved['epoch']}", flush=True)
     _log_attempt(ctx, saved, start, placement)
+    # The trainer has copied its state out of the checkpoint: let that copy of the model's weights and
+    # the optimiser's state go (at a million items several GB) rather than carry it through training.
+    saved = None
     for epoch in range(start, max_epochs):
         if bad >= patience:
             break
@@ -442,6 +445,7 @@ def run_epochs(trainer: EpochTrainer, ctx: LocalContext | RayTrainContext, max_e
         score = metrics[score_key]
         if score > best:
             best, bad, best_metrics = score, 0, dict(metrics)
+            best_state = None  # the old best copy goes before the new one is made: one copy at a time
             best_state = {k: v.detach().cpu().clone() for k, v in trainer.model_state().items()}
         else:
             bad += 1

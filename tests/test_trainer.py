@@ -1,6 +1,9 @@
 """The shared epoch loop (early stopping, the epoch count, resume from a checkpoint) and its batching."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +50,50 @@ def test_resume_continues_after_the_last_checkpointed_epoch(tmp_path):
     resumed = run_epochs(ScriptedTrainer(scores), LocalContext(tmp_path, verbose=False), 4, 3, "score")
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3] and resumed.epochs_run == 4
     assert resumed.best_model_state["w"].item() == 4.0  # the weights continued from the checkpoint
+
+
+class StaleCopyCheck(ScriptedTrainer):
+    """Fails if, while it trains, a stale copy of its state is still alive: the checkpoint it resumed
+    from, or the previous best weights once a new best is being copied (run_epochs keeps one copy)."""
+
+    def __init__(self, scores: list[float]):
+        super().__init__(scores)
+        self.loaded, self.best_copies = None, []
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.loaded = weakref.ref(state["w"])
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        gc.collect()
+        assert self.loaded is None or self.loaded() is None, "the resumed checkpoint is still held"
+        return super().train_epoch(epoch)
+
+    def model_state(self):
+        gc.collect()
+        assert all(ref() is None for ref in self.best_copies), "the previous best copy is still held"
+        return super().model_state()
+
+
+class RecordingContext(LocalContext):
+    def __init__(self, ckpt_dir, trainer: StaleCopyCheck):
+        super().__init__(ckpt_dir, verbose=False)
+        self.trainer = trainer
+
+    def report(self, metrics, state):
+        super().report(metrics, state)
+        self.trainer.best_copies.append(weakref.ref(state["best_model"]["w"]))
+
+
+def test_run_epochs_holds_one_best_copy_and_lets_the_resumed_checkpoint_go(tmp_path):
+    """Memory: at a million items a copy of the model is GBs; run_epochs must not hold two best copies
+    at once, nor carry the checkpoint it resumed from through training."""
+    scores = [0.1, 0.2, 0.3, 0.4]
+    first = StaleCopyCheck(scores)
+    run_epochs(first, RecordingContext(tmp_path, first), 4, 3, "score", stop_after_epoch=1)
+    resumed = StaleCopyCheck(scores)
+    fit = run_epochs(resumed, RecordingContext(tmp_path, resumed), 4, 3, "score")
+    assert resumed.loaded is not None and fit.epochs_run == 4 and fit.best_model_state["w"].item() == 4.0
 
 
 def test_length_grouped_batches_cover_rows_once_and_cut_padding():
