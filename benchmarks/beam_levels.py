@@ -92,12 +92,14 @@ def measure(work: Path, sizes: list[int], model_folder: str, users: int, rounds:
     median = {str(b): {str(n): {k: statistics.median(s[k] for s in samples[n][b]) for k in samples[n][b][0]}
                        for n in sizes} for b in BEAMS}
     return {"code_length": {str(n): subjects[n]["L"] for n in sizes}, "median_ms_per_user": median,
+            "batch_size": EvalConfig().batch_size,
             "users": users, "rounds": rounds}
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
     md = ["# The beam search's time a user, level by level, as the catalogue grows", "", f"Command: `{command}`", "",
-          f"The evaluation's default search (item head, history exclusion, batches of 256, one torch thread) on "
+          f"The evaluation's default search (item head, history exclusion, batches of {res['batch_size']}, one torch "
+          "thread) on "
           f"{res['users']} test users of each of scale.py's synthetic catalogues; medians of {res['rounds'] - 1} "
           "rounds after a warm-up, sizes interleaved. Code length L: " +
           ", ".join(f"{int(n):,} items L={L}" for n, L in res["code_length"].items()) + ".", ""]

@@ -126,8 +126,12 @@ def child(run: Path, steps: int, users: int, epochs: int) -> dict[str, Any]:
         setattr(owner, name, wrapped)
 
     wrap(s2, "load_inputs", ["read the inputs", "the model config's shapes (after training)"])
-    wrap(s2.Stage2Trainer, "__init__", "build the trainer (model, optimiser, trie)",
-         after=lambda a, _: accounts.__setitem__("built", account(a[0])))
+    if hasattr(s2, "build_trainer"):  # the inputs it read are dropped when it returns
+        wrap(s2, "build_trainer", "build the trainer (model, optimiser, trie)",
+             after=lambda a, trainer: accounts.__setitem__("built", account(trainer)))
+    else:  # before build_trainer (up to 723c661): the epoch loop kept the inputs
+        wrap(s2.Stage2Trainer, "__init__", "build the trainer (model, optimiser, trie)",
+             after=lambda a, _: accounts.__setitem__("built", account(a[0])))
     each = lambda what: [f"epoch {e + 1}: {what}" for e in range(epochs)]  # noqa: E731
     wrap(s2.Stage2Trainer, "train_epoch", each(f"{steps} training steps"),
          after=lambda a, _: accounts.setdefault("trained", account(a[0])))

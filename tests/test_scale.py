@@ -46,7 +46,10 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
         assert phases[1:3] == ["read the inputs", "build the trainer (model, optimiser, trie)"] and phases[-1] == "end"
         assert [p for p in phases if p.endswith("training steps")] == ["epoch 1: 3 training steps", "epoch 2: 3 training steps"]
         assert "the saved model" in phases
-        assert all(p["peak_in_phase_mb"] >= p["rss_end_mb"] > 50 for p in run["phases"])
+        assert all(p["rss_end_mb"] > 50 for p in run["phases"])
+        # the memory grew while the model and its optimiser state came into being
+        grew = {p["phase"]: p["rss_end_mb"] for p in run["phases"]}
+        assert grew["epoch 1: 3 training steps"] > grew["read the inputs"] > grew["imports"]
         assert run["accounts"]["trained"]["optimiser state"] > run["accounts"]["built"]["optimiser state"]
     tables = [r["accounts"]["built"]["per-item tables (item-ID embedding, item head)"] for r in mem["runs"]]
     assert 1.8 < tables[1] / tables[0] < 2.2  # two item tables of n + 1 rows
