@@ -9,8 +9,9 @@ gives test Recall and NDCG @10 and @20 with the history rule on (a user's histor
 from the list, `eval.exclude_history`, the default) and off (as the TIGER-style papers rank). The
 numbers are read from the run directories (or committed result files) named in rows() below, each
 with the command that made it. A run directory that is not on this machine keeps the numbers that
-the committed NAME.json recorded from it (the same row, rule and source), and says so; a source
-found in neither is reported as "not run".
+the committed NAME.json recorded from it (the same row, rule, source and command), and says so;
+anything else without numbers (a run directory here without metrics, a source found nowhere) is
+reported as "not run".
 Writes benchmarks/results/NAME.json and NAME.md.
 """
 from __future__ import annotations
@@ -96,10 +97,15 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
     ]
 
 
-def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str) -> tuple[dict | None, dict | None]:
-    """(test metrics, git record) of the same row, rule and source in the committed table, or (None, None)."""
+def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str,
+             command: str) -> tuple[dict | None, dict | None]:
+    """(test metrics, git record) of the same row, rule, source and command in the committed table, or
+    (None, None). Only for a run directory that is not on this machine: one that is there but holds no
+    metrics (a run that failed or has not finished) is "not run", whatever was recorded before."""
+    if "#" in source or (ROOT / source.split(":")[0]).exists():
+        return None, None
     rec = ((previous or {}).get("tables", {}).get(ds, {}).get(name) or {}).get(rule) or {}
-    if rec.get("source") != source or not rec.get("test"):
+    if rec.get("source") != source or rec.get("command") != command or not rec.get("test"):
         return None, None
     return rec["test"], rec.get("git")
 
@@ -159,7 +165,7 @@ def main() -> None:
                 metrics, git = read(src[0]) if src else (None, None)
                 kept = None
                 if src and metrics is None:
-                    metrics, git = recorded(previous, ds, name, rule, src[0])
+                    metrics, git = recorded(previous, ds, name, rule, src[0], src[1])
                     if metrics:  # the commit of the table that first read it from the run directory
                         kept = previous["tables"][ds][name][rule].get("kept_from") or previous_commit
                 rec[rule] = {"source": src[0] if src else None, "command": src[1] if src else None,

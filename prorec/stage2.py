@@ -90,8 +90,10 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
     item_codes, k = item_code_table(Path(codes_path), n_items)
     need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1
     if need and stage1_path is None:
-        raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, history_stage1 or "
-                         "item_head_from_stage1 is on, and none was given. Fix: run Stage I first, or turn those off")
+        raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, stage2.history_stage1 "
+                         "or stage2.item_head_init=stage1 is set, and no such file was given. Fix: pass Stage I's "
+                         "item_embeddings.parquet (run Stage I first), or set stage2.distill=false, "
+                         "stage2.history_stage1=false and stage2.item_head_init=random")
     teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings"))
                if need and stage1_rows else None)
     stage1_dim = embedding_width(stage1_path) if need else 1

@@ -22,11 +22,18 @@ def test_rows_read_from_runs_kept_from_the_committed_table_or_not_run(tmp_path, 
     (tmp_path / run / folder).mkdir(parents=True)
     (tmp_path / run / folder / "metrics.json").write_text(json.dumps({"test": _metrics(0.08)}))
     (tmp_path / run / "manifest.json").write_text(json.dumps({"git": {"commit": "a" * 40, "dirty": False}}))
+    # The rule-off TIGER run is here but unfinished (no metrics.json): "not run", whatever was recorded.
+    (tmp_path / rows[tiger]["off"][0].split(":")[0]).mkdir(parents=True)
+
+    def rec(rule, x, source=None, command=None):
+        src, cmd = rows[rule[0]][rule[1]]
+        return {"source": source or src, "command": command or cmd, "test": _metrics(x), "git": {"commit": "c" * 40}}
+
     previous = {"written_from": {"commit": "b" * 40},
-                "tables": {"beauty": {tiger: {"on": {"source": rows[tiger]["on"][0], "test": _metrics(0.05),
-                                                     "git": {"commit": "c" * 40}}},
-                                      # a recorded number whose source has since changed is not kept
-                                      hs1: {"on": {"source": "runs/elsewhere:eval", "test": _metrics(0.09)}}}}}
+                "tables": {"beauty": {tiger: {"on": rec((tiger, "on"), 0.05), "off": rec((tiger, "off"), 0.04)},
+                                      # recorded numbers whose source or command has since changed are not kept
+                                      hs1: {"on": rec((hs1, "on"), 0.09, source="runs/elsewhere:eval"),
+                                            "off": rec((hs1, "off"), 0.07, command="python other.py")}}}}
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "t.json").write_text(json.dumps(previous))
     monkeypatch.setattr(sys, "argv", ["quality_table.py", "--name", "t", "--allow-dirty"])
@@ -35,7 +42,8 @@ def test_rows_read_from_runs_kept_from_the_committed_table_or_not_run(tmp_path, 
     assert table[sasrec]["on"]["test"]["recall@10"] == 0.08 and "kept_from" not in table[sasrec]["on"]
     assert table[tiger]["on"]["test"]["recall@10"] == 0.05 and table[tiger]["on"]["kept_from"] == "b" * 40
     assert table[tiger]["on"]["git"]["commit"] == "c" * 40  # the commit that made the number
-    assert table[hs1]["on"]["test"] is None and table[tiger]["off"]["test"] is None
+    assert table[hs1]["on"]["test"] is None and table[hs1]["off"]["test"] is None
+    assert table[tiger]["off"]["test"] is None
     md = (tmp_path / "results" / "t.md").read_text()
     hs1_line = next(line for line in md.splitlines() if line.startswith(f"| {hs1} |"))
     assert "not run" in hs1_line and "| 0.0800 |" in md and "| 0.0500 |" in md

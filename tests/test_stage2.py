@@ -352,3 +352,12 @@ def test_stage1_table_is_read_once_and_not_kept_beside_the_models_copy(artifacts
                      artifacts["stage1"], tmp_path)
     assert len(reads) == 1  # the trainer's read; model_config.json's width comes from the file's schema
     assert json.loads((out / CONFIG_FILE).read_text())["distill_dim"] == raw.shape[1]
+
+
+def test_a_setting_that_reads_stage1_without_its_file_names_the_fix(artifacts):
+    from prorec.stage2 import load_inputs
+
+    with pytest.raises(ValueError, match="stage2.history_stage1.*Fix: pass Stage I's item_embeddings.parquet"):
+        load_inputs(small(distill=False, history_stage1=True), artifacts["data"], artifacts["codes"], None)
+    plain = load_inputs(small(distill=False), artifacts["data"], artifacts["codes"], None, splits=())
+    assert plain.teacher is None and plain.stage1_dim == 1  # nothing reads Stage I: no file needed
