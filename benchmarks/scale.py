@@ -394,7 +394,8 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
 # The estimate's assumptions: nothing below was measured on this project's hardware.
 ASSUMED = {
     "stage1_epochs": 3,  # as the Beauty CPU default (jobs/configs/beauty/prorec_cpu.yaml)
-    "stage2_epochs": 9,  # as many as Beauty's headline Stage II ran before early stopping
+    "stage2_epochs": 6,  # as the Beauty CPU default since 2026-12-01 (its cosine's length; 9 before, as many as
+    # Beauty's headline Stage II ran before early stopping)
     "a10g_speedup": 20.0,  # a training step or a beam-search user on one A10G against one CPU thread here
     "a100_speedup": 40.0,  # the same on one A100
     "encoder_a10g_items_per_s": 5000.0,  # MiniLM-L6 on one A10G, bf16, short titles
@@ -441,7 +442,7 @@ def estimate(res: dict[str, Any]) -> list[str]:
            f"{s2_step * 1000:.0f} ms and its validation {s2_valid:.0f} s; {eval_user * 1000:.1f} ms a user at beam 200; "
            f"the data stage {cpu['data']:.0f} s and the codes {cpu['codes']:.0f} s; the encoder {res['encoder_items_per_s']:.0f} "
            f"items/s (at {res['sizes'][0]:,}). **Assumed** (not measured in this project: no GPU has been lent to it): "
-           f"{a['stage1_epochs']} Stage I and {a['stage2_epochs']} Stage II epochs (Beauty's); a training step or a "
+           f"{a['stage1_epochs']} Stage I and {a['stage2_epochs']} Stage II epochs (prorec_cpu.yaml's); a training step or a "
            f"user's search {a['a10g_speedup']:.0f}x faster on an A10G and {a['a100_speedup']:.0f}x on an A100 than on one "
            f"thread here; the encoder at {a['encoder_a10g_items_per_s']:,.0f} and {a['encoder_a100_items_per_s']:,.0f} items/s; "
            "data-parallel workers and evaluation actors that scale linearly; AWS on-demand list prices "
