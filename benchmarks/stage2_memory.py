@@ -95,7 +95,7 @@ def account(trainer) -> dict[str, float]:
     return out
 
 
-def child(run: Path, steps: int, users: int, epochs: int) -> dict[str, Any]:
+def child(run: Path, steps: int, users: int, epochs: int, folder: str = "stage2_memory") -> dict[str, Any]:
     """Stage II on the catalogue in `run`, phase by phase (this process only)."""
     import shutil
 
@@ -138,7 +138,7 @@ def child(run: Path, steps: int, users: int, epochs: int) -> dict[str, Any]:
     wrap(s2.Stage2Trainer, "validate", each(f"validation ({users} users)"))
     wrap(LocalContext, "report", each("checkpoint (the best weights copied when better, the state written)"))
     wrap(s2, "save_generator", "the saved model")
-    out_dir = run / "stage2_memory"
+    out_dir = run / folder
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = Stage2Config(num_workers=0, max_epochs=epochs, patience=epochs, steps_per_epoch=steps, valid_users=users)
     s2.run_stage2(cfg, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet", out_dir)
@@ -189,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="stage2_memory")
     add_results_dir(p)
     add_allow_dirty(p)
+    p.add_argument("--folder", default="stage2_memory", help="the trained model's folder inside WORK/n<size>")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        args.out.write_text(json.dumps(child(args.child, args.steps, args.users, args.epochs)))
+        args.out.write_text(json.dumps(child(args.child, args.steps, args.users, args.epochs, args.folder)))
         return 0
     tree = check_tree(args.allow_dirty)
     runs = []
@@ -203,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: {run} has no codes/codes.parquet. Fix: first run benchmarks/scale.py --sizes {n} "
                      f"--stages generate data embed stage1 codes --work {args.work} (see this script's docstring)")
         print(f"stage2_memory: {n:,} items ...", file=sys.stderr, flush=True)
-        out = run / "stage2_memory.json"
+        out = run / f"{args.folder}.json"
         subprocess.run([sys.executable, __file__, "--child", str(run), "--out", str(out), "--steps", str(args.steps),
-                        "--users", str(args.users), "--epochs", str(args.epochs)], check=True)
+                        "--users", str(args.users), "--epochs", str(args.epochs), "--folder", args.folder], check=True)
         runs.append(json.loads(out.read_text()))
         print(f"stage2_memory: {n:,} items: peak {runs[-1]['peak_rss_mb']:,.0f} MB", file=sys.stderr, flush=True)
     res = {"command": " ".join(["python", "benchmarks/stage2_memory.py", *(argv or sys.argv[1:])]),
