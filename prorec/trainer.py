@@ -47,6 +47,17 @@ class TrainingDiverged(RuntimeError):
     """A loss or a weight became NaN or infinite; the stage stops, unfinished, and says where."""
 
 
+FINITE_BLOCK = 1 << 22  # elements a block of all_finite (16 MB of float32)
+
+
+def all_finite(t: torch.Tensor, block: int = FINITE_BLOCK) -> bool:
+    """torch.isfinite(t).all(), a block of `block` elements at a time: the whole-tensor check builds
+    masks and an |t| copy as large as t (about 0.9 GB for a million-item table of 128 floats, the
+    peak of a Stage II epoch at that size, benchmarks/results/stage2_memory.md)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[lo:lo + block]).all()) for lo in range(0, flat.numel(), block))
+
+
 class DivergenceGuard:
     """Watches a training loss for NaN/inf without a device sync a step: the first bad step and the
     last finite loss are kept on the device and read once, by `check`, at the end of the epoch."""
@@ -78,7 +89,7 @@ class DivergenceGuard:
             raise TrainingDiverged(f"{self.stage} diverged: the loss is not finite at epoch {epoch}, step {bad} "
                                    f"({last}). Fix: {hint}")
         for name, p in model.named_parameters():
-            if not torch.isfinite(p).all():
+            if not all_finite(p):
                 raise TrainingDiverged(f"{self.stage} diverged: weight {name} is not finite after epoch {epoch}. "
                                        f"Fix: {hint}")
         self.reset()

@@ -96,6 +96,35 @@ def test_run_epochs_holds_one_best_copy_and_lets_the_resumed_checkpoint_go(tmp_p
     assert resumed.loaded is not None and fit.epochs_run == 4 and fit.best_model_state["w"].item() == 4.0
 
 
+def test_all_finite_agrees_with_isfinite_and_never_checks_more_than_a_block(monkeypatch):
+    """The epoch-end weight check, block by block: the same answer as torch.isfinite(t).all(), for a
+    bad value anywhere (the last, partial block too), without a mask the size of the table."""
+    from prorec import trainer
+
+    t = torch.randn(1000, 7)
+    assert trainer.all_finite(t, block=64) and trainer.all_finite(torch.zeros(0), block=64)
+    seen, real = [], torch.isfinite
+
+    def spy(x):
+        seen.append(x.numel())
+        return real(x)
+
+    monkeypatch.setattr(torch, "isfinite", spy)
+    for at in (0, 63, 64, 6999):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u.view(-1)[at] = bad
+            assert not trainer.all_finite(u, block=64), (at, bad)
+    assert max(seen) <= 64
+    monkeypatch.setattr(torch, "isfinite", real)
+    guard = trainer.DivergenceGuard("stage2", "cpu")
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    with pytest.raises(trainer.TrainingDiverged, match="weight weight is not finite"):
+        guard.check(0, model, "lower the rate")
+
+
 def test_length_grouped_batches_cover_rows_once_and_cut_padding():
     rng = np.random.default_rng(0)
     rows = np.arange(10_000)
