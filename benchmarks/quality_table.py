@@ -7,8 +7,8 @@ PRORec with the default Stage II (the generator alone; with a constant and with 
 rate, with Stage I features in its history tokens, and with those and the cosine over 6 epochs) and
 the reranked pipeline. Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
 on (a user's history items removed from the list, `eval.exclude_history`, the default) and off (as
-the TIGER-style papers rank). The numbers are read from the run directories (or committed result files) named in rows() below, each
-with the command that made it. A run directory that is not on this machine keeps the numbers that
+the TIGER-style papers rank). The numbers are read from the run directories (or committed result
+files) named in rows() below, each with the command that made it. A run directory that is not on this machine keeps the numbers that
 the committed NAME.json recorded from it (the same row, rule, source and command), and says so;
 anything else without numbers (a run directory here without metrics, a source found nowhere) is
 reported as "not run".
@@ -109,16 +109,18 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
 
 
 def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str,
-             command: str) -> tuple[dict | None, dict | None]:
-    """(test metrics, git record) of the same row, rule, source and command in the committed table, or
-    (None, None). Only for a run directory that is not on this machine: one that is there but holds no
-    metrics (a run that failed or has not finished) is "not run", whatever was recorded before."""
+             command: str) -> tuple[dict | None, dict | None, str | None]:
+    """(test metrics, git record, commit of the table that first read them from the run directory) of
+    the same row, rule, source and command in the committed table, or (None, None, None). Only for a
+    run directory that is not on this machine: one that is there but holds no metrics (a run that
+    failed or has not finished) is "not run", whatever was recorded before."""
     if "#" in source or (ROOT / source.split(":")[0]).exists():
-        return None, None
+        return None, None, None
     rec = ((previous or {}).get("tables", {}).get(ds, {}).get(name) or {}).get(rule) or {}
     if rec.get("source") != source or rec.get("command") != command or not rec.get("test"):
-        return None, None
-    return rec["test"], rec.get("git")
+        return None, None, None
+    first = rec.get("kept_from") or ((previous or {}).get("written_from") or {}).get("commit") or "?"
+    return rec["test"], rec.get("git"), first
 
 
 def read(source: str) -> tuple[dict[str, float] | None, dict | None]:
@@ -151,7 +153,6 @@ def main() -> None:
     # A run directory that is not on this machine keeps the numbers the committed table read from it.
     previous_path = RESULTS / f"{args.name}.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
-    previous_commit = ((previous or {}).get("written_from") or {}).get("commit") or "?"
     out: dict = {}
     md = ["# Quality: every headline model on Beauty and Sports, both history rules", "",
           "    python benchmarks/quality_table.py --name " + args.name, "",
@@ -176,9 +177,7 @@ def main() -> None:
                 metrics, git = read(src[0]) if src else (None, None)
                 kept = None
                 if src and metrics is None:
-                    metrics, git = recorded(previous, ds, name, rule, src[0], src[1])
-                    if metrics:  # the commit of the table that first read it from the run directory
-                        kept = previous["tables"][ds][name][rule].get("kept_from") or previous_commit
+                    metrics, git, kept = recorded(previous, ds, name, rule, src[0], src[1])
                 rec[rule] = {"source": src[0] if src else None, "command": src[1] if src else None,
                              "test": metrics, "git": git, **({"kept_from": kept} if kept else {})}
                 cells += [f"{metrics[m]:.4f}" for m in METRICS] if metrics else ["not run"] * len(METRICS)

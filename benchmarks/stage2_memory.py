@@ -104,7 +104,7 @@ def child(run: Path, steps: int, users: int, epochs: int, folder: str = "stage2_
     torch.set_num_threads(1)
     import prorec.stage2 as s2
     from prorec.config import Stage2Config
-    from prorec.trainer import LocalContext
+    from prorec.trainer import LocalContext, peak_rss_mb
 
     sampler = Sampler()
     sampler.mark("imports")
@@ -144,10 +144,7 @@ def child(run: Path, steps: int, users: int, epochs: int, folder: str = "stage2_
     s2.run_stage2(cfg, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet", out_dir)
     sampler.mark("end")
     sampler.stop()
-    import resource
-
-    return {"phases": sampler.phases, "accounts": accounts,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {"phases": sampler.phases, "accounts": accounts, "peak_rss_mb": peak_rss_mb()}
 
 
 def markdown(res: dict[str, Any], command: str) -> str:
