@@ -188,6 +188,11 @@ class Stage1Config(TrainConfig):
     # 256 slowed the DIN's own learning on Beauty (R@10 0.115 against 0.121 after three epochs at
     # J = 4, stage1_small_step.md): the items left out of a step lose the alignment's pull.
     align_items: int = 0
+    # The alignment's negatives: each aligned item's own pair is its positive, contrasted against at
+    # most this many of the aligned items drawn at random each step and shared by all of them; 0 =
+    # every other aligned item, the paper's. Unlike align_items, every item keeps its pull towards its
+    # text; only the contrast shrinks, and the (M, M) product becomes (M, S) (prorec.models.modality).
+    align_negatives: int = 0
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the
     # other targets of the batch, with logQ correction; "full" = softmax over the whole catalogue
@@ -226,6 +231,8 @@ class Stage1Config(TrainConfig):
         _check(self.score_hidden >= 2, f"stage1.score_hidden must be >= 2 (got {self.score_hidden})")
         _check(self.align_items == 0 or self.align_items >= 2,
                f"stage1.align_items must be 0 (all the batch's items) or >= 2 (got {self.align_items})")
+        _check(self.align_negatives >= 0,
+               f"stage1.align_negatives must be 0 (every other aligned item) or >= 1 (got {self.align_negatives})")
         _check(0.0 <= self.dropout < 1.0, f"stage1.dropout must be in [0, 1) (got {self.dropout})")
         _check(self.alpha >= 0, "stage1.alpha must be >= 0")
         _check(self.tau > 0, "stage1.tau must be > 0")

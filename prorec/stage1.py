@@ -41,7 +41,9 @@ What a step costs, and the settings that cut it. With the default DIN (J = 16 at
 of a step is the candidate-dependent attention over (user, candidate, history item) triples. At
 J = 4 (`stage1.attention_hidden`) the rest shows: the scoring MLP over (user, candidate) pairs
 (`stage1.score_hidden`, its first layer's width) and the alignment, quadratic in the batch's
-distinct items plus the adapter over each (`stage1.align_items` caps them at a random subset).
+distinct items plus the adapter over each (`stage1.align_items` caps them at a random subset;
+`stage1.align_negatives` keeps every item as an anchor and shrinks only its contrast to that many
+shared negatives, an (M, S) product instead of (M, M)).
 benchmarks/results/stage1_small_step.md has their steps a second side by side and the validation
 after three epochs on Beauty: a smaller scoring MLP kept the quality, fewer aligned items slowed the
 DIN's own learning (the alignment pulls every item of the batch towards its text each step).
@@ -165,9 +167,11 @@ class Stage1Model(nn.Module):
         self.negatives, self.alpha, self.tau = negatives, alpha, tau
 
     def forward(self, history: torch.Tensor, target: torch.Tensor, extra: torch.Tensor,
-                align_items: torch.Tensor, align_semantic: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                align_items: torch.Tensor, align_semantic: torch.Tensor | None,
+                align_negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """history (B, T), target (B,), extra: negatives (S,) or log_q (B,); align_items (M,) distinct
-        items of the batch with their E_S rows (M, d_s) -> (loss, L_seq, L_align)."""
+        items of the batch with their E_S rows (M, d_s), align_negatives (S',) rows of them that
+        are the alignment's shared negatives (None = all) -> (loss, L_seq, L_align)."""
         if self.negatives == "uniform":
             seq = self.din.sampled_softmax_loss(history, target, extra)
         elif self.negatives == "in_batch":
@@ -176,7 +180,8 @@ class Stage1Model(nn.Module):
             seq = self.din.full_softmax_loss(history, target)
         if self.adapter is None:
             return seq, seq.detach(), torch.zeros((), device=seq.device)
-        align = alignment_loss(self.din.item_emb(align_items), self.adapter(align_semantic), self.tau)
+        align = alignment_loss(self.din.item_emb(align_items), self.adapter(align_semantic), self.tau,
+                               align_negatives)
         return seq + self.alpha * align, seq.detach(), align.detach()
 
 
@@ -259,15 +264,17 @@ class Stage1Trainer:
                 extra = torch.randint(1, data.n_items + 1, (cfg.n_negatives,), device=self.device)
             else:
                 extra = self.log_q[target]
-            align_items = align_sem = None
+            align_items = align_sem = align_neg = None
             if self.semantic is not None:
                 align_items = torch.unique(torch.cat([history.flatten(), target]))
                 align_items = align_items[align_items > 0]  # (M,) distinct items of the batch
                 if cfg.align_items and len(align_items) > cfg.align_items:  # a random subset of them
                     align_items = align_items[torch.randperm(len(align_items), device=self.device)[:cfg.align_items]]
                 align_sem = self.semantic[align_items]
+                if cfg.align_negatives and len(align_items) > cfg.align_negatives:  # shared negatives
+                    align_neg = torch.randperm(len(align_items), device=self.device)[:cfg.align_negatives]
             with self._amp():
-                loss, seq, align = self.model(history, target, extra, align_items, align_sem)
+                loss, seq, align = self.model(history, target, extra, align_items, align_sem, align_neg)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -591,6 +598,7 @@ STAGE = Stage(
     # batches each step sees.
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"bf16": False, "steps_per_epoch": 0, "sparse_grads": False, "valid_candidates": 0, "lr_schedule": "constant",
-                  "attention_hidden": 16, "score_hidden": 64, "align_items": 0},
+                  "attention_hidden": 16, "score_hidden": 64, "align_items": 0,
+                  "align_negatives": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

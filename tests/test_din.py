@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from prorec.models.din import DIN, DINConfig
-from prorec.models.modality import AdaLN, ModalityAdapter, alignment_loss
+from prorec.models.modality import AdaLN, ModalityAdapter, alignment_loss, alignment_loss_reference
 
 
 def _din(softmax: bool = False, n_items: int = 40) -> DIN:
@@ -89,3 +89,41 @@ def test_alignment_loss_prefers_matched_pairs():
     assert matched < 0.1 < shuffled
     with pytest.raises(ValueError):
         alignment_loss(e, e[:3], tau=0.1)
+
+
+def _loss_and_grads(fn, e_c, e_t):
+    c, t = e_c.clone().requires_grad_(), e_t.clone().requires_grad_()
+    loss = fn(c, t)
+    loss.backward()
+    return loss.detach(), c.grad, t.grad
+
+
+def test_alignment_loss_equals_the_plain_cross_entropy_and_so_does_every_row_as_negatives():
+    """The logsumexp form and the sampled form over every row (in any order) are the reference's
+    loss and gradients."""
+    torch.manual_seed(1)
+    e_c, e_t = torch.randn(40, 8), torch.randn(40, 8)
+    ref = _loss_and_grads(lambda c, t: alignment_loss_reference(c, t, 0.1), e_c, e_t)
+    for negatives in (None, torch.randperm(40)):
+        got = _loss_and_grads(lambda c, t: alignment_loss(c, t, 0.1, negatives), e_c, e_t)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_alignment_loss_with_sampled_negatives_matches_a_row_by_row_brute_force():
+    """Each anchor: its own pair against the shared negatives other than itself, both directions."""
+    torch.manual_seed(2)
+    e_c, e_t = torch.randn(30, 8), torch.randn(30, 8)
+    negatives = torch.tensor([3, 7, 11, 12, 20, 29])
+    got = alignment_loss(e_c, e_t, 0.2, negatives)
+    c, t = torch.nn.functional.normalize(e_c, dim=-1), torch.nn.functional.normalize(e_t, dim=-1)
+    total = 0.0
+    for anchor, other in ((c, t), (t, c)):
+        for i in range(30):
+            cand = [i] + [j for j in negatives.tolist() if j != i]
+            logits = torch.stack([anchor[i] @ other[j] for j in cand]) / 0.2
+            total += float(-torch.log_softmax(logits, 0)[0]) / 30
+    assert float(got) == pytest.approx(total / 2, rel=1e-5)
+    matched = alignment_loss(e_c, e_c + 0.01 * torch.randn(30, 8), 0.1, negatives)
+    shuffled = alignment_loss(e_c, e_c[torch.randperm(30)], 0.1, negatives)
+    assert matched < 0.1 < shuffled

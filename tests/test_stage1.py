@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import RankContext
 
 from prorec.artifacts import read_embeddings, write_embeddings
@@ -288,19 +289,22 @@ def test_the_small_step_settings_shape_the_din_the_stage_trains_and_saves(tiny_d
     """stage1.attention_hidden and stage1.score_hidden: the DIN's activation unit has that many hidden
     units and its scoring MLP those widths, in training and in the din_config.json the reranker
     rebuilds it from. stage1.align_items caps the items the alignment's InfoNCE sees a step at a
-    random subset of the batch's distinct items, which the default (0) uses whole. The small
-    variant still learns."""
+    random subset of the batch's distinct items, which the default (0) uses whole; stage1.align_negatives
+    keeps them all as anchors and contrasts them with that many of them, distinct, drawn afresh each
+    step. The small variant still learns."""
     import prorec.stage1 as stage1_module
     from prorec.models.din import load_din
     from prorec.stage1 import Stage1Trainer
     from prorec.trainer import LocalContext
 
     seen: list[int] = []
+    negatives: list[torch.Tensor | None] = []
     real = stage1_module.alignment_loss
 
-    def recording(e_c, e_t, tau):
+    def recording(e_c, e_t, tau, neg=None):
         seen.append(e_c.shape[0])
-        return real(e_c, e_t, tau)
+        negatives.append(neg)
+        return real(e_c, e_t, tau, neg)
 
     monkeypatch.setattr(stage1_module, "alignment_loss", recording)
     data = Stage1Data.load(tiny_data)
@@ -311,6 +315,15 @@ def test_the_small_step_settings_shape_the_din_the_stage_trains_and_saves(tiny_d
     distinct = [len(np.setdiff1d(np.concatenate([data.train_hist.padded(rows).ravel(), data.train_target[rows]]), [0]))
                 for rows in trainer._batches(0)]
     assert seen == distinct and min(seen) > 24  # every distinct item of each batch of 64 users
+    assert negatives == [None] * 3
+    seen.clear(), negatives.clear()
+    trainer = Stage1Trainer(small_cfg(align_negatives=16), data, semantic, LocalContext(None))
+    trainer.steps = 3
+    trainer.train_epoch(0)
+    assert seen == distinct  # every item stays an anchor
+    assert [len(n) for n in negatives] == [16] * 3 and all(len(set(n.tolist())) == 16 for n in negatives)
+    assert all(int(n.max()) < m for n, m in zip(negatives, seen))
+    assert not all(torch.equal(negatives[0], n) for n in negatives[1:])  # drawn afresh each step
     seen.clear()
     out = run_stage1(small_cfg(attention_hidden=4, score_hidden=16, align_items=24, max_epochs=3), tiny_data,
                      semantic_path, tmp_path)
@@ -320,7 +333,8 @@ def test_the_small_step_settings_shape_the_din_the_stage_trains_and_saves(tiny_d
     assert din.cfg.mlp_hidden == (16, 8) and din.score_mlp.lin1.weight.shape == (16, 3 * 32)
     assert metrics_of(out)["valid"]["recall@10"] > 0.15
     for bad, msg in ((dict(attention_hidden=0), "attention_hidden must be >= 1"),
-                     (dict(score_hidden=1), "score_hidden must be >= 2"), (dict(align_items=1), "align_items must be 0")):
+                     (dict(score_hidden=1), "score_hidden must be >= 2"), (dict(align_items=1), "align_items must be 0"),
+                     (dict(align_negatives=-1), "align_negatives must be 0")):
         with pytest.raises(Exception, match=msg):
             small_cfg(**bad).validate()
 

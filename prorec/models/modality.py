@@ -58,16 +58,39 @@ class ModalityAdapter(nn.Module):
         return self.adaln(self.proj(e_s), e_s)
 
 
-def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE between E_C[i] and E_T[i]; the other rows are the negatives.
+def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE between E_C[i] and E_T[i]; the other rows (or the rows `negatives` names) are the negatives.
 
     e_c, e_t: (M, dim), row i of both is the same item and rows are distinct items (the caller
     deduplicates). Cosine similarity with temperature tau. We average both directions (C -> T and
     T -> C, as in CLIP): each side then gets a full set of negatives, and neither modality can satisfy
     the loss by collapsing on its own.
+
+    negatives: None = every other row, the paper's (an (M, M) product). Else (S,) row indices
+    shared by all the anchors: every row still has its own pair as the positive, so every item of
+    the batch keeps its pull towards its text, and only the contrast shrinks to S rows (an (M, S)
+    product in each direction). A row that is its own anchor's pair is masked out. With
+    negatives = every row it is the full loss (tests/test_din.py checks this against
+    `alignment_loss_reference`).
     """
     if e_c.shape != e_t.shape:
         raise ValueError(f"alignment_loss needs equal shapes, got {tuple(e_c.shape)} and {tuple(e_t.shape)}")
+    c, t = F.normalize(e_c, dim=-1), F.normalize(e_t, dim=-1)
+    pos = (c * t).sum(-1).float() / tau  # (M,) the matched pairs
+    if negatives is None:
+        logits = (c @ t.T).float() / tau  # (M, M), pos on its diagonal; logsumexp over dim 0 avoids a transposed copy
+        return 0.5 * ((logits.logsumexp(1) - pos).mean() + (logits.logsumexp(0) - pos).mean())
+    own = negatives[None, :] == torch.arange(c.shape[0], device=c.device)[:, None]  # (M, S)
+    loss = c.new_zeros(())
+    for anchor, other in ((c, t), (t, c)):
+        logits = ((anchor @ other[negatives].T).float() / tau).masked_fill(own, float("-inf"))  # (M, S)
+        loss = loss + (torch.cat([pos[:, None], logits], dim=1).logsumexp(1) - pos).mean()
+    return 0.5 * loss
+
+
+def alignment_loss_reference(e_c: torch.Tensor, e_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """The full InfoNCE written plainly (cross-entropy both ways), which `alignment_loss` must equal."""
     logits = F.normalize(e_c, dim=-1) @ F.normalize(e_t, dim=-1).T / tau  # (M, M)
     labels = torch.arange(e_c.shape[0], device=e_c.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
