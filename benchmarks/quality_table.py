@@ -5,9 +5,9 @@
 One table a dataset, rows: the paper's PRORec, SASRec, TIGER, PRORec with the paper's Stage II,
 PRORec with the default Stage II (the generator alone; with a constant and with a cosine learning
 rate, with Stage I features in its history tokens, and with those and the cosine over 6 epochs) and
-the reranked pipeline. Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
+the reranked pipeline (the frozen config's, and prorec_cpu.yaml's on the 6-epoch generator). Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
 on (a user's history items removed from the list, `eval.exclude_history`, the default) and off (as
-the TIGER-style papers rank). The numbers are read from the run directories (or committed result
+the TIGER-style papers rank). Rows with several seeds also give their spread below the table. The numbers are read from the run directories (or committed result
 files) named in rows() below, each with the command that made it. A run directory that is not on this machine keeps the numbers that
 the committed NAME.json recorded from it (the same row, rule, source and command), and says so;
 anything else without numbers (a run directory here without metrics, a source found nowhere) is
@@ -31,6 +31,9 @@ PAPER = {"beauty": {"recall@10": 0.0939, "ndcg@10": 0.0559, "recall@20": 0.1289,
          "sports": {"recall@10": 0.0471, "ndcg@10": 0.0259, "recall@20": 0.0710, "ndcg@20": 0.0319}}
 DATA = {"beauty": "../shared/data/amazon-beauty", "sports": "../shared/data/amazon-sports"}
 FROZEN = "jobs/configs/beauty/frozen"
+# Rows renamed since a committed table recorded them: {new name: old name}, so that a kept number
+# (recorded()) follows its row; the source and command must still match.
+RENAMED = {"PRORec reranked pipeline (frozen config)": "PRORec reranked pipeline (default)"}
 
 
 def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
@@ -100,12 +103,36 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
                     _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1_e6", hs1_reuse[ds] + hs1 + e6)),
              "off": (f"runs/{ds}_gen_hs1_e6_all:eval",
                      _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1_e6_all",
-                               f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6} eval.exclude_history=false"))}),
-        ("PRORec reranked pipeline (default)", "+ beam 200 reordered by DIN, semantic affinity, transitions", {
+                               f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6} eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_history_stage1_e6_seeds.json"}),
+        ("PRORec reranked pipeline (frozen config)", "+ beam 200 reordered by DIN, semantic affinity, transitions, "
+         "on the constant-rate generator (beam 200)", {
             "on": (f"runs/{full}:eval", _pipeline(base, ds, f"runs/{full}")),
             "off": (f"runs/{ds}_reranked_all:eval",
                     _pipeline(base, ds, f"runs/{ds}_reranked_all", reuse + " eval.exclude_history=false"))}),
+        # The same reranking (frozen weights, chosen on Beauty's validation) over the beam of the 6-epoch
+        # generator above: prorec_cpu.yaml's pipeline since 2026-12-01.
+        ("PRORec reranked pipeline (default)", "the same reranking on the 6-epoch generator above: prorec_cpu.yaml's "
+         "(beam 200)", {
+            "on": (f"runs/{ds}_rr_hs1_e6:eval",
+                   _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6", f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6}")),
+            "off": (f"runs/{ds}_rr_hs1_e6_all:eval",
+                    _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6_all",
+                              f"--reuse runs/{ds}_rr_hs1_e6{hs1}{e6} eval.exclude_history=false"))}),
     ]
+
+
+def seed_line(name: str, path: str) -> str | None:
+    """The mean ± std over seeds of a row's test numbers (rule on), from a committed seed_spread.py
+    result, or None when that file does not exist."""
+    p = ROOT / path
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    test = d["spread"]["test"]
+    cells = ", ".join(f"{m.replace('recall', 'R').replace('ndcg', 'N')} {test[m]['mean']:.4f} ± {test[m]['std']:.4f}"
+                      for m in METRICS)
+    return f"- {name}: {len(d['runs'])} seeds, test, rule on: {cells} (`{path}`: `python {d['command']}`)"
 
 
 def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str,
@@ -116,7 +143,8 @@ def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str,
     failed or has not finished) is "not run", whatever was recorded before."""
     if "#" in source or (ROOT / source.split(":")[0]).exists():
         return None, None, None
-    rec = ((previous or {}).get("tables", {}).get(ds, {}).get(name) or {}).get(rule) or {}
+    table = (previous or {}).get("tables", {}).get(ds, {})
+    rec = ((table.get(name) or table.get(RENAMED.get(name, "")) or {}).get(rule)) or {}
     if rec.get("source") != source or rec.get("command") != command or not rec.get("test"):
         return None, None, None
     first = rec.get("kept_from") or ((previous or {}).get("written_from") or {}).get("commit") or "?"
@@ -160,7 +188,7 @@ def main() -> None:
           "from the ranked list (`eval.exclude_history`, the project's default); **rule off**: they are kept, as "
           "the TIGER-style papers rank. The paper's rows are as published (their rule is not stated in the "
           "paper). Each number comes from the source named below the table, made by the command given there; "
-          "one seed each.", ""]
+          "one seed each (seed 0), with the spread over seeds below the table where it was measured.", ""]
     for ds in ("beauty", "sports"):
         out[ds] = {}
         md += [f"## {ds.capitalize()}", "",
@@ -169,8 +197,11 @@ def main() -> None:
         p = PAPER[ds]
         md.append("| paper's PRORec (Table 3) | as published | " + " | ".join(f"{p[m]:.4f}" for m in METRICS) +
                   " | | | | |")
-        notes = []
+        notes, seeds = [], []
         for name, what, sources in rows(ds):
+            line = seed_line(name, sources["seeds"]) if "seeds" in sources else None
+            if line:
+                seeds.append(line)
             cells, rec = [], {}
             for rule in ("on", "off"):
                 src = sources.get(rule)
@@ -189,6 +220,8 @@ def main() -> None:
                                  f"): `{src[1]}`")
             out[ds][name] = rec
             md.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
+        if seeds:
+            md += ["", "Over seeds (the mean and the sample standard deviation; the table gives seed 0):", *seeds]
         md += ["", "Sources and commands:", *notes, ""]
     write_result(RESULTS / args.name, {"command": " ".join(sys.argv), "tables": out, "paper": PAPER}, "\n".join(md),
                  tree)

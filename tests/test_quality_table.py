@@ -53,3 +53,33 @@ def test_rows_read_from_runs_kept_from_the_committed_table_or_not_run(tmp_path, 
     qt.main()
     again = json.loads((tmp_path / "results" / "t.json").read_text())["tables"]["beauty"]
     assert again[tiger]["on"]["kept_from"] == "b" * 40 and again[tiger]["on"]["test"]["recall@10"] == 0.05
+
+
+def test_seed_spread_below_the_table_and_renamed_rows_keep_their_numbers(tmp_path, monkeypatch):
+    """A row with a committed seed_spread result gets its mean ± std under the table; a row renamed
+    since the committed table (qt.RENAMED) keeps the numbers recorded under its old name, while the
+    row that took the old name, with another source, does not inherit them."""
+    monkeypatch.setattr(qt, "ROOT", tmp_path)
+    monkeypatch.setattr(qt, "RESULTS", tmp_path / "results")
+    rows = {name: sources for name, _, sources in qt.rows("beauty")}
+    seeded = next(n for n, s in rows.items() if "seeds" in s)
+    new, old = next(iter(qt.RENAMED.items()))
+    spread = {"test": {m: {"mean": 0.05 + i / 100, "std": 0.0001 * (i + 1)} for i, m in enumerate(qt.METRICS)}}
+    (tmp_path / rows[seeded]["seeds"]).parent.mkdir(parents=True)
+    (tmp_path / rows[seeded]["seeds"]).write_text(json.dumps({"command": "benchmarks/seed_spread.py a b c",
+                                                              "runs": [{}, {}, {}], "spread": spread}))
+    src, cmd = rows[new]["on"]
+    previous = {"written_from": {"commit": "b" * 40},
+                "tables": {"beauty": {old: {"on": {"source": src, "command": cmd, "test": _metrics(0.1),
+                                                   "git": {"commit": "c" * 40}}}}}}
+    (tmp_path / "results").mkdir(exist_ok=True)
+    (tmp_path / "results" / "t.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "--name", "t", "--allow-dirty"])
+    qt.main()
+    table = json.loads((tmp_path / "results" / "t.json").read_text())["tables"]["beauty"]
+    assert table[new]["on"]["test"]["recall@10"] == 0.1 and table[new]["on"]["kept_from"] == "b" * 40
+    assert table[old]["on"]["test"] is None  # the new row under the old name has another source
+    md = (tmp_path / "results" / "t.md").read_text()
+    assert (f"- {seeded}: 3 seeds, test, rule on: R@10 0.0500 ± 0.0001, N@10 0.0600 ± 0.0002, "
+            f"R@20 0.0700 ± 0.0003, N@20 0.0800 ± 0.0004") in md
+    assert md.count("seeds, test, rule on") == 1  # only the row whose seed file exists
