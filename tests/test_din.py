@@ -127,3 +127,27 @@ def test_alignment_loss_with_sampled_negatives_matches_a_row_by_row_brute_force(
     matched = alignment_loss(e_c, e_c + 0.01 * torch.randn(30, 8), 0.1, negatives)
     shuffled = alignment_loss(e_c, e_c[torch.randperm(30)], 0.1, negatives)
     assert matched < 0.1 < shuffled
+
+
+@pytest.mark.parametrize("dot", [True, False])
+def test_shared_candidate_scorer_matches_the_literal_din_in_scores_and_gradients(dot):
+    """The one-product scorer for candidates shared by the batch (what Stage I's negatives, validation
+    and the reranker's catalogue chunks use): the same scores and the same gradients for every weight,
+    E_C included, as the literal DIN."""
+    torch.manual_seed(3)
+    din = DIN(DINConfig(n_items=40, dim=8, max_history=6, attention_hidden=5, mlp_hidden=(7, 3), dropout=0.0,
+                        dot_residual=dot))
+    hist, cands = _history(), torch.randint(1, 41, (1, 11))
+
+    def grads(reference: bool):
+        din.zero_grad()
+        h, mask = din.encode_history(hist)
+        score = din.score_embedded(h, mask, din.item_emb(cands), reference=reference)
+        (score * torch.linspace(-1, 2, score.numel()).view_as(score)).sum().backward()
+        return score.detach(), {n: p.grad.clone() for n, p in din.named_parameters() if p.grad is not None}
+
+    (fast, g_fast), (ref, g_ref) = grads(False), grads(True)
+    torch.testing.assert_close(fast, ref)
+    assert g_fast.keys() == g_ref.keys() and "item_emb.weight" in g_fast
+    for name in g_ref:
+        torch.testing.assert_close(g_fast[name], g_ref[name], msg=name)

@@ -147,6 +147,25 @@ class DINScoreMLP(nn.Module):
         x1 = v @ w_v.T + (v * c) @ w_p.T + (c @ w_c.T + self.lin1.bias)  # (B, C, H1)
         return self._head(x1)
 
+    def shared(self, v: torch.Tensor, c: torch.Tensor, dot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for candidates shared by the batch, plus <v, c> when `dot`: v (B, C, d), c (1, C, d)
+        -> (scores (B, C), <v, c> (B, C) or None).
+
+        Candidate c's first layer is one (d, H1) matrix, W_v + diag(c) W_p, with c itself as one more
+        column for <v, c>: a single batched product over the candidates, (C, B, d) @ (C, d, H1 + 1),
+        replaces `forward`'s two (B * C, d) products and the (B, C, d) elementwise v * c, which (with
+        its gradients) took a third of a Stage I step at J = 4 (benchmarks/results/stage1_fast_step.md).
+        """
+        w_v, w_c, w_p = self.lin1.weight.split(self.dim, dim=1)  # (H1, d) each
+        cc = c[0]  # (C, d)
+        m = w_v[None] + cc[:, None, :] * w_p[None]  # (C, H1, d)
+        if dot:
+            m = torch.cat([m, cc[:, None, :]], dim=1)  # (C, H1 + 1, d)
+        out = torch.bmm(v.transpose(0, 1), m.transpose(1, 2)).transpose(0, 1)  # (B, C, H1 [+ 1])
+        h1 = w_v.shape[0]
+        x1 = out[..., :h1] + (cc @ w_c.T + self.lin1.bias)  # (B, C, H1)
+        return self._head(x1), (out[..., h1] if dot else None)
+
 
 class DIN(nn.Module):
     """DIN over item IDs; `item_emb` is E_C."""
@@ -181,6 +200,9 @@ class DIN(nn.Module):
         else:
             w = w * mask[..., None]
         v = torch.einsum("btc,btd->bcd", w, h)  # (B, C, d) interest per candidate
+        if c.shape[0] == 1 and not reference:  # candidates shared by the batch
+            score, dot = self.score_mlp.shared(v, c, self.cfg.dot_residual)
+            return score + dot if dot is not None else score
         score = (self.score_mlp.reference if reference else self.score_mlp)(v, c)
         if self.cfg.dot_residual:
             score = score + (v * c).sum(-1)
