@@ -1,0 +1,117 @@
+"""Stage I's steps a second, before and after a change of code, side by side on the same machine.
+
+    git worktree add --detach ../stage1_before ee0daa8
+    python benchmarks/stage1_before_after.py runs/beauty_gen_cosine --before ../stage1_before \\
+        --variant before/J16: after/J16: after/J4-s32:attention_hidden=4,score_hidden=32 \\
+        "after/J4-s32-n256:attention_hidden=4,score_hidden=32,align_negatives=256" \\
+        --steps 20 --rounds 3 --quality J16:runs/beauty_gen_cosine J4-s32-n256:runs/beauty_s1_j4s32n256 \\
+        --name stage1_fast_step
+
+Each `--variant TREE/NAME:key=value,...` is a set of stage1 overrides of RUN's config, timed by that
+checkout's code: `before` is the checkout `--before` names, `after` this one. Every measurement runs
+in a fresh child process from its checkout (`benchmarks.stage1_speed.steps_per_second` there: one
+torch thread, 5 warm-up steps, then `--steps` steps of a real Stage I trainer on RUN's data), the
+sets interleaved in `--rounds` rounds; the faster run of each set is reported, and every set against
+the first. The machine is shared: the ratios, measured side by side, are what counts.
+`--quality NAME:RUN ...` adds the validation curves those runs' Stage I recorded, to compare after
+equal epochs. Writes NAME.json and NAME.md in benchmarks/results (or `--results`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
+from benchmarks.stage1_variants import _quality, _quality_lines  # noqa: E402
+
+# Run in the child, from its checkout: the code of that checkout times the set.
+CHILD = """
+import dataclasses, json, sys
+sys.path.insert(0, ".")
+import torch
+from benchmarks.stage1_speed import steps_per_second
+from prorec.config import load_config
+from prorec.stage1 import Stage1Data, load_semantic, uses_alignment
+from prorec.stages import input_paths
+torch.set_num_threads(1)
+run, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+cfg = dataclasses.replace(load_config(f"{run}/config.yaml", overrides).stage1, num_workers=0)
+paths = input_paths(__import__("pathlib").Path(run), "stage1")
+data = Stage1Data.load(paths["data"])
+semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
+print(json.dumps({"steps_per_second": steps_per_second(cfg, data, semantic, steps), "n_items": data.n_items}))
+"""
+
+
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """"after/J4:attention_hidden=4" -> ("after/J4", "after", ["stage1.attention_hidden=4"])."""
+    name, _, sets = spec.partition(":")
+    tree = name.split("/", 1)[0]
+    if tree not in ("before", "after") or "/" not in name:
+        raise SystemExit(f"stage1_before_after: --variant {spec!r} must start with before/NAME or after/NAME")
+    return name, tree, [f"stage1.{kv}" for kv in sets.split(",") if kv]
+
+
+def measure(tree: Path, run: Path, steps: int, overrides: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(run.resolve()), str(steps), *overrides], cwd=tree,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"stage1_before_after: the child in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a run directory with finished data and embed stages")
+    ap.add_argument("--before", type=Path, required=True, help="a checkout of the code before the change")
+    ap.add_argument("--variant", nargs="+", required=True, metavar="TREE/NAME:key=value,...")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quality", nargs="*", default=[], metavar="NAME:RUN")
+    ap.add_argument("--name", required=True)
+    add_allow_dirty(ap)
+    add_results_dir(ap)
+    args = ap.parse_args()
+    tree = check_tree(args.allow_dirty)
+    variants = [parse_variant(v) for v in args.variant]
+    if len({v[0] for v in variants}) != len(variants):
+        raise SystemExit("stage1_before_after: two --variant entries share a name")
+    before_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True,
+                                   text=True).stdout.strip() or "?"
+    trees = {"before": args.before, "after": ROOT}
+    rates: dict[str, list[float]] = {v[0]: [] for v in variants}
+    n_items = None
+    for _ in range(args.rounds):
+        for name, t, overrides in variants:
+            m = measure(trees[t], args.run, args.steps, overrides)
+            rates[name].append(m["steps_per_second"])
+            n_items = m["n_items"]
+            print(f"stage1_before_after: {name} {rates[name][-1]:.2f} steps/s", file=sys.stderr, flush=True)
+    ref = variants[0][0]
+    best = {k: max(v) for k, v in rates.items()}
+    result = {"run": str(args.run), "before": {"tree": str(args.before), "commit": before_commit},
+              "steps": args.steps, "rounds": args.rounds, "n_items": n_items,
+              "variants": {n: {"tree": t, "overrides": o} for n, t, o in variants},
+              "steps_per_second": rates, "quality": _quality(args.quality)}
+    lines = [f"# Stage I: steps a second before and after ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
+             f"**before**: commit `{before_commit[:10]}` (`{args.before}`); **after**: the commit this file was "
+             f"written from. The run's Stage I config with each set's overrides, {n_items} items; one torch thread, "
+             f"each measurement a fresh process from its checkout, {args.steps} steps after a warm-up of 5, the "
+             f"sets interleaved, {args.rounds} rounds (the faster of each).", "",
+             f"| set | overrides | steps/s | runs | vs {ref} |", "|---|---|---|---|---|"]
+    for name, _, overrides in variants:
+        lines.append(f"| {name} | {' '.join(overrides) or '(the run config)'} | {best[name]:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in rates[name])} | {best[name] / best[ref]:.2f}x |")
+    lines += _quality_lines(result["quality"], seconds=True)
+    write_result(args.results / args.name, {"command": " ".join(sys.argv), **result}, "\n".join(lines) + "\n", tree)
+    print(f"wrote {args.results / args.name}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
