@@ -161,10 +161,11 @@ class DINScoreMLP(nn.Module):
         m = w_v[None] + cc[:, None, :] * w_p[None]  # (C, H1, d)
         if dot:
             m = torch.cat([m, cc[:, None, :]], dim=1)  # (C, H1 + 1, d)
-        out = torch.bmm(v.transpose(0, 1), m.transpose(1, 2)).transpose(0, 1)  # (B, C, H1 [+ 1])
+        # Candidate-major (C, B, .) throughout, so that the backward's products get contiguous gradients.
+        out = torch.bmm(v.transpose(0, 1), m.transpose(1, 2))  # (C, B, H1 [+ 1])
         h1 = w_v.shape[0]
-        x1 = out[..., :h1] + (cc @ w_c.T + self.lin1.bias)  # (B, C, H1)
-        return self._head(x1), (out[..., h1] if dot else None)
+        x1 = out[..., :h1] + (cc @ w_c.T + self.lin1.bias)[:, None, :]  # (C, B, H1)
+        return self._head(x1).T, (out[..., h1].T if dot else None)
 
 
 class DIN(nn.Module):
