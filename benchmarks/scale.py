@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -239,18 +238,17 @@ def _epoch(metrics_path: Path, steps: int) -> dict[str, Any]:
 def _child(args: argparse.Namespace) -> None:
     import torch
 
+    from prorec.trainer import peak_rss_mb
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.child == "side_by_side":
         out = side_by_side([int(x) for x in args.child_sizes.split(",")], Path(args.run), args.users, args.rounds)
-        out["seconds"] = time.perf_counter() - t0
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        Path(args.result).write_text(json.dumps(out))
-        return
-    out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
-                    args.valid_candidates, args.ray_workers)
+    else:
+        out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
+                        args.valid_candidates, args.ray_workers)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = peak_rss_mb()
     Path(args.result).write_text(json.dumps(out))
 
 
