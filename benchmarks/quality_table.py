@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,9 +41,10 @@ def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
     return f"python jobs/pipeline.py --config {config} --data {DATA[ds]} --out {out}{' ' + extra if extra else ''}"
 
 
-def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
-    """(row, what it is, {"on"|"off": (source, command) or None}). A source is RUN:FOLDER (its
-    metrics.json) or FILE.json#key.key (a committed result)."""
+def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row, what it is, {"on"|"off": (source, command) or None, and optionally "seeds": the
+    seed_spread.py result file of the row's seeds}). A source is RUN:FOLDER (its metrics.json) or
+    FILE.json#key.key (a committed result)."""
     full = "beauty_full_run" if ds == "beauty" else "sports_full_run"
     base = f"{FROZEN}/beauty_full_run.yaml"
     no_rr = f"{FROZEN}/beauty_full_run_no_rerank.yaml"
@@ -113,7 +115,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, tuple[str, str] | None]]]:
         # The same reranking (frozen weights, chosen on Beauty's validation) over the beam of the 6-epoch
         # generator above: prorec_cpu.yaml's pipeline since 2026-12-01.
         ("PRORec reranked pipeline (default)", "the same reranking on the 6-epoch generator above: prorec_cpu.yaml's "
-         "(beam 200)", {
+         "Stage II and evaluation, on the frozen config's Stage I (J = 16; prorec_cpu.yaml's has J = 4) (beam 200)", {
             "on": (f"runs/{ds}_rr_hs1_e6:eval",
                    _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6", f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6}")),
             "off": (f"runs/{ds}_rr_hs1_e6_all:eval",

@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
-from benchmarks.stage1_variants import _quality, _quality_lines  # noqa: E402
+from benchmarks.stage1_variants import quality_curves, quality_lines  # noqa: E402
 
-# Run in the child, from its checkout: the code of that checkout times the set.
+# Run in the child, from its checkout: the code of that checkout times the set. It uses only what
+# checkouts from before this script had (stage1_speed.steps_per_second, the config and data loaders),
+# so that an older commit can be the "before".
 CHILD = """
 import dataclasses, json, sys
 sys.path.insert(0, ".")
@@ -84,6 +86,9 @@ def main() -> None:
         raise SystemExit("stage1_before_after: two --variant entries share a name")
     before_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True,
                                    text=True).stdout.strip() or "?"
+    before_dirty = [line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                        cwd=args.before, capture_output=True,
+                                                        text=True).stdout.splitlines()]
     trees = {"before": args.before, "after": ROOT}
     rates: dict[str, list[float]] = {v[0]: [] for v in variants}
     n_items = None
@@ -95,12 +100,15 @@ def main() -> None:
             print(f"stage1_before_after: {name} {rates[name][-1]:.2f} steps/s", file=sys.stderr, flush=True)
     ref = variants[0][0]
     best = {k: max(v) for k, v in rates.items()}
-    result = {"run": str(args.run), "before": {"tree": str(args.before), "commit": before_commit},
+    result = {"run": str(args.run),
+              "before": {"tree": str(args.before), "commit": before_commit, "modified": before_dirty},
               "steps": args.steps, "rounds": args.rounds, "n_items": n_items,
               "variants": {n: {"tree": t, "overrides": o} for n, t, o in variants},
-              "steps_per_second": rates, "quality": _quality(args.quality)}
+              "steps_per_second": rates, "quality": quality_curves(args.quality)}
     lines = [f"# Stage I: steps a second before and after ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
-             f"**before**: commit `{before_commit[:10]}` (`{args.before}`); **after**: the commit this file was "
+             f"**before**: commit `{before_commit[:10]}` (`{args.before}`"
+             f"{'; with uncommitted changes to ' + ', '.join(before_dirty) if before_dirty else ', clean'}); "
+             "**after**: the commit this file was "
              f"written from. The run's Stage I config with each set's overrides, {n_items} items; one torch thread, "
              f"each measurement a fresh process from its checkout, {args.steps} steps after a warm-up of 5, the "
              f"sets interleaved, {args.rounds} rounds (the faster of each).", "",
@@ -108,7 +116,7 @@ def main() -> None:
     for name, _, overrides in variants:
         lines.append(f"| {name} | {' '.join(overrides) or '(the run config)'} | {best[name]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in rates[name])} | {best[name] / best[ref]:.2f}x |")
-    lines += _quality_lines(result["quality"], seconds=True)
+    lines += quality_lines(result["quality"], seconds=True)
     write_result(args.results / args.name, {"command": " ".join(sys.argv), **result}, "\n".join(lines) + "\n", tree)
     print(f"wrote {args.results / args.name}.md", file=sys.stderr)
 

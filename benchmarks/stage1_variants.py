@@ -39,14 +39,14 @@ def _history(run: Path) -> list[dict]:
     return json.loads((run / "stage1" / "metrics.json").read_text())["history"]
 
 
-def _quality(specs: list[str]) -> dict[str, dict]:
+def quality_curves(specs: list[str]) -> dict[str, dict]:
     """`--quality NAME:RUN ...` -> {NAME: {"run": RUN, "history": its Stage I curve}}."""
     return {q.split(":", 1)[0]: {"run": q.split(":", 1)[1], "history": _history(Path(q.split(":", 1)[1]))}
             for q in specs}
 
 
-def _quality_lines(quality: dict[str, dict], seconds: bool) -> list[str]:
-    """The "validation after equal epochs" section for `_quality`'s runs; `seconds` adds each epoch's
+def quality_lines(quality: dict[str, dict], seconds: bool) -> list[str]:
+    """The "validation after equal epochs" section for `quality_curves`'s runs; `seconds` adds each epoch's
     recorded wall time."""
     if not quality:
         return []
@@ -107,7 +107,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
               "batch_size": cfg.batch_size, "n_items": data.n_items, "config_negatives": cfg.n_negatives,
               "config_attention_hidden": cfg.attention_hidden, "attention_hidden": units,
               "steps_per_second": rates,
-              "quality": _quality(args.quality)}
+              "quality": quality_curves(args.quality)}
     best = {k: max(v) for k, v in rates.items()}
     what = "shared negatives" + (" and attention units J" if len(units) > 1 else "")
     lines = [f"# Stage I: {what}, {' and '.join(args.dtypes)} ({args.run})", "",
@@ -121,7 +121,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     for key, v in rates.items():
         lines.append(f"| {' | '.join(p.lstrip('J') for p in key.split('/'))} | {best[key]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v)} | {best[key] / best[ref]:.2f}x |")
-    lines += _quality_lines(result["quality"], seconds=False)
+    lines += quality_lines(result["quality"], seconds=False)
     return result, "\n".join(lines) + "\n"
 
 
@@ -158,7 +158,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     result = {"run": str(args.run), "steps": args.steps, "rounds": args.rounds, "n_items": data.n_items,
               "variants": {n: {"overrides": o, "stage1": dataclasses.asdict(c)} for n, (o, c) in variants.items()},
               "steps_per_second": rates,
-              "quality": _quality(args.quality)}
+              "quality": quality_curves(args.quality)}
     lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
              f"The run's Stage I config with each set's overrides (fusion {', '.join(sorted({c.fusion for _, c in variants.values()}))}, "
              f"{', '.join(sorted({'bf16' if c.bf16 else 'fp32' for _, c in variants.values()}))}, batches of "
@@ -171,7 +171,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     for name, v in rates.items():
         lines.append(f"| {name} | {' '.join(variants[name][0]) or '(the run config)'} | {best[name]:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in v)} | {best[name] / best[ref]:.2f}x |")
-    lines += _quality_lines(result["quality"], seconds=True)
+    lines += quality_lines(result["quality"], seconds=True)
     return result, "\n".join(lines) + "\n"
 
 

@@ -192,8 +192,9 @@ class Stage1Config(TrainConfig):
     # most this many of the aligned items drawn at random each step and shared by all of them; 0 =
     # every other aligned item, the paper's. Unlike align_items, every item keeps its pull towards its
     # text; only the contrast shrinks, and the (M, M) product becomes (M, S) (prorec.models.modality).
-    # 256 slowed the DIN's learning on Beauty more than align_items did (R@10 0.107 against 0.117
-    # after three epochs at J = 4 with score_hidden 32, benchmarks/results/stage1_fast_step.md).
+    # 256 slowed the DIN's learning on Beauty (R@10 0.107 against 0.117 after three epochs at J = 4
+    # with score_hidden 32, benchmarks/results/stage1_fast_step.md; align_items 256 lost more there,
+    # 0.096, stage1_small_step.md).
     align_negatives: int = 0
     # Added by Stage I. The next-item loss L_seq (why: prorec/stage1.py): "uniform" = the target
     # against n_negatives items drawn uniformly and shared by the batch; "in_batch" = against the

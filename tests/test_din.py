@@ -151,3 +151,24 @@ def test_shared_candidate_scorer_matches_the_literal_din_in_scores_and_gradients
     assert g_fast.keys() == g_ref.keys() and "item_emb.weight" in g_fast
     for name in g_ref:
         torch.testing.assert_close(g_fast[name], g_ref[name], msg=name)
+
+
+def test_under_bf16_autocast_the_shared_scorer_and_the_alignment_keep_fp32_where_the_literal_code_does():
+    """Under autocast (Stage I's `bf16`), the shared-candidate scorer returns fp32 scores close to the
+    literal DIN's (its <v, c> is an fp32 sum there too), and the alignment loss is computed in fp32:
+    the reference's value on the same inputs, never below zero."""
+    torch.manual_seed(4)
+    din = DIN(DINConfig(n_items=40, dim=8, max_history=6, attention_hidden=5, mlp_hidden=(7, 3), dropout=0.0))
+    hist, cands = _history(), torch.randint(1, 41, (1, 11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, mask = din.encode_history(hist)
+        fast = din.score_embedded(h, mask, din.item_emb(cands))
+        ref = din.score_embedded(h, mask, din.item_emb(cands), reference=True)
+    assert fast.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, rtol=0.05, atol=0.05)
+    e = torch.randn(50, 8)
+    t = e + 1e-3 * torch.randn(50, 8)  # nearly matched pairs: a small loss that bf16 rounding would bias
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [alignment_loss(e, t, 0.07), alignment_loss(e, t, 0.07, torch.randperm(50)[:20])]
+    assert all(x.dtype == torch.float32 and x >= 0 for x in losses)
+    torch.testing.assert_close(losses[0], alignment_loss_reference(e, t, 0.07), rtol=1e-4, atol=1e-6)

@@ -162,7 +162,10 @@ class DINScoreMLP(nn.Module):
         if dot:
             m = torch.cat([m, cc[:, None, :]], dim=1)  # (C, H1 + 1, d)
         # Candidate-major (C, B, .) throughout, so that the backward's products get contiguous gradients.
-        out = torch.bmm(v.transpose(0, 1), m.transpose(1, 2))  # (C, B, H1 [+ 1])
+        # In fp32 under autocast too: the literal path's <v, c> is an fp32 sum, and a bf16 product
+        # would round every score (more ties in a ranking).
+        with torch.autocast(v.device.type, enabled=False):
+            out = torch.bmm(v.float().transpose(0, 1), m.float().transpose(1, 2))  # (C, B, H1 [+ 1])
         h1 = w_v.shape[0]
         x1 = out[..., :h1] + (cc @ w_c.T + self.lin1.bias)[:, None, :]  # (C, B, H1)
         return self._head(x1).T, (out[..., h1].T if dot else None)

@@ -67,8 +67,8 @@ def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float,
     T -> C, as in CLIP): each side then gets a full set of negatives, and neither modality can satisfy
     the loss by collapsing on its own.
 
-    negatives: None = every other row, the paper's (an (M, M) product). Else (S,) row indices
-    shared by all the anchors: every row still has its own pair as the positive, so every item of
+    negatives: None = every other row, the paper's (an (M, M) product). Else (S,) distinct row
+    indices shared by all the anchors: every row still has its own pair as the positive, so every item of
     the batch keeps its pull towards its text, and only the contrast shrinks to S rows (an (M, S)
     product in each direction). A row that is its own anchor's pair is masked out. With
     negatives = every row it is the full loss (tests/test_din.py checks this against
@@ -76,17 +76,18 @@ def alignment_loss(e_c: torch.Tensor, e_t: torch.Tensor, tau: float,
     """
     if e_c.shape != e_t.shape:
         raise ValueError(f"alignment_loss needs equal shapes, got {tuple(e_c.shape)} and {tuple(e_t.shape)}")
-    c, t = F.normalize(e_c, dim=-1), F.normalize(e_t, dim=-1)
-    pos = (c * t).sum(-1).float() / tau  # (M,) the matched pairs
-    if negatives is None:
-        logits = (c @ t.T).float() / tau  # (M, M), pos on its diagonal; logsumexp over dim 0 avoids a transposed copy
-        return 0.5 * ((logits.logsumexp(1) - pos).mean() + (logits.logsumexp(0) - pos).mean())
-    own = negatives[None, :] == torch.arange(c.shape[0], device=c.device)[:, None]  # (M, S)
-    loss = c.new_zeros(())
-    for anchor, other in ((c, t), (t, c)):
-        logits = ((anchor @ other[negatives].T).float() / tau).masked_fill(own, float("-inf"))  # (M, S)
-        loss = loss + (torch.cat([pos[:, None], logits], dim=1).logsumexp(1) - pos).mean()
-    return 0.5 * loss
+    # fp32 under autocast too, so that the positives and the logits they sit among are rounded alike.
+    with torch.autocast(e_c.device.type, enabled=False):
+        c, t = F.normalize(e_c.float(), dim=-1), F.normalize(e_t.float(), dim=-1)
+        if negatives is None:
+            logits = c @ t.T / tau  # (M, M), the matched pairs on its diagonal
+            pos = logits.diagonal()  # logsumexp over dim 0 below avoids a transposed copy
+            return 0.5 * ((logits.logsumexp(1) - pos).mean() + (logits.logsumexp(0) - pos).mean())
+        pos = (c * t).sum(-1) / tau  # (M,) the matched pairs
+        own = negatives[None, :] == torch.arange(c.shape[0], device=c.device)[:, None]  # (M, S)
+        losses = [(torch.cat([pos[:, None], (a @ b[negatives].T / tau).masked_fill(own, float("-inf"))], dim=1)
+                   .logsumexp(1) - pos).mean() for a, b in ((c, t), (t, c))]  # (M, 1 + S) logits each way
+        return 0.5 * (losses[0] + losses[1])
 
 
 def alignment_loss_reference(e_c: torch.Tensor, e_t: torch.Tensor, tau: float) -> torch.Tensor:
