@@ -58,7 +58,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                    f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
                    f"--out runs/{ds}_sasrec {reuse}"),
             "off": (f"benchmarks/results/{ds}_sasrec_history_rule.json#exclude_history.false.test",
-                    f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec --name {ds}_sasrec_history_rule")}),
+                    f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec --name {ds}_sasrec_history_rule"),
+            "seeds": f"benchmarks/results/{ds}_sasrec_seeds.json"}),
         ("TIGER", "baseline: semantic RQ codes, no distillation, beam 20", {
             "on": (f"runs/{ds}_tiger:eval", _pipeline("jobs/configs/baselines/tiger.yaml", ds, f"runs/{ds}_tiger", reuse)),
             "off": (f"runs/{ds}_tiger_all:eval",
@@ -75,7 +76,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
         ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay; constant learning rate (beam 20)", {
             "on": (f"runs/{ds}_generator:eval", _pipeline(no_rr, ds, f"runs/{ds}_generator", reuse)),
             "off": (f"runs/{ds}_generator_all:eval",
-                    _pipeline(no_rr, ds, f"runs/{ds}_generator_all", reuse + " eval.exclude_history=false"))}),
+                    _pipeline(no_rr, ds, f"runs/{ds}_generator_all", reuse + " eval.exclude_history=false")),
+            "seeds": f"benchmarks/results/{ds}_generator_seeds.json"}),
         # The same generator with the learning rate along a cosine (stage2.lr_schedule=cosine, 2026-11-30):
         # better on validation on both datasets, now in the Beauty configs.
         ("PRORec, default Stage II + cosine learning rate (generator alone)",
@@ -84,7 +86,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                                                             reuse + " stage2.lr_schedule=cosine")),
              "off": (f"runs/{ds}_gen_cosine_all:eval",
                      _pipeline(no_rr, ds, f"runs/{ds}_gen_cosine_all",
-                               f"--reuse runs/{ds}_gen_cosine stage2.lr_schedule=cosine eval.exclude_history=false"))}),
+                               f"--reuse runs/{ds}_gen_cosine stage2.lr_schedule=cosine eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_cosine_seeds.json"}),
         # The cosine generator whose history tokens also carry their item's Stage I embedding
         # (stage2.history_stage1, 2026-12-01): better on validation on both datasets, in prorec_cpu.yaml.
         # Its Stage I and codes: beauty_gen_cosine's (beauty_full_run's Stage I and codes, rebuilt), and
@@ -95,7 +98,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
              "on": (f"runs/{ds}_gen_hs1:eval", _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1", hs1_reuse[ds] + hs1)),
              "off": (f"runs/{ds}_gen_hs1_all:eval",
                      _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1_all",
-                               f"--reuse runs/{ds}_gen_hs1{hs1} eval.exclude_history=false"))}),
+                               f"--reuse runs/{ds}_gen_hs1{hs1} eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_history_stage1_seeds.json"}),
         # The same with its cosine over 6 epochs instead of 12 (stage2.max_epochs=6, 2026-12-01): better on
         # validation on both datasets, in prorec_cpu.yaml. The same Stage I and codes as the row above.
         ("PRORec, default Stage II + Stage I history features, cosine over 6 epochs (generator alone)",
@@ -120,17 +124,23 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                    _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6", f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6}")),
             "off": (f"runs/{ds}_rr_hs1_e6_all:eval",
                     _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6_all",
-                              f"--reuse runs/{ds}_rr_hs1_e6{hs1}{e6} eval.exclude_history=false"))}),
+                              f"--reuse runs/{ds}_rr_hs1_e6{hs1}{e6} eval.exclude_history=false")),
+            "seeds": f"benchmarks/results/{ds}_reranked_history_stage1_e6_seeds.json"}),
     ]
 
 
-def seed_line(name: str, path: str) -> str | None:
+def seed_line(name: str, path: str, source: str) -> str | None:
     """The mean ± std over seeds of a row's test numbers (rule on), from a committed seed_spread.py
-    result, or None when that file does not exist."""
+    result whose first run is the row's own (`source`, RUN:FOLDER), or None when that file does not
+    exist."""
     p = ROOT / path
     if not p.is_file():
         return None
     d = json.loads(p.read_text())
+    first, row_run = Path(d["runs"][0]["run"]).name, Path(source.split(":")[0]).name
+    if first != row_run:
+        raise SystemExit(f"quality_table: {path} starts from {d['runs'][0]['run']}, not the row's run {row_run} "
+                         f"({name!r}); fix the row's \"seeds\" entry in rows()")
     test = d["spread"]["test"]
     cells = ", ".join(f"{m.replace('recall', 'R').replace('ndcg', 'N')} {test[m]['mean']:.4f} ± {test[m]['std']:.4f}"
                       for m in METRICS)
@@ -201,7 +211,7 @@ def main() -> None:
                   " | | | | |")
         notes, seeds = [], []
         for name, what, sources in rows(ds):
-            line = seed_line(name, sources["seeds"]) if "seeds" in sources else None
+            line = seed_line(name, sources["seeds"], sources["on"][0]) if "seeds" in sources else None
             if line:
                 seeds.append(line)
             cells, rec = [], {}

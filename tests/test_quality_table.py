@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks import quality_table as qt
 
 
@@ -66,8 +68,10 @@ def test_seed_spread_below_the_table_and_renamed_rows_keep_their_numbers(tmp_pat
     new, old = next(iter(qt.RENAMED.items()))
     spread = {"test": {m: {"mean": 0.05 + i / 100, "std": 0.0001 * (i + 1)} for i, m in enumerate(qt.METRICS)}}
     (tmp_path / rows[seeded]["seeds"]).parent.mkdir(parents=True)
-    (tmp_path / rows[seeded]["seeds"]).write_text(json.dumps({"command": "benchmarks/seed_spread.py a b c",
-                                                              "runs": [{}, {}, {}], "spread": spread}))
+    own_run = rows[seeded]["on"][0].split(":")[0]
+    seed_file = {"command": "benchmarks/seed_spread.py a b c", "spread": spread,
+                 "runs": [{"run": own_run}, {"run": own_run + "_seed1"}, {"run": own_run + "_seed2"}]}
+    (tmp_path / rows[seeded]["seeds"]).write_text(json.dumps(seed_file))
     src, cmd = rows[new]["on"]
     previous = {"written_from": {"commit": "b" * 40},
                 "tables": {"beauty": {old: {"on": {"source": src, "command": cmd, "test": _metrics(0.1),
@@ -83,3 +87,8 @@ def test_seed_spread_below_the_table_and_renamed_rows_keep_their_numbers(tmp_pat
     assert (f"- {seeded}: 3 seeds, test, rule on: R@10 0.0500 ± 0.0001, N@10 0.0600 ± 0.0002, "
             f"R@20 0.0700 ± 0.0003, N@20 0.0800 ± 0.0004") in md
     assert md.count("seeds, test, rule on") == 1  # only the row whose seed file exists
+    # A seed file that does not start from the row's own run is refused, not printed under the row.
+    seed_file["runs"][0]["run"] = "runs/another_run"
+    (tmp_path / rows[seeded]["seeds"]).write_text(json.dumps(seed_file))
+    with pytest.raises(SystemExit, match="not the row's run"):
+        qt.main()
