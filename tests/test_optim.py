@@ -145,11 +145,12 @@ def test_din_trains_to_the_same_weights_with_a_sparse_item_table():
     _train(twin, RowSparseAdam(twin.parameters(), lr=1e-2), batches, loss)
     assert twin.item_emb.weight.grad.is_sparse
     torch.testing.assert_close(twin.item_emb.weight, din.item_emb.weight, rtol=1e-5, atol=1e-6)
-    # The score MLP's last biases get a zero gradient up to float rounding (a softmax does not see a
-    # shift), and Adam turns that rounding noise into steps of up to lr: compare those loosely.
+    # The score MLP's output bias gets a zero gradient up to float rounding (a softmax does not see a
+    # shift), and Adam turns that rounding noise into steps of up to lr each: it may differ by up to
+    # lr a step. Its lin2.bias feeds the score almost as a shift: compare it loosely too.
+    tolerance = {"score_mlp.out.bias": len(batches) * 1e-2, "score_mlp.lin2.bias": 2e-3}
     for (name, a), b in zip(din.state_dict().items(), twin.state_dict().values()):
-        loose = name in ("score_mlp.lin2.bias", "score_mlp.out.bias")
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-3 if loose else 1e-5, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=tolerance.get(name, 1e-5), msg=name)
 
 
 def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
