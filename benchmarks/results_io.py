@@ -40,9 +40,17 @@ def add_results_dir(parser: argparse.ArgumentParser) -> None:
                         help="where the result files go (default benchmarks/results)")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+def _git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30,
                           check=True).stdout
+
+
+def tree_state(root: Path = ROOT) -> dict[str, Any]:
+    """{"commit": HEAD of the checkout at `root`, "modified": its tracked files with uncommitted
+    changes}; raises OSError or subprocess.SubprocessError when git cannot read it."""
+    return {"commit": _git("rev-parse", "HEAD", cwd=root).strip(),
+            "modified": [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no",
+                                                   cwd=root).splitlines()]}
 
 
 def _fail(message: str) -> None:
@@ -57,8 +65,9 @@ def check_tree(allow_dirty: bool = False) -> dict[str, Any]:
     checkout's state cannot be read), unless `allow_dirty`.
     """
     try:
-        commit: str | None = _git("rev-parse", "HEAD").strip()
-        modified = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        state = tree_state()
+        commit: str | None = state["commit"]
+        modified = state["modified"]
     except (OSError, subprocess.SubprocessError) as e:
         if not allow_dirty:
             _fail(f"cannot read the git commit of {ROOT} ({e}), so the result could not name the code that "

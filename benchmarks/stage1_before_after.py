@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, tree_state, write_result  # noqa: E402
 from benchmarks.stage1_variants import quality_curves, quality_lines  # noqa: E402
 
 # Run in the child, from its checkout: the code of that checkout times the set. It uses only what
@@ -84,11 +84,11 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant]
     if len({v[0] for v in variants}) != len(variants):
         raise SystemExit("stage1_before_after: two --variant entries share a name")
-    before_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.before, capture_output=True,
-                                   text=True).stdout.strip() or "?"
-    before_dirty = [line[3:] for line in subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                                        cwd=args.before, capture_output=True,
-                                                        text=True).stdout.splitlines()]
+    try:
+        before = tree_state(args.before)
+    except (OSError, subprocess.SubprocessError):  # not a git checkout: its code is still what it is
+        before = {"commit": "?", "modified": []}
+    before_commit, before_dirty = before["commit"], before["modified"]
     trees = {"before": args.before, "after": ROOT}
     rates: dict[str, list[float]] = {v[0]: [] for v in variants}
     n_items = None
