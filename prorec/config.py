@@ -272,7 +272,7 @@ class Stage2Config(TrainConfig, GeneratorArch):
     """Encoder-decoder generator with the distillation token (PRORec §3.4).
 
     The model's own settings (d_model, n_heads, ..., item_head, item_id_embedding, distill, beta,
-    tau, n_negatives, label_smoothing, history_stage1) and their defaults live in
+    tau, n_negatives, label_smoothing, history_stage1, item_head_stage1) and their defaults live in
     `prorec.models.generator_config.GeneratorArch`."""
 
     # The item head's output embeddings start as "random" or as the L2-normalised Stage I item

@@ -16,8 +16,8 @@ A new item has a text and no interactions. Its way into a finished run:
    - the generator: its item codes; its item-ID embedding and item head rows come from the mapped
      embedding through a ridge regression fitted on the existing items (their Stage I embedding ->
      their row), so a new item is scored like the trained items whose embeddings it resembles; a
-     generator with stage2.history_stage1 stores the mapped embedding (unit length) as the item's
-     Stage I features, as Stage II stores the trained items' Stage I rows;
+     generator with stage2.history_stage1 or stage2.item_head_stage1 stores the mapped embedding
+     (unit length) as the item's Stage I features, as Stage II stores the trained items' Stage I rows;
    - the DIN used for reranking: its item row is the mapped embedding (E_C's space);
    - the semantic embeddings, the Stage I embeddings, the codes and data/items.parquet.
 Existing items keep their codes and every one of their rows exactly. The run's manifest records the
@@ -236,7 +236,7 @@ def _grow(src: Path, run: Path, new_items: list[Item], items_path: Path, manifes
     for name in ("item_emb.weight", "item_out.weight", "item_out_bias.weight"):
         if name in state:
             state[name] = torch.cat([state[name], regress_rows(x_old, state[name][1:], mapped)])
-    if "stage1_emb" in state:  # history_stage1: the history tokens' Stage I features, the mapped rows as Stage I's
+    if "stage1_emb" in state:  # history_stage1 / item_head_stage1: the Stage I features, the mapped rows as Stage I's
         state["stage1_emb"] = torch.cat([state["stage1_emb"], F.normalize(torch.from_numpy(mapped).float(), dim=-1)])
     model.cfg.n_items = n + m
     save_generator(run / "stage2", model.cfg, state)

@@ -88,12 +88,12 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
     file's width, not its table (the model's config needs no more)."""
     n_items = count_rows(data_dir, "items")
     item_codes, k = item_code_table(Path(codes_path), n_items)
-    need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1
+    need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1 or cfg.item_head_stage1
     if need and stage1_path is None:
-        raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, stage2.history_stage1 "
-                         "or stage2.item_head_init=stage1 is set, and no such file was given. Fix: pass Stage I's "
-                         "item_embeddings.parquet (run Stage I first), or set stage2.distill=false, "
-                         "stage2.history_stage1=false and stage2.item_head_init=random")
+        raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, stage2.history_stage1, "
+                         "stage2.item_head_stage1 or stage2.item_head_init=stage1 is set, and no such file was given. "
+                         "Fix: pass Stage I's item_embeddings.parquet (run Stage I first), or set stage2.distill=false, "
+                         "stage2.history_stage1=false, stage2.item_head_stage1=false and stage2.item_head_init=random")
     teacher = (torch.from_numpy(read_item_table(stage1_path, n_items, "Stage I embeddings"))
                if need and stage1_rows else None)
     stage1_dim = embedding_width(stage1_path) if need else 1
@@ -329,6 +329,6 @@ STAGE = Stage(
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False, "lr_schedule": "constant",
                   "item_weight_decay": None,
-                  "label_smoothing": 0.0, "history_stage1": False},
+                  "label_smoothing": 0.0, "history_stage1": False, "item_head_stage1": False},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -19,15 +19,19 @@ def catalogue(n_items: int, seed: int = 0) -> np.ndarray:
     return every[np.random.default_rng(seed).choice(len(every), n_items, replace=False)]
 
 
-def make(n_items: int = 50, seed: int = 0, item_head: bool = False, tied: bool = False) -> tuple[Generator, CodeTrie]:
+def make(n_items: int = 50, seed: int = 0, item_head: bool = False, tied: bool = False,
+         head_stage1: bool = False) -> tuple[Generator, CodeTrie]:
     codes = catalogue(n_items, seed)
     torch.manual_seed(seed)
     cfg = GeneratorConfig(n_items=n_items, k=K, code_length=L, d_model=32, n_heads=2, decoder_layers=2,
-                          ff_dim=64, distill=False, dropout=0.0, item_head=item_head or tied,
-                          item_id_embedding=tied or GeneratorConfig.item_id_embedding, tie_item_head=tied)
+                          ff_dim=64, distill=False, dropout=0.0, item_head=item_head or tied or head_stage1,
+                          item_id_embedding=tied or GeneratorConfig.item_id_embedding, tie_item_head=tied,
+                          item_head_stage1=head_stage1, distill_dim=8)
     model = Generator(cfg, torch.cat([torch.zeros(1, L, dtype=torch.long), torch.from_numpy(codes)]))
     for p in model.parameters():  # spread the scores out: an untrained model is nearly uniform
         torch.nn.init.normal_(p, std=0.4)
+    if head_stage1:
+        model.set_stage1(torch.randn(n_items + 1, 8))
     return model.eval(), CodeTrie.from_codes(codes, np.arange(1, n_items + 1), K)
 
 
@@ -40,10 +44,10 @@ def histories(n_items: int, n_users: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(h)
 
 
-@pytest.mark.parametrize("item_head", [False, True, "tied"])
+@pytest.mark.parametrize("item_head", [False, True, "tied", "stage1"])
 @pytest.mark.parametrize("exclude", [False, True])
 def test_full_width_beam_equals_brute_force(exclude, item_head):
-    model, trie = make(50, item_head=bool(item_head), tied=item_head == "tied")
+    model, trie = make(50, item_head=bool(item_head), tied=item_head == "tied", head_stage1=item_head == "stage1")
     hist = histories(50)
     beam = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=exclude).search(hist)
     ref = brute_force_topk(model, hist, trie, 10, exclude_history=exclude)

@@ -250,12 +250,13 @@ def item_table(model: Generator) -> torch.Tensor:
     return torch.cat([table, torch.full((1, K), -1, dtype=torch.long), lone])
 
 
+@pytest.mark.parametrize("head_stage1", [False, True])
 @pytest.mark.parametrize("min_rows", [1, 2, 1000])  # matmul for every prefix / lone rows pair by pair / no matmul
-def test_grouped_item_head_equals_the_reference_gather(min_rows, monkeypatch):
+def test_grouped_item_head_equals_the_reference_gather(min_rows, head_stage1, monkeypatch):
     import prorec.models.generator as generator
 
     monkeypatch.setattr(generator, "GROUP_MIN_ROWS", min_rows)
-    model = make_model(item_head=True, distill=False)
+    model = make_model(item_head=True, distill=False, item_head_stage1=head_stage1)
     table = item_table(model)
     g = torch.Generator().manual_seed(5)
     # Prefixes with many rows, with one row, dead rows (negative), the empty row, in shuffled order.
@@ -286,10 +287,12 @@ def test_grouped_item_head_has_no_backward():
         model.item_logits(torch.randn(3, 32), torch.tensor([0, 1, 0]))
 
 
-def test_compact_item_head_equals_the_reference_gather_with_gradients():
+@pytest.mark.parametrize("head_stage1", [False, True])
+def test_compact_item_head_equals_the_reference_gather_with_gradients(head_stage1):
     """code_logits (training) scores the item head pair by pair: the same logits as the gather, and
-    the same gradients for the hidden states, the output embeddings and their biases."""
-    model = make_model(item_head=True, distill=False)
+    the same gradients for the hidden states, the output embeddings and their biases (and the Stage I
+    projection of item_head_stage1)."""
+    model = make_model(item_head=True, distill=False, item_head_stage1=head_stage1)
     table = item_table(model)
     children = table[torch.tensor([0, 1, 1, 2, 3, 5, table.shape[0] - 1, 4])]
     grads = []
@@ -299,7 +302,8 @@ def test_compact_item_head_equals_the_reference_gather_with_gradients():
         logits = fn(h, children)
         finite = torch.isfinite(logits)
         (logits[finite] * torch.linspace(-1, 1, int(finite.sum()))).sum().backward()
-        grads.append((logits.detach(), h.grad, model.item_out.weight.grad, model.item_out_bias.weight.grad))
+        grads.append((logits.detach(), h.grad, model.item_out.weight.grad, model.item_out_bias.weight.grad)
+                     + ((model.out_stage1_proj.weight.grad,) if head_stage1 else ()))
     (a, *ga), (b, *gb) = grads
     assert torch.equal(torch.isfinite(a), children > 0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -427,3 +431,48 @@ def test_with_history_stage1_the_distillation_reads_the_same_stage1_rows():
     logits = torch.cat([(q * rows[target]).sum(-1, keepdim=True),
                         (q @ rows[negs].T).masked_fill(negs[None, :] == target[:, None], float("-inf"))], 1)
     torch.testing.assert_close(got, F.cross_entropy(logits / model.cfg.tau, torch.zeros_like(target)))
+
+
+def test_item_head_stage1_adds_the_projected_stage1_row_to_each_output_embedding(tmp_path):
+    """stage2.item_head_stage1: item i's output embedding is item_out[i] + out_stage1_proj(its unit
+    Stage I row). With the projection zeroed the logits are the plain item head's with the same
+    weights; a changed Stage I row (or projection) changes the logits of that item alone, also in
+    the decoding path, whose summed table is kept between calls; the projection learns; the rows are
+    saved with the weights."""
+    from prorec.models.generator import load_generator, save_generator
+
+    model = make_model(item_head=True, item_id_embedding=True, item_head_stage1=True, distill=False)
+    assert "stage1_emb" in model.state_dict() and not hasattr(model, "stage1_proj")  # no history features
+    torch.testing.assert_close(model.stage1_emb[1:].norm(dim=-1), torch.ones(N))
+    items = torch.tensor([[4, 17], [33, 1]])
+    torch.testing.assert_close(model.out_rows(items),
+                               model.item_out(items) + model.out_stage1_proj(model.stage1_emb[items]))
+    plain = make_model(item_head=True, item_id_embedding=True, distill=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(("stage1_", "out_stage1"))})
+    hist, target = history(), torch.tensor([4, 17, 33])
+    prefix = model.item_prefix[target]
+    h = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = model.item_logits(h, prefix)
+        assert (first - plain.item_logits(h, prefix)).nan_to_num().abs().amax() > 1e-3
+        cached = model.out_table()
+        assert model.out_table() is cached  # kept while no table changes
+        model.stage1_emb[17] = -model.stage1_emb[17]
+        after = model.item_logits(h, prefix)
+        moved = (after - first).nan_to_num().abs() > 1e-5
+        assert moved.nonzero().tolist() == [[1, int(model.item_codes[17, -1])]]  # item 17's slot, row 1 alone
+        model.out_stage1_proj.weight.zero_()
+        model.out_stage1_proj.bias.zero_()
+        torch.testing.assert_close(model.item_logits(h, prefix), plain.item_logits(h, prefix))
+        torch.nn.init.normal_(model.out_stage1_proj.weight, std=0.3)
+    model.train()
+    model(hist, target)["loss"].backward()
+    assert model.out_stage1_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    save_generator(tmp_path, model.cfg, model.state_dict())
+    back = load_generator(tmp_path)
+    assert torch.equal(back.stage1_emb, model.stage1_emb)
+    with torch.no_grad():
+        torch.testing.assert_close(back.item_logits(h, prefix), model.item_logits(h, prefix))
+    with pytest.raises(ValueError, match="item_head_stage1 needs item_head"):
+        make_model(item_head=False, item_head_stage1=True)

@@ -159,9 +159,11 @@ def test_a_full_group_sends_the_item_to_the_nearest_group_with_room():
     assert got.codes.tolist() == [[1, 1]] and got.moved == []
 
 
-def test_a_generator_with_stage1_history_features_grows_them_from_the_mapped_rows(tiny_run, tmp_path):
-    """stage2.history_stage1: the generator's saved Stage I rows grow by the new items' mapped Stage I
-    embeddings (unit length, as Stage II stores them), the old rows stay, and the search stays exact."""
+@pytest.mark.parametrize("flag", ["history_stage1", "item_head_stage1"])
+def test_a_generator_with_stage1_features_grows_them_from_the_mapped_rows(tiny_run, tmp_path, flag):
+    """stage2.history_stage1 or stage2.item_head_stage1: the generator's saved Stage I rows grow by
+    the new items' mapped Stage I embeddings (unit length, as Stage II stores them), the old rows stay,
+    and the search stays exact."""
     import shutil
 
     from prorec.artifacts import read_embeddings
@@ -170,12 +172,14 @@ def test_a_generator_with_stage1_history_features_grows_them_from_the_mapped_row
     run = tmp_path / "hs1"
     shutil.copytree(tiny_run, run)
     old = load_generator(run / "stage2")
+    assert old.cfg.item_head
     idx, _, vecs, _ = read_embeddings(run / "stage1" / "item_embeddings.parquet")
-    cfg = type(old.cfg).from_dict({**old.cfg.to_dict(), "history_stage1": True, "distill_dim": vecs.shape[1]})
+    cfg = type(old.cfg).from_dict({**old.cfg.to_dict(), flag: True, "distill_dim": vecs.shape[1]})
     emb = torch.zeros(cfg.n_items + 1, vecs.shape[1])
     emb[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(np.array(vecs)).float()
     model = Generator(cfg, old.item_codes)
-    model.load_state_dict({**old.state_dict(), **{k: v for k, v in model.state_dict().items() if k.startswith("stage1_")}})
+    model.load_state_dict({**old.state_dict(), **{k: v for k, v in model.state_dict().items()
+                                                  if k.startswith(("stage1_", "out_stage1_"))}})
     model.set_stage1(emb)
     save_generator(run / "stage2", cfg, model.state_dict())
     out = tmp_path / "grown"

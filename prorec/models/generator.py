@@ -260,10 +260,14 @@ class Generator(nn.Module):
         # encoder reads each history item's row at every request, so the table is saved with the weights
         # (stage1_emb) and the distillation reads the same rows; without it the distillation's teacher is
         # not saved with the model.
-        if cfg.history_stage1:
+        if cfg.stage1_in_model:
             self.register_buffer("stage1_emb", torch.zeros(cfg.n_items + 1, cfg.distill_dim))
+        if cfg.history_stage1:
             self.stage1_proj = nn.Linear(cfg.distill_dim, d)  # to the model's width
-        elif cfg.distill:
+        if cfg.item_head_stage1:  # the item head's output rows: item_out[i] + out_stage1_proj(stage1_emb[i])
+            self.out_stage1_proj = nn.Linear(cfg.distill_dim, d)
+        self._out_cache: tuple[tuple, torch.Tensor] | None = None
+        if not cfg.stage1_in_model and cfg.distill:
             self.register_buffer("teacher", torch.zeros(cfg.n_items + 1, cfg.distill_dim), persistent=False)
         self.sparse_grads = False
         self.apply(self._init)
@@ -297,6 +301,28 @@ class Generator(nn.Module):
         for table in self.item_tables():
             table.sparse = self.sparse_grads
 
+    def out_rows(self, items: torch.Tensor) -> torch.Tensor:
+        """The item head's output embeddings of `items` (any shape, item_idx) -> [..., d]: the rows of
+        `item_out`, plus the projected Stage I rows with item_head_stage1 (differentiable)."""
+        rows = self.item_out(items)
+        if self.cfg.item_head_stage1:
+            rows = rows + self.out_stage1_proj(self.stage1_emb[items])
+        return rows
+
+    def out_table(self) -> torch.Tensor:
+        """`out_rows` of every item, [n_items + 1, d], for decoding (no gradients): `item_out`'s own
+        weight without item_head_stage1; with it, the sums, computed once and kept until one of the
+        tables they come from changes (its version counter moves: a training step, a load)."""
+        w = self.item_out.weight
+        if not self.cfg.item_head_stage1:
+            return w
+        parts = (w, self.out_stage1_proj.weight, self.out_stage1_proj.bias, self.stage1_emb)
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in parts)
+        if self._out_cache is None or self._out_cache[0] != key:
+            with torch.no_grad():
+                self._out_cache = (key, w + self.out_stage1_proj(self.stage1_emb))
+        return self._out_cache[1]
+
     @property
     def item_out_b(self) -> torch.Tensor:
         """The item head's biases as a vector [n_items + 1] (a view of `item_out_bias.weight`)."""
@@ -314,7 +340,7 @@ class Generator(nn.Module):
         """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused), stored
         L2-normalised as the distillation target (distill) and as the history tokens' Stage I features
         (history_stage1); a model with neither ignores them."""
-        if not (self.cfg.distill or self.cfg.history_stage1):
+        if not self.cfg.reads_stage1:
             return
         want = (self.cfg.n_items + 1, self.cfg.distill_dim)
         if tuple(emb.shape) != want:
@@ -325,9 +351,9 @@ class Generator(nn.Module):
 
     @property
     def stage1_rows(self) -> torch.Tensor:
-        """The Stage I rows [n_items + 1, distill_dim]: `stage1_emb` with history_stage1, else the
-        distillation's `teacher`."""
-        return self.stage1_emb if self.cfg.history_stage1 else self.teacher
+        """The Stage I rows [n_items + 1, distill_dim]: `stage1_emb` with history_stage1 or
+        item_head_stage1, else the distillation's `teacher`."""
+        return self.stage1_emb if self.cfg.stage1_in_model else self.teacher
 
     @torch.no_grad()
     def init_item_head(self, emb: torch.Tensor) -> None:
@@ -409,7 +435,7 @@ class Generator(nn.Module):
         It reads item_out(children), an [N, K, d] tensor: at the last level of a wide beam search
         that is N * K * d floats a step (gigabytes for a batch of users at beam 200)."""
         idx = children.clamp(min=0)
-        logits = torch.einsum("nd,nkd->nk", h, self.item_out(idx)).float() + self.item_out_b[idx].float()
+        logits = torch.einsum("nd,nkd->nk", h, self.out_rows(idx)).float() + self.item_out_b[idx].float()
         return logits.masked_fill(children <= 0, NEG_INF)
 
     def item_logits_compact(self, h: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
@@ -420,7 +446,7 @@ class Generator(nn.Module):
         flat = (children > 0).view(-1).nonzero()[:, 0]  # row * K + token of every real item
         items = children.view(-1).index_select(0, flat)
         rows = h.index_select(0, torch.div(flat, K, rounding_mode="floor"))
-        vals = torch.einsum("td,td->t", rows, self.item_out(items)).float() + self.item_out_bias(items)[:, 0].float()
+        vals = torch.einsum("td,td->t", rows, self.out_rows(items)).float() + self.item_out_bias(items)[:, 0].float()
         out = torch.full((n * K,), NEG_INF, dtype=torch.float32, device=h.device)
         return out.index_copy(0, flat, vals).view(n, K)
 
@@ -463,7 +489,7 @@ class Generator(nn.Module):
         start, rows, kids = (rows.cumsum(0) - rows)[big].tolist(), rows[big].tolist(), kids[big]
         slot, tok = (kids > 0).nonzero(as_tuple=True)  # each prefix's real items, by prefix
         items = kids[slot, tok]
-        w = self.item_out.weight.index_select(0, items)  # (T, d): the prefixes' items, read once
+        w = self.out_table().index_select(0, items)  # (T, d): the prefixes' items, read once
         b = self.item_out_b.index_select(0, items)
         width = torch.bincount(slot, minlength=len(rows)).tolist()  # items a prefix
         for s_p, n_p, w_p, b_p, t_p in zip(start, rows, w.split(width), b.split(width), tok.split(width)):

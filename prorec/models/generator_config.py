@@ -47,6 +47,11 @@ class GeneratorArch:
     # collaborative view of every history item, also of items with few training rows, whose code and
     # item-ID embeddings have had few updates. Off by default (added 2026-12-01).
     history_stage1: bool = False
+    # The item head's output embedding of each item adds a learned projection of the item's Stage I
+    # embedding (fixed, L2-normalised, saved with the model, as for history_stage1): an item with few
+    # training rows, whose own output row has had few updates, is scored through what Stage I learned
+    # of it and of items like it. Needs item_head. Off by default (added 2026-12-01).
+    item_head_stage1: bool = False
 
     def arch_problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
@@ -62,8 +67,20 @@ class GeneratorArch:
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
             (not self.tie_item_head or (self.item_head and self.item_id_embedding),
              "tie_item_head needs item_head and item_id_embedding (the two tables it makes one)"),
+            (not self.item_head_stage1 or self.item_head,
+             "item_head_stage1 needs item_head (it adds to the item head's output embeddings)"),
         ]
         return [msg for ok, msg in checks if not ok]
+
+    @property
+    def stage1_in_model(self) -> bool:
+        """Whether the model keeps the Stage I rows in its weights file (a request reads them)."""
+        return self.history_stage1 or self.item_head_stage1
+
+    @property
+    def reads_stage1(self) -> bool:
+        """Whether training reads the Stage I embeddings (as a teacher, or as rows the model keeps)."""
+        return self.distill or self.stage1_in_model
 
     def arch(self) -> dict[str, Any]:
         """This object's GeneratorArch fields (also of a Stage2Config, which has more)."""
@@ -88,8 +105,8 @@ class GeneratorConfig(GeneratorArch):
             (self.n_items >= 1, "n_items must be >= 1"),
             (self.k >= 2, "k must be >= 2"),
             (self.code_length >= 1, "code_length must be >= 1"),
-            (not (self.distill or self.history_stage1) or self.distill_dim >= 1,
-             "distill_dim must be >= 1 when distill or history_stage1 is on"),
+            (not self.reads_stage1 or self.distill_dim >= 1,
+             "distill_dim must be >= 1 when distill, history_stage1 or item_head_stage1 is on"),
             (self.max_history >= 1, "max_history must be >= 1"),
         ] if not ok]
         if problems:
