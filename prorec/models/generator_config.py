@@ -50,7 +50,9 @@ class GeneratorArch:
     # The item head's output embedding of each item adds a learned projection of the item's Stage I
     # embedding (fixed, L2-normalised, saved with the model, as for history_stage1): an item with few
     # training rows, whose own output row has had few updates, is scored through what Stage I learned
-    # of it and of items like it. Needs item_head. Off by default (added 2026-12-01).
+    # of it and of items like it. Needs item_head. Off: on Beauty it gained on the rarest targets and
+    # lost more on popular ones, all-user validation N@10 0.0649 against 0.0689 for the same seed
+    # (benchmarks/results/beauty_generator_item_head_stage1.md; added 2026-12-01).
     item_head_stage1: bool = False
 
     def arch_problems(self) -> list[str]:
