@@ -196,14 +196,16 @@ def test_item_head_search_equals_the_search_with_the_reference_gather(n_users, b
     torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("item_head", [False, True])
+@pytest.mark.parametrize("item_head", [False, True, "stage1"])
 def test_bf16_search_runs_in_bf16_and_stays_close_to_the_exact_ranking(item_head):
     """eval.bf16: the search autocasts to bfloat16 on the CPU. Its scores are those of the model in
     bf16 (not bit-equal to fp32), its lists keep every rule of the exact search (distinct items, no
-    history item), and they agree with the fp32 brute force up to swaps of close scores."""
-    model, trie = make(50, item_head=item_head)
+    history item), and they agree with the fp32 brute force up to swaps of close scores. A float32
+    search after it is exact again (item_head_stage1's kept output table is float32 whoever made it)."""
+    model, trie = make(50, item_head=bool(item_head), head_stage1=item_head == "stage1")
     hist = histories(50, n_users=16)
-    exact = brute_force_topk(model, hist, trie, 10, exclude_history=True)
+    twin, _ = make(50, item_head=bool(item_head), head_stage1=item_head == "stage1")  # the same weights
+    exact = brute_force_topk(twin, hist, trie, 10, exclude_history=True)  # so that `model` searches in bf16 first
     res = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=True, autocast=True).search(hist)
     gap = (res.scores - exact.scores).abs().max()
     assert 1e-3 < gap < 0.15  # the autocast really ran (fp32 agrees to 1e-6), and bf16 stays close
@@ -212,3 +214,6 @@ def test_bf16_search_runs_in_bf16_and_stays_close_to_the_exact_ranking(item_head
     overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(res.items, exact.items)])
     assert overlap >= 0.9
     assert (res.items[:, 0] == exact.items[:, 0]).float().mean() >= 0.75
+    again = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=True).search(hist)
+    assert torch.equal(again.items, exact.items)
+    torch.testing.assert_close(again.scores, exact.scores, atol=1e-5, rtol=0)

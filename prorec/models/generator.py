@@ -257,9 +257,10 @@ class Generator(nn.Module):
             self.dis_token = nn.Parameter(torch.zeros(d))
             self.dis_proj = nn.Linear(d, cfg.distill_dim)
         # The Stage I item embeddings, L2-normalised (set_stage1), one table: with history_stage1 the
-        # encoder reads each history item's row at every request, so the table is saved with the weights
-        # (stage1_emb) and the distillation reads the same rows; without it the distillation's teacher is
-        # not saved with the model.
+        # encoder reads each history item's row at every request (with item_head_stage1 the item head
+        # reads each candidate's), so the table is saved with the weights (stage1_emb) and the
+        # distillation reads the same rows; without either the distillation's teacher is not saved with
+        # the model.
         if cfg.stage1_in_model:
             self.register_buffer("stage1_emb", torch.zeros(cfg.n_items + 1, cfg.distill_dim))
         if cfg.history_stage1:
@@ -319,7 +320,8 @@ class Generator(nn.Module):
         parts = (w, self.out_stage1_proj.weight, self.out_stage1_proj.bias, self.stage1_emb)
         key = tuple((id(t), t._version, t.device, t.dtype) for t in parts)
         if self._out_cache is None or self._out_cache[0] != key:
-            with torch.no_grad():
+            # in float32 whatever autocast is on: the kept table must not depend on the first caller's
+            with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
                 self._out_cache = (key, w + self.out_stage1_proj(self.stage1_emb))
         return self._out_cache[1]
 
