@@ -88,7 +88,7 @@ def load_inputs(cfg: Stage2Config, data_dir: Path, codes_path: Path, stage1_path
     file's width, not its table (the model's config needs no more)."""
     n_items = count_rows(data_dir, "items")
     item_codes, k = item_code_table(Path(codes_path), n_items)
-    need = cfg.distill or cfg.item_head_from_stage1 or cfg.history_stage1 or cfg.item_head_stage1
+    need = cfg.reads_stage1 or cfg.item_head_from_stage1
     if need and stage1_path is None:
         raise ValueError("Stage II reads Stage I's item_embeddings.parquet when stage2.distill, stage2.history_stage1, "
                          "stage2.item_head_stage1 or stage2.item_head_init=stage1 is set, and no such file was given. "
