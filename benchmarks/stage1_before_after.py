@@ -8,7 +8,8 @@
         --name stage1_fast_step
 
 Each `--variant TREE/NAME:key=value,...` is a set of stage1 overrides of RUN's config, timed by that
-checkout's code: `before` is the checkout `--before` names, `after` this one. Every measurement runs
+checkout's code: `before` is the checkout `--before` names, `after` this one, and `--tree TREE=PATH`
+names more checkouts (e.g. `--tree head=../wt_head` beside an older `--before`). Every measurement runs
 in a fresh child process from its checkout (`benchmarks.stage1_speed.steps_per_second` there: one
 torch thread, 5 warm-up steps, then `--steps` steps of a real Stage I trainer on RUN's data), the
 sets interleaved in `--rounds` rounds; the faster run of each set is reported, and every set against
@@ -51,13 +52,29 @@ print(json.dumps({"steps_per_second": steps_per_second(cfg, data, semantic, step
 """
 
 
-def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+def parse_variant(spec: str, trees=("before", "after")) -> tuple[str, str, list[str]]:
     """"after/J4:attention_hidden=4" -> ("after/J4", "after", ["stage1.attention_hidden=4"])."""
     name, _, sets = spec.partition(":")
     tree = name.split("/", 1)[0]
-    if tree not in ("before", "after") or "/" not in name:
-        raise SystemExit(f"stage1_before_after: --variant {spec!r} must start with before/NAME or after/NAME")
+    if tree not in trees or "/" not in name:
+        raise SystemExit(f"stage1_before_after: --variant {spec!r} must start with "
+                         f"{' or '.join(f'{t}/NAME' for t in trees)}")
     return name, tree, [f"stage1.{kv}" for kv in sets.split(",") if kv]
+
+
+def parse_tree(spec: str) -> tuple[str, Path]:
+    """"head=../wt" -> ("head", Path("../wt")); the name may not be before or after."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path or "/" in name or name in ("before", "after"):
+        raise SystemExit(f"stage1_before_after: --tree {spec!r} must be NAME=PATH, NAME neither before nor after")
+    return name, Path(path)
+
+
+def _state(path: Path) -> dict:
+    try:
+        return tree_state(path)
+    except (OSError, subprocess.SubprocessError):  # not a git checkout: its code is still what it is
+        return {"commit": "?", "modified": []}
 
 
 def measure(tree: Path, run: Path, steps: int, overrides: list[str]) -> dict:
@@ -72,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a run directory with finished data and embed stages")
     ap.add_argument("--before", type=Path, required=True, help="a checkout of the code before the change")
+    ap.add_argument("--tree", nargs="*", default=[], metavar="NAME=PATH", help="more checkouts, by name")
     ap.add_argument("--variant", nargs="+", required=True, metavar="TREE/NAME:key=value,...")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
@@ -81,15 +99,18 @@ def main() -> None:
     add_results_dir(ap)
     args = ap.parse_args()
     tree = check_tree(args.allow_dirty)
-    variants = [parse_variant(v) for v in args.variant]
+    trees = {"before": args.before, "after": ROOT}
+    for spec in args.tree:
+        name, path = parse_tree(spec)
+        if name in trees:
+            raise SystemExit(f"stage1_before_after: --tree {name} is given twice")
+        trees[name] = path
+    variants = [parse_variant(v, tuple(trees)) for v in args.variant]
     if len({v[0] for v in variants}) != len(variants):
         raise SystemExit("stage1_before_after: two --variant entries share a name")
-    try:
-        before = tree_state(args.before)
-    except (OSError, subprocess.SubprocessError):  # not a git checkout: its code is still what it is
-        before = {"commit": "?", "modified": []}
+    before = _state(args.before)
     before_commit, before_dirty = before["commit"], before["modified"]
-    trees = {"before": args.before, "after": ROOT}
+    extra = {name: {"tree": str(path), **_state(path)} for name, path in trees.items() if name not in ("before", "after")}
     rates: dict[str, list[float]] = {v[0]: [] for v in variants}
     n_items = None
     for _ in range(args.rounds):
@@ -102,13 +123,17 @@ def main() -> None:
     best = {k: max(v) for k, v in rates.items()}
     result = {"run": str(args.run),
               "before": {"tree": str(args.before), "commit": before_commit, "modified": before_dirty},
+              "trees": extra,
               "steps": args.steps, "rounds": args.rounds, "n_items": n_items,
               "variants": {n: {"tree": t, "overrides": o} for n, t, o in variants},
               "steps_per_second": rates, "quality": quality_curves(args.quality)}
     lines = [f"# Stage I: steps a second before and after ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
              f"**before**: commit `{before_commit[:10]}` (`{args.before}`"
              f"{'; with uncommitted changes to ' + ', '.join(before_dirty) if before_dirty else ', clean'}); "
-             "**after**: the commit this file was "
+             + "".join(f"**{n}**: commit `{t['commit'][:10]}` (`{t['tree']}`"
+                       f"{'; with uncommitted changes to ' + ', '.join(t['modified']) if t['modified'] else ', clean'}); "
+                       for n, t in extra.items())
+             + "**after**: the commit this file was "
              f"written from. The run's Stage I config with each set's overrides, {n_items} items; one torch thread, "
              f"each measurement a fresh process from its checkout, {args.steps} steps after a warm-up of 5, the "
              f"sets interleaved, {args.rounds} rounds (the faster of each).", "",

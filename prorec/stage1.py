@@ -43,7 +43,9 @@ J = 4 (`stage1.attention_hidden`) the rest shows: the scoring MLP over (user, ca
 (`stage1.score_hidden`, its first layer's width) and the alignment, quadratic in the batch's
 distinct items plus the adapter over each (`stage1.align_items` caps them at a random subset;
 `stage1.align_negatives` keeps every item as an anchor and shrinks only its contrast to that many
-shared negatives, an (M, S) product instead of (M, M)).
+shared negatives, an (M, S) product instead of (M, M)). The full alignment runs as one fused function
+(`prorec.models.modality._FullInfoNCE`: the (M, M) exponentials once, the gradient in one pass), exact,
+so that at M of about 1,800 its three (M, M, d) products are most of its cost.
 benchmarks/results/stage1_small_step.md has their steps a second side by side and the validation
 after three epochs on Beauty: a smaller scoring MLP kept the quality, fewer aligned items slowed the
 DIN's own learning (the alignment pulls every item of the batch towards its text each step).

@@ -104,10 +104,29 @@ def test_alignment_loss_equals_the_plain_cross_entropy_and_so_does_every_row_as_
     torch.manual_seed(1)
     e_c, e_t = torch.randn(40, 8), torch.randn(40, 8)
     ref = _loss_and_grads(lambda c, t: alignment_loss_reference(c, t, 0.1), e_c, e_t)
-    for negatives in (None, torch.randperm(40)):
-        got = _loss_and_grads(lambda c, t: alignment_loss(c, t, 0.1, negatives), e_c, e_t)
+    for negatives, fused in ((None, True), (None, False), (torch.randperm(40), True)):
+        got = _loss_and_grads(lambda c, t: alignment_loss(c, t, 0.1, negatives, fused=fused), e_c, e_t)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.026, 0.07, 1.0, 0.01])
+@pytest.mark.parametrize("m", [1, 2, 300])
+def test_the_fused_full_alignment_loss_equals_the_autograd_one_at_every_temperature(tau, m):
+    """`_FullInfoNCE` (one exp pass with a shared shift, the gradient written by hand) against the
+    autograd logsumexp form: loss and both gradients, from nearly matched pairs (a loss near zero)
+    to unrelated ones, for temperatures down to the shared shift's limit (0.01 is below it: the
+    autograd form then runs, and the results must still agree)."""
+    torch.manual_seed(5)
+    e_c = torch.randn(m, 16)
+    for e_t in (e_c + 1e-3 * torch.randn(m, 16), torch.randn(m, 16), -e_c):
+        fused = _loss_and_grads(lambda c, t: alignment_loss(c, t, tau), e_c, e_t)
+        plain = _loss_and_grads(lambda c, t: alignment_loss(c, t, tau, fused=False), e_c, e_t)
+        ref = _loss_and_grads(lambda c, t: alignment_loss_reference(c, t, tau), e_c, e_t)
+        assert torch.isfinite(fused[0]) and fused[0] >= 0
+        for a, b, r in zip(fused, plain, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
 def test_alignment_loss_with_sampled_negatives_matches_a_row_by_row_brute_force():

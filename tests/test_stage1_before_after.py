@@ -32,20 +32,28 @@ def test_before_and_after_sets_are_timed_and_written(tiny_data, tmp_path):
     history = [{"epoch": 0, "recall@10": 0.2, "ndcg@10": 0.1, "epoch_seconds": 3.0}]
     (run / "stage1" / "metrics.json").write_text(json.dumps({"history": history}))
     out = subprocess.run([sys.executable, "benchmarks/stage1_before_after.py", str(run), "--before", str(ROOT),
-                          "--variant", "before/base:", "after/small:attention_hidden=2,align_negatives=8",
+                          "--tree", f"head={ROOT}",
+                          "--variant", "before/base:", "head/base:", "after/small:attention_hidden=2,align_negatives=8",
                           "--steps", "2", "--rounds", "1", "--quality", f"base:{run}", "--name", "t",
                           "--results", str(tmp_path / "res"), "--allow-dirty"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "res" / "t.json").read_text())
-    assert set(res["steps_per_second"]) == {"before/base", "after/small"}
+    assert set(res["steps_per_second"]) == {"before/base", "head/base", "after/small"}
+    assert res["variants"]["head/base"]["tree"] == "head" and res["trees"]["head"]["tree"] == str(ROOT)
     assert all(len(v) == 1 and min(v) > 0 for v in res["steps_per_second"].values())
     assert res["variants"]["after/small"]["overrides"] == ["stage1.attention_hidden=2", "stage1.align_negatives=8"]
     assert res["n_items"] == items.num_rows and res["quality"]["base"]["history"] == history
     md = (tmp_path / "res" / "t.md").read_text()
     assert "| before/base | (the run config) |" in md and "| 0 | 0.2000 | 0.1000 | 3 |" in md
+    assert "**head**: commit" in md
     assert res["before"]["commit"] and isinstance(res["before"]["modified"], list)
     bad = subprocess.run([sys.executable, "benchmarks/stage1_before_after.py", str(run), "--before", str(ROOT),
                           "--variant", "base:", "--name", "t", "--results", str(tmp_path / "res"), "--allow-dirty"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "must start with before/NAME or after/NAME" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/stage1_before_after.py", str(run), "--before", str(ROOT),
+                          "--tree", f"after={ROOT}", "--variant", "after/base:", "--name", "t",
+                          "--results", str(tmp_path / "res"), "--allow-dirty"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "NAME neither before nor after" in bad.stderr
