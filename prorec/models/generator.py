@@ -340,8 +340,9 @@ class Generator(nn.Module):
 
     def set_stage1(self, emb: torch.Tensor) -> None:
         """emb [n_items + 1, distill_dim]: Stage I integrated item embeddings (row 0 unused), stored
-        L2-normalised as the distillation target (distill) and as the history tokens' Stage I features
-        (history_stage1); a model with neither ignores them."""
+        L2-normalised as the distillation target (distill), as the history tokens' Stage I features
+        (history_stage1) and as the item head's Stage I term (item_head_stage1); a model with none of
+        these (`GeneratorArch.reads_stage1` false) ignores them."""
         if not self.cfg.reads_stage1:
             return
         want = (self.cfg.n_items + 1, self.cfg.distill_dim)
