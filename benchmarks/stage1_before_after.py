@@ -52,7 +52,10 @@ print(json.dumps({"steps_per_second": steps_per_second(cfg, data, semantic, step
 """
 
 
-def parse_variant(spec: str, trees=("before", "after")) -> tuple[str, str, list[str]]:
+FIXED_TREES = ("before", "after")  # --before's checkout and this one; --tree names the others
+
+
+def parse_variant(spec: str, trees=FIXED_TREES) -> tuple[str, str, list[str]]:
     """"after/J4:attention_hidden=4" -> ("after/J4", "after", ["stage1.attention_hidden=4"])."""
     name, _, sets = spec.partition(":")
     tree = name.split("/", 1)[0]
@@ -65,7 +68,7 @@ def parse_variant(spec: str, trees=("before", "after")) -> tuple[str, str, list[
 def parse_tree(spec: str) -> tuple[str, Path]:
     """"head=../wt" -> ("head", Path("../wt")); the name may not be before or after."""
     name, sep, path = spec.partition("=")
-    if not sep or not name or not path or "/" in name or name in ("before", "after"):
+    if not sep or not name or not path or "/" in name or name in FIXED_TREES:
         raise SystemExit(f"stage1_before_after: --tree {spec!r} must be NAME=PATH, NAME neither before nor after")
     return name, Path(path)
 
@@ -75,6 +78,12 @@ def _state(path: Path) -> dict:
         return tree_state(path)
     except (OSError, subprocess.SubprocessError):  # not a git checkout: its code is still what it is
         return {"commit": "?", "modified": []}
+
+
+def _describe(name: str, state: dict) -> str:
+    """"**head**: commit `abc` (`../wt`, clean); " for the results file's header."""
+    changes = "; with uncommitted changes to " + ", ".join(state["modified"]) if state["modified"] else ", clean"
+    return f"**{name}**: commit `{state['commit'][:10]}` (`{state['tree']}`{changes}); "
 
 
 def measure(tree: Path, run: Path, steps: int, overrides: list[str]) -> dict:
@@ -108,9 +117,9 @@ def main() -> None:
     variants = [parse_variant(v, tuple(trees)) for v in args.variant]
     if len({v[0] for v in variants}) != len(variants):
         raise SystemExit("stage1_before_after: two --variant entries share a name")
-    before = _state(args.before)
-    before_commit, before_dirty = before["commit"], before["modified"]
-    extra = {name: {"tree": str(path), **_state(path)} for name, path in trees.items() if name not in ("before", "after")}
+    # Every checkout but this one, by name, "before" first: its tree, commit and uncommitted files.
+    states = {name: {"tree": str(path), **_state(path)} for name, path in trees.items() if name != "after"}
+    extra = {name: st for name, st in states.items() if name not in FIXED_TREES}
     rates: dict[str, list[float]] = {v[0]: [] for v in variants}
     n_items = None
     for _ in range(args.rounds):
@@ -122,18 +131,13 @@ def main() -> None:
     ref = variants[0][0]
     best = {k: max(v) for k, v in rates.items()}
     result = {"run": str(args.run),
-              "before": {"tree": str(args.before), "commit": before_commit, "modified": before_dirty},
+              "before": states["before"],
               "trees": extra,
               "steps": args.steps, "rounds": args.rounds, "n_items": n_items,
               "variants": {n: {"tree": t, "overrides": o} for n, t, o in variants},
               "steps_per_second": rates, "quality": quality_curves(args.quality)}
     lines = [f"# Stage I: steps a second before and after ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
-             f"**before**: commit `{before_commit[:10]}` (`{args.before}`"
-             f"{'; with uncommitted changes to ' + ', '.join(before_dirty) if before_dirty else ', clean'}); "
-             + "".join(f"**{n}**: commit `{t['commit'][:10]}` (`{t['tree']}`"
-                       f"{'; with uncommitted changes to ' + ', '.join(t['modified']) if t['modified'] else ', clean'}); "
-                       for n, t in extra.items())
-             + "**after**: the commit this file was "
+             "".join(_describe(n, st) for n, st in states.items()) + "**after**: the commit this file was "
              f"written from. The run's Stage I config with each set's overrides, {n_items} items; one torch thread, "
              f"each measurement a fresh process from its checkout, {args.steps} steps after a warm-up of 5, the "
              f"sets interleaved, {args.rounds} rounds (the faster of each).", "",
