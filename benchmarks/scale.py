@@ -16,7 +16,7 @@ one torch thread:
 | data | the whole leave-one-out split (`prorec.data.splits.run`) |
 | embed | the item texts through the encoder at the smallest size; above it, random unit vectors of the encoder's width (384) stand in, and the encoder's time is extrapolated from its rate |
 | stage1 | `--steps` training steps (a `steps_per_epoch` epoch) and one validation pass over `--users` users, the DIN ranking a shortlist of `--valid-candidates` items a user |
-| codes | the whole hierarchical k-means at K=256, and the trie build |
+| codes | the whole hierarchical k-means at K=256 (with `--grow-k`, `codes.grow_k`'s K: 2,048 at 1.2M), and the trie build |
 | stage2 | `--steps` training steps and one validation pass over `--users` users |
 | eval_beam50, eval_beam200 | `--users` test users ranked at beam 50 and 200 by the default model |
 
@@ -66,7 +66,7 @@ def _folder_mb(path: Path) -> float:
 
 
 def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool,
-              valid_candidates: int = 0, ray_workers: int = 0) -> dict[str, Any]:
+              valid_candidates: int = 0, ray_workers: int = 0, grow_k: bool = False) -> dict[str, Any]:
     """Run one stage's fixed work for the catalogue in `run`; returns what it measured besides time."""
     import numpy as np
 
@@ -124,11 +124,12 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     elif stage == "codes":
         from prorec.codes import CODES_FILE, run_codes, trie_from_file
 
-        run_codes(CodesConfig(use_ray=False), run / "stage1" / "item_embeddings.parquet", run / "codes")
+        run_codes(CodesConfig(use_ray=False, grow_k=grow_k), run / "stage1" / "item_embeddings.parquet", run / "codes")
         t0 = time.perf_counter()
         trie = trie_from_file(run / "codes" / CODES_FILE)
         out["trie_seconds"] = time.perf_counter() - t0
         out["code_length"] = trie.length
+        out["k"] = trie.k
         out["trie_mb"] = round(sum(t.numel() * t.element_size() for t in trie.allowed + trie.child) / 2 ** 20, 2)
         report = json.loads((run / "codes" / "code_report.json").read_text())
         out["kmeans_seconds"] = report["seconds"]
@@ -246,7 +247,7 @@ def _child(args: argparse.Namespace) -> None:
         out = side_by_side([int(x) for x in args.child_sizes.split(",")], Path(args.run), args.users, args.rounds)
     else:
         out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
-                        args.valid_candidates, args.ray_workers)
+                        args.valid_candidates, args.ray_workers, args.grow_k)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     Path(args.result).write_text(json.dumps(out))
@@ -266,7 +267,7 @@ def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encod
            "--result", str(result), "--steps", str(args.steps), "--users", str(args.users),
            "--threads", str(args.threads), "--valid-candidates", str(args.valid_candidates),
            "--ray-workers", str(args.ray_workers)] + (
-               ["--child-encode"] if encode else [])
+               ["--child-encode"] if encode else []) + (["--grow-k"] if args.grow_k else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -351,6 +352,12 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
              f"validation users for Stage I and II (Stage I's DIN ranks a shortlist of {res.get('valid_candidates', 0) or 'all the'} "
              f"items a user, `stage1.valid_candidates`), {res['users']} test users for each evaluation; in-process, "
              f"{res['threads']} torch thread(s), each stage in a fresh process. Machine: {res['machine']}.", ""]
+    codes = res["details"].get("codes", [])
+    if res.get("grow_k"):
+        lines += ["Codes: `codes.grow_k` (K doubled from 256 until K * K >= 2 N, so that the codes keep two levels), not "
+                  "the fixed K = 256 of the other scale results: " + ", ".join(
+                      f"K = {d.get('k', '?')}, L = {d.get('code_length', '?')} at {n:,} items" for n, d in zip(sizes, codes))
+                  + ".", ""]
     enc = res.get("encoder_items_per_s")
     if enc:
         lines += [f"Semantic embeddings: the encoder (all-MiniLM-L6-v2, in-process) ran at the smallest size only, "
@@ -506,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-workers", type=int, default=0,
                    help="Stage I and II on Ray Train with this many workers of 1 CPU (0 = in-process); the "
                         "trainer's peak memory is then rank 0's, the process's the driver's")
+    p.add_argument("--grow-k", action="store_true",
+                   help="codes.grow_k: K doubled from 256 until K * K >= 2 N (two-level codes at every size; "
+                        "K = 256 at 12,000 items, 2,048 at 1,200,000) instead of K = 256 everywhere")
     p.add_argument("--no-encode", dest="encode", action="store_false",
                    help="random unit vectors at every size (the encoder is measured at the smallest by default)")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
@@ -553,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(args.sizes)
     res: dict[str, Any] = {"sizes": sizes, "steps": args.steps, "users": args.users, "threads": args.threads,
                            "valid_candidates": args.valid_candidates, "ray_workers": args.ray_workers,
+                           "grow_k": args.grow_k,
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                            "stages": {s: {"seconds": [], "peak_rss_mb": [], "artifact_mb": []} for s in args.stages},
                            "details": {s: [] for s in args.stages}}

@@ -185,11 +185,12 @@ def quantize(cfg: CodesConfig, x: np.ndarray, log: bool = False) -> tuple[np.nda
     if cfg.normalize and x.ndim == 2:
         norm = np.linalg.norm(x, axis=1, keepdims=True)
         x = x / np.where(norm > 0, norm, 1.0)  # a zero vector stays zero
+    k = cfg.k_for(len(x))
     if cfg.method == "hkmeans":
-        return q.hierarchical_kmeans(x, cfg.k, cfg.niter, cfg.seed, cfg.use_gpu, cfg.use_ray, log=log)
+        return q.hierarchical_kmeans(x, k, cfg.niter, cfg.seed, cfg.use_gpu, cfg.use_ray, log=log)
     if cfg.method == "rq-kmeans":
-        return q.rq_kmeans(x, cfg.k, cfg.rq_levels, cfg.niter, cfg.seed, cfg.use_gpu)
-    return q.random_codes(len(x), cfg.k, cfg.seed)
+        return q.rq_kmeans(x, k, cfg.rq_levels, cfg.niter, cfg.seed, cfg.use_gpu)
+    return q.random_codes(len(x), k, cfg.seed)
 
 
 def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
@@ -198,17 +199,19 @@ def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     item_idx, item_id, x, _ = read_embeddings(embeddings_path)
-    print(f"codes: {cfg.method} with K={cfg.k} on {x.shape[0]} items x {x.shape[1]} dims",
+    k = cfg.k_for(x.shape[0])
+    grown = f" (codes.grow_k: codes.k={cfg.k} doubled until K * K >= 2 x {x.shape[0]} items)" if k != cfg.k else ""
+    print(f"codes: {cfg.method} with K={k}{grown} on {x.shape[0]} items x {x.shape[1]} dims",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     codes, depth = quantize(cfg, x, log=True)
     seconds = time.perf_counter() - t0
-    report = {"method": cfg.method, **code_stats(codes, depth, cfg.k), "seconds": round(seconds, 3),
+    report = {"method": cfg.method, **code_stats(codes, depth, k), "seconds": round(seconds, 3), "grow_k": cfg.grow_k,
               "normalize": cfg.normalize, "seed": cfg.seed, "embeddings": str(embeddings_path),
               "embeddings_hash": file_hash(embeddings_path)}
     if report["collisions"]:
         raise RuntimeError(f"{cfg.method} produced {report['collisions']} colliding codes; this is a bug")
-    path = write_codes(out_dir / CODES_FILE, item_idx, item_id, codes, cfg.k,
+    path = write_codes(out_dir / CODES_FILE, item_idx, item_id, codes, k,
                        meta={"method": cfg.method, "embeddings_hash": report["embeddings_hash"]})
     write_json(out_dir / REPORT_FILE, report)
     print(f"codes: L={report['code_length']} in {seconds:.1f}s -> {path}", file=sys.stderr, flush=True)
@@ -221,5 +224,5 @@ def run(cfg: CodesConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
 
 STAGE = Stage(name="codes", folder="codes", section="codes", run=run,
               inputs={"embeddings": Input("stage1", "item_embeddings.parquet")}, outputs=(CODES_FILE, REPORT_FILE),
-              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray,
+              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray, added_fields={"grow_k": False},
               resources=lambda c: f"Ray tasks{' on GPU' if c.use_gpu else ''}")

@@ -247,6 +247,11 @@ class CodesConfig:
 
     method: str = "hkmeans"  # hkmeans | rq-kmeans | random
     k: int = 256  # clusters per level, as in the paper
+    # Grow K with the catalogue: double it (from k) until K * K >= 2 N, so that the codes keep two
+    # levels on any catalogue (groups half full on average) and a user's beam search keeps one
+    # full-beam decoder step. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000
+    # items 2,048 (benchmarks/results/scale_grow_k.md). Off by default: K is a modelling choice.
+    grow_k: bool = False
     niter: int = 20
     seed: int = 0
     # rq-kmeans only: number of residual levels before the collision suffix.
@@ -258,6 +263,14 @@ class CodesConfig:
     # cosine similarity (InfoNCE), so directions carry the meaning and Euclidean k-means on unit
     # vectors clusters by cosine; MiniLM vectors are unit already.
     normalize: bool = True
+
+    def k_for(self, n_items: int) -> int:
+        """The K the codes of a catalogue of n_items items use: k, or with grow_k the smallest k * 2^j
+        whose square holds 2 * n_items."""
+        k = self.k
+        while self.grow_k and k * k < 2 * n_items:
+            k *= 2
+        return k
 
     def validate(self) -> None:
         _check(self.method in ("hkmeans", "rq-kmeans", "random"), "codes.method must be hkmeans, rq-kmeans or random")
@@ -683,7 +696,7 @@ def check_against_data(cfg: PipelineConfig, n_items: int, n_users: int) -> None:
     first stage. Settings that mean "at most" (stage1.valid_users, stage2.valid_users) are fine when
     larger than the number of users, and beam widths may exceed the catalogue (the beam then returns
     every item). No setting depends on n_users today; it is here so that one call covers the data."""
-    k = cfg.codes.k
+    k = cfg.codes.k_for(n_items)
     if k >= n_items:
         suggest = max(2, round(math.sqrt(n_items)))
         fix = (f"set codes.k below {n_items}, e.g. codes.k={suggest} (about the square root of the number of "

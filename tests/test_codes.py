@@ -211,3 +211,27 @@ def test_run_codes_writes_codes_and_report(tmp_path, method):
     assert len(report["levels"]) == codes.shape[1] and report["levels"][-1]["largest_group"] == 1
     trie = trie_from_file(tmp_path / "codes")
     assert all(trie.item_of(c) == i for c, i in zip(codes, got_idx))
+
+
+def test_grow_k_doubles_k_until_its_square_holds_twice_the_catalogue():
+    fixed, grow = CodesConfig(), CodesConfig(grow_k=True)
+    # Beauty (12,101 items) and Sports (18,357) keep the paper's 256; then one doubling a 4x catalogue.
+    assert [grow.k_for(n) for n in (12_101, 18_357, 32_768, 32_769, 120_000, 1_200_000)] == [256, 256, 256, 512, 512, 2048]
+    assert fixed.k_for(1_200_000) == 256
+    assert all(k * k >= 2 * n and (k == 256 or (k // 2) ** 2 < 2 * n)
+               for n in (10, 40_000, 3_000_000) for k in [grow.k_for(n)])
+
+
+def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path):
+    x, _ = _blobs(n_blobs=4, per_blob=50, dim=8)
+    item_idx = np.arange(1, 201)
+    emb = write_embeddings(tmp_path / "emb.parquet", item_idx, [f"i{i}" for i in item_idx], x)
+    fixed = run_codes(CodesConfig(k=4, niter=5, use_ray=False), emb, tmp_path / "fixed")
+    grown = run_codes(CodesConfig(k=4, niter=5, use_ray=False, grow_k=True), emb, tmp_path / "grown")
+    assert trie_from_file(tmp_path / "fixed").k == 4 and trie_from_file(tmp_path / "fixed").length > 2
+    trie = trie_from_file(tmp_path / "grown")
+    assert trie.k == 32 and trie.length == 2  # 4 -> 8 -> 16 -> 32: 32 * 32 >= 400
+    report = json.loads((tmp_path / "grown" / "code_report.json").read_text())
+    assert report["k"] == 32 and report["grow_k"] is True and report["code_length"] == 2
+    _, _, codes = load_codes(grown)
+    assert _unique_rows(codes) and codes.max() < 32 and fixed != grown

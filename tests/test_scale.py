@@ -68,6 +68,15 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
             assert len(steps) == lv["code_length"][n], (beam, n)  # one decoder step a level
             assert parts["total"] > sum(parts[k] for k in steps) > 0
 
+    # --grow-k reaches the codes stage (its K stays 256 below 32,768 items) and the table says so.
+    assert scale.main(["--sizes", "400", "--stages", "codes", "--grow-k", "--no-side-by-side", "--work",
+                       str(tmp_path / "work"), "--name", "grown", "--results", str(results), "--allow-dirty"]) == 0
+    grown = json.loads((results / "grown.json").read_text())
+    assert grown["grow_k"] is True and grown["details"]["codes"][0]["k"] == 256
+    report = json.loads((tmp_path / "work" / "n400" / "codes" / "code_report.json").read_text())
+    assert report["grow_k"] is True
+    assert "K = 256, L = 2 at 400 items" in (results / "grown.md").read_text()
+
 
 def test_growth_exponents():
     assert scale.exponents([10, 100, 1000], [1.0, 10.0, 1000.0]) == [1.0, 2.0]
