@@ -248,9 +248,13 @@ class CodesConfig:
     method: str = "hkmeans"  # hkmeans | rq-kmeans | random
     k: int = 256  # clusters per level, as in the paper
     # Grow K with the catalogue: double it (from k) until K * K >= 2 N, so that the codes keep two
-    # levels on any catalogue (groups half full on average) and a user's beam search keeps one
-    # full-beam decoder step. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000
-    # items 2,048 (benchmarks/results/scale_grow_k.md). Off by default: K is a modelling choice.
+    # levels on any catalogue (groups half full on average) and a user's beam search runs one
+    # full-beam decoder step, not one a level. Beauty and Sports keep K = 256; 120,000 items get
+    # 512 and 1,200,000 items 2,048. A trade, measured on synthetic catalogues
+    # (benchmarks/results/scale_grow_k.md + .notes.md): at 120,000 items the search costs 1.3x a
+    # user of 12,000's at beam 200 (2.45x with K = 256), but a Stage II step 2.7x (the item head's
+    # softmax runs over groups of N / K items); at 1,200,000 the wider last level costs the search
+    # as much as a third level would, and a step 8.8x. Off by default: K is a modelling choice.
     grow_k: bool = False
     niter: int = 20
     seed: int = 0
