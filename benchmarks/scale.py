@@ -45,6 +45,8 @@ from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, 
 
 SIZES = (12_000, 120_000, 1_200_000)
 STAGES = ("generate", "data", "embed", "stage1", "codes", "stage2", "eval_beam50", "eval_beam200")
+# The stages whose result depends on --grow-k (the codes' K, and the models and searches built on them).
+GROW_K_STAGES = ("codes", "stage2", "eval_beam50", "eval_beam200")
 ENCODER_DIM = 384  # all-MiniLM-L6-v2's width: the random stand-ins have it too
 USERS_PER_ITEM = 2
 
@@ -250,6 +252,8 @@ def _child(args: argparse.Namespace) -> None:
                         args.valid_candidates, args.ray_workers, args.grow_k)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
+    if args.child in GROW_K_STAGES:
+        out["grow_k"] = args.grow_k
     Path(args.result).write_text(json.dumps(out))
 
 
@@ -573,8 +577,13 @@ def main(argv: list[str] | None = None) -> int:
         for stage in args.stages:
             encode = args.encode and n == sizes[0] and stage == "embed"
             prev = run / f"{stage}.result.json"
-            if args.reuse and prev.is_file():
-                out = {**json.loads(prev.read_text()), "reused": True}
+            kept = json.loads(prev.read_text()) if args.reuse and prev.is_file() else None
+            if kept is not None and stage in GROW_K_STAGES and kept.get("grow_k", False) != args.grow_k:
+                print(f"scale: not reusing {stage} at {n:,} items: it was measured with"
+                      f"{'' if kept.get('grow_k') else 'out'} --grow-k", file=sys.stderr, flush=True)
+                kept = None
+            if kept is not None:
+                out = {**kept, "reused": True}
             else:
                 print(f"scale: {stage} at {n:,} items ...", file=sys.stderr, flush=True)
                 out = measure(stage, n, run, args, encode)

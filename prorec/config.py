@@ -247,14 +247,15 @@ class CodesConfig:
 
     method: str = "hkmeans"  # hkmeans | rq-kmeans | random
     k: int = 256  # clusters per level, as in the paper
-    # Grow K with the catalogue: double it (from k) until K * K >= 2 N, so that the codes keep two
-    # levels on any catalogue (groups half full on average) and a user's beam search runs one
-    # full-beam decoder step, not one a level. Beauty and Sports keep K = 256; 120,000 items get
-    # 512 and 1,200,000 items 2,048. A trade, measured on synthetic catalogues
-    # (benchmarks/results/scale_grow_k.md + .notes.md): at 120,000 items the search costs 1.3x a
-    # user of 12,000's at beam 200 (2.45x with K = 256), but a Stage II step 2.7x (the item head's
-    # softmax runs over groups of N / K items); at 1,200,000 the wider last level costs the search
-    # as much as a third level would, and a step 8.8x. Off by default: K is a modelling choice.
+    # hkmeans only: grow K with the catalogue, doubling it (from k) until K * K >= 2 N, so that the
+    # codes can keep two levels (level-1 groups half full on average; they did at every size of the
+    # synthetic catalogues measured) and a user's beam search runs one full-beam decoder step, not one
+    # a level. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000 items 2,048. A
+    # trade, measured side by side on synthetic catalogues (benchmarks/results/scale_grow_k.md +
+    # .notes.md): at 120,000 items the search costs 1.30x a 12,000-item user's at beam 200 (2.05x
+    # with K = 256, scale.md) but a Stage II step 2.7x (the item head's softmax runs over groups of
+    # N / K items); at 1,200,000 the wide last level leaves the search no cheaper than three levels
+    # (2.56x) and a step costs 8.8x. Off by default: K is a modelling choice.
     grow_k: bool = False
     niter: int = 20
     seed: int = 0
@@ -279,6 +280,9 @@ class CodesConfig:
     def validate(self) -> None:
         _check(self.method in ("hkmeans", "rq-kmeans", "random"), "codes.method must be hkmeans, rq-kmeans or random")
         _check(self.k >= 2, f"codes.k must be >= 2 (got {self.k}): a level with fewer than 2 clusters never splits")
+        _check(not self.grow_k or self.method == "hkmeans",
+               f"codes.grow_k sizes K for hierarchical k-means's two levels; codes.method={self.method} has a fixed "
+               "number of levels. Fix: codes.method=hkmeans, or codes.grow_k=false")
         _check(self.niter >= 1, "codes.niter must be >= 1")
         _check(self.seed >= 0, f"codes.seed must be >= 0 (got {self.seed}): numpy refuses negative seeds")
         _check(self.rq_levels >= 1, "codes.rq_levels must be >= 1")
@@ -706,7 +710,9 @@ def check_against_data(cfg: PipelineConfig, n_items: int, n_users: int) -> None:
         fix = (f"set codes.k below {n_items}, e.g. codes.k={suggest} (about the square root of the number of "
                "items gives codes of two levels)" if suggest < n_items
                else "use a dataset with at least 3 items (codes.k must be >= 2 and below the number of items)")
-        raise ConfigError(f"codes.k={k} is not below the number of items ({n_items}): every item "
+        what = (f"K={k} (codes.grow_k raised codes.k={cfg.codes.k} to it; set codes.grow_k=false)" if k != cfg.codes.k
+                else f"codes.k={k}")
+        raise ConfigError(f"{what} is not below the number of items ({n_items}): every item "
                           f"would get a one-token code of its own, shared with no other item, so the codes would "
                           f"carry no grouping: {fix}")
     top = max(cfg.eval.topk)

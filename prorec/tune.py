@@ -397,6 +397,14 @@ def run_final(best: PipelineConfig, sweep: SweepConfig, params: dict[str, Any], 
     return run_pipeline(best, out / "final", reuse=[artifacts[artifact_params(sweep, params)]])
 
 
+def check_sweep_against_base(base: PipelineConfig, sweep: SweepConfig) -> None:
+    """Refuse a sweep that the base config would make meaningless."""
+    if base.codes.grow_k and any(p.key == "codes.k" for p in sweep.space):
+        raise ConfigError("the sweep varies codes.k while codes.grow_k is on: grow_k replaces each trial's K by a "
+                          "power-of-two multiple of it sized to the catalogue, so trials would share a K under "
+                          "different labels. Fix: set codes.grow_k=false for a sweep over codes.k")
+
+
 def run_sweep(base: PipelineConfig, sweep: SweepConfig, out: str | Path, source_run: str | Path | None = None,
               resume: bool = False) -> SweepResult:
     """Prepare the artifacts, run the Tuner, write the tables, the plot and best.yaml, test the best."""
@@ -409,6 +417,7 @@ def run_sweep(base: PipelineConfig, sweep: SweepConfig, out: str | Path, source_
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = Path(source_run).resolve() if source_run else None
+    check_sweep_against_base(base, sweep)
     for params in finite_combinations(sweep):  # fail on a bad combination before any work
         apply_params(base, {**{p.key: p.values[0] for p in sweep.space if not p.finite}, **params})
     save_config(base, out / "base.yaml")

@@ -234,4 +234,6 @@ def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path
     report = json.loads((tmp_path / "grown" / "code_report.json").read_text())
     assert report["k"] == 32 and report["grow_k"] is True and report["code_length"] == 2
     _, _, codes = load_codes(grown)
-    assert _unique_rows(codes) and codes.max() < 32 and fixed != grown
+    assert _unique_rows(codes) and codes.max() < 32 and load_codes(fixed)[2].shape[1] > codes.shape[1] == 2
+    with pytest.raises(ConfigError, match="codes.method=hkmeans, or codes.grow_k=false"):
+        CodesConfig(method="rq-kmeans", grow_k=True).validate()

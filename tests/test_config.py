@@ -207,6 +207,13 @@ def test_codes_k_message_with_too_few_items_for_any_k():
         check_against_data(load_config(None, ["codes.k=2"]), n_items=2, n_users=5)
 
 
+def test_codes_k_check_uses_the_k_that_grow_k_gives():
+    check_against_data(load_config(None, ["codes.k=2", "eval.topk=[1]"]), n_items=4, n_users=10)
+    with pytest.raises(ConfigError, match=r"K=4 \(codes.grow_k raised codes.k=2 to it; set codes.grow_k=false\) is not "
+                                          r"below the number of items \(4\)"):
+        check_against_data(load_config(None, ["codes.k=2", "codes.grow_k=true", "eval.topk=[1]"]), n_items=4, n_users=10)
+
+
 def test_topk_must_be_below_the_number_of_items():
     cfg = load_config(None, ["codes.k=4"])
     with pytest.raises(ConfigError) as e:

@@ -76,6 +76,12 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
     report = json.loads((tmp_path / "work" / "n400" / "codes" / "code_report.json").read_text())
     assert report["grow_k"] is True
     assert "K = 256, L = 2 at 400 items" in (results / "grown.md").read_text()
+    # --reuse keeps a codes result only when it was measured with the same --grow-k.
+    for grow, reused in (([], False), (["--grow-k"], False), (["--grow-k"], True)):
+        assert scale.main(["--sizes", "400", "--stages", "codes", "--reuse", "--no-side-by-side", "--work",
+                           str(tmp_path / "work"), "--name", "again", "--results", str(results), "--allow-dirty", *grow]) == 0
+        codes = json.loads((results / "again.json").read_text())["details"]["codes"][0]
+        assert codes.get("reused", False) is reused and codes["grow_k"] is bool(grow)
 
 
 def test_growth_exponents():

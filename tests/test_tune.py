@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from prorec.config import ConfigError, load_config
-from prorec.tune import (SCORE_KEY, TrialResources, apply_params, finite_combinations, load_sweep, main,
-                         trial_resources)
+from prorec.tune import (SCORE_KEY, TrialResources, apply_params, check_sweep_against_base, finite_combinations,
+                         load_sweep, main, trial_resources)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
@@ -59,6 +59,13 @@ def test_shipped_sweep_files_parse():
 def test_bad_sweep_files_are_refused(tmp_path, body, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(_space(tmp_path, "tune:\n  " + body + "\n"))
+
+
+def test_a_sweep_over_codes_k_is_refused_while_grow_k_is_on(tmp_path):
+    sweep = load_sweep(_space(tmp_path, "tune:\n  space:\n    codes.k: {grid: [128, 256]}\n"))
+    check_sweep_against_base(load_config(str(TINY), []), sweep)
+    with pytest.raises(ConfigError, match="set codes.grow_k=false for a sweep over codes.k"):
+        check_sweep_against_base(load_config(str(TINY), ["codes.grow_k=true"]), sweep)
 
 
 def test_apply_params_coerces_and_validates():
