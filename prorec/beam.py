@@ -51,7 +51,7 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals, perm = vals.gather(1, perm).sort(dim=1, descending=True, stable=True)
     idx = idx.gather(1, perm)
     kth = vals[:, -1:]
-    tied = torch.isfinite(kth[:, 0]) & ((x >= kth).sum(1) > k)
+    tied = torch.isfinite(kth[:, 0]) & ((x >= kth).sum(1, dtype=torch.int32) > k)  # int32: a bool sum widens to int64
     if bool(tied.any()):
         rows = tied.nonzero()[:, 0]
         v, i = x[rows].sort(dim=1, descending=True, stable=True)
@@ -169,7 +169,9 @@ class BeamSearch:
                     ok = self.allowed[level][nodes]  # (B, G, K); node -1 reads the sentinel row
                     if excl is not None:
                         self._exclude(ok, nodes, excl, level)
-                    cand = torch.where(ok, scores[..., None] + logp, NEG_INF).view(B, G * K)
+                    # In place on the fresh log-softmax and mask: the same floats as torch.where(ok,
+                    # scores + logp, -inf), without its two beam x K temporaries.
+                    cand = logp.add_(scores[..., None]).masked_fill_(ok.logical_not_(), NEG_INF).view(B, G * K)
                     scores, flat = stable_topk(cand, min(W, G * K))  # (B, G')
                     parent, token = flat // K, flat % K
                     nodes = self.child[level][nodes.gather(1, parent), token]
