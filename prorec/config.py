@@ -252,10 +252,10 @@ class CodesConfig:
     # synthetic catalogues measured) and a user's beam search runs one full-beam decoder step, not one
     # a level. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000 items 2,048. A
     # trade, measured side by side on synthetic catalogues (benchmarks/results/scale_grow_k.md +
-    # .notes.md): at 120,000 items the search costs 1.30x a 12,000-item user's at beam 200 (2.05x
-    # with K = 256, scale.md) but a Stage II step 2.7x (the item head's softmax runs over groups of
-    # N / K items); at 1,200,000 the wide last level leaves the search no cheaper than three levels
-    # (2.56x) and a step costs 8.8x. Off by default: K is a modelling choice.
+    # .notes.md): the search a user grows less (at 120,000 items 1.30x a 12,000-item user's at beam
+    # 200, 2.05x with K = 256; at 1,200,000 about 1.7x since the search's candidates are built in
+    # place, beam_levels_grow_k_inplace.md), but a Stage II step grows with the item head's groups
+    # of N / K items: 2.7x at 120,000, 8.8x at 1,200,000. Off by default: K is a modelling choice.
     grow_k: bool = False
     niter: int = 20
     seed: int = 0
