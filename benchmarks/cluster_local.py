@@ -90,6 +90,17 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
+def last_json_line(text: str, what: str) -> Any:
+    """The JSON value on the last line of `text` that holds one. A Ray driver may print its own lines
+    after the value (a dead node's "raylet has lagging heartbeats" notice, for one)."""
+    for line in reversed(text.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    raise RuntimeError(f"cluster_local: {what} printed no JSON line; its output ended:\n{text[-1000:]}")
+
+
 class LocalCluster:
     """A head and `workers` worker nodes on this machine (see the module docstring)."""
 
@@ -183,7 +194,7 @@ class LocalCluster:
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=self.timeout)
         if out.returncode != 0:
             raise RuntimeError(f"cluster_local: cannot reach {self.address}: {out.stderr[-1000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return last_json_line(out.stdout, f"the driver evaluating {expression}")
 
     def alive_resources(self) -> dict[str, float]:
         """The custom node resources the head reports alive now ({"node_head": 1.0, ...})."""
@@ -565,7 +576,7 @@ def _timed(run: Path, stage: str, workers: int, threads: int, epochs: int, clust
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"cluster_local: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    return last_json_line(proc.stdout, " ".join(cmd))["seconds"]
 
 
 def costs(root: Path, epochs: tuple[int, int] = (1, 6), parts: tuple[str, ...] = ("stage1", "stage2", "eval"),

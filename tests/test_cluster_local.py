@@ -3,16 +3,23 @@ own `ray start`), with node resources that show where work ran, a worker node ki
 that leaves none of its processes behind, even when the test fails."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.cluster_local import LocalCluster, processes_marked
+from benchmarks.cluster_local import LocalCluster, last_json_line, processes_marked
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_last_json_line_skips_what_ray_prints_after_the_value():
+    out = '{"node_w3": 1.0}\n(raylet) a node has been marked dead\n\t(2) raylet has lagging heartbeats due to slow network.\n'
+    assert last_json_line(out, "a driver") == {"node_w3": 1.0}
+    assert last_json_line('["node_w2"]', "a driver") == ["node_w2"]
+    with pytest.raises(RuntimeError, match="a driver printed no JSON line"):
+        last_json_line("\t(2) raylet has lagging heartbeats\n", "a driver")
 
 
 def _run_on(cluster: LocalCluster, code: str) -> dict:
@@ -20,7 +27,7 @@ def _run_on(cluster: LocalCluster, code: str) -> dict:
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return last_json_line(out.stdout, "the driver script")
 
 
 def test_three_nodes_place_work_by_node_and_survive_losing_one(tmp_path):
