@@ -8,6 +8,14 @@ beam through `trie.child`). A code's score is the sum of its L per-level log-pro
 Ties are broken deterministically: candidates are ordered by (score descending, flat candidate
 index ascending), where the flat index is (parent beam rank) * K + token.
 
+The last level is compact. A last-level prefix holds about N / (its level's prefixes) items, often
+far fewer than K (1.2M items at K = 2,048: about 586 of 2,048 tokens), so that level works on W
+columns a beam, W being the most items any prefix holds: column j is the prefix's j-th item in
+token order (`compact_children`). The item head scores those columns directly; a token head's
+log-softmax is taken over K as at any level and then gathered to them. The masks, the exclusion and
+the top-k over G * W candidates follow. Columns keep the tokens' order, so the tie rule and every
+score are those of the dense search over K (tests/test_beam.py checks both against brute force).
+
 History exclusion (`exclude_history=True`). The beam is the candidate set, and it runs over the
 catalogue *without* the user's history: a candidate prefix is masked out when every item below it
 is in the user's history (at the last level: when the item itself is). So the search spends none of
@@ -59,14 +67,34 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, idx
 
 
+def compact_children(child: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last level's child table [P, K] (item_idx, -1 = no item) in compact columns:
+    (items [P + 1, W] item_idx, 0 = none; tokens [P + 1, W], each column's token (0 where none);
+    column [max item_idx + 1], each item's column in its prefix's row). W is the most items a prefix
+    holds (at least 1); a prefix's items fill its first columns in token order; the extra last row
+    (nothing) is the sentinel that a dead beam (node -1) reads."""
+    real = child >= 0
+    width = max(int(real.sum(1).max()), 1) if child.shape[0] else 1
+    row, tok = real.nonzero(as_tuple=True)  # row-major: the tokens of a row ascend
+    col = (real.cumsum(1) - 1)[row, tok]
+    items = child.new_zeros(child.shape[0] + 1, width)
+    tokens = torch.zeros_like(items)
+    items[row, col] = child[row, tok]
+    tokens[row, col] = tok
+    column = child.new_zeros(int(child.max()) + 1 if child.numel() else 1)
+    column[child[row, tok]] = col
+    return items, tokens, column
+
+
 class _TriePaths:
     """Per item: its prefix node at every level, and how many items lie under each of its prefixes.
 
     Used only for history exclusion: a history item's level-(l+1) prefix is dead for a user when
-    the user's history contains every item under it.
+    the user's history contains every item under it. At the last level the item is named by its
+    column of the compact last level (`compact_children`), not by its token.
     """
 
-    def __init__(self, trie: CodeTrie, item_codes: torch.Tensor) -> None:
+    def __init__(self, trie: CodeTrie, item_codes: torch.Tensor, column: torch.Tensor) -> None:
         L = trie.length
         codes = item_codes[1:].to(trie.child[0].device)  # (N, L)
         n = codes.shape[0]
@@ -91,11 +119,13 @@ class _TriePaths:
         self.path = torch.stack([pad(p, -2) for p in path], 1)  # (N+1, L); row 0 matches no beam
         self.key = torch.stack([pad(q, -1) for q in key], 1)  # (N+1, L) the level-(l+1) prefix id
         self.leaves = torch.stack([pad(c, 1 << 30) for c in leaves], 1)  # (N+1, L)
-        self.codes = torch.cat([torch.zeros(1, L, dtype=torch.long, device=codes.device), codes])
+        cols = torch.cat([codes[:, :-1], column[1:n + 1, None].to(codes.device)], 1)  # last level: the compact column
+        self.codes = torch.cat([torch.zeros(1, L, dtype=torch.long, device=codes.device), cols])
 
     def dead(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """history [B, S] -> (parent node [B, S, L], token [B, S, L], dead [B, S, L] bool): at level l,
-        token `token` after prefix `parent` leads only to items in the history when dead."""
+        token `token` (at the last level: compact column) after prefix `parent` leads only to items
+        in the history when dead."""
         valid = history > 0
         same_item = history[:, :, None] == history[:, None, :]  # (B, S, S)
         earlier = torch.ones_like(same_item[0]).tril(-1)  # (S, S): s' < s
@@ -124,14 +154,17 @@ class BeamSearch:
         # A sentinel last row (nothing allowed, no child) lets dead beams (node -1) index the tables.
         self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed]
         self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
+        # The compact last level (module docstring); its sentinel row is the last, as above.
+        self.last_items, self.last_tokens, self.last_column = compact_children(self.trie.child[-1])
+        self.last_ok = self.last_items > 0
         self.exclude_history = exclude_history
-        self._paths = _TriePaths(self.trie, model.item_codes) if exclude_history else None
+        self._paths = _TriePaths(self.trie, model.item_codes, self.last_column) if exclude_history else None
         self.autocast = autocast
 
     @property
     def paths(self) -> "_TriePaths":
         if self._paths is None:  # built on first use when only explicit exclusions are asked for
-            self._paths = _TriePaths(self.trie, self.model.item_codes)
+            self._paths = _TriePaths(self.trie, self.model.item_codes, self.last_column)
         return self._paths
 
     @torch.inference_mode()
@@ -161,20 +194,26 @@ class BeamSearch:
                 prev = None
                 for level in range(trie.length):
                     G = nodes.shape[1]
-                    # At the last level the item head scores each beam's items: the rows of the trie's
-                    # child table named by the beams' nodes (-1, a dead beam, scores nothing).
+                    last = level == trie.length - 1
+                    # At the last level the item head scores each beam's items in compact columns: the
+                    # rows of last_items named by the beams' nodes (-1, a dead beam, scores nothing).
                     logits = model.step(memory, cache, level, prev, B, prefix=nodes.view(B * G),
-                                        siblings=self.child[level])  # (B*G, K)
-                    logp = F.log_softmax(logits.float(), dim=-1).view(B, G, K)
-                    ok = self.allowed[level][nodes]  # (B, G, K); node -1 reads the sentinel row
+                                        siblings=self.last_items if last else None)  # (B*G, K or W)
+                    logp = F.log_softmax(logits.float(), dim=-1)
+                    if last and model.item_out is None:  # a token head's log-softmax over K, to the columns
+                        logp = logp.gather(1, self.last_tokens[nodes.view(B * G)])
+                    C = logp.shape[1]  # K, or W at the last level
+                    logp = logp.view(B, G, C)
+                    # node -1 reads the sentinel row
+                    ok = (self.last_ok if last else self.allowed[level])[nodes]  # (B, G, C)
                     if excl is not None:
                         self._exclude(ok, nodes, excl, level)
                     # In place on the fresh log-softmax and mask: the same floats as torch.where(ok,
-                    # scores + logp, -inf), without its two beam x K temporaries.
-                    cand = logp.add_(scores[..., None]).masked_fill_(ok.logical_not_(), NEG_INF).view(B, G * K)
-                    scores, flat = stable_topk(cand, min(W, G * K))  # (B, G')
-                    parent, token = flat // K, flat % K
-                    nodes = self.child[level][nodes.gather(1, parent), token]
+                    # scores + logp, -inf), without its two beam x C temporaries.
+                    cand = logp.add_(scores[..., None]).masked_fill_(ok.logical_not_(), NEG_INF).view(B, G * C)
+                    scores, flat = stable_topk(cand, min(W, G * C))  # (B, G')
+                    parent, token = flat // C, flat % C
+                    nodes = (self.last_items if last else self.child[level])[nodes.gather(1, parent), token]
                     nodes = nodes.masked_fill(~torch.isfinite(scores), -1)
                     if level < trie.length - 1:
                         cache.reorder((torch.arange(B, device=nodes.device)[:, None] * G + parent).view(-1))
@@ -192,7 +231,7 @@ class BeamSearch:
 
     @staticmethod
     def _exclude(ok: torch.Tensor, nodes: torch.Tensor, excl: tuple[torch.Tensor, ...], level: int) -> None:
-        """Clear ok [B, G, K] where the token's subtree holds only history items (in place)."""
+        """Clear ok [B, G, C] where the token's (column's) subtree holds only history items (in place)."""
         parent, token, dead = (t[:, :, level] for t in excl)  # (B, S) each
         hit = (nodes[:, :, None] == parent[:, None, :]) & dead[:, None, :]  # (B, G, S)
         b, g, s = hit.nonzero(as_tuple=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from prorec.beam import BeamSearch, brute_force_topk, score_all_codes, stable_topk, trie_codes
+from prorec.beam import BeamSearch, brute_force_topk, compact_children, score_all_codes, stable_topk, trie_codes
 from prorec.codes import CodeTrie
 from prorec.models.generator import Generator, GeneratorConfig
 
@@ -13,26 +13,26 @@ torch.set_num_threads(1)
 K, L = 4, 3
 
 
-def catalogue(n_items: int, seed: int = 0) -> np.ndarray:
-    """n_items distinct random codes [n_items, L] (item i + 1 has row i)."""
-    every = np.stack(np.meshgrid(*[np.arange(K)] * L, indexing="ij"), -1).reshape(-1, L)
+def catalogue(n_items: int, seed: int = 0, k: int = K, length: int = L) -> np.ndarray:
+    """n_items distinct random codes [n_items, length] (item i + 1 has row i)."""
+    every = np.stack(np.meshgrid(*[np.arange(k)] * length, indexing="ij"), -1).reshape(-1, length)
     return every[np.random.default_rng(seed).choice(len(every), n_items, replace=False)]
 
 
 def make(n_items: int = 50, seed: int = 0, item_head: bool = False, tied: bool = False,
-         head_stage1: bool = False) -> tuple[Generator, CodeTrie]:
-    codes = catalogue(n_items, seed)
+         head_stage1: bool = False, k: int = K, length: int = L) -> tuple[Generator, CodeTrie]:
+    codes = catalogue(n_items, seed, k, length)
     torch.manual_seed(seed)
-    cfg = GeneratorConfig(n_items=n_items, k=K, code_length=L, d_model=32, n_heads=2, decoder_layers=2,
+    cfg = GeneratorConfig(n_items=n_items, k=k, code_length=length, d_model=32, n_heads=2, decoder_layers=2,
                           ff_dim=64, distill=False, dropout=0.0, item_head=item_head or tied or head_stage1,
                           item_id_embedding=tied or GeneratorConfig.item_id_embedding, tie_item_head=tied,
                           item_head_stage1=head_stage1, distill_dim=8)
-    model = Generator(cfg, torch.cat([torch.zeros(1, L, dtype=torch.long), torch.from_numpy(codes)]))
+    model = Generator(cfg, torch.cat([torch.zeros(1, length, dtype=torch.long), torch.from_numpy(codes)]))
     for p in model.parameters():  # spread the scores out: an untrained model is nearly uniform
         torch.nn.init.normal_(p, std=0.4)
     if head_stage1:
         model.set_stage1(torch.randn(n_items + 1, 8))
-    return model.eval(), CodeTrie.from_codes(codes, np.arange(1, n_items + 1), K)
+    return model.eval(), CodeTrie.from_codes(codes, np.arange(1, n_items + 1), k)
 
 
 def histories(n_items: int, n_users: int = 9, seed: int = 1) -> torch.Tensor:
@@ -57,6 +57,46 @@ def test_full_width_beam_equals_brute_force(exclude, item_head):
         assert not (beam.items[:, :, None] == hist[:, None, :]).any()
     else:  # the unconstrained lists do contain history items somewhere in this catalogue
         assert (beam.items[:, :, None] == hist[:, None, :]).any()
+
+
+def test_compact_children_lists_each_prefixs_items_in_token_order():
+    child = torch.tensor([[-1, 7, -1, 3], [-1, -1, -1, -1], [5, -1, 2, -1]])  # 3 prefixes, K = 4
+    items, tokens, column = compact_children(child)
+    assert items.tolist() == [[7, 3], [0, 0], [5, 2], [0, 0]]  # W = 2; the last row is the sentinel
+    assert tokens.tolist() == [[1, 3], [0, 0], [0, 2], [0, 0]]
+    assert {i: int(column[i]) for i in (2, 3, 5, 7)} == {7: 0, 3: 1, 5: 0, 2: 1}
+
+
+@pytest.mark.parametrize("item_head", [False, True])
+@pytest.mark.parametrize("exclude", [False, True])
+@pytest.mark.parametrize("beam_size", [5, 12, 40])
+def test_compact_last_level_on_a_sparse_catalogue_equals_brute_force(beam_size, exclude, item_head):
+    """K = 16, L = 2, 40 items: a last-level prefix holds a few of its 16 tokens, so the compact
+    columns (W of them) are not the tokens. A beam of 40 is exact against brute force; narrower beams
+    return the brute-force scores of their items, best first, and (a token head, whose log-softmax
+    does not depend on which items the trie holds) equal a search over the catalogue without the
+    history (a trie with another W)."""
+    k, n = 16, 40
+    model, trie = make(n, seed=9, item_head=item_head, k=k, length=2)
+    search = BeamSearch(model, trie, beam_size=beam_size, topk=5, exclude_history=exclude)
+    assert 1 < search.last_items.shape[1] < k // 2  # the test has teeth: columns are not tokens
+    hist = histories(n, n_users=7, seed=10)
+    got = search.search(hist)
+    ref = brute_force_topk(model, hist, trie, n, exclude_history=exclude)
+    if beam_size >= n:
+        assert torch.equal(got.items, ref.items[:, :5])
+        torch.testing.assert_close(got.scores, ref.scores[:, :5], atol=1e-5, rtol=0)
+    for u in range(hist.shape[0]):
+        row = got.items[u]
+        want = {int(i): float(v) for i, v in zip(ref.items[u], ref.scores[u]) if i > 0}
+        assert len(set(row.tolist())) == 5 and all(int(i) in want for i in row)
+        torch.testing.assert_close(got.scores[u], torch.tensor([want[int(i)] for i in row]), atol=1e-5, rtol=0)
+        assert (got.scores[u, :-1] >= got.scores[u, 1:]).all()
+        if exclude and not item_head:
+            keep = np.setdiff1d(np.arange(1, n + 1), hist[u].numpy())
+            sub = CodeTrie.from_codes(model.item_codes[keep].numpy(), keep, k)
+            plain = BeamSearch(model, sub, beam_size=beam_size, topk=5).search(hist[u:u + 1])
+            assert torch.equal(row, plain.items[0]), u
 
 
 @pytest.mark.parametrize("item_head", [False, True])
