@@ -173,7 +173,7 @@ class BeamSearch:
 
         `exclude` [B, E] (0 = padding): more items to leave out of each user's list, beside the
         history when `exclude_history`; the search runs over the catalogue without them."""
-        model, trie, W, K = self.model, self.trie, self.beam_size, self.trie.k
+        model, trie, W = self.model, self.trie, self.beam_size
         was_training = model.training
         if was_training:  # eval() and train() walk every module: 0.27 ms, 3% of one user's search
             model.eval()
