@@ -47,6 +47,9 @@ SIZES = (12_000, 120_000, 1_200_000)
 STAGES = ("generate", "data", "embed", "stage1", "codes", "stage2", "eval_beam50", "eval_beam200")
 # The stages whose result depends on --grow-k (the codes' K, and the models and searches built on them).
 GROW_K_STAGES = ("codes", "stage2", "eval_beam50", "eval_beam200")
+# The options that change what a stage measures: a stage's result records each, and --reuse keeps
+# only results measured with the same value (absent = the default).
+SETTINGS = {"grow_k": (GROW_K_STAGES, False), "item_head_samples": (("stage2",), 0)}
 ENCODER_DIM = 384  # all-MiniLM-L6-v2's width: the random stand-ins have it too
 USERS_PER_ITEM = 2
 
@@ -68,7 +71,8 @@ def _folder_mb(path: Path) -> float:
 
 
 def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encode: bool,
-              valid_candidates: int = 0, ray_workers: int = 0, grow_k: bool = False) -> dict[str, Any]:
+              valid_candidates: int = 0, ray_workers: int = 0, grow_k: bool = False,
+              item_head_samples: int = 0) -> dict[str, Any]:
     """Run one stage's fixed work for the catalogue in `run`; returns what it measured besides time."""
     import numpy as np
 
@@ -139,7 +143,8 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     elif stage == "stage2":
         from prorec.stage2 import run_stage2
 
-        cfg = Stage2Config(num_workers=ray_workers, max_epochs=1, steps_per_epoch=steps, valid_users=users)
+        cfg = Stage2Config(num_workers=ray_workers, max_epochs=1, steps_per_epoch=steps, valid_users=users,
+                           item_head_samples=item_head_samples)
         run_stage2(cfg, data, run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
                    run / "stage2")
         out.update(_epoch(run / "stage2" / "metrics.json", steps))
@@ -170,7 +175,8 @@ def run_stage(stage: str, n_items: int, run: Path, steps: int, users: int, encod
     return out
 
 
-def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: int = 20) -> dict[str, Any]:
+def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: int = 20,
+                 item_head_samples: int = 0) -> dict[str, Any]:
     """The per-unit costs the goals compare, measured in one process with the sizes interleaved, so
     that the load of a shared machine falls on every size alike: `rounds` rounds (the first one a
     warm-up), each timing, size after size, `chunk` Stage I and Stage II training steps and
@@ -193,7 +199,7 @@ def side_by_side(sizes: list[int], work: Path, users: int, rounds: int, chunk: i
         run = work / f"n{n}"
         s1 = build_trainer(Stage1Config(num_workers=0, valid_users=1), run / "data",
                            run / "embeddings" / "semantic.parquet", LocalContext(None))
-        c2 = Stage2Config(num_workers=0, valid_users=1)
+        c2 = Stage2Config(num_workers=0, valid_users=1, item_head_samples=item_head_samples)
         s2 = build_stage2(c2, run / "data", run / "codes" / "codes.parquet", run / "stage1" / "item_embeddings.parquet",
                           torch.device("cpu"), LocalContext(None))
         s1.steps = s2.steps = chunk
@@ -246,14 +252,16 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.child == "side_by_side":
-        out = side_by_side([int(x) for x in args.child_sizes.split(",")], Path(args.run), args.users, args.rounds)
+        out = side_by_side([int(x) for x in args.child_sizes.split(",")], Path(args.run), args.users, args.rounds,
+                           item_head_samples=args.item_head_samples)
     else:
         out = run_stage(args.child, args.size, Path(args.run), args.steps, args.users, args.child_encode,
-                        args.valid_candidates, args.ray_workers, args.grow_k)
+                        args.valid_candidates, args.ray_workers, args.grow_k, args.item_head_samples)
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
-    if args.child in GROW_K_STAGES:
-        out["grow_k"] = args.grow_k
+    for name, (stages, _) in SETTINGS.items():
+        if args.child in stages:
+            out[name] = getattr(args, name)
     Path(args.result).write_text(json.dumps(out))
 
 
@@ -271,7 +279,8 @@ def measure(stage: str, n_items: int, run: Path, args: argparse.Namespace, encod
            "--result", str(result), "--steps", str(args.steps), "--users", str(args.users),
            "--threads", str(args.threads), "--valid-candidates", str(args.valid_candidates),
            "--ray-workers", str(args.ray_workers)] + (
-               ["--child-encode"] if encode else []) + (["--grow-k"] if args.grow_k else [])
+               ["--child-encode"] if encode else []) + (["--grow-k"] if args.grow_k else []) + (
+               ["--item-head-samples", str(args.item_head_samples)] if args.item_head_samples else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -293,7 +302,8 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace, tree: dict[
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "side_by_side", "--child-sizes",
            ",".join(map(str, sizes)), "--run", str(work), "--result", str(result), "--users",
-           str(min(args.users, 256)), "--rounds", str(args.rounds), "--threads", str(args.threads)]
+           str(min(args.users, 256)), "--rounds", str(args.rounds), "--threads", str(args.threads),
+           "--item-head-samples", str(args.item_head_samples)]
     print(f"scale: side by side at {', '.join(f'{n:,}' for n in sizes)} items ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (work / "side_by_side.log").write_text(proc.stdout + proc.stderr)
@@ -362,6 +372,9 @@ def markdown(res: dict[str, Any], cmd: str) -> str:
                   "the fixed K = 256 of the other scale results: " + ", ".join(
                       f"K = {d.get('k', '?')}, L = {d.get('code_length', '?')} at {n:,} items" for n, d in zip(sizes, codes))
                   + ".", ""]
+    if res.get("item_head_samples"):
+        lines += [f"Stage II: `stage2.item_head_samples = {res['item_head_samples']}` (the item head trained with a "
+                  f"sampled softmax: the target and at most {res['item_head_samples'] - 1} other items of its prefix a row).", ""]
     enc = res.get("encoder_items_per_s")
     if enc:
         lines += [f"Semantic embeddings: the encoder (all-MiniLM-L6-v2, in-process) ran at the smallest size only, "
@@ -520,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grow-k", action="store_true",
                    help="codes.grow_k: K doubled from 256 until K * K >= 2 N (two-level codes at every size; "
                         "K = 256 at 12,000 items, 2,048 at 1,200,000) instead of K = 256 everywhere")
+    p.add_argument("--item-head-samples", type=int, default=0,
+                   help="stage2.item_head_samples: train the item head with a sampled softmax over the target and "
+                        "at most this many - 1 other items of its prefix (0 = every item)")
     p.add_argument("--no-encode", dest="encode", action="store_false",
                    help="random unit vectors at every size (the encoder is measured at the smallest by default)")
     p.add_argument("--work", default=str(ROOT / "runs" / "scale"), help="where the run directories go")
@@ -567,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(args.sizes)
     res: dict[str, Any] = {"sizes": sizes, "steps": args.steps, "users": args.users, "threads": args.threads,
                            "valid_candidates": args.valid_candidates, "ray_workers": args.ray_workers,
-                           "grow_k": args.grow_k,
+                           "grow_k": args.grow_k, "item_head_samples": args.item_head_samples,
                            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                            "stages": {s: {"seconds": [], "peak_rss_mb": [], "artifact_mb": []} for s in args.stages},
                            "details": {s: [] for s in args.stages}}
@@ -578,10 +594,11 @@ def main(argv: list[str] | None = None) -> int:
             encode = args.encode and n == sizes[0] and stage == "embed"
             prev = run / f"{stage}.result.json"
             kept = json.loads(prev.read_text()) if args.reuse and prev.is_file() else None
-            if kept is not None and stage in GROW_K_STAGES and kept.get("grow_k", False) != args.grow_k:
-                print(f"scale: not reusing {stage} at {n:,} items: it was measured with"
-                      f"{'' if kept.get('grow_k') else 'out'} --grow-k", file=sys.stderr, flush=True)
-                kept = None
+            for name, (stages, default) in SETTINGS.items():
+                if kept is not None and stage in stages and kept.get(name, default) != getattr(args, name):
+                    print(f"scale: not reusing {stage} at {n:,} items: it was measured with {name} = "
+                          f"{kept.get(name, default)}, not {getattr(args, name)}", file=sys.stderr, flush=True)
+                    kept = None
             if kept is not None:
                 out = {**kept, "reused": True}
             else:

@@ -329,6 +329,6 @@ STAGE = Stage(
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False, "lr_schedule": "constant",
                   "item_weight_decay": None,
-                  "label_smoothing": 0.0, "history_stage1": False, "item_head_stage1": False},
+                  "label_smoothing": 0.0, "history_stage1": False, "item_head_stage1": False, "item_head_samples": 0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prorec.models.generator import DecoderCache, Generator, GeneratorConfig, code_loss
+from prorec.models.generator import DecoderCache, Generator, GeneratorConfig, code_loss, sample_siblings
 
 torch.set_num_threads(1)
 N, K, L = 40, 6, 3
@@ -476,3 +476,55 @@ def test_item_head_stage1_adds_the_projected_stage1_row_to_each_output_embedding
         torch.testing.assert_close(back.item_logits(h, prefix), model.item_logits(h, prefix))
     with pytest.raises(ValueError, match="item_head_stage1 needs item_head"):
         make_model(item_head=False, item_head_stage1=True)
+
+
+def test_sample_siblings_keeps_the_target_draws_uniformly_and_corrects_by_log_q():
+    children = torch.tensor([[0, 7, 3, 9, 4, 8], [5, 0, 0, 2, 0, 0], [0, 0, 6, 0, 0, 0]])  # 5, 2 and 1 items
+    target = torch.tensor([2, 0, 2])  # the token of each row's target: items 3, 5, 6
+    torch.manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        kept, corr = sample_siblings(children, target, samples=3)
+        assert ((kept > 0) <= (children > 0)).all() and torch.equal(kept[kept > 0], children[kept > 0])
+        assert (kept[torch.arange(3), target] == children[torch.arange(3), target]).all()  # the target stays
+        assert int((kept[0] > 0).sum()) == 3  # the target and 2 of the 4 others
+        assert torch.equal(kept[1:], children[1:])  # rows of <= 3 items keep them all ...
+        assert torch.equal(corr[1:], torch.zeros(2, 6))  # ... uncorrected: the exact softmax
+        drawn = (kept[0] > 0) & (torch.arange(6) != 2)
+        torch.testing.assert_close(corr[0][drawn], torch.full((2,), torch.log(torch.tensor(4 / 2))))
+        assert (corr[0][~drawn] == 0).all()
+        counts += drawn.float()
+    freq = counts[[1, 3, 4, 5]] / 4000
+    assert ((freq - 0.5).abs() < 0.04).all(), freq  # each other drawn with probability 2 / 4
+
+
+def test_the_sampled_item_head_estimates_the_full_softmax_and_touches_only_the_drawn_rows():
+    """item_head_samples: the training loss's last level keeps the target and samples - 1 others a row
+    (so the item head's sparse gradient has at most B * samples rows), its log-Q corrected partition
+    sum is unbiased, evaluation mode scores every item, and samples >= the largest prefix is exact."""
+    model = make_model(item_head=True, distill=False, item_id_embedding=True, item_head_samples=2)
+    size = (model.siblings[model.item_prefix] > 0).sum(1)  # the items of each item's prefix
+    hist, target = history(), size[1:].argsort(descending=True, stable=True)[:3] + 1  # from the largest prefixes
+    codes = model.item_codes[target]
+    hidden = model.decode(model.encode(hist), codes)
+    full = model.code_logits(hidden, target)[:, L - 1]
+    n_items = torch.isfinite(full).sum(1)
+    assert (n_items > 2).any()  # some prefix holds more items than are drawn
+    torch.manual_seed(1)
+    est = torch.stack([model.code_logits(hidden, target, samples=2)[:, L - 1].exp().sum(1) for _ in range(3000)]).mean(0)
+    torch.testing.assert_close(est, full.exp().sum(1), rtol=0.05, atol=0)
+    assert not torch.allclose(model.train()(hist, target)["gen"], model.eval()(hist, target)["gen"])  # eval: every item
+    model.train().zero_grad()
+    model(hist, target)["loss"].backward()
+    touched = int((model.item_out.weight.grad.abs().sum(1) > 0).sum())
+    assert touched <= 3 * 2 and touched < int(n_items.sum())
+    exact = make_model(item_head=True, distill=False, item_id_embedding=True, item_head_samples=K).train()
+    plain = make_model(item_head=True, distill=False, item_id_embedding=True).train()
+    torch.testing.assert_close(exact(hist, target)["gen"], plain(hist, target)["gen"])
+
+
+def test_item_head_samples_needs_the_item_head_and_two_items():
+    with pytest.raises(ValueError, match="item_head_samples must be 0"):
+        GeneratorConfig(n_items=5, k=4, code_length=2, item_head_samples=1)
+    with pytest.raises(ValueError, match="item_head_samples needs item_head"):
+        GeneratorConfig(n_items=5, k=4, code_length=2, item_head=False, item_head_samples=8)

@@ -82,6 +82,17 @@ def test_scale_runs_every_stage_at_two_tiny_sizes(tmp_path):
                            str(tmp_path / "work"), "--name", "again", "--results", str(results), "--allow-dirty", *grow]) == 0
         codes = json.loads((results / "again.json").read_text())["details"]["codes"][0]
         assert codes.get("reused", False) is reused and codes["grow_k"] is bool(grow)
+    # --item-head-samples reaches Stage II's model, the table says so, and --reuse respects it.
+    for samples, reused in (("4", False), ("4", True), ("0", False)):
+        assert scale.main(["--sizes", "400", "--stages", "stage2", "--steps", "2", "--users", "8", "--reuse",
+                           "--no-side-by-side", "--item-head-samples", samples, "--work", str(tmp_path / "work"),
+                           "--name", "sampled", "--results", str(results), "--allow-dirty"]) == 0
+        stage2 = json.loads((results / "sampled.json").read_text())["details"]["stage2"][0]
+        assert stage2.get("reused", False) is reused and stage2["item_head_samples"] == int(samples)
+        if not reused:
+            model_cfg = json.loads((tmp_path / "work" / "n400" / "stage2" / "model_config.json").read_text())
+            assert model_cfg["item_head_samples"] == int(samples)
+        assert ("stage2.item_head_samples = 4" in (results / "sampled.md").read_text()) is (samples == "4")
 
 
 def test_growth_exponents():

@@ -411,18 +411,25 @@ class Generator(nn.Module):
         x = self.dec_ln(x)
         return torch.cat([x[:, :L], x[:, L + 1:]], dim=1) if with_distill else x
 
-    def code_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    def code_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None, samples: int = 0) -> torch.Tensor:
         """hidden [B, L, d] (position l) -> logits [B, L, K] from the level-l head.
 
         With item_head, items [B] (the item each row's code belongs to) names the last level's prefix:
-        the last level's logits are over that prefix's items, -inf where token t leads to no item."""
+        the last level's logits are over that prefix's items, -inf where token t leads to no item.
+        samples >= 2: a sampled softmax at the last level (`sample_siblings`): row b keeps items[b] and
+        at most samples - 1 other items of its prefix, log-Q corrected; the rest are -inf."""
         n = self.head_w.shape[0]
         logits = torch.einsum("bld,ldk->blk", hidden[:, :n], self.head_w) + self.head_b
         if self.item_out is None:
             return logits
         if items is None:
             raise ValueError("code_logits: a model with item_head needs the rows' items")
-        last = self.item_logits_compact(hidden[:, n], self.siblings[self.item_prefix[items]])
+        children = self.siblings[self.item_prefix[items]]
+        if samples:
+            children, correction = sample_siblings(children, self.item_codes[items, -1], samples)
+            last = self.item_logits_compact(hidden[:, n], children) + correction
+        else:
+            last = self.item_logits_compact(hidden[:, n], children)
         return torch.cat([logits.float(), last[:, None]], dim=1)
 
     # The item head three ways, equal up to float rounding (tests/test_generator.py):
@@ -539,7 +546,8 @@ class Generator(nn.Module):
         codes = self.item_codes[target]  # (B, L)
         hidden = self.decode(memory, codes, with_distill=self.cfg.distill)
         L = self.cfg.code_length
-        logits = self.code_logits(hidden[:, :L], target).float()  # (B, L, K)
+        samples = self.cfg.item_head_samples if self.training else 0  # validation scores every item
+        logits = self.code_logits(hidden[:, :L], target, samples).float()  # (B, L, K)
         gen = code_loss(logits.reshape(-1, self.cfg.k), codes.reshape(-1), self.cfg.label_smoothing)
         out = {"gen": gen}
         if self.cfg.distill:
@@ -561,6 +569,23 @@ class Generator(nn.Module):
         neg = neg.masked_fill(negs[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([pos, neg], dim=1) / self.cfg.tau
         return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+def sample_siblings(children: torch.Tensor, target: torch.Tensor, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sampled softmax's rows: children [B, K] (item_idx by last token, <= 0 = none), target [B]
+    each row's target token (a real item) -> (children with all but the target and at most
+    samples - 1 others, drawn uniformly without replacement, set to 0; the log-Q correction [B, K]
+    to add to the logits: log((n - 1) / drawn) on the drawn others of a row of n items, 0 on the
+    target and on rows of <= samples items, which keep every item and so the exact softmax)."""
+    real = children > 0
+    key = torch.rand(children.shape, device=children.device).masked_fill_(~real, -1.0)
+    key.scatter_(1, target[:, None], 2.0)  # the target is always kept
+    drawn = torch.zeros_like(real).scatter_(1, key.topk(min(samples, key.shape[1]), dim=1).indices, True) & real
+    others = drawn.sum(1, keepdim=True) - 1
+    weight = (real.sum(1, keepdim=True) - 1).clamp(min=1).float() / others.clamp(min=1).float()  # 1 when all kept
+    is_target = torch.zeros_like(real).scatter_(1, target[:, None], True)
+    correction = weight.log() * (drawn & ~is_target)
+    return children.masked_fill(~drawn, 0), correction
 
 
 def code_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:

@@ -54,6 +54,15 @@ class GeneratorArch:
     # lost more on popular ones, all-user validation N@10 0.0649 against 0.0689 for the same seed
     # (benchmarks/results/beauty_generator_item_head_stage1.md; added 2026-12-01).
     item_head_stage1: bool = False
+    # Train the item head with a sampled softmax: a row's target against at most item_head_samples - 1
+    # of its prefix's other items, drawn uniformly without replacement, each with the log-Q
+    # correction log((n - 1) / drawn) for a prefix of n items (an unbiased estimate of the full
+    # softmax's denominator). A step's item-head work and its sparse updates then hold at most
+    # item_head_samples items a row instead of the prefix's n (about N / prefixes: ~586 at 1.2M items
+    # with codes.grow_k, ~47 on Beauty). Training only: validation, the search and the reference
+    # score every item. 0 = every item of the prefix, always; a prefix of <= item_head_samples items
+    # is scored whole either way (added 2026-12-02).
+    item_head_samples: int = 0
 
     def arch_problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are valid)."""
@@ -71,6 +80,10 @@ class GeneratorArch:
              "tie_item_head needs item_head and item_id_embedding (the two tables it makes one)"),
             (not self.item_head_stage1 or self.item_head,
              "item_head_stage1 needs item_head (it adds to the item head's output embeddings)"),
+            (self.item_head_samples == 0 or self.item_head_samples >= 2,
+             f"item_head_samples must be 0 (every item) or >= 2 (the target and >= 1 other), got {self.item_head_samples}"),
+            (self.item_head_samples == 0 or self.item_head,
+             "item_head_samples needs item_head (it samples the item head's softmax)"),
         ]
         return [msg for ok, msg in checks if not ok]
 
