@@ -144,6 +144,24 @@ def test_length_grouped_batches_cover_rows_once_and_cut_padding():
     assert len(length_grouped_batches(rows, lengths, 64, steps=5, rng=np.random.default_rng(1))) == 5
 
 
+def test_a_capped_epoch_draws_only_the_groups_its_steps_use():
+    """steps well below a whole pass: `steps` full batches of distinct rows drawn from all over the
+    split, as length-grouped as a whole pass's, from only ceil(steps / group) groups' worth of rows."""
+    rng = np.random.default_rng(0)
+    rows = np.arange(3, 2_000_003)  # row ids, not positions
+    lengths = np.zeros(rows.max() + 1, dtype=np.int64)
+    lengths[rows] = rng.integers(1, 21, size=rows.size)
+    batches = length_grouped_batches(rows, lengths, 64, steps=10, rng=np.random.default_rng(1), group=8)
+    assert len(batches) == 10 and all(len(b) == 64 for b in batches)
+    together = np.concatenate(batches)
+    assert len(np.unique(together)) == 640 and np.isin(together, rows).all()
+    assert together.min() < 200_000 and together.max() > 1_800_000  # from the whole split, not its head
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 6  # length-grouped: a batch of 64 uniform draws spans about 19
+    again = length_grouped_batches(rows, lengths, 64, steps=10, rng=np.random.default_rng(1), group=8)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+
+
 def test_decoupled_weight_decay_shrinks_the_weights_whatever_the_gradient_scale():
     """With a zero gradient, Adam's L2 decay is rescaled by Adam itself (each step moves the weight
     by about lr, whatever the decay); the decoupled decay shrinks it by lr * weight_decay a step."""
