@@ -155,7 +155,8 @@ class BeamSearch:
         self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed]
         self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
         # The compact last level (module docstring); its sentinel row is the last, as above.
-        self.last_items, self.last_tokens, self.last_column = compact_children(self.trie.child[-1])
+        self.last_items, tokens, self.last_column = compact_children(self.trie.child[-1])
+        self.last_tokens = tokens if model.item_out is None else None  # only a token head reads them
         self.last_ok = self.last_items > 0
         self.exclude_history = exclude_history
         self._paths = _TriePaths(self.trie, model.item_codes, self.last_column) if exclude_history else None
