@@ -232,9 +232,11 @@ def histories(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarra
 
 def as_before(model: Generator) -> Generator:
     """A copy of `model` whose search scores the item head as it did before the grouped
-    `item_logits`: the children of every beam gathered ([N, K], from the trie's child table; a dead
-    beam's node -1 reads the sentinel row) and scored by `item_logits_reference`, an [N, K, d]
-    gather of output embeddings. Its training step uses the reference too."""
+    `item_logits`: the children of every beam gathered and scored by `item_logits_reference`, an
+    [N, C, d] gather of output embeddings (a dead beam's node -1 reads the sentinel row). Since the
+    search's last level became compact (2026-12-02) the search hands it its compact rows, C = the
+    most items a prefix holds; the results committed before that gathered all K columns ([N, K, d]).
+    Its training step uses the reference too."""
     before = copy.deepcopy(model)
 
     def item_logits(h: torch.Tensor, prefix: torch.Tensor, siblings: torch.Tensor | None = None) -> torch.Tensor:

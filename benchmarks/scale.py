@@ -49,7 +49,7 @@ STAGES = ("generate", "data", "embed", "stage1", "codes", "stage2", "eval_beam50
 GROW_K_STAGES = ("codes", "stage2", "eval_beam50", "eval_beam200")
 # The options that change what a stage measures: a stage's result records each, and --reuse keeps
 # only results measured with the same value (absent = the default).
-SETTINGS = {"grow_k": (GROW_K_STAGES, False), "item_head_samples": (("stage2",), 0)}
+SETTINGS = {"grow_k": (GROW_K_STAGES, False), "item_head_samples": (("stage2", "eval_beam50", "eval_beam200"), 0)}
 ENCODER_DIM = 384  # all-MiniLM-L6-v2's width: the random stand-ins have it too
 USERS_PER_ITEM = 2
 
@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         stem = Path(args.results) / args.name
         res = json.loads(stem.with_suffix(".json").read_text())
         first = res.pop("written_from")
+        for name, (_, default) in SETTINGS.items():  # measure what the file's stages measured
+            setattr(args, name, res.get(name, default))
         res["side_by_side"] = measure_side_by_side(res["sizes"], args, tree)
         write_result(stem, res, markdown(res, res["command"]), first)
         return 0
@@ -619,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.side_by_side and {"stage1", "stage2", "eval_beam50"} <= set(args.stages):
         prev = Path(args.results) / f"{args.name}.json"
         old = json.loads(prev.read_text()) if args.reuse and prev.is_file() else {}
-        if old.get("side_by_side") and old.get("sizes") == sizes:  # --reuse keeps it too (it names its commit)
+        same = old.get("sizes") == sizes and all(old.get(name, default) == getattr(args, name)
+                                                 for name, (_, default) in SETTINGS.items())
+        if old.get("side_by_side") and same:  # --reuse keeps it too (it names its commit)
             res["side_by_side"] = {**old["side_by_side"], "reused": True}
             print(f"scale: side by side kept from {prev}", file=sys.stderr, flush=True)
         else:

@@ -6,15 +6,18 @@ step is masked by the trie (log-softmax over K, invalid tokens set to -inf, node
 beam through `trie.child`). A code's score is the sum of its L per-level log-probabilities.
 
 Ties are broken deterministically: candidates are ordered by (score descending, flat candidate
-index ascending), where the flat index is (parent beam rank) * K + token.
+index ascending), where the flat index is (parent beam rank) * K + token (at the last level,
+(parent beam rank) * width + column, the same order: see below).
 
 The last level is compact. A last-level prefix holds about N / (its level's prefixes) items, often
-far fewer than K (1.2M items at K = 2,048: about 586 of 2,048 tokens), so that level works on W
-columns a beam, W being the most items any prefix holds: column j is the prefix's j-th item in
+far fewer than K (1.2M items at K = 2,048: about 586 of 2,048 tokens), so that level works on
+`width` columns a beam, the most items any prefix holds: column j is the prefix's j-th item in
 token order (`compact_children`). The item head scores those columns directly; a token head's
 log-softmax is taken over K as at any level and then gathered to them. The masks, the exclusion and
-the top-k over G * W candidates follow. Columns keep the tokens' order, so the tie rule and every
-score are those of the dense search over K (tests/test_beam.py checks both against brute force).
+the top-k over beams x width candidates follow. Columns keep the tokens' order, so the tie rule is
+that of a search over all K tokens, and so are the scores: bit for bit with a token head, and up to
+the float rounding of the log-softmax's normaliser (a sum over `width` columns instead of K with
+the empty ones at -inf) with the item head. tests/test_beam.py checks both against brute force.
 
 History exclusion (`exclude_history=True`). The beam is the candidate set, and it runs over the
 catalogue *without* the user's history: a candidate prefix is masked out when every item below it
@@ -69,10 +72,10 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def compact_children(child: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The last level's child table [P, K] (item_idx, -1 = no item) in compact columns:
-    (items [P + 1, W] item_idx, 0 = none; tokens [P + 1, W], each column's token (0 where none);
-    column [max item_idx + 1], each item's column in its prefix's row). W is the most items a prefix
-    holds (at least 1); a prefix's items fill its first columns in token order; the extra last row
-    (nothing) is the sentinel that a dead beam (node -1) reads."""
+    (items [P + 1, width] item_idx, 0 = none; tokens [P + 1, width], each column's token (0 where
+    none); column [max item_idx + 1], each item's column in its prefix's row). width is the most
+    items a prefix holds (at least 1); a prefix's items fill its first columns in token order; the
+    extra last row (nothing) is the sentinel that a dead beam (node -1) reads."""
     real = child >= 0
     width = max(int(real.sum(1).max()), 1) if child.shape[0] else 1
     row, tok = real.nonzero(as_tuple=True)  # row-major: the tokens of a row ascend
@@ -152,8 +155,9 @@ class BeamSearch:
         self.model, self.beam_size, self.topk = model, beam_size, topk
         self.trie = trie.to(device)
         # A sentinel last row (nothing allowed, no child) lets dead beams (node -1) index the tables.
-        self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed]
-        self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child]
+        # (All levels but the last: that one reads the compact tables below.)
+        self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed[:-1]]
+        self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child[:-1]]
         # The compact last level (module docstring); its sentinel row is the last, as above.
         self.last_items, tokens, self.last_column = compact_children(self.trie.child[-1])
         self.last_tokens = tokens if model.item_out is None else None  # only a token head reads them
@@ -203,7 +207,7 @@ class BeamSearch:
                     logp = F.log_softmax(logits.float(), dim=-1)
                     if last and model.item_out is None:  # a token head's log-softmax over K, to the columns
                         logp = logp.gather(1, self.last_tokens[nodes.view(B * G)])
-                    C = logp.shape[1]  # K, or W at the last level
+                    C = logp.shape[1]  # K, or the compact width at the last level
                     logp = logp.view(B, G, C)
                     # node -1 reads the sentinel row
                     ok = (self.last_ok if last else self.allowed[level])[nodes]  # (B, G, C)

@@ -518,7 +518,9 @@ def length_grouped_batches(rows: np.ndarray, lengths: np.ndarray, batch_size: in
     An epoch capped below a whole pass (`steps_per_epoch`) draws only the groups its steps use: a
     random sample (without replacement) of whole groups' worth of rows, grouped as above. So its
     cost is that of its own steps, not of the training split's size (scale.py's 1.2M items, 14.4M
-    rows: 3.3 s a call before, whatever the steps).
+    rows: 3.3 s a call before, whatever the steps). A data-parallel worker whose shard holds more
+    rows than the smallest one's `steps` use takes this path too (before 2026-12-02 it drew other
+    batches for the same seed there).
     """
     groups_needed = -(-steps // group)
     if groups_needed * group * batch_size < len(rows):

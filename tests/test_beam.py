@@ -224,8 +224,9 @@ def test_explicit_exclusions_equal_a_search_over_the_catalogue_without_them(excl
 @pytest.mark.parametrize("n_users", [1, 9])  # one user: a prefix a beam; nine: many beams a prefix
 def test_item_head_search_equals_the_search_with_the_reference_gather(n_users, beam_size, exclude_history):
     """The search scores the item head grouped by prefix (Generator.item_logits); the same search
-    with every beam's children gathered and scored by item_logits_reference (how it ran before)
-    returns the same items and scores, with narrow beams (pruned subtrees) too."""
+    with every beam's children gathered and scored by item_logits_reference (the definition, over
+    the same compact rows) returns the same items and scores, with narrow beams (pruned subtrees)
+    too."""
     model, trie = make(50, item_head=True)
     hist = histories(50, n_users=n_users)
     got = BeamSearch(model, trie, beam_size=beam_size, topk=3, exclude_history=exclude_history).search(hist)
@@ -257,3 +258,44 @@ def test_bf16_search_runs_in_bf16_and_stays_close_to_the_exact_ranking(item_head
     again = BeamSearch(model, trie, beam_size=50, topk=10, exclude_history=True).search(hist)
     assert torch.equal(again.items, exact.items)
     torch.testing.assert_close(again.scores, exact.scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("item_head", [False, True])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_one_level_codes_search_equals_brute_force(exclude, item_head):
+    """L = 1: the root's level is the last (compact) one; the beam equals the brute-force ranking."""
+    n = 11
+    model, trie = make(n, seed=11, item_head=item_head, k=16, length=1)
+    hist = histories(n, n_users=5, seed=12)
+    got = BeamSearch(model, trie, beam_size=n, topk=6, exclude_history=exclude).search(hist)
+    ref = brute_force_topk(model, hist, trie, 6, exclude_history=exclude)
+    assert torch.equal(got.items, ref.items)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("item_head", [False, True])
+def test_exact_ties_at_the_compact_last_level_follow_the_code_order(item_head):
+    """Every output weight zero: every item of a prefix ties (and, with a token head, every code).
+    The compact columns keep the tokens' order, so tied items come in code order: at full width the
+    beam equals the brute force, and at narrow width tied items still come in code order."""
+    k, n = 16, 40
+    model, trie = make(n, seed=13, item_head=item_head, k=k, length=2)
+    with torch.no_grad():
+        model.head_w.zero_()
+        model.head_b.zero_()
+        if item_head:
+            model.item_out.weight.zero_()
+            model.item_out_b.zero_()
+    hist = histories(n, n_users=3, seed=14)
+    ref = brute_force_topk(model, hist, trie, 8)
+    codes, items = trie_codes(trie)
+    rank = torch.empty(n + 1, dtype=torch.long)
+    rank[items] = torch.arange(n)  # each item's place in code order
+    for beam in (8, n):
+        got = BeamSearch(model, trie, beam_size=beam, topk=8).search(hist)
+        if not item_head:  # a uniform token head: every code has the same score, so code order throughout
+            assert torch.equal(got.items, items[:8].expand(3, -1))
+        tied = got.scores[:, 1:] == got.scores[:, :-1]
+        assert tied.any() and (rank[got.items[:, 1:]] > rank[got.items[:, :-1]])[tied].all()
+        if beam == n:
+            assert torch.equal(got.items, ref.items)

@@ -462,9 +462,11 @@ class Generator(nn.Module):
 
     def item_logits(self, h: torch.Tensor, prefix: torch.Tensor, siblings: torch.Tensor | None = None) -> torch.Tensor:
         """The item head, grouped by prefix (decoding; no gradients): h [N, d], prefix [N] long, the
-        row of `siblings` [P, K] (item_idx by last token, <= 0 = none; default the model's own
-        `self.siblings`) that holds each row's items, negative = no prefix (the row is all -inf).
-        -> float32 logits [N, K], equal to `item_logits_reference(h, siblings[prefix])`.
+        row of `siblings` [P, C] that holds each row's items, negative = no prefix (the row is all
+        -inf). siblings: item_idx by column, <= 0 = none; the model's own `self.siblings` (C = K,
+        column = last token) by default, or any other layout, such as the beam search's compact one
+        (`prorec.beam.compact_children`: column j = the prefix's j-th item).
+        -> float32 logits [N, C], equal to `item_logits_reference(h, siblings[prefix])`.
 
         Rows are sorted by prefix; each prefix's rows are one dense matmul against the output
         embeddings of the prefix's real items alone (read once per call, not once per row), written
@@ -517,10 +519,11 @@ class Generator(nn.Module):
 
         prev [N] long: the code token chosen at level-1 (None at level 0, where the input is <BOS>).
         At the last level of a model with item_head, the beams' items are named either by `prefix`
-        [N] long, each beam's row of `siblings` [P, K] (item_idx by last token, <= 0 = none; default
-        the model's `siblings`, by its own prefix ids; negative = a dead beam), scored by the grouped
-        `item_logits` (what `BeamSearch` uses), or by children [N, K] item_idx (<= 0 = none), scored by
-        `item_logits_reference`. Returns logits [N, K] for code level `level`.
+        [N] long, each beam's row of `siblings` [P, C] (item_idx by column, <= 0 = none; default the
+        model's `siblings`, by its own prefix ids, C = K; negative = a dead beam), scored by the
+        grouped `item_logits` (`BeamSearch` passes its compact rows), or by children [N, C] item_idx
+        (<= 0 = none), scored by `item_logits_reference`. Returns logits [N, K] for code level
+        `level` ([N, C] at an item head's last level).
         """
         if prev is None:
             x = self.bos.expand(n_users, 1, -1)  # (N, 1, d)

@@ -61,7 +61,9 @@ class GeneratorArch:
     # item_head_samples items a row instead of the prefix's n (about N / prefixes: ~586 at 1.2M items
     # with codes.grow_k, ~47 on Beauty). Training only: validation, the search and the reference
     # score every item. 0 = every item of the prefix, always; a prefix of <= item_head_samples items
-    # is scored whole either way (added 2026-12-02).
+    # is scored whole either way. The training loss it reports estimates the full one from below (the
+    # log of an unbiased estimate of the denominator), and with label_smoothing the uniform part is
+    # spread over the drawn items: neither is comparable with a run at 0 (added 2026-12-02).
     item_head_samples: int = 0
 
     def arch_problems(self) -> list[str]:
