@@ -154,6 +154,21 @@ class RowSparseAdam(torch.optim.Adam):
         for lo in range(0, rows.numel(), CATCH_UP_ROWS):
             self._catch_up_block(group, p, rows[lo:lo + CATCH_UP_ROWS], until)
 
+    @staticmethod
+    def _tail(state: dict, r: float, upto: int) -> torch.Tensor:
+        """tail[s] = sum_{j=1..TAIL_STEPS} a_(s+j) r^j, the whole tail's coefficient of a row last
+        stepped at s and skipped for at least TAIL_STEPS steps, for s = 0 .. upto (at least): final
+        once step s + TAIL_STEPS is recorded, so it is computed once (here, as needed) and kept."""
+        tail = state.get("tail")
+        if tail is None:
+            tail = state["sizes"].new_zeros(0)
+        if tail.numel() <= upto:
+            rpow = r ** torch.arange(1, TAIL_STEPS + 1, dtype=torch.float64, device=tail.device)
+            window = state["sizes"][tail.numel(): upto + TAIL_STEPS].unfold(0, TAIL_STEPS, 1)  # rows s, cols j - 1
+            tail = torch.cat([tail, window @ rpow])
+            state["tail"] = tail
+        return tail
+
     def _catch_up_block(self, group: dict, p: torch.Tensor, rows: torch.Tensor, until: int) -> None:
         state = self.state[p]
         last = state["last"].index_select(0, rows)
@@ -165,21 +180,33 @@ class RowSparseAdam(torch.optim.Adam):
         beta1, beta2 = group["betas"]
         r = beta1 / math.sqrt(beta2)
         sizes = state["sizes"]
-        j = torch.arange(1, TAIL_STEPS + 1, device=p.device)
-        steps = last[:, None] + j[None, :]  # (R, J): the skipped steps s + j, 1-based
-        live = j[None, :] <= k[:, None]
-        at = (steps - 1).clamp(max=until - 1)
-        term = sizes[at] * r ** j.double()  # (R, J): dense Adam's update of step s + j, over m / sqrt(v)
         m, v = state["exp_avg"].index_select(0, rows), state["exp_avg_sq"].index_select(0, rows)
         direction = torch.where(v > 0, m / v.sqrt().clamp(min=1e-30), torch.zeros_like(m))
         w = p.index_select(0, rows)
         shape = (-1, *[1] * (w.dim() - 1))
-        if group["weight_decay"] and group.get("decoupled_weight_decay", False):
-            # p_T = D(s, T) p_s - sum_j u_(s+j) D(s+j, T), D(a, b) = prod of (1 - lr_t * wd) for t in (a, b]
+        decoupled = bool(group["weight_decay"]) and group.get("decoupled_weight_decay", False)
+        # A row skipped for >= TAIL_STEPS steps takes the whole tail, whose coefficient depends on its
+        # last step alone (`_tail`, one read); the others (and every row under decoupled weight decay,
+        # whose factors depend on `until`) sum their own live terms, up to the block's longest gap.
+        whole = (k >= TAIL_STEPS) if not decoupled else torch.zeros(k.numel(), dtype=torch.bool, device=k.device)
+        coef = torch.zeros(k.numel(), dtype=torch.float64, device=p.device)
+        if bool(whole.any()):
+            coef[whole] = self._tail(state, r, until - TAIL_STEPS)[last[whole]]
+        part = (~whole).nonzero()[:, 0]
+        if part.numel():
+            lp, kp = last[part], k[part]
+            j = torch.arange(1, min(int(kp.max()), TAIL_STEPS) + 1, device=p.device)
+            steps = lp[:, None] + j[None, :]  # (R, J): the skipped steps s + j, 1-based
+            live = j[None, :] <= kp[:, None]
+            at = (steps - 1).clamp(max=until - 1)
+            term = sizes[at] * r ** j.double()  # (R, J): dense Adam's update of step s + j, over m / sqrt(v)
+            if decoupled:
+                # p_T = D(s, T) p_s - sum_j u_(s+j) D(s+j, T), D(a, b) = prod of (1 - lr_t * wd) for t in (a, b]
+                term = term * torch.exp(state["log_decay"][until] - state["log_decay"][at + 1])
+            coef[part] = torch.where(live, term, 0.0).sum(1)
+        if decoupled:
             log_decay = state["log_decay"]
             w.mul_(torch.exp(log_decay[until] - log_decay[last]).to(w.dtype).view(shape))
-            term = term * torch.exp(log_decay[until] - log_decay[at + 1])
-        coef = torch.where(live, term, 0.0).sum(1)
         w.sub_(direction * coef.to(w.dtype).view(shape))
         kk = k.double().view(-1, *[1] * (m.dim() - 1))
         state["exp_avg"].index_copy_(0, rows, m * (beta1 ** kk).to(m.dtype))
@@ -254,7 +281,7 @@ class RowSparseAdam(torch.optim.Adam):
     def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
         """torch's load casts every state tensor to its parameter's dtype; the row bookkeeping (the
         long `last` steps, the float64 step sizes) is set aside and put back as it was saved."""
-        keep = ("last", "sizes", "log_decay")
+        keep = ("last", "sizes", "log_decay", "tail")
         extras, state = {}, {}
         for idx, st in state_dict["state"].items():
             extras[idx] = {k: v for k, v in st.items() if k in keep}

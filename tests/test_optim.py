@@ -3,6 +3,7 @@ takes part in every step, leave the other rows alone, and work for both models' 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -224,3 +225,78 @@ def test_row_sparse_gradients_average_over_workers_like_dense_ddp(tmp_path):
     opt.flush()
     for k, v in ref.state_dict().items():
         assert torch.allclose(w0[k], v, atol=1e-6), k
+
+
+def test_rows_skipped_for_longer_than_the_tail_take_the_cached_tail_and_equal_dense_adam(tmp_path):
+    """Rows left alone for more than TAIL_STEPS steps are caught up through the cached whole-tail
+    coefficient (`RowSparseAdam._tail`, by their last step), the others term by term: both equal
+    dense Adam under a varying learning rate, also after a checkpoint that lacks the cache (saved
+    before it existed) or holds it."""
+    from prorec.optim import TAIL_STEPS
+
+    torch.manual_seed(1)
+    n, steps = 30, TAIL_STEPS * 2 + 100
+    dense = torch.nn.Embedding(n, 4)
+    target = torch.randn(n, 4)
+    schedule = lambda s: 0.55 + 0.45 * math.cos(s / 37)  # noqa: E731  every step's size differs
+
+    def rows_at(s):  # rows 0-9 only early on, 10-19 always, row 20 once mid-run, 21-29 never
+        idx = [10 + s % 10, 10 + (s * 7) % 10]
+        if s < 15:
+            idx += [s % 10]
+        if s == TAIL_STEPS // 2:
+            idx += [20]
+        return torch.tensor(idx)
+
+    def twin():
+        m = copy.deepcopy(dense)
+        m.sparse = True
+        o = RowSparseAdam(m.parameters(), lr=0.03)
+        o.track(m)
+        return m, o, torch.optim.lr_scheduler.LambdaLR(o, schedule)
+
+    def run(m, o, sched, span):
+        for s in span:
+            idx = rows_at(s)
+            o.zero_grad(set_to_none=True)
+            ((m(idx) - target[idx]) ** 2).sum().backward()
+            o.step()
+            sched.step()
+
+    od = torch.optim.Adam(dense.parameters(), lr=0.03)
+    runs = [twin() for _ in range(3)]
+    run(dense, od, torch.optim.lr_scheduler.LambdaLR(od, schedule), range(steps))
+    half = TAIL_STEPS + 40
+    for which, (m, o, sched) in enumerate(runs):
+        run(m, o, sched, range(half))
+        o.flush()  # rows 0-9 skipped > TAIL_STEPS steps: the cached tail; row 20 fewer: term by term
+        if which:  # through a checkpoint: with the cache (1), without it as saved before it existed (2)
+            torch.save({"m": m.state_dict(), "o": o.state_dict(), "s": sched.state_dict()}, tmp_path / "c.pt")
+            saved = torch.load(tmp_path / "c.pt", weights_only=True)
+            if which == 2:
+                assert "tail" in saved["o"]["state"][0]
+                del saved["o"]["state"][0]["tail"]
+            m, o, sched = twin()
+            m.load_state_dict(saved["m"])
+            o.load_state_dict(saved["o"])
+            sched.load_state_dict(saved["s"])
+            assert which == 2 or o.state[m.weight]["tail"].dtype == torch.float64
+        run(m, o, sched, range(half, steps))
+        o.flush()
+        torch.testing.assert_close(m.weight, dense.weight, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(o.state[m.weight]["exp_avg"], od.state[dense.weight]["exp_avg"], rtol=1e-2, atol=1e-5)
+    m, o, _ = runs[0]
+    assert o.state[m.weight]["tail"].numel() >= steps - TAIL_STEPS  # the cached path really ran
+
+
+def test_the_cached_tail_is_the_sum_of_its_terms():
+    from prorec.optim import TAIL_STEPS
+
+    sizes = torch.rand(TAIL_STEPS + 50, dtype=torch.float64)
+    state, r = {"sizes": sizes}, 0.9 / math.sqrt(0.999)
+    first = RowSparseAdam._tail(state, r, 10).clone()  # s = 0 .. 10
+    tail = RowSparseAdam._tail(state, r, 50)  # extended, not recomputed
+    assert tail.numel() == 51 and torch.equal(tail[:11], first)
+    for s in (0, 7, 50):
+        want = sum(float(sizes[s + j - 1]) * r ** j for j in range(1, TAIL_STEPS + 1))
+        assert math.isclose(float(tail[s]), want, rel_tol=1e-12)
