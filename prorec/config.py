@@ -250,12 +250,13 @@ class CodesConfig:
     # hkmeans only: grow K with the catalogue, doubling it (from k) until K * K >= 2 N, so that the
     # codes can keep two levels (level-1 groups half full on average; they did at every size of the
     # synthetic catalogues measured) and a user's beam search runs one full-beam decoder step, not one
-    # a level. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000 items 2,048. A
-    # trade, measured side by side on synthetic catalogues (benchmarks/results/scale_grow_k.md +
-    # .notes.md): the search a user grows less (at 120,000 items 1.30x a 12,000-item user's at beam
-    # 200, 2.05x with K = 256; at 1,200,000 about 1.7x since the search's candidates are built in
-    # place, beam_levels_grow_k_inplace.md), but a Stage II step grows with the item head's groups
-    # of N / K items: 2.7x at 120,000, 8.8x at 1,200,000. Off by default: K is a modelling choice.
+    # a level. Beauty and Sports keep K = 256; 120,000 items get 512 and 1,200,000 items 2,048.
+    # Measured side by side on synthetic catalogues: with the search's compact last level a
+    # 1,200,000-item user costs 1.17x (beam 50) / 1.24x (beam 200) a 12,000-item user
+    # (benchmarks/results/beam_levels_grow_k_compact.md), but a Stage II step grows with the item
+    # head's groups of N / K items (8.8x at 1,200,000, scale_grow_k.md) unless
+    # stage2.item_head_samples samples them (1.56x with 32, scale_grow_k_sampled.md). Off by default:
+    # K is a modelling choice; jobs/configs/large_catalogue.yaml turns both on.
     grow_k: bool = False
     niter: int = 20
     seed: int = 0

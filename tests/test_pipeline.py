@@ -75,7 +75,7 @@ def _copy(run: Path, dest: Path) -> Path:
     return dest
 
 
-PIPELINE_CONFIGS = [TINY, REPO / "jobs" / "configs" / "default.yaml",
+PIPELINE_CONFIGS = [TINY, REPO / "jobs" / "configs" / "default.yaml", REPO / "jobs" / "configs" / "large_catalogue.yaml",
                     *sorted((REPO / "jobs" / "configs" / "beauty").rglob("*.yaml"))]
 
 
