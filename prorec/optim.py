@@ -20,10 +20,12 @@ skipped,
 
 with s the row's last step. That is dense Adam's own recurrence for a zero gradient, exact but for
 Adam's eps (negligible beside sqrt(v) for a row that was ever touched); the sum is cut after
-TAIL_STEPS steps, where r^j is below 1e-11. Decoupled weight decay (AdamW) multiplies the skipped
-steps' factors (1 - lr_t * wd) in as well. L2 weight decay (added to the gradient, torch Adam's
-default) is not caught up: dense Adam feeds it to every row on every step, a sparse step only to
-the rows it touches. tests/test_optim.py checks the parameters against torch's Adam.
+TAIL_STEPS steps, where r^j is below 1e-11. That whole-tail sum depends on s alone, so a row skipped
+for at least TAIL_STEPS steps reads it from a table by s (`RowSparseAdam._tail`, each entry computed
+once); a row skipped for fewer sums its own k terms. Decoupled weight decay (AdamW) multiplies
+the skipped steps' factors (1 - lr_t * wd) in as well (term by term: they depend on `until`). L2
+weight decay (added to the gradient, torch Adam's default) is not caught up: dense Adam feeds it to
+every row on every step, a sparse step only to the rows it touches. tests/test_optim.py checks the parameters against torch's Adam.
 
 Dense-gradient parameters go through torch's Adam unchanged.
 
