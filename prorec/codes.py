@@ -215,6 +215,11 @@ def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
                        meta={"method": cfg.method, "embeddings_hash": report["embeddings_hash"]})
     write_json(out_dir / REPORT_FILE, report)
     print(f"codes: L={report['code_length']} in {seconds:.1f}s -> {path}", file=sys.stderr, flush=True)
+    if cfg.method == "hkmeans" and not cfg.grow_k and report["code_length"] > 2 and 2 * x.shape[0] > k * k:
+        print(f"codes: note: {x.shape[0]:,} items at K={k} need {report['code_length']} levels, and every level is "
+              "one more full-beam decoder step a user; codes.grow_k=true keeps two levels (with "
+              "stage2.item_head_samples=32 for the training step: jobs/configs/large_catalogue.yaml; measured in "
+              "benchmarks/results/scale_grow_k_sampled.md)", file=sys.stderr, flush=True)
     return path
 
 

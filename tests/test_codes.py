@@ -222,12 +222,14 @@ def test_grow_k_doubles_k_until_its_square_holds_twice_the_catalogue():
                for n in (10, 40_000, 3_000_000) for k in [grow.k_for(n)])
 
 
-def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path):
+def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path, capsys):
     x, _ = _blobs(n_blobs=4, per_blob=50, dim=8)
     item_idx = np.arange(1, 201)
     emb = write_embeddings(tmp_path / "emb.parquet", item_idx, [f"i{i}" for i in item_idx], x)
     fixed = run_codes(CodesConfig(k=4, niter=5, use_ray=False), emb, tmp_path / "fixed")
+    assert "codes.grow_k=true keeps two levels" in capsys.readouterr().err  # a catalogue too big for K: the hint
     grown = run_codes(CodesConfig(k=4, niter=5, use_ray=False, grow_k=True), emb, tmp_path / "grown")
+    assert "grow_k=true keeps" not in capsys.readouterr().err
     assert trie_from_file(tmp_path / "fixed").k == 4 and trie_from_file(tmp_path / "fixed").length > 2
     trie = trie_from_file(tmp_path / "grown")
     assert trie.k == 32 and trie.length == 2  # 4 -> 8 -> 16 -> 32: 32 * 32 >= 400
