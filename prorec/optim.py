@@ -23,9 +23,11 @@ Adam's eps (negligible beside sqrt(v) for a row that was ever touched); the sum 
 TAIL_STEPS steps, where r^j is below 1e-11. That whole-tail sum depends on s alone, so a row skipped
 for at least TAIL_STEPS steps reads it from a table by s (`RowSparseAdam._tail`, each entry computed
 once); a row skipped for fewer sums its own k terms. Decoupled weight decay (AdamW) multiplies
-the skipped steps' factors (1 - lr_t * wd) in as well (term by term: they depend on `until`). L2
-weight decay (added to the gradient, torch Adam's default) is not caught up: dense Adam feeds it to
-every row on every step, a sparse step only to the rows it touches. tests/test_optim.py checks the parameters against torch's Adam.
+the skipped steps' factors (1 - lr_t * wd) in as well, every row term by term (the factors depend
+on the step the row is caught up to, so there is no table for them). L2 weight decay (added to
+the gradient, torch Adam's default) is not caught up: dense Adam feeds it to every row on every
+step, a sparse step only to the rows it touches. tests/test_optim.py checks the parameters against
+torch's Adam.
 
 Dense-gradient parameters go through torch's Adam unchanged.
 
@@ -43,7 +45,7 @@ import math
 import torch
 
 TAIL_STEPS = 256  # r^j < 1e-11 past this with Adam's default betas
-CATCH_UP_ROWS = 8192  # rows caught up at once: a block's (rows, TAIL_STEPS) float64 work is 16 MB
+CATCH_UP_ROWS = 8192  # rows (or tail entries) at once: a block's (rows, TAIL_STEPS) float64 work is 16 MB
 
 
 ROW_SPARSE_ALL_REDUCE = "row_sparse_all_reduce"  # a parameter flag: RowSparseAdam averages its gradient over the workers
@@ -152,7 +154,8 @@ class RowSparseAdam(torch.optim.Adam):
 
     def _catch_up(self, group: dict, p: torch.Tensor, rows: torch.Tensor, until: int) -> None:
         """Bring `rows` of p (and their moments) to step `until`, as dense Adam with zero gradients would;
-        CATCH_UP_ROWS rows at a time (the work is rows x TAIL_STEPS)."""
+        CATCH_UP_ROWS rows at a time (the work is at most rows x TAIL_STEPS, and one read a row for a
+        row skipped for TAIL_STEPS steps or more)."""
         for lo in range(0, rows.numel(), CATCH_UP_ROWS):
             self._catch_up_block(group, p, rows[lo:lo + CATCH_UP_ROWS], until)
 
@@ -160,14 +163,20 @@ class RowSparseAdam(torch.optim.Adam):
     def _tail(state: dict, r: float, upto: int) -> torch.Tensor:
         """tail[s] = sum_{j=1..TAIL_STEPS} a_(s+j) r^j, the whole tail's coefficient of a row last
         stepped at s and skipped for at least TAIL_STEPS steps, for s = 0 .. upto (at least): final
-        once step s + TAIL_STEPS is recorded, so it is computed once (here, as needed) and kept."""
+        once step s + TAIL_STEPS is recorded, so it is computed once (here, as needed, CATCH_UP_ROWS
+        entries at a time) and kept. It assumes the group's betas (r) never change during a run, as
+        no schedule of this project changes them."""
         tail = state.get("tail")
         if tail is None:
             tail = state["sizes"].new_zeros(0)
         if tail.numel() <= upto:
             rpow = r ** torch.arange(1, TAIL_STEPS + 1, dtype=torch.float64, device=tail.device)
-            window = state["sizes"][tail.numel(): upto + TAIL_STEPS].unfold(0, TAIL_STEPS, 1)  # rows s, cols j - 1
-            tail = torch.cat([tail, window @ rpow])
+            parts = [tail]
+            for lo in range(tail.numel(), upto + 1, CATCH_UP_ROWS):  # a block at a time: unfold's product copies it
+                hi = min(lo + CATCH_UP_ROWS, upto + 1)
+                window = state["sizes"][lo: hi - 1 + TAIL_STEPS].unfold(0, TAIL_STEPS, 1)  # rows s, cols j - 1
+                parts.append(window @ rpow)
+            tail = torch.cat(parts)
             state["tail"] = tail
         return tail
 
@@ -282,7 +291,9 @@ class RowSparseAdam(torch.optim.Adam):
 
     def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
         """torch's load casts every state tensor to its parameter's dtype; the row bookkeeping (the
-        long `last` steps, the float64 step sizes) is set aside and put back as it was saved."""
+        long `last` steps; the float64 step sizes, log decay factors and whole-tail coefficients) is
+        set aside and put back as it was saved. A checkpoint from before the tail cache has none: it
+        is rebuilt from the step sizes when first needed."""
         keep = ("last", "sizes", "log_decay", "tail")
         extras, state = {}, {}
         for idx, st in state_dict["state"].items():

@@ -240,12 +240,22 @@ def test_rows_skipped_for_longer_than_the_tail_take_the_cached_tail_and_equal_de
     target = torch.randn(n, 4)
     schedule = lambda s: 0.55 + 0.45 * math.cos(s / 37)  # noqa: E731  every step's size differs
 
-    def rows_at(s):  # rows 0-9 only early on, 10-19 always, row 20 once mid-run, 21-29 never
+    half = TAIL_STEPS + 40
+
+    def rows_at(s):
+        """Rows 0-9 early on and again just before `half`, so that the last flush catches them up over
+        more than TAIL_STEPS steps from fresh moments (the cache's entries after the checkpoint); 10-19
+        always; row 20 once mid-run; rows 21 and 22 left exactly TAIL_STEPS and TAIL_STEPS - 1 steps
+        before the last flush (the two paths' boundary); 23-29 never."""
         idx = [10 + s % 10, 10 + (s * 7) % 10]
-        if s < 15:
+        if s < 15 or half - 15 <= s < half:
             idx += [s % 10]
         if s == TAIL_STEPS // 2:
             idx += [20]
+        if s == steps - TAIL_STEPS - 1:
+            idx += [21]
+        if s == steps - TAIL_STEPS:
+            idx += [22]
         return torch.tensor(idx)
 
     def twin():
@@ -266,7 +276,7 @@ def test_rows_skipped_for_longer_than_the_tail_take_the_cached_tail_and_equal_de
     od = torch.optim.Adam(dense.parameters(), lr=0.03)
     runs = [twin() for _ in range(3)]
     run(dense, od, torch.optim.lr_scheduler.LambdaLR(od, schedule), range(steps))
-    half = TAIL_STEPS + 40
+    tails = []
     for which, (m, o, sched) in enumerate(runs):
         run(m, o, sched, range(half))
         o.flush()  # rows 0-9 skipped > TAIL_STEPS steps: the cached tail; row 20 fewer: term by term
@@ -285,8 +295,10 @@ def test_rows_skipped_for_longer_than_the_tail_take_the_cached_tail_and_equal_de
         o.flush()
         torch.testing.assert_close(m.weight, dense.weight, rtol=1e-4, atol=2e-5)
         torch.testing.assert_close(o.state[m.weight]["exp_avg"], od.state[dense.weight]["exp_avg"], rtol=1e-2, atol=1e-5)
-    m, o, _ = runs[0]
-    assert o.state[m.weight]["tail"].numel() >= steps - TAIL_STEPS  # the cached path really ran
+        tails.append(o.state[m.weight]["tail"])
+    assert tails[0].numel() >= steps - TAIL_STEPS + 1  # the cached path really ran, up to the last flush
+    for t in tails[1:]:  # saved and reloaded, or rebuilt in one go from the step sizes: the same table
+        torch.testing.assert_close(t[: tails[0].numel()], tails[0], rtol=1e-12, atol=0)
 
 
 def test_the_cached_tail_is_the_sum_of_its_terms():
