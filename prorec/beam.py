@@ -154,14 +154,14 @@ class BeamSearch:
         device = model.item_codes.device
         self.model, self.beam_size, self.topk = model, beam_size, topk
         self.trie = trie.to(device)
-        # A sentinel last row (nothing allowed, no child) lets dead beams (node -1) index the tables.
-        # (All levels but the last: that one reads the compact tables below.)
-        self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed[:-1]]
-        self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child[:-1]]
-        # The compact last level (module docstring); its sentinel row is the last, as above.
-        self.last_items, tokens, self.last_column = compact_children(self.trie.child[-1])
+        # Per level: allowed[l] [nodes + 1, C] and child[l] [nodes + 1, C] (the next node, or at the last
+        # level the item). C = K, but the last level is compact (module docstring): its columns are its
+        # prefixes' items (child 0 = none) and C its width. A sentinel last row (nothing allowed, no
+        # child) lets dead beams (node -1) index the tables.
+        items, tokens, self.last_column = compact_children(self.trie.child[-1])
+        self.allowed = [torch.cat([a, a.new_zeros(1, trie.k)]) for a in self.trie.allowed[:-1]] + [items > 0]
+        self.child = [torch.cat([c, c.new_full((1, trie.k), -1)]) for c in self.trie.child[:-1]] + [items]
         self.last_tokens = tokens if model.item_out is None else None  # only a token head reads them
-        self.last_ok = self.last_items > 0
         self.exclude_history = exclude_history
         self._paths = _TriePaths(self.trie, model.item_codes, self.last_column) if exclude_history else None
         self.autocast = autocast
@@ -199,18 +199,16 @@ class BeamSearch:
                 prev = None
                 for level in range(trie.length):
                     G = nodes.shape[1]
-                    last = level == trie.length - 1
                     # At the last level the item head scores each beam's items in compact columns: the
-                    # rows of last_items named by the beams' nodes (-1, a dead beam, scores nothing).
+                    # rows of child[-1] named by the beams' nodes (-1, a dead beam, scores nothing).
                     logits = model.step(memory, cache, level, prev, B, prefix=nodes.view(B * G),
-                                        siblings=self.last_items if last else None)  # (B*G, K or W)
+                                        siblings=self.child[-1])  # (B*G, K, or the compact width)
                     logp = F.log_softmax(logits.float(), dim=-1)
-                    if last and model.item_out is None:  # a token head's log-softmax over K, to the columns
+                    if level == trie.length - 1 and self.last_tokens is not None:  # a token head: to the columns
                         logp = logp.gather(1, self.last_tokens[nodes.view(B * G)])
                     C = logp.shape[1]  # K, or the compact width at the last level
                     logp = logp.view(B, G, C)
-                    # node -1 reads the sentinel row
-                    ok = (self.last_ok if last else self.allowed[level])[nodes]  # (B, G, C)
+                    ok = self.allowed[level][nodes]  # (B, G, C); node -1 reads the sentinel row
                     if excl is not None:
                         self._exclude(ok, nodes, excl, level)
                     # In place on the fresh log-softmax and mask: the same floats as torch.where(ok,
@@ -218,7 +216,7 @@ class BeamSearch:
                     cand = logp.add_(scores[..., None]).masked_fill_(ok.logical_not_(), NEG_INF).view(B, G * C)
                     scores, flat = stable_topk(cand, min(W, G * C))  # (B, G')
                     parent, token = flat // C, flat % C
-                    nodes = (self.last_items if last else self.child[level])[nodes.gather(1, parent), token]
+                    nodes = self.child[level][nodes.gather(1, parent), token]
                     nodes = nodes.masked_fill(~torch.isfinite(scores), -1)
                     if level < trie.length - 1:
                         cache.reorder((torch.arange(B, device=nodes.device)[:, None] * G + parent).view(-1))

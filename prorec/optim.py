@@ -199,7 +199,7 @@ class RowSparseAdam(torch.optim.Adam):
         # A row skipped for >= TAIL_STEPS steps takes the whole tail, whose coefficient depends on its
         # last step alone (`_tail`, one read); the others (and every row under decoupled weight decay,
         # whose factors depend on `until`) sum their own live terms, up to the block's longest gap.
-        whole = (k >= TAIL_STEPS) if not decoupled else torch.zeros(k.numel(), dtype=torch.bool, device=k.device)
+        whole = (k >= TAIL_STEPS) & (not decoupled)
         coef = torch.zeros(k.numel(), dtype=torch.float64, device=p.device)
         if bool(whole.any()):
             coef[whole] = self._tail(state, r, until - TAIL_STEPS)[last[whole]]

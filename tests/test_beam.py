@@ -79,7 +79,7 @@ def test_compact_last_level_on_a_sparse_catalogue_equals_brute_force(beam_size, 
     k, n = 16, 40
     model, trie = make(n, seed=9, item_head=item_head, k=k, length=2)
     search = BeamSearch(model, trie, beam_size=beam_size, topk=5, exclude_history=exclude)
-    assert 1 < search.last_items.shape[1] < k // 2  # the test has teeth: columns are not tokens
+    assert 1 < search.child[-1].shape[1] < k // 2  # the test has teeth: columns are not tokens
     hist = histories(n, n_users=7, seed=10)
     got = search.search(hist)
     ref = brute_force_topk(model, hist, trie, n, exclude_history=exclude)

@@ -586,8 +586,7 @@ def sample_siblings(children: torch.Tensor, target: torch.Tensor, samples: int) 
     drawn = torch.zeros_like(real).scatter_(1, key.topk(min(samples, key.shape[1]), dim=1).indices, True) & real
     others = drawn.sum(1, keepdim=True) - 1
     weight = (real.sum(1, keepdim=True) - 1).clamp(min=1).float() / others.clamp(min=1).float()  # 1 when all kept
-    is_target = torch.zeros_like(real).scatter_(1, target[:, None], True)
-    correction = weight.log() * (drawn & ~is_target)
+    correction = weight.log() * drawn.scatter(1, target[:, None], False)  # the drawn others
     return children.masked_fill(~drawn, 0), correction
 
 
