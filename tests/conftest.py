@@ -15,6 +15,19 @@ from prorec.config import SyntheticConfig  # noqa: E402
 BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty"
 
 
+# The test files that take longest (`pytest --durations`, 2026-12-02: a 3-node cluster, the scale
+# benchmark's child processes, Ray Train and Serve start-ups), collected first: under `--dist loadfile`
+# (pyproject.toml) the two workers start on them and the short files fill in around them, instead of
+# one slow file starting last and running alone.
+SLOW_FIRST = ("test_cluster_local.py", "test_scale.py", "test_stage1.py", "test_serve.py", "test_stage2.py",
+              "test_pipeline.py", "test_tune.py", "test_embed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once (2 CPUs, no dashboard) for every test that needs it."""

@@ -3,6 +3,7 @@ own `ray start`), with node resources that show where work ran, a worker node ki
 that leaves none of its processes behind, even when the test fails."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -61,14 +62,25 @@ def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
     II loses a worker node after its first checkpoint: Ray Train restarts the group from that
     checkpoint, and the run ends with the clean run's model and metrics, bit for bit, its manifest
     recording the loss and its cost. No process of the cluster is left behind, pass or fail."""
-    from benchmarks.cluster_local import Jobs, compare, fault_stage2, run_summary
+    from benchmarks.cluster_local import RAY, Jobs, compare, fault_stage2, run_summary
 
     cluster = LocalCluster(tmp_path / "cluster", workers=2)
     try:
         with cluster:
-            jobs = Jobs(cluster)
+            # Shorter than the benchmark's runs (Ray's start-up costs are most of a stage here): Stage II
+            # still trains for five epochs after the checkpoint the fault waits for.
+            jobs = Jobs(cluster, overrides=("stage1.max_epochs=2", "stage1.patience=2", "stage2.max_epochs=6",
+                                            "stage2.patience=6", "eval.beam_size=20"))
             clean = jobs.run(tmp_path / "clean")
             assert clean["final_status"] == "SUCCEEDED", clean["logs"][-3000:]
+            # The driver joined the cluster rather than starting a Ray of its own.
+            assert "ray: connected to the cluster at" in clean["logs"], clean["logs"][-3000:]
+            # Without the token the job server refuses a client (token authentication is Ray 2.60's default).
+            bare = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+            bare["HOME"] = str(tmp_path)  # so that no ~/.ray/auth_token is found either
+            denied = subprocess.run([RAY, "job", "list", "--address", cluster.dashboard], env=bare,
+                                    capture_output=True, text=True, timeout=60)
+            assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower(), denied
             names = jobs.node_names()
             first = run_summary(tmp_path / "clean", names)
             for stage in ("stage1", "stage2"):
@@ -80,6 +92,7 @@ def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
             after = run_summary(tmp_path / "fault", jobs.node_names())
     finally:
         assert not cluster.pids(), "the cluster left processes behind"
+    assert json.loads((tmp_path / "clean" / "manifest.json").read_text())["ray"].startswith("connected to the cluster")
     same = compare(tmp_path / "clean", tmp_path / "fault", ["stage2/model.safetensors", "eval/predictions.parquet"])
     assert same["metrics_equal"] and all(same["identical_files"].values()), same
     events = after["stages"]["stage2"]["events"]

@@ -1,24 +1,18 @@
 """The pipeline job end to end on jobs/configs/tiny.yaml: outputs, resume, partial reruns, a killed
-Stage II, and `ray job submit` against a real head node.
+Stage II. (`ray job submit` of the pipeline on a real cluster: tests/test_cluster_local.py.)
 
 Every run goes through the real entry point (`python jobs/pipeline.py`) in a subprocess.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -339,120 +333,6 @@ def test_a_killed_stage2_resumes_from_its_checkpoint(tiny_run, tmp_path):
     assert [h["epoch"] for h in history] == list(range(5))  # the history spans the crash
     assert _manifest(run)["stages"]["stage2"]["status"] == "done"
     assert (run / "eval" / "metrics.json").is_file()
-
-
-# ----------------------------------------------------------------------------------------------
-# ray job submit against a real head node
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    """Ids of this machine's processes whose command line contains `text` (Linux /proc)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if text.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-    return pids
-
-
-@contextlib.contextmanager
-def _ray_head(env: dict[str, str]):
-    """A `ray start --head` of our own: its own temp dir, ports and token; stopped without `ray stop`.
-
-    `ray stop` would stop every Ray on this machine (the test session's own instance too), so the
-    head runs with --block in its own process group; we end that group, then any process still
-    naming our private temp dir (Ray's processes carry it on their command lines).
-    """
-    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    gcs, dash = _free_port(), _free_port()
-    # The per-node agents default to fixed ports (52365 and others) that the test session's own Ray
-    # already holds; a second node on the same machine must get its own or its agent never comes up.
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={temp}/r", "--disable-usage-stats", *agent_ports],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # 401 without a token: the server is up
-            except OSError:
-                assert head.poll() is None, "ray start --head exited:\n" + (Path(temp) / "head.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the dashboard did not come up in 120 s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(15)
-        for pid in [*_processes_mentioning(temp), *([head.pid] if head.poll() is None else [])]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(10)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_ray_job_submit_runs_the_pipeline_on_a_head_node(tmp_path):
-    # Ray 2.60 turns token authentication on for `ray start --head` (RAY_AUTH_MODE=token); the head,
-    # the job's driver and the `ray job` client all read the token from RAY_AUTH_TOKEN_PATH.
-    # A private token file keeps this test away from ~/.ray/auth_token.
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    out = tmp_path / "run"
-    runtime_env = {"excludes": ["runs/", ".ci-venv/", ".venv/", ".git/", "*.egg-info/"],
-                   "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", "", "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps(runtime_env), "--",
-              # eval on a Ray actor: the driver must join the head's cluster, not start its own Ray
-              sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/tiny.yaml", "--out", str(out),
-              "eval.use_ray=true", "eval.num_actors=1"]
-    with _ray_head(env) as address:
-        submit[4] = address
-        deadline = time.monotonic() + 240  # a loaded machine can take minutes to register the agent
-        while True:
-            r = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-            # The job server answers before the node's agent has registered; the job is not created then.
-            if "No available agent" not in r.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        logs = r.stdout[-5000:] + "\n--- stderr\n" + r.stderr[-3000:]
-        assert r.returncode == 0, logs
-        assert re.search(r"Job 'raysubmit_\w+' succeeded", r.stdout + r.stderr), logs
-        # Without the token the job server refuses the client.
-        bare = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-        bare["HOME"] = str(tmp_path)  # so that no ~/.ray/auth_token is found either
-        denied = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address],
-                                env=bare, capture_output=True, text=True, timeout=60)
-        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
-    assert "ray: connected to the cluster at" in r.stdout, logs
-    m = _manifest(out)
-    assert all(m["stages"][s]["status"] == "done" for s in STAGES)
-    assert m["ray"].startswith("connected to the cluster")
-    assert set(json.loads((out / "eval" / "metrics.json").read_text())["test"]) >= set(METRICS)
-    assert (out / "eval" / "predictions.parquet").is_file()
 
 
 def test_until_stops_after_the_named_stage(tmp_path):
