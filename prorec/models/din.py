@@ -79,6 +79,23 @@ def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     return F.prelu(x.reshape(-1, x.shape[-1]), slope).view_as(x)
 
 
+def word_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout whose mask is read from 16-bit slices of 64-bit random words.
+
+    `F.dropout` draws one random number an element (`bernoulli_`): on a CPU that was about 7% of a
+    Stage I step at J = 4 (the scoring MLP's two hidden layers over every (user, candidate) pair).
+    One 64-bit word gives four 16-bit draws, about a fifth of the cost. An element is dropped with
+    probability round(p * 2^16) / 2^16 (p within 1e-5) and the kept ones are scaled to keep the mean.
+    A different random stream from `F.dropout`'s, with the same distribution up to that rounding."""
+    if not training or p == 0.0:
+        return x
+    n = x.numel()
+    dropped = round(p * 65536)  # of the 65536 values a 16-bit draw takes
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    keep = words.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
+    return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
+
+
 class DINActivationUnit(nn.Module):
     """Attention weight of each history item for each candidate: MLP([h, c, h - c, h * c]) -> 1."""
 
@@ -108,6 +125,8 @@ class DINActivationUnit(nn.Module):
         b, t, d = h.shape
         w_h, w_c, w_d, w_p = self.lin1.weight.split(d, dim=1)  # (J, d) each
         j = w_p.shape[0]
+        if c.shape[0] == 1 and b > 1:
+            return self._shared(h, c[0], w_h + w_d, w_c - w_d, w_p)
         # Hidden units go on dim 1 so that F.prelu (one slope per channel on dim 1) applies.
         hu = (h @ (w_h + w_d).T + self.lin1.bias).transpose(1, 2)  # (B, J, T)
         cv = (c @ (w_c - w_d).T).transpose(1, 2)  # (B|1, J, C)
@@ -115,6 +134,26 @@ class DINActivationUnit(nn.Module):
         bil = (hp @ c.transpose(1, 2)).view(b, j, t, -1)  # (B, J, T, C)
         act = F.prelu(bil + hu[..., None] + cv[:, :, None, :], self.slope)  # (B, J, T, C)
         return torch.einsum("bjtc,j->btc", act, self.lin2.weight[0]) + self.lin2.bias  # (B, T, C)
+
+    def _shared(self, h: torch.Tensor, c: torch.Tensor, w_hd: torch.Tensor, w_cd: torch.Tensor,
+                w_p: torch.Tensor) -> torch.Tensor:
+        """`forward` for candidates shared by the batch (Stage I's negatives, validation's catalogue
+        chunks): h (B, T, d), c (C, d) -> (B, T, C).
+
+        The bilinear term W_p (h * c) is taken from the candidate side: the rows w_p[j] * c, (J * C, d),
+        are built once per candidate, and one (B * T, d) @ (d, J * C) product gives every (user,
+        history item, unit, candidate) value, already in the (B, T, J, C) layout that F.prelu (units on
+        dim 1 of a (B * T, J, C) view) and the sum over units read. The per-user path instead builds
+        the (B, J, T, d) operand w_p[j] * h and its gradient, and transposes (B, J, T, C): about a
+        quarter more time for the attention's forward and backward at Stage I's shapes (B 256, T 16,
+        C 128, J 4, one thread)."""
+        b, t, d = h.shape
+        j, n = w_p.shape[0], c.shape[0]
+        cw = (w_p[:, None, :] * c[None]).reshape(j * n, d)  # (J * C, d)
+        x = (h.reshape(b * t, d) @ cw.T).view(b, t, j, n)  # (B, T, J, C)
+        x = x + (h @ w_hd.T + self.lin1.bias)[..., None] + (c @ w_cd.T).T  # + (B, T, J, 1) + (J, C)
+        act = F.prelu(x.view(b * t, j, n), self.slope).view(b, t, j, n)
+        return torch.einsum("btjc,j->btc", act, self.lin2.weight[0]) + self.lin2.bias  # (B, T, C)
 
 
 class DINScoreMLP(nn.Module):
@@ -130,11 +169,11 @@ class DINScoreMLP(nn.Module):
         self.lin2 = nn.Linear(h1, h2)
         self.slope2 = nn.Parameter(torch.full((h2,), 0.25))
         self.out = nn.Linear(h2, 1)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def _head(self, x1: torch.Tensor) -> torch.Tensor:
-        x = self.drop(_prelu(x1, self.slope1))
-        x = self.drop(_prelu(self.lin2(x), self.slope2))
+        x = word_dropout(_prelu(x1, self.slope1), self.p, self.training)
+        x = word_dropout(_prelu(self.lin2(x), self.slope2), self.p, self.training)
         return self.out(x).squeeze(-1)
 
     def reference(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
