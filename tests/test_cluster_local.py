@@ -55,7 +55,7 @@ def test_three_nodes_place_work_by_node_and_survive_losing_one(tmp_path):
     assert (tmp_path / "cluster" / "cluster.json").is_file() and not cluster.temp.exists()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # two runs on a 3-node cluster; beside the other xdist worker it has taken 490 s
 def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
     """`ray job submit` of jobs/configs/cluster_local.yaml on the 3-node cluster: Stage I and II on
     2 workers on distinct nodes, the evaluation's actors on both worker nodes. Then a rerun of Stage
