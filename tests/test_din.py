@@ -148,16 +148,17 @@ def test_alignment_loss_with_sampled_negatives_matches_a_row_by_row_brute_force(
     assert matched < 0.1 < shuffled
 
 
-@pytest.mark.parametrize("dot", [True, False])
-def test_shared_candidate_scorer_matches_the_literal_din_in_scores_and_gradients(dot):
+@pytest.mark.parametrize("dot, cand_shape", [(True, (1, 11)), (False, (1, 11)), (True, (5, 1)), (True, (5, 9))])
+def test_shared_candidate_scorer_matches_the_literal_din_in_scores_and_gradients(dot, cand_shape):
     """The paths for candidates shared by the batch (what Stage I's negatives, validation and the
     reranker's catalogue chunks use: the attention's candidate-side bilinear product and the
-    one-product scorer): the same scores and the same gradients for every weight, E_C included, as
-    the literal DIN."""
+    one-product scorer), and per-user candidates on either side of the history's length (one a user,
+    Stage I's target, takes the candidate side; nine, more than the six history columns, the history
+    side): the same scores and the same gradients for every weight, E_C included, as the literal DIN."""
     torch.manual_seed(3)
     din = DIN(DINConfig(n_items=40, dim=8, max_history=6, attention_hidden=5, mlp_hidden=(7, 3), dropout=0.0,
                         dot_residual=dot))
-    hist, cands = _history(), torch.randint(1, 41, (1, 11))
+    hist, cands = _history(), torch.randint(1, 41, cand_shape)
 
     def grads(reference: bool):
         din.zero_grad()

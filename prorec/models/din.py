@@ -125,8 +125,8 @@ class DINActivationUnit(nn.Module):
         b, t, d = h.shape
         w_h, w_c, w_d, w_p = self.lin1.weight.split(d, dim=1)  # (J, d) each
         j = w_p.shape[0]
-        if c.shape[0] == 1 and b > 1:
-            return self._shared(h, c[0], w_h + w_d, w_c - w_d, w_p)
+        if c.shape[0] == 1 or c.shape[1] <= t:
+            return self._candidate_side(h, c, w_h + w_d, w_c - w_d, w_p)
         # Hidden units go on dim 1 so that F.prelu (one slope per channel on dim 1) applies.
         hu = (h @ (w_h + w_d).T + self.lin1.bias).transpose(1, 2)  # (B, J, T)
         cv = (c @ (w_c - w_d).T).transpose(1, 2)  # (B|1, J, C)
@@ -135,23 +135,29 @@ class DINActivationUnit(nn.Module):
         act = F.prelu(bil + hu[..., None] + cv[:, :, None, :], self.slope)  # (B, J, T, C)
         return torch.einsum("bjtc,j->btc", act, self.lin2.weight[0]) + self.lin2.bias  # (B, T, C)
 
-    def _shared(self, h: torch.Tensor, c: torch.Tensor, w_hd: torch.Tensor, w_cd: torch.Tensor,
-                w_p: torch.Tensor) -> torch.Tensor:
-        """`forward` for candidates shared by the batch (Stage I's negatives, validation's catalogue
-        chunks): h (B, T, d), c (C, d) -> (B, T, C).
+    def _candidate_side(self, h: torch.Tensor, c: torch.Tensor, w_hd: torch.Tensor, w_cd: torch.Tensor,
+                        w_p: torch.Tensor) -> torch.Tensor:
+        """`forward` with the bilinear term W_p (h * c) taken from the candidate side: h (B, T, d),
+        c (B or 1, C, d) -> (B, T, C). Used for candidates shared by the batch (Stage I's negatives,
+        validation's catalogue chunks) and for per-user candidates no more than the history (Stage I's
+        target: C = 1).
 
-        The bilinear term W_p (h * c) is taken from the candidate side: the rows w_p[j] * c, (J * C, d),
-        are built once per candidate, and one (B * T, d) @ (d, J * C) product gives every (user,
-        history item, unit, candidate) value, already in the (B, T, J, C) layout that F.prelu (units on
-        dim 1 of a (B * T, J, C) view) and the sum over units read. The per-user path instead builds
-        the (B, J, T, d) operand w_p[j] * h and its gradient, and transposes (B, J, T, C): about a
-        quarter more time for the attention's forward and backward at Stage I's shapes (B 256, T 16,
-        C 128, J 4, one thread)."""
+        The rows w_p[j] * c, (J * C, d), are built per candidate, and one product, (B * T, d) @
+        (d, J * C) when shared, gives every (user, history item, unit, candidate) value, already in the
+        (B, T, J, C) layout that F.prelu (units on dim 1 of a (B * T, J, C) view) and the sum over units
+        read. The history side instead builds the (B, J, T, d) operand w_p[j] * h and its gradient, and
+        transposes (B, J, T, C): for shared candidates about a quarter more time for the attention's
+        forward and backward at B 256, T 16, C 128, J 4 (one thread), and for one candidate a user an
+        operand T times the size."""
         b, t, d = h.shape
-        j, n = w_p.shape[0], c.shape[0]
-        cw = (w_p[:, None, :] * c[None]).reshape(j * n, d)  # (J * C, d)
-        x = (h.reshape(b * t, d) @ cw.T).view(b, t, j, n)  # (B, T, J, C)
-        x = x + (h @ w_hd.T + self.lin1.bias)[..., None] + (c @ w_cd.T).T  # + (B, T, J, 1) + (J, C)
+        j, cb, n = w_p.shape[0], c.shape[0], c.shape[1]
+        cw = (w_p[None, :, None, :] * c[:, None, :, :]).reshape(cb, j * n, d)  # (B|1, J * C, d)
+        if cb == 1:
+            x = (h.reshape(b * t, d) @ cw[0].T).view(b, t, j, n)  # (B, T, J, C)
+        else:
+            x = torch.bmm(h, cw.transpose(1, 2)).view(b, t, j, n)
+        cv = (c @ w_cd.T).transpose(1, 2)[:, None]  # (B|1, 1, J, C)
+        x = x + (h @ w_hd.T + self.lin1.bias)[..., None] + cv
         act = F.prelu(x.view(b * t, j, n), self.slope).view(b, t, j, n)
         return torch.einsum("btjc,j->btc", act, self.lin2.weight[0]) + self.lin2.bias  # (B, T, C)
 
