@@ -90,7 +90,7 @@ def word_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
     n = x.numel()
-    dropped = round(p * 65536)  # of the 65536 values a 16-bit draw takes
+    dropped = min(round(p * 65536), 65535)  # of the 65536 values a 16-bit draw takes (p < 1 keeps one)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
     keep = words.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
     return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
