@@ -208,6 +208,8 @@ def test_word_dropout_drops_at_rate_p_keeps_the_mean_and_passes_the_gradient_thr
     kept = y != 0
     for lane in range(4):  # the four 16-bit slices of each word are independent draws at rate p
         assert abs(1 - kept[lane::4].float().mean().item() - p) < 0.004, lane
+    lanes = torch.corrcoef(kept[:1_000_000].view(-1, 4).float().T)  # (4, 4): uncorrelated lanes
+    assert (lanes - torch.eye(4)).abs().max() < 0.01
     assert abs(y.mean().item() - 1.0) < 0.01
     assert torch.equal(y[kept], torch.full_like(y[kept], 65536 / (65536 - round(p * 65536))))
     y.backward(torch.full_like(y, 2.0))
