@@ -156,6 +156,11 @@ def connect_ray() -> tuple[str, bool]:
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    # The workers import this driver's prorec: jobs/pipeline.py puts its own checkout first on the
+    # driver's path, and without this a worker would import whichever prorec is installed (another
+    # checkout's, under `pip install -e`), so that Ray Train ran other code than the driver.
+    code_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([code_root, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(address="local", include_dashboard=False,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "prorec.pipeline.quiet_ray_worker"})
     return "started locally", True

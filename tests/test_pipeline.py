@@ -356,3 +356,24 @@ def test_the_final_table_sets_the_run_beside_the_papers_row_of_its_own_dataset()
     assert "paper (Sports)" in sports and "0.0471" in sports and "0.0939" not in sports
     assert "0.0939" in metrics_table(m, load_config(None, ["data.path=/data/amazon-beauty"]))
     assert "paper" not in metrics_table(m, load_config(None, [])).splitlines()[0]
+
+
+@pytest.mark.ray
+def test_the_local_ray_workers_import_the_drivers_checkout(tmp_path):
+    """A driver run from another checkout than the installed prorec (as `python jobs/pipeline.py` from a
+    second worktree under `pip install -e`): the local Ray instance's workers, where Stage I and II
+    train, import the driver's prorec, not the installed one."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "prorec", checkout / "prorec", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import json, ray\n"
+            "import prorec\n"
+            "from prorec.pipeline import connect_ray\n"
+            "connect_ray()\n"
+            "where = ray.get(ray.remote(num_cpus=0)(lambda: __import__('prorec').__file__).remote())\n"
+            "print(json.dumps([prorec.__file__, where]))\n"
+            "ray.shutdown()\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=_env(), capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    driver, worker = json.loads(r.stdout.strip().splitlines()[-1])
+    assert Path(driver).resolve() == Path(worker).resolve() == (checkout / "prorec" / "__init__.py").resolve()
