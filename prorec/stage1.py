@@ -50,10 +50,11 @@ benchmarks/results/stage1_small_step.md has their steps a second side by side an
 after three epochs on Beauty: a smaller scoring MLP kept the quality, fewer aligned items slowed the
 DIN's own learning (the alignment pulls every item of the batch towards its text each step).
 For the shared negatives and the target the attention's bilinear term comes from the candidate side
-(one (B * T, d) @ (d, J * C) product for shared candidates, `DINActivationUnit._candidate_side`), and
-the scoring MLP's dropout reads its mask from 64-bit random words (`prorec.models.din.word_dropout`);
-a profile at J = 4 had put the per-user attention's (B, J, T, d) operand with its PReLU backward, and
-`bernoulli_`, at about a third of the step (benchmarks/results/stage1_attention_target.md).
+(one (B * T, d) @ (d, J * C) product for shared candidates, `DINActivationUnit._candidate_side`); a
+profile at J = 4 had put the per-user attention's (B, J, T, d) operand with its PReLU backward at
+about a quarter of the step (benchmarks/results/stage1_attention_target.md). The scoring MLP keeps
+`F.dropout`: a cheaper mask cost validation (benchmarks/results/stage1_dropout_stream.md). The
+row-sparse Adam (`stage1.sparse_grads`, the default) saves the dense table's update each step.
 """
 from __future__ import annotations
 

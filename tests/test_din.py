@@ -193,28 +193,3 @@ def test_under_bf16_autocast_the_shared_scorer_and_the_alignment_keep_fp32_where
         losses = [alignment_loss(e, t, 0.07), alignment_loss(e, t, 0.07, torch.randperm(50)[:20])]
     assert all(x.dtype == torch.float32 and x >= 0 for x in losses)
     torch.testing.assert_close(losses[0], alignment_loss_reference(e, t, 0.07), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_word_dropout_drops_at_rate_p_keeps_the_mean_and_passes_the_gradient_through_the_kept(p):
-    """The dropout Stage I's scoring MLP uses: every 16-bit lane of a word drops at p, the kept
-    elements are scaled so that the mean stays, the gradient flows through the kept ones only, and
-    outside training (or at p = 0) the input comes back untouched."""
-    from prorec.models.din import word_dropout
-
-    torch.manual_seed(0)
-    x = torch.ones(4 * 250_000 + 3, requires_grad=True)  # not a multiple of 4: the last word is cut
-    y = word_dropout(x, p, True)
-    kept = y != 0
-    for lane in range(4):  # the four 16-bit slices of each word are independent draws at rate p
-        assert abs(1 - kept[lane::4].float().mean().item() - p) < 0.004, lane
-    lanes = torch.corrcoef(kept[:1_000_000].view(-1, 4).float().T)  # (4, 4): uncorrelated lanes
-    assert (lanes - torch.eye(4)).abs().max() < 0.01
-    assert abs(y.mean().item() - 1.0) < 0.01
-    assert torch.equal(y[kept], torch.full_like(y[kept], 65536 / (65536 - round(p * 65536))))
-    y.backward(torch.full_like(y, 2.0))
-    torch.testing.assert_close(x.grad, 2.0 * y.detach())
-    z = torch.randn(7, 5)
-    assert word_dropout(z, p, False) is z and word_dropout(z, 0.0, True) is z
-    a, b = word_dropout(torch.ones(1000), p, True), word_dropout(torch.ones(1000), p, True)
-    assert not torch.equal(a, b)  # fresh draws each call

@@ -79,23 +79,6 @@ def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     return F.prelu(x.reshape(-1, x.shape[-1]), slope).view_as(x)
 
 
-def word_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout whose mask is read from 16-bit slices of 64-bit random words.
-
-    `F.dropout` draws one random number an element (`bernoulli_`): on a CPU that was about 7% of a
-    Stage I step at J = 4 (the scoring MLP's two hidden layers over every (user, candidate) pair).
-    One 64-bit word gives four 16-bit draws, about a fifth of the cost. An element is dropped with
-    probability round(p * 2^16) / 2^16 (p within 1e-5) and the kept ones are scaled to keep the mean.
-    A different random stream from `F.dropout`'s, with the same distribution up to that rounding."""
-    if not training or p == 0.0:
-        return x
-    n = x.numel()
-    dropped = min(round(p * 65536), 65535)  # of the 65536 values a 16-bit draw takes (p < 1 keeps one)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
-    keep = words.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
-    return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
-
-
 class DINActivationUnit(nn.Module):
     """Attention weight of each history item for each candidate: MLP([h, c, h - c, h * c]) -> 1."""
 
@@ -178,8 +161,12 @@ class DINScoreMLP(nn.Module):
         self.p = cfg.dropout
 
     def _head(self, x1: torch.Tensor) -> torch.Tensor:
-        x = word_dropout(_prelu(x1, self.slope1), self.p, self.training)
-        x = word_dropout(_prelu(self.lin2(x), self.slope2), self.p, self.training)
+        # F.dropout, not a cheaper mask: masks read from 16-bit slices of 64-bit random words
+        # (6d28e7a; `bernoulli_` was about 7% of a J = 4 Stage I step in a profile) lowered validation after
+        # three epochs on Beauty in every run (N@10 0.0641-0.0657 over six runs against 0.0669-0.0692
+        # over four with F.dropout), for a reason not found (benchmarks/results/stage1_dropout_stream.md).
+        x = F.dropout(_prelu(x1, self.slope1), self.p, self.training)
+        x = F.dropout(_prelu(self.lin2(x), self.slope2), self.p, self.training)
         return self.out(x).squeeze(-1)
 
     def reference(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
