@@ -48,6 +48,20 @@ def test_before_and_after_sets_are_timed_and_written(tiny_data, tmp_path):
     assert "| before/base | (the run config) |" in md and "| 0 | 0.2000 | 0.1000 | 3 |" in md
     assert "**head**: commit" in md
     assert res["before"]["commit"] and isinstance(res["before"]["modified"], list)
+    # --epoch: a whole epoch (every step of the tiny train split) and its validation, each set
+    epoch = subprocess.run([sys.executable, "benchmarks/stage1_before_after.py", str(run), "--before", str(ROOT),
+                            "--variant", "before/base:", "after/small:attention_hidden=2", "--epoch", "--rounds", "2",
+                            "--name", "e", "--results", str(tmp_path / "res"), "--allow-dirty"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert epoch.returncode == 0, epoch.stderr[-2000:]
+    res = json.loads((tmp_path / "res" / "e.json").read_text())
+    assert res["epoch"] is True and res["steps"] is None and "steps_per_second" not in res
+    runs = res["epochs"]["after/small"]
+    assert len(runs) == 2 and all(m["steps"] > 2 and 0 < m["valid_seconds"] < m["epoch_seconds"] for m in runs)
+    assert all(0 <= m["ndcg@10"] <= 1 for m in runs)
+    assert res["epochs_an_hour"]["after/small"] == [3600.0 / m["epoch_seconds"] for m in runs]
+    md = (tmp_path / "res" / "e.md").read_text()
+    assert "| set | overrides | epochs/h, faster | median |" in md and "- before/base: " in md
     bad = subprocess.run([sys.executable, "benchmarks/stage1_before_after.py", str(run), "--before", str(ROOT),
                           "--variant", "base:", "--name", "t", "--results", str(tmp_path / "res"), "--allow-dirty"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
