@@ -179,28 +179,23 @@ class DINScoreMLP(nn.Module):
         x1 = v @ w_v.T + (v * c) @ w_p.T + (c @ w_c.T + self.lin1.bias)  # (B, C, H1)
         return self._head(x1)
 
-    def shared(self, v: torch.Tensor, c: torch.Tensor, dot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` for candidates shared by the batch, plus <v, c> when `dot`: v (B, C, d), c (1, C, d)
-        -> (scores (B, C), <v, c> (B, C) or None).
+    def shared(self, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """`forward` for candidates shared by the batch: v (B, C, d), c (1, C, d) -> scores (B, C).
 
-        Candidate c's first layer is one (d, H1) matrix, W_v + diag(c) W_p, with c itself as one more
-        column for <v, c>: a single batched product over the candidates, (C, B, d) @ (C, d, H1 + 1),
-        replaces `forward`'s two (B * C, d) products and the (B, C, d) elementwise v * c, which (with
-        its gradients) took a third of a Stage I step at J = 4 (benchmarks/results/stage1_fast_step.md).
+        Candidate c's first layer is one (d, H1) matrix, W_v + diag(c) W_p: a single batched product
+        over the candidates, (C, B, d) @ (C, d, H1), replaces `forward`'s two (B * C, d) products and
+        the (B, C, d) elementwise v * c, which (with its gradients) took a third of a Stage I step at
+        J = 4 (benchmarks/results/stage1_fast_step.md). <v, c> is not a column of it
+        (`DIN.score_embedded` takes it from the history side): with H1 + 1 columns the backward's
+        (C, B, H1 + 1) @ (C, H1 + 1, d) product ran at a third of the forward's speed (an inner
+        dimension of 33, over a whole Stage I epoch at J = 4: benchmarks/results/stage1_scorer_width.md).
         """
         w_v, w_c, w_p = self.lin1.weight.split(self.dim, dim=1)  # (H1, d) each
         cc = c[0]  # (C, d)
         m = w_v[None] + cc[:, None, :] * w_p[None]  # (C, H1, d)
-        if dot:
-            m = torch.cat([m, cc[:, None, :]], dim=1)  # (C, H1 + 1, d)
         # Candidate-major (C, B, .) throughout, so that the backward's products get contiguous gradients.
-        # In fp32 under autocast too: the literal path's <v, c> is an fp32 sum, and a bf16 product
-        # would round every score (more ties in a ranking).
-        with torch.autocast(v.device.type, enabled=False):
-            out = torch.bmm(v.float().transpose(0, 1), m.float().transpose(1, 2))  # (C, B, H1 [+ 1])
-        h1 = w_v.shape[0]
-        x1 = out[..., :h1] + (cc @ w_c.T + self.lin1.bias)[:, None, :]  # (C, B, H1)
-        return self._head(x1).T, (out[..., h1].T if dot else None)
+        x1 = torch.bmm(v.transpose(0, 1), m.transpose(1, 2)) + (cc @ w_c.T + self.lin1.bias)[:, None, :]  # (C, B, H1)
+        return self._head(x1).T
 
 
 class DIN(nn.Module):
@@ -237,8 +232,15 @@ class DIN(nn.Module):
             w = w * mask[..., None]
         v = torch.einsum("btc,btd->bcd", w, h)  # (B, C, d) interest per candidate
         if c.shape[0] == 1 and not reference:  # candidates shared by the batch
-            score, dot = self.score_mlp.shared(v, c, self.cfg.dot_residual)
-            return score + dot if dot is not None else score
+            score = self.score_mlp.shared(v, c)
+            if self.cfg.dot_residual:
+                # <v, c> = sum_t w[b, t, c] <h[b, t], c>: one (B * T, d) @ (d, C) product on the history side.
+                # An fp32 sum under autocast too, as the literal path's: a bf16 product would round
+                # every score (more ties in a ranking).
+                with torch.autocast(h.device.type, enabled=False):
+                    hc = (h.float().reshape(-1, h.shape[-1]) @ c[0].float().T).view(h.shape[0], h.shape[1], -1)
+                    score = score + (w.float() * hc).sum(1)
+            return score
         score = (self.score_mlp.reference if reference else self.score_mlp)(v, c)
         if self.cfg.dot_residual:
             score = score + (v * c).sum(-1)
