@@ -132,6 +132,12 @@ def _shards(n: int, batch_size: int, n_shards: int) -> list[slice]:
 
 WAIT_S = 5.0  # the scheduler looks up at least this often
 STALL_S = 300.0  # how long lost actors may take to come back when nothing else runs
+# A shard outstanding longer than max(STRAGGLER_MIN_S, STRAGGLER_FACTOR x the slowest shard that came
+# back), once no shard is left to hand out, gets a copy on an idle actor; the first copy back counts.
+# An actor whose creation never completes (e.g. a node that Ray lists but cannot place it on) takes a
+# call and neither runs it nor fails it: without the copy the evaluation would wait for ever.
+STRAGGLER_MIN_S = 30.0
+STRAGGLER_FACTOR = 4.0
 
 
 def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
@@ -145,7 +151,10 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     `cfg.max_retries` times a shard, and the actor gets work again once a probe call says it is back.
     Results are kept by shard, and every shard must come back exactly once, so no user is lost or
     counted twice. Each loss is recorded in events_dir/events.jsonl with the seconds the lost
-    attempt had run. (`ranker_cls`, a Ranker, is for tests that make an actor die.)"""
+    attempt had run. A shard that an actor holds far longer than any shard took (STRAGGLER_*) is copied
+    to an idle actor once the queue is empty, and recorded as "shard_copied": an actor that never
+    starts would otherwise hold its shard for ever. (`ranker_cls`, a Ranker, is for tests that make an
+    actor die or hang.)"""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, ActorUnschedulableError, RayActorError
 
@@ -172,13 +181,31 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     shards_by_node: dict[str, int] = {}
     t_lost: dict[Any, float] = {}  # actor -> when it lost a shard (its restart is given STALL_S)
     stalled = 0.0  # seconds with nothing running and no lost actor back
+    took: list[float] = []  # seconds of each shard that came back
+    copied: set[int] = set()  # shards given a second copy as stragglers
     try:
         progress = _Progress(sum(len(h) for h in histories.values()))
-        while todo or running:
+        while len(results) < len(jobs):
             while todo and idle:
                 j, actor = todo.pop(), idle.pop()
                 running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, time.perf_counter())
                 tries[j] += 1
+            if not todo and idle and took:
+                now = time.perf_counter()
+                limit = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * max(took))
+                late = sorted((t, j) for j, _, t in running.values() if j not in copied and j not in results
+                              and now - t > limit)
+                if late:
+                    t, j = late[0]
+                    copied.add(j)
+                    actor = idle.pop()
+                    running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, now)
+                    split, rows = jobs[j]
+                    record_event(events_dir, "shard_copied", split=split, rows=[rows.start, rows.stop],
+                                 outstanding_seconds=round(now - t, 2), slowest_shard_seconds=round(max(took), 2))
+                    print(f"eval: {split} users {rows.start}-{rows.stop} have been out for {now - t:.0f} s, over "
+                          f"{STRAGGLER_FACTOR:g}x the slowest shard ({max(took):.1f} s); a copy goes to an idle actor "
+                          "and the first answer counts", file=sys.stderr, flush=True)
             if not running and not probing:
                 raise RuntimeError("eval: every actor is gone (restarted eval.max_retries times), with shards left")
             ready, _ = ray.wait(list(running) + list(probing), num_returns=1, timeout=WAIT_S)
@@ -211,6 +238,10 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 ranked, node = ray.get(ref)
             except (RayActorError, ActorUnschedulableError) as e:
                 split, rows = jobs[j]
+                if j in results or any(k == j for k, _, _ in running.values()):  # its other copy answers
+                    t_lost[actor] = time.perf_counter()
+                    probing[actor.node_id.remote()] = actor
+                    continue
                 record_event(events_dir, "actor_lost", split=split, rows=[rows.start, rows.stop], attempt=tries[j],
                              error=type(e).__name__, lost_seconds=round(time.perf_counter() - t_sub, 2))
                 if tries[j] > cfg.max_retries:
@@ -223,9 +254,12 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 t_lost[actor] = time.perf_counter()
                 probing[actor.node_id.remote()] = actor
                 continue
-            results[j] = ranked
-            shards_by_node[node] = shards_by_node.get(node, 0) + 1
             idle.append(actor)
+            if j in results:  # the other copy of a straggler came back first
+                continue
+            results[j] = ranked
+            took.append(time.perf_counter() - t_sub)
+            shards_by_node[node] = shards_by_node.get(node, 0) + 1
             progress.add(jobs[j][1].stop - jobs[j][1].start)
     finally:
         for a in actors:
@@ -234,7 +268,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     if missing:
         raise RuntimeError(f"eval: shards {missing} were never ranked")
     record_event(events_dir, "actors", actors=cfg.num_actors, shards=len(jobs), shards_by_node=shards_by_node,
-                 retried=sum(t - 1 for t in tries))
+                 retried=sum(t - 1 for t in tries), copied=len(copied))
     out = {}
     for split in histories:
         mine = [results[j] for j, (s, _) in enumerate(jobs) if s == split]

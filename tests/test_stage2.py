@@ -237,6 +237,52 @@ def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, 
     assert done["retried"] == 1 and sum(done["shards_by_node"].values()) == done["shards"]
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_shard_held_by_an_actor_that_never_answers_is_copied_to_another(ray_session, trained, artifacts, tmp_path,
+                                                                         monkeypatch):
+    """An actor takes a shard and never answers (as one whose creation never completes, seen once on a
+    3-node cluster after a node was lost): once the queue is empty and the shard has been out far longer
+    than any shard took, a copy goes to an idle actor, the rankings equal the in-process ones, every
+    user exactly once, and the copy is recorded. Without it the evaluation waited for ever."""
+    import os
+    import time as _time
+
+    import prorec.evaluate as evaluate
+    from prorec.artifacts import read_events
+    from prorec.data.history import history_tensor
+    from prorec.evaluate import Ranker, _rank_on_ray
+
+    marker = tmp_path / "hung"
+
+    class HangsOnce(Ranker):  # defined here, so Ray ships it by value to the actors
+        def rank_rows_placed(self, history, rows):
+            if rows.start > 0 and not os.path.exists(marker):  # one shard past the first, once
+                open(marker, "w").close()
+                _time.sleep(3600)
+            return super().rank_rows_placed(history, rows)
+
+    monkeypatch.setattr(evaluate, "STRAGGLER_MIN_S", 3.0)
+    monkeypatch.setattr(evaluate, "WAIT_S", 0.5)
+    cfg = EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=16, max_retries=2)
+    tables = {s: read_split(artifacts["data"], s) for s in ("valid", "test")}
+    histories = {s: history_tensor(t.column("history"), 20).numpy() for s, t in tables.items()}
+    inputs = {"stage1_dir": None, "semantic_path": None, "data_dir": str(artifacts["data"])}
+    t0 = _time.perf_counter()
+    pooled = _rank_on_ray(cfg, trained, artifacts["codes"], 20, histories, inputs, tmp_path, ranker_cls=HangsOnce)
+    assert _time.perf_counter() - t0 < 120
+    local = Ranker(str(trained), str(artifacts["codes"]), cfg, 20, **inputs)
+    assert marker.exists()
+    for s, h in histories.items():
+        assert pooled[s].shape == (len(h), 20)
+        assert np.array_equal(pooled[s], local.rank(h))
+    events = read_events(tmp_path)
+    copied = [e for e in events if e["kind"] == "shard_copied"]
+    assert len(copied) == 1 and copied[0]["outstanding_seconds"] > 3.0
+    done = [e for e in events if e["kind"] == "actors"][-1]
+    assert done["copied"] == 1 and done["retried"] == 0 and sum(done["shards_by_node"].values()) == done["shards"]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
