@@ -36,13 +36,14 @@ from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, 
 from benchmarks.stage1_variants import quality_curves, quality_lines  # noqa: E402
 
 # Run in the child, from its checkout: the code of that checkout times the set. It uses only what
-# checkouts from before this script had (stage1_speed.steps_per_second, the config and data loaders),
-# so that an older commit can be the "before".
-CHILD = """
-import dataclasses, json, sys
+# checkouts from before this script had (the config and data loaders, stage1_speed.steps_per_second;
+# for `--epoch` Stage1Trainer(cfg, data, semantic, ctx), train_epoch and validate, which every checkout
+# since the stage redesign has), so that an older commit can be the "before". Both children read the
+# run's Stage I config with the set's overrides, its data and its semantic table the same way.
+_CHILD_SETUP = """
+import dataclasses, json, sys, time
 sys.path.insert(0, ".")
 import torch
-from benchmarks.stage1_speed import steps_per_second
 from prorec.config import load_config
 from prorec.stage1 import Stage1Data, load_semantic, uses_alignment
 from prorec.stages import input_paths
@@ -52,25 +53,15 @@ cfg = dataclasses.replace(load_config(f"{run}/config.yaml", overrides).stage1, n
 paths = input_paths(__import__("pathlib").Path(run), "stage1")
 data = Stage1Data.load(paths["data"])
 semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
+"""
+CHILD = _CHILD_SETUP + """
+from benchmarks.stage1_speed import steps_per_second
 print(json.dumps({"steps_per_second": steps_per_second(cfg, data, semantic, steps), "n_items": data.n_items}))
 """
-
-# `--epoch`: one whole epoch (steps = 0) and its validation, with what every checkout since the stage
-# redesign has (Stage1Trainer(cfg, data, semantic, ctx), train_epoch, validate).
-CHILD_EPOCH = """
-import dataclasses, json, sys, time
-sys.path.insert(0, ".")
-import torch
-from prorec.config import load_config
-from prorec.stage1 import Stage1Data, Stage1Trainer, load_semantic, uses_alignment
-from prorec.stages import input_paths
+# `--epoch`: one whole epoch (every step; the steps argument is not read) and its validation.
+CHILD_EPOCH = _CHILD_SETUP + """
+from prorec.stage1 import Stage1Trainer
 from prorec.trainer import LocalContext
-torch.set_num_threads(1)
-run, _, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
-cfg = dataclasses.replace(load_config(f"{run}/config.yaml", overrides).stage1, num_workers=0)
-paths = input_paths(__import__("pathlib").Path(run), "stage1")
-data = Stage1Data.load(paths["data"])
-semantic = load_semantic(paths["semantic"], data.item_ids) if uses_alignment(cfg) else None
 tr = Stage1Trainer(cfg, data, semantic, LocalContext(None))
 t0 = time.perf_counter()
 tr.train_epoch(0)

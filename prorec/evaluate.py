@@ -181,7 +181,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     shards_by_node: dict[str, int] = {}
     t_lost: dict[Any, float] = {}  # actor -> when it lost a shard (its restart is given STALL_S)
     stalled = 0.0  # seconds with nothing running and no lost actor back
-    took: list[float] = []  # seconds of each shard that came back
+    slowest = 0.0  # seconds of the slowest shard that came back
     copied: set[int] = set()  # shards given a second copy as stragglers
     try:
         progress = _Progress(sum(len(h) for h in histories.values()))
@@ -190,11 +190,10 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 j, actor = todo.pop(), idle.pop()
                 running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, time.perf_counter())
                 tries[j] += 1
-            if not todo and idle and took:
+            if not todo and idle and results:
                 now = time.perf_counter()
-                limit = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * max(took))
-                late = sorted((t, j) for j, _, t in running.values() if j not in copied and j not in results
-                              and now - t > limit)
+                limit = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * slowest)
+                late = sorted((t, j) for j, _, t in running.values() if j not in copied and now - t > limit)
                 if late:
                     t, j = late[0]
                     copied.add(j)
@@ -202,9 +201,9 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                     running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, now)
                     split, rows = jobs[j]
                     record_event(events_dir, "shard_copied", split=split, rows=[rows.start, rows.stop],
-                                 outstanding_seconds=round(now - t, 2), slowest_shard_seconds=round(max(took), 2))
+                                 outstanding_seconds=round(now - t, 2), slowest_shard_seconds=round(slowest, 2))
                     print(f"eval: {split} users {rows.start}-{rows.stop} have been out for {now - t:.0f} s, over "
-                          f"{STRAGGLER_FACTOR:g}x the slowest shard ({max(took):.1f} s); a copy goes to an idle actor "
+                          f"{STRAGGLER_FACTOR:g}x the slowest shard ({slowest:.1f} s); a copy goes to an idle actor "
                           "and the first answer counts", file=sys.stderr, flush=True)
             if not running and not probing:
                 raise RuntimeError("eval: every actor is gone (restarted eval.max_retries times), with shards left")
@@ -258,7 +257,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
             if j in results:  # the other copy of a straggler came back first
                 continue
             results[j] = ranked
-            took.append(time.perf_counter() - t_sub)
+            slowest = max(slowest, time.perf_counter() - t_sub)
             shards_by_node[node] = shards_by_node.get(node, 0) + 1
             progress.add(jobs[j][1].stop - jobs[j][1].start)
     finally:

@@ -199,6 +199,26 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
         (tmp_path / "localdin" / "metrics.json").read_text())
 
 
+def _rank_on_ray_against_one_process(ranker_cls, trained, artifacts, events_dir) -> list[dict]:
+    """Rank the valid and test users on 2 actors of `ranker_cls` (a Ranker that misbehaves once);
+    assert that every split's rankings equal one in-process Ranker's, every user exactly once; return
+    the events recorded."""
+    from prorec.artifacts import read_events
+    from prorec.data.history import history_tensor
+    from prorec.evaluate import Ranker, _rank_on_ray
+
+    cfg = EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=16, max_retries=2)
+    tables = {s: read_split(artifacts["data"], s) for s in ("valid", "test")}
+    histories = {s: history_tensor(t.column("history"), 20).numpy() for s, t in tables.items()}
+    inputs = {"stage1_dir": None, "semantic_path": None, "data_dir": str(artifacts["data"])}
+    pooled = _rank_on_ray(cfg, trained, artifacts["codes"], 20, histories, inputs, events_dir, ranker_cls=ranker_cls)
+    local = Ranker(str(trained), str(artifacts["codes"]), cfg, 20, **inputs)
+    for s, h in histories.items():
+        assert pooled[s].shape == (len(h), 20)
+        assert np.array_equal(pooled[s], local.rank(h))
+    return read_events(events_dir)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, trained, artifacts, tmp_path):
@@ -207,9 +227,7 @@ def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, 
     exactly once; the loss is recorded with the seconds it cost."""
     import os
 
-    from prorec.artifacts import read_events
-    from prorec.data.history import history_tensor
-    from prorec.evaluate import Ranker, _rank_on_ray
+    from prorec.evaluate import Ranker
 
     marker = tmp_path / "died"
 
@@ -220,17 +238,8 @@ def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, 
                 os._exit(1)
             return super().rank_rows_placed(history, rows)
 
-    cfg = EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=16, max_retries=2)
-    tables = {s: read_split(artifacts["data"], s) for s in ("valid", "test")}
-    histories = {s: history_tensor(t.column("history"), 20).numpy() for s, t in tables.items()}
-    inputs = {"stage1_dir": None, "semantic_path": None, "data_dir": str(artifacts["data"])}
-    pooled = _rank_on_ray(cfg, trained, artifacts["codes"], 20, histories, inputs, tmp_path, ranker_cls=DiesOnce)
-    local = Ranker(str(trained), str(artifacts["codes"]), cfg, 20, **inputs)
+    events = _rank_on_ray_against_one_process(DiesOnce, trained, artifacts, tmp_path)
     assert marker.exists()
-    for s, h in histories.items():
-        assert pooled[s].shape == (len(h), 20)
-        assert np.array_equal(pooled[s], local.rank(h))
-    events = read_events(tmp_path)
     lost = [e for e in events if e["kind"] == "actor_lost"]
     assert len(lost) == 1 and lost[0]["lost_seconds"] >= 0 and "Actor" in lost[0]["error"]
     done = [e for e in events if e["kind"] == "actors"][-1]
@@ -249,9 +258,7 @@ def test_a_shard_held_by_an_actor_that_never_answers_is_copied_to_another(ray_se
     import time as _time
 
     import prorec.evaluate as evaluate
-    from prorec.artifacts import read_events
-    from prorec.data.history import history_tensor
-    from prorec.evaluate import Ranker, _rank_on_ray
+    from prorec.evaluate import Ranker
 
     marker = tmp_path / "hung"
 
@@ -264,19 +271,10 @@ def test_a_shard_held_by_an_actor_that_never_answers_is_copied_to_another(ray_se
 
     monkeypatch.setattr(evaluate, "STRAGGLER_MIN_S", 3.0)
     monkeypatch.setattr(evaluate, "WAIT_S", 0.5)
-    cfg = EvalConfig(beam_size=20, use_ray=True, num_actors=2, batch_size=16, max_retries=2)
-    tables = {s: read_split(artifacts["data"], s) for s in ("valid", "test")}
-    histories = {s: history_tensor(t.column("history"), 20).numpy() for s, t in tables.items()}
-    inputs = {"stage1_dir": None, "semantic_path": None, "data_dir": str(artifacts["data"])}
     t0 = _time.perf_counter()
-    pooled = _rank_on_ray(cfg, trained, artifacts["codes"], 20, histories, inputs, tmp_path, ranker_cls=HangsOnce)
-    assert _time.perf_counter() - t0 < 120
-    local = Ranker(str(trained), str(artifacts["codes"]), cfg, 20, **inputs)
+    events = _rank_on_ray_against_one_process(HangsOnce, trained, artifacts, tmp_path)
+    assert _time.perf_counter() - t0 < 120  # (the in-process ranking it also times takes about a second)
     assert marker.exists()
-    for s, h in histories.items():
-        assert pooled[s].shape == (len(h), 20)
-        assert np.array_equal(pooled[s], local.rank(h))
-    events = read_events(tmp_path)
     copied = [e for e in events if e["kind"] == "shard_copied"]
     assert len(copied) == 1 and copied[0]["outstanding_seconds"] > 3.0
     done = [e for e in events if e["kind"] == "actors"][-1]
