@@ -239,3 +239,31 @@ def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path
     assert _unique_rows(codes) and codes.max() < 32 and load_codes(fixed)[2].shape[1] > codes.shape[1] == 2
     with pytest.raises(ConfigError, match="codes.method=hkmeans, or codes.grow_k=false"):
         CodesConfig(method="rq-kmeans", grow_k=True).validate()
+
+
+@pytest.mark.parametrize("start", ["codes", "embed"])
+def test_a_stage_that_starts_ray_itself_connects_as_the_pipeline_does(monkeypatch, tiny_data, tmp_path, start):
+    """The codes' Ray tasks and the embedding's Ray Data pool, called with no Ray connection (a stage
+    function called on its own), connect through `prorec.pipeline.connect_ray`, whose workers import
+    this checkout's prorec, not a bare `ray.init()`, whose workers import whichever is installed."""
+    ray = pytest.importorskip("ray")
+    import prorec.pipeline
+    from prorec.config import EmbedConfig
+    from prorec.embed import embed_items
+
+    class Connected(Exception):
+        pass
+
+    def connect_ray():
+        raise Connected
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a bare ray.init()"))
+    monkeypatch.setattr(prorec.pipeline, "connect_ray", connect_ray)
+    with pytest.raises(Connected):
+        if start == "codes":
+            x, _ = _blobs(n_blobs=5, per_blob=80, dim=8)
+            q.hierarchical_kmeans(x, 4, niter=5, use_ray=True)
+        else:
+            embed_items(EmbedConfig(use_ray=True, num_actors=1, batch_size=16), tiny_data / "items.parquet",
+                        tmp_path / "ray.parquet")
