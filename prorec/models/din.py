@@ -89,6 +89,12 @@ class DINActivationUnit(nn.Module):
         self.lin1 = nn.Linear(4 * d, j)
         self.slope = nn.Parameter(torch.full((j,), 0.25))
         self.lin2 = nn.Linear(j, 1)
+        # The attention weights start near 0 whatever the seed. nn.Linear's default bias is drawn from
+        # U(-1/sqrt(J), 1/sqrt(J)), one value that every weight of every history item starts from: at J = 4
+        # it was -0.44 for seed 1, so the interest began as about -0.44 x the history's sum and the dot
+        # residual scored items unlike the history above those like it. That seed on Sports then took six
+        # epochs to reach the validation J = 16 reached in two (benchmarks/results/stage1_attention_bias.md).
+        nn.init.zeros_(self.lin2.bias)
 
     def reference(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """h: (B, T, d), c: (B or 1, C, d) -> weights (B, T, C). Literal concatenation; for tests."""
