@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import RESULTS, add_allow_dirty, check_tree, write_result  # noqa: E402
+from prorec.manifest import MANIFEST_FILE  # noqa: E402
 
 
 def _history(run: Path) -> list[dict]:
@@ -175,6 +176,23 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
     return result, "\n".join(lines) + "\n"
 
 
+def summary_lines(runs: dict[str, dict]) -> list[str]:
+    """One row a run: its commit, the stage1 settings in which the runs differ, and N@10 after each epoch."""
+    keys = sorted({k for r in runs.values() for k in r["stage1"]
+                   if len({json.dumps(x["stage1"].get(k)) for x in runs.values()}) > 1})
+    epochs = max(len(r["history"]) for r in runs.values())
+    lines = ["| run | commit | " + " | ".join(f"stage1.{k}" for k in keys) + " | "
+             + " | ".join(f"N@10 epoch {e}" for e in range(epochs)) + " |",
+             "|" + "---|" * (2 + len(keys) + epochs)]
+    for run, r in runs.items():
+        git = r["git"]
+        commit = (str(git.get("commit", "?"))[:7] + (" (dirty)" if git.get("dirty") else "")) if git else "?"
+        n10 = [f"{h['ndcg@10']:.4f}" for h in r["history"]] + [""] * (epochs - len(r["history"]))
+        lines.append(f"| `{Path(run).name}` | {commit} | " + " | ".join(str(r["stage1"].get(k)) for k in keys)
+                     + " | " + " | ".join(n10) + " |")
+    return lines + [""]
+
+
 def curves(args: argparse.Namespace) -> tuple[dict, str]:
     import yaml
 
@@ -183,13 +201,16 @@ def curves(args: argparse.Namespace) -> tuple[dict, str]:
         hist = _history(run)
         s1 = yaml.safe_load((run / "config.yaml").read_text())["stage1"]
         best = max(range(len(hist)), key=lambda e: (hist[e]["recall@10"], -e))
+        manifest = run / MANIFEST_FILE
+        commit = json.loads(manifest.read_text()).get("git", {}) if manifest.exists() else {}
         runs[str(run)] = {"fusion": s1["fusion"], "max_epochs": s1["max_epochs"], "patience": s1["patience"],
                           "bf16": s1.get("bf16", False), "history": hist, "best_epoch": best,
-                          "stopped_early": len(hist) < s1["max_epochs"]}
+                          "stopped_early": len(hist) < s1["max_epochs"], "stage1": s1, "git": commit}
     lines = [f"# {args.title}", "", f"    python {' '.join(sys.argv)}", "",
              "Recall@10 / NDCG@10 of the DIN over the full catalogue, on the validation users Stage I watches "
              "(stage1.valid_users, the same users in every run); early stopping watches Recall@10; "
              "epoch seconds as the run recorded them (wall, shared machine).", ""]
+    lines += summary_lines(runs)
     for run, r in runs.items():
         lines += [f"## `{run}`: fusion {r['fusion']}, at most {r['max_epochs']} epochs, patience {r['patience']}"
                   f"{', bf16' if r['bf16'] else ''}", "",
