@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def speed(args: argparse.Namespace) -> tuple[dict, str]:
     best = {k: max(v) for k, v in rates.items()}
     what = "shared negatives" + (" and attention units J" if len(units) > 1 else "")
     lines = [f"# Stage I: {what}, {' and '.join(args.dtypes)} ({args.run})", "",
-             f"    python {' '.join(sys.argv)}", "",
+             f"    python {shlex.join(sys.argv)}", "",
              f"Fusion {cfg.fusion}, batches of {cfg.batch_size} users, {data.n_items} items"
              f"{'' if len(units) > 1 else f', J = {units[0]} attention units'}; one torch thread, "
              f"in-process; {args.steps} steps a measurement, the variants interleaved, {args.rounds} rounds "
@@ -160,7 +161,7 @@ def settings(args: argparse.Namespace) -> tuple[dict, str]:
               "variants": {n: {"overrides": o, "stage1": dataclasses.asdict(c)} for n, (o, c) in variants.items()},
               "steps_per_second": rates,
               "quality": quality_curves(args.quality)}
-    lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {' '.join(sys.argv)}", "",
+    lines = [f"# Stage I: steps a second of sets of settings ({args.run})", "", f"    python {shlex.join(sys.argv)}", "",
              f"The run's Stage I config with each set's overrides (fusion {', '.join(sorted({c.fusion for _, c in variants.values()}))}, "
              f"{', '.join(sorted({'bf16' if c.bf16 else 'fp32' for _, c in variants.values()}))}, batches of "
              f"{', '.join(sorted({str(c.batch_size) for _, c in variants.values()}))} users, "
@@ -206,7 +207,7 @@ def curves(args: argparse.Namespace) -> tuple[dict, str]:
         runs[str(run)] = {"fusion": s1["fusion"], "max_epochs": s1["max_epochs"], "patience": s1["patience"],
                           "bf16": s1.get("bf16", False), "history": hist, "best_epoch": best,
                           "stopped_early": len(hist) < s1["max_epochs"], "stage1": s1, "git": commit}
-    lines = [f"# {args.title}", "", f"    python {' '.join(sys.argv)}", "",
+    lines = [f"# {args.title}", "", f"    python {shlex.join(sys.argv)}", "",
              "Recall@10 / NDCG@10 of the DIN over the full catalogue, on the validation users Stage I watches "
              "(stage1.valid_users, the same users in every run); early stopping watches Recall@10; "
              "epoch seconds as the run recorded them (wall, shared machine).", ""]
@@ -254,7 +255,7 @@ def main() -> None:
     args = ap.parse_args()
     tree = check_tree(args.allow_dirty)
     result, md = {"speed": speed, "settings": settings, "curves": curves}[args.what](args)
-    write_result(RESULTS / args.name, {"command": " ".join(sys.argv), **result}, md, tree)
+    write_result(RESULTS / args.name, {"command": shlex.join(sys.argv), **result}, md, tree)
     print(f"wrote {RESULTS / args.name}.md", file=sys.stderr)
 
 
