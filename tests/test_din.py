@@ -193,3 +193,18 @@ def test_under_bf16_autocast_the_shared_scorer_and_the_alignment_keep_fp32_where
         losses = [alignment_loss(e, t, 0.07), alignment_loss(e, t, 0.07, torch.randperm(50)[:20])]
     assert all(x.dtype == torch.float32 and x >= 0 for x in losses)
     torch.testing.assert_close(losses[0], alignment_loss_reference(e, t, 0.07), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_weights_start_near_zero_whatever_the_seed():
+    """DIN's raw attention weights all start from the output layer's bias. nn.Linear's default draws it
+    from U(-1/sqrt(J), 1/sqrt(J)); a seed that drew -0.44 at J = 4 made the interest start as minus the
+    history's sum, and Stage I stalled for epochs on Sports (benchmarks/results/stage1_attention_bias.notes.md)."""
+    means = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        din = DIN(DINConfig(n_items=200, dim=32, max_history=6, attention_hidden=4, mlp_hidden=(8, 4), dropout=0.0))
+        assert din.attention.lin2.bias.item() == 0.0
+        h, _ = din.encode_history(torch.randint(1, 201, (16, 6)))
+        with torch.no_grad():
+            means.append(din.attention(h, din.item_emb(torch.randint(1, 201, (1, 32)))).mean().item())
+    assert max(abs(m) for m in means) < 0.15, means  # a default bias: up to 0.5 in size
