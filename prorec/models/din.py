@@ -92,8 +92,9 @@ class DINActivationUnit(nn.Module):
         # The attention weights start near 0 whatever the seed. nn.Linear's default bias is drawn from
         # U(-1/sqrt(J), 1/sqrt(J)), one value that every weight of every history item starts from: at J = 4
         # it was -0.44 for seed 1, so the interest began as about -0.44 x the history's sum and the dot
-        # residual scored items unlike the history above those like it. That seed on Sports then took six
-        # epochs to reach the validation J = 16 reached in two (benchmarks/results/stage1_attention_bias.md).
+        # residual scored items unlike the history above those like it. On Sports, after six epochs from that
+        # seed, Stage I's validation was still below J = 16's after two
+        # (benchmarks/results/stage1_attention_bias.notes.md).
         nn.init.zeros_(self.lin2.bias)
 
     def reference(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
