@@ -119,9 +119,9 @@ def encode_ray(spec: EncoderSpec, table: pa.Table, cfg: EmbedConfig) -> tuple[np
         raise ImportError("embed.use_ray=true needs Ray Data: pip install 'ray[data]', "
                           "or set embed.use_ray=false to embed in this process") from None
 
-    if not ray.is_initialized():  # the pipeline's connection: the workers import this checkout's prorec
-        from prorec.pipeline import connect_ray
-        connect_ray()
+    from prorec.pipeline import connect_ray
+
+    connect_ray()  # the pipeline's connection, if none yet: the workers import this checkout's prorec
     num_cpus, threads = _actor_resources(cfg)
     # One block per batch: batch boundaries equal the in-process loop's, and blocks spread over actors.
     ds = ray.data.from_arrow(_batches(table, cfg.batch_size))

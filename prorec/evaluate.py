@@ -183,12 +183,16 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
     stalled = 0.0  # seconds with nothing running and no lost actor back
     slowest = 0.0  # seconds of the slowest shard that came back
     copied: set[int] = set()  # shards given a second copy as stragglers
+
+    def submit(j: int, actor: Any, t: float) -> None:
+        running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, t)
+
     try:
         progress = _Progress(sum(len(h) for h in histories.values()))
         while len(results) < len(jobs):
             while todo and idle:
                 j, actor = todo.pop(), idle.pop()
-                running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, time.perf_counter())
+                submit(j, actor, time.perf_counter())
                 tries[j] += 1
             if not todo and idle and results:
                 now = time.perf_counter()
@@ -198,7 +202,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                     t, j = late[0]
                     copied.add(j)
                     actor = idle.pop()
-                    running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, now)
+                    submit(j, actor, now)
                     split, rows = jobs[j]
                     record_event(events_dir, "shard_copied", split=split, rows=[rows.start, rows.stop],
                                  outstanding_seconds=round(now - t, 2), slowest_shard_seconds=round(slowest, 2))
@@ -237,9 +241,9 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                 ranked, node = ray.get(ref)
             except (RayActorError, ActorUnschedulableError) as e:
                 split, rows = jobs[j]
+                t_lost[actor] = time.perf_counter()
+                probing[actor.node_id.remote()] = actor  # it gets work again once this says it is back
                 if j in results or any(k == j for k, _, _ in running.values()):  # its other copy answers
-                    t_lost[actor] = time.perf_counter()
-                    probing[actor.node_id.remote()] = actor
                     continue
                 record_event(events_dir, "actor_lost", split=split, rows=[rows.start, rows.stop], attempt=tries[j],
                              error=type(e).__name__, lost_seconds=round(time.perf_counter() - t_sub, 2))
@@ -250,8 +254,6 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
                       f"({type(e).__name__}); the shard is queued again (try {tries[j] + 1} of {cfg.max_retries + 1})",
                       file=sys.stderr, flush=True)
                 todo.append(j)
-                t_lost[actor] = time.perf_counter()
-                probing[actor.node_id.remote()] = actor
                 continue
             idle.append(actor)
             if j in results:  # the other copy of a straggler came back first

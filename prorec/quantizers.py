@@ -143,9 +143,9 @@ def _pack(groups: list[tuple[tuple[int, ...], np.ndarray]], n_bins: int) -> list
 def _ray_subtrees(x: np.ndarray, groups: list, p: KMeansParams, log: bool) -> list:
     import ray
 
-    if not ray.is_initialized():  # the pipeline's connection: the workers import this checkout's prorec
-        from prorec.pipeline import connect_ray
-        connect_ray()
+    from prorec.pipeline import connect_ray
+
+    connect_ray()  # the pipeline's connection, if none yet: the workers import this checkout's prorec
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     bins = _pack(groups, min(len(groups), _BINS_PER_CPU * cpus))
     task = ray.remote(num_cpus=1)(cluster_subtrees)

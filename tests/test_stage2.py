@@ -199,6 +199,23 @@ def test_actor_pool_gives_the_same_metrics_as_one_process(ray_session, trained, 
         (tmp_path / "localdin" / "metrics.json").read_text())
 
 
+def _ranker_misbehaving_once(marker, act):
+    """A Ranker that, on one shard past the first and once (the file `marker` says it happened), calls
+    `act` before ranking it. Defined in a function, so Ray ships it by value to the actors."""
+    import os
+
+    from prorec.evaluate import Ranker
+
+    class Once(Ranker):
+        def rank_rows_placed(self, history, rows):
+            if rows.start > 0 and not os.path.exists(marker):
+                open(marker, "w").close()
+                act()
+            return super().rank_rows_placed(history, rows)
+
+    return Once
+
+
 def _rank_on_ray_against_one_process(ranker_cls, trained, artifacts, events_dir) -> list[dict]:
     """Rank the valid and test users on 2 actors of `ranker_cls` (a Ranker that misbehaves once);
     assert that every split's rankings equal one in-process Ranker's, every user exactly once; return
@@ -227,18 +244,9 @@ def test_a_shard_whose_actor_dies_is_ranked_again_and_counted_once(ray_session, 
     exactly once; the loss is recorded with the seconds it cost."""
     import os
 
-    from prorec.evaluate import Ranker
-
     marker = tmp_path / "died"
-
-    class DiesOnce(Ranker):  # defined here, so Ray ships it by value to the actors
-        def rank_rows_placed(self, history, rows):
-            if rows.start > 0 and not os.path.exists(marker):  # one shard past the first, once
-                open(marker, "w").close()
-                os._exit(1)
-            return super().rank_rows_placed(history, rows)
-
-    events = _rank_on_ray_against_one_process(DiesOnce, trained, artifacts, tmp_path)
+    dies_once = _ranker_misbehaving_once(marker, lambda: os._exit(1))
+    events = _rank_on_ray_against_one_process(dies_once, trained, artifacts, tmp_path)
     assert marker.exists()
     lost = [e for e in events if e["kind"] == "actor_lost"]
     assert len(lost) == 1 and lost[0]["lost_seconds"] >= 0 and "Actor" in lost[0]["error"]
@@ -254,25 +262,16 @@ def test_a_shard_held_by_an_actor_that_never_answers_is_copied_to_another(ray_se
     3-node cluster after a node was lost): once the queue is empty and the shard has been out far longer
     than any shard took, a copy goes to an idle actor, the rankings equal the in-process ones, every
     user exactly once, and the copy is recorded. Without it the evaluation waited for ever."""
-    import os
     import time as _time
 
     import prorec.evaluate as evaluate
-    from prorec.evaluate import Ranker
 
     marker = tmp_path / "hung"
-
-    class HangsOnce(Ranker):  # defined here, so Ray ships it by value to the actors
-        def rank_rows_placed(self, history, rows):
-            if rows.start > 0 and not os.path.exists(marker):  # one shard past the first, once
-                open(marker, "w").close()
-                _time.sleep(3600)
-            return super().rank_rows_placed(history, rows)
-
+    hangs_once = _ranker_misbehaving_once(marker, lambda: _time.sleep(3600))
     monkeypatch.setattr(evaluate, "STRAGGLER_MIN_S", 3.0)
     monkeypatch.setattr(evaluate, "WAIT_S", 0.5)
     t0 = _time.perf_counter()
-    events = _rank_on_ray_against_one_process(HangsOnce, trained, artifacts, tmp_path)
+    events = _rank_on_ray_against_one_process(hangs_once, trained, artifacts, tmp_path)
     assert _time.perf_counter() - t0 < 120  # (the in-process ranking it also times takes about a second)
     assert marker.exists()
     copied = [e for e in events if e["kind"] == "shard_copied"]
