@@ -187,7 +187,7 @@ def quantize(cfg: CodesConfig, x: np.ndarray, log: bool = False) -> tuple[np.nda
         x = x / np.where(norm > 0, norm, 1.0)  # a zero vector stays zero
     k = cfg.k_for(len(x))
     if cfg.method == "hkmeans":
-        return q.hierarchical_kmeans(x, k, cfg.niter, cfg.seed, cfg.use_gpu, cfg.use_ray, log=log)
+        return q.hierarchical_kmeans(x, k, cfg.niter, cfg.seed, cfg.use_gpu, cfg.use_ray, log=log, cap=cfg.cap_groups)
     if cfg.method == "rq-kmeans":
         return q.rq_kmeans(x, k, cfg.rq_levels, cfg.niter, cfg.seed, cfg.use_gpu)
     return q.random_codes(len(x), k, cfg.seed)
@@ -206,7 +206,7 @@ def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
     t0 = time.perf_counter()
     codes, depth = quantize(cfg, x, log=True)
     seconds = time.perf_counter() - t0
-    report = {"method": cfg.method, **code_stats(codes, depth, k), "seconds": round(seconds, 3), "grow_k": cfg.grow_k,
+    report = {"method": cfg.method, **code_stats(codes, depth, k), "seconds": round(seconds, 3), "grow_k": cfg.grow_k, "cap_groups": cfg.cap_groups,
               "normalize": cfg.normalize, "seed": cfg.seed, "embeddings": str(embeddings_path),
               "embeddings_hash": file_hash(embeddings_path)}
     if report["collisions"]:
@@ -215,6 +215,10 @@ def run_codes(cfg: CodesConfig, embeddings_path: Path, out_dir: Path) -> Path:
                        meta={"method": cfg.method, "embeddings_hash": report["embeddings_hash"]})
     write_json(out_dir / REPORT_FILE, report)
     print(f"codes: L={report['code_length']} in {seconds:.1f}s -> {path}", file=sys.stderr, flush=True)
+    if cfg.method == "hkmeans" and not cfg.cap_groups and report["code_length"] > report["shortest_possible_length"]:
+        print(f"codes: note: L={report['code_length']}, where {x.shape[0]:,} items at K={k} fit in "
+              f"{report['shortest_possible_length']}: a cluster outgrew its capacity, and every item's code is longer for "
+              "it; codes.cap_groups=true keeps the shortest length", file=sys.stderr, flush=True)
     if cfg.method == "hkmeans" and not cfg.grow_k and report["code_length"] > 2 and 2 * x.shape[0] > k * k:
         print(f"codes: note: {x.shape[0]:,} items at K={k} need {report['code_length']} levels, and every level is "
               "one more full-beam decoder step a user; codes.grow_k=true keeps two levels (with "
@@ -229,5 +233,5 @@ def run(cfg: CodesConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
 
 STAGE = Stage(name="codes", folder="codes", section="codes", run=run,
               inputs={"embeddings": Input("stage1", "item_embeddings.parquet")}, outputs=(CODES_FILE, REPORT_FILE),
-              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray, added_fields={"grow_k": False},
+              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray, added_fields={"grow_k": False, "cap_groups": False},
               resources=lambda c: f"Ray tasks{' on GPU' if c.use_gpu else ''}")

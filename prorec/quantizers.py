@@ -3,7 +3,9 @@
 - `hierarchical_kmeans` (PRORec's unified codes, after DSI): k-means into K groups, recurse into
   every group until each item is alone. The subtrees below level 1 are independent, so they can run
   as Ray tasks; each group's k-means seed depends only on (seed, the group's code prefix), so the
-  codes are the same whichever process clusters a group, and in whichever order.
+  codes are the same whichever process clusters a group, and in whichever order. With `cap` (ours,
+  not the paper's; `codes.cap_groups`, on by default) no sub-group gets more items than keep the
+  shortest code length, so one over-full cluster cannot make every item's code a level longer.
 - `rq_kmeans` (TIGER-style residual k-means), with a collision suffix as in TTDS §4.2.5.
 - `random_codes`: balanced random codes, the baseline with no semantics.
 
@@ -58,6 +60,8 @@ class KMeansParams:
     niter: int = 20
     seed: int = 0
     use_gpu: bool = False
+    # Cap each sub-group's size so that every subtree keeps the shortest depth (see `capacity`).
+    cap: bool = True
 
 
 def _group_seed(seed: int, prefix: tuple[int, ...]) -> int:
@@ -90,6 +94,61 @@ def kmeans_labels(x: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool) -
     return labels[:, 0].astype(np.int64), km.centroids
 
 
+def capacity(n: int, k: int) -> int:
+    """The most items one of the K sub-groups of a group of n > K items may hold for the group's
+    subtree to be no deeper than the shortest code any n items can have: K^(L-1), L the smallest
+    with K^L >= n. So K sub-groups at capacity always hold the group (K * K^(L-1) >= n)."""
+    return k ** (_shortest_length(n, k) - 1)
+
+
+def cap_cluster_sizes(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, cap: int,
+                      block: int = 4096) -> tuple[np.ndarray, int]:
+    """(labels with no cluster over cap items, how many items moved), greedily and deterministically.
+
+    One move at a time, the item of an over-full cluster whose move to the nearest cluster with room
+    raises its squared distance to a centroid least (ties by position) goes there, until no cluster
+    is over the cap (needs k * cap >= n). Batched into rounds: a round prices every such item once
+    and moves them cheapest first; a price goes stale only when its destination fills, so the round
+    ends at the first item whose destination has filled, and the next round prices again. So it
+    makes exactly the moves of the one-at-a-time greedy (`tests/test_codes.py` checks it against a
+    literal one), in at most one round per cluster that fills. Only the over-full clusters' items
+    are priced, a block at a time: O(those items x K) a round, never O(N x K) at once.
+    """
+    k = len(centroids)
+    labels = np.array(labels, dtype=np.int64)
+    if k * cap < len(labels):
+        raise ValueError(f"{k} clusters of at most {cap} items cannot hold {len(labels)} items")
+    counts = np.bincount(labels, minlength=k)
+    c = np.asarray(centroids, dtype=np.float32)
+    c_sq = (c * c).sum(axis=1)
+    moved = 0
+    while counts.max() > cap:
+        cand = np.flatnonzero(counts[labels] > cap)
+        full = counts >= cap
+        dest = np.empty(len(cand), dtype=np.int64)
+        cost = np.empty(len(cand), dtype=np.float64)
+        for s in range(0, len(cand), block):
+            rows = cand[s:s + block]
+            d = c_sq[None, :] - 2.0 * (x[rows] @ c.T)  # squared distance less |x|^2, which cancels below
+            own = d[np.arange(len(rows)), labels[rows]]
+            d[:, full] = np.inf
+            dest[s:s + block] = d.argmin(axis=1)
+            cost[s:s + block] = d[np.arange(len(rows)), dest[s:s + block]] - own
+        surplus = np.maximum(counts - cap, 0)
+        for i in np.lexsort((cand, cost)):  # cheapest move first, ties by position
+            src, dst = labels[cand[i]], dest[i]
+            if surplus[src] == 0:  # its cluster is within the cap now: no longer a candidate
+                continue
+            if counts[dst] >= cap:  # its price is stale: price again
+                break
+            labels[cand[i]] = dst
+            counts[src] -= 1
+            counts[dst] += 1
+            surplus[src] -= 1
+            moved += 1
+    return labels, moved
+
+
 def _leaf_order(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """A group of at most K items: one token each, the most central item first (ties by position)."""
     sub = x[pos]
@@ -97,9 +156,16 @@ def _leaf_order(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return pos[np.argsort(dist, kind="stable")]
 
 
-def _split(x: np.ndarray, pos: np.ndarray, prefix: tuple[int, ...], p: KMeansParams) -> list[np.ndarray]:
-    """Split a group of more than K items into K (possibly empty) sub-groups; index = token."""
-    labels, _ = kmeans_labels(x[pos], p.k, p.niter, _group_seed(p.seed, prefix), p.use_gpu)
+def _split(x: np.ndarray, pos: np.ndarray, prefix: tuple[int, ...], p: KMeansParams,
+           stats: dict[str, int] | None = None) -> list[np.ndarray]:
+    """Split a group of more than K items into K (possibly empty) sub-groups; index = token. With
+    p.cap no sub-group holds more than `capacity(len(pos), K)` items (stats["moved"] counts the
+    items moved to keep it so)."""
+    labels, centroids = kmeans_labels(x[pos], p.k, p.niter, _group_seed(p.seed, prefix), p.use_gpu)
+    if p.cap:
+        labels, moved = cap_cluster_sizes(x[pos], labels, centroids, capacity(len(pos), p.k))
+        if stats is not None:
+            stats["moved"] = stats.get("moved", 0) + moved
     counts = np.bincount(labels, minlength=p.k)
     if (counts > 0).sum() < 2:
         # Identical (or numerically indistinguishable) vectors: k-means cannot split them, so cut the
@@ -170,26 +236,30 @@ def _pad(codes: list[tuple[int, ...]] | np.ndarray, pos: np.ndarray, n: int) -> 
 
 
 def hierarchical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool = False,
-                        use_ray: bool = False, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        use_ray: bool = False, log: bool = False, cap: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical k-means codes: (codes [N, L], depth [N]), L = the deepest leaf.
 
     Codes are prefix-free (an item ends only in a group of at most K items, where every member gets
-    its own last token), so padding the shorter ones with 0 keeps them unique.
+    its own last token), so padding the shorter ones with 0 keeps them unique. With cap, L is the
+    shortest length any N items can have (`capacity`); without it (the paper's plain recursion) one
+    level-1 cluster of more than K items makes L one longer for every item.
     """
     _check_k(k)
     x = _as_matrix(x)
     n = len(x)
-    p = KMeansParams(k=k, niter=niter, seed=seed, use_gpu=use_gpu)
+    p = KMeansParams(k=k, niter=niter, seed=seed, use_gpu=use_gpu, cap=cap)
     t0 = time.perf_counter()
     root = np.arange(n, dtype=np.int64)
     if n <= k:
         pos, codes = cluster_subtrees(x, [((), root)], p)
         return _pad(codes, pos, n)
-    level1 = [((t,), g) for t, g in enumerate(_split(x, root, (), p)) if len(g)]
+    stats: dict[str, int] = {}
+    level1 = [((t,), g) for t, g in enumerate(_split(x, root, (), p, stats)) if len(g)]
     if log:
         sizes = [len(g) for _, g in level1]
+        capped = f" ({stats['moved']} items moved to keep every group within {capacity(n, k)})" if cap else ""
         print(f"  hkmeans: level 1 done in {time.perf_counter() - t0:.1f}s: {len(level1)} groups, "
-              f"largest {max(sizes)}, {sum(s > k for s in sizes)} need more levels", file=sys.stderr, flush=True)
+              f"largest {max(sizes)}{capped}, {sum(s > k for s in sizes)} need more levels", file=sys.stderr, flush=True)
     # Groups of at most K items are leaves: cheap, so they never become Ray tasks.
     big = [g for g in level1 if len(g[1]) > k]
     small = [g for g in level1 if len(g[1]) <= k]

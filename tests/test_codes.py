@@ -53,6 +53,8 @@ def _embeddings(draw):
 def test_hkmeans_codes_unique_prefix_free_and_in_range(x, k):
     codes, depth = q.hierarchical_kmeans(x, k, niter=5)
     assert codes.shape[0] == len(x) and codes.shape[1] == depth.max()
+    # The capped clusters keep the shortest length any len(x) items can have.
+    assert codes.shape[1] == q._shortest_length(len(x), k)
     assert codes.min() >= 0 and codes.max() < k
     assert _unique_rows(codes)
     # Prefix-free before padding is what makes zero padding safe.
@@ -71,6 +73,77 @@ def test_hkmeans_identical_vectors_terminate_with_balanced_split():
     assert _unique_rows(codes)
     # 100 identical items cannot be clustered; balanced chunks give the shortest tree, 4^4 >= 100.
     assert depth.max() == 4
+
+
+def _greedy_moves_one_at_a_time(x, labels, centroids, cap):
+    """The literal greedy that cap_cluster_sizes batches: price every candidate again after each move."""
+    labels = labels.copy()
+    k = len(centroids)
+    d = ((x[:, None, :].astype(np.float64) - centroids[None].astype(np.float64)) ** 2).sum(-1)  # [n, k]
+    moved = 0
+    while True:
+        counts = np.bincount(labels, minlength=k)
+        if counts.max() <= cap:
+            return labels, moved
+        best = None
+        for i in range(len(x)):
+            if counts[labels[i]] <= cap:
+                continue
+            for j in range(k):
+                if counts[j] < cap:
+                    key = (d[i, j] - d[i, labels[i]], i, j)
+                    best = key if best is None or key < best else best
+        _, i, j = best
+        labels[i] = j
+        moved += 1
+
+
+def _crowded(n_same: int, n_spread: int, dim: int = 3, seed: int = 0) -> np.ndarray:
+    """n_same identical points (no k-means can split them) among n_spread points on a small integer grid."""
+    rng = np.random.default_rng(seed)
+    spread = rng.integers(-6, 7, size=(n_spread, dim))
+    return np.concatenate([np.ones((n_same, dim)), spread]).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_capped_cluster_sizes_make_exactly_the_one_at_a_time_greedy_moves(seed):
+    rng = np.random.default_rng(seed)
+    x = _crowded(n_same=int(rng.integers(5, 15)), n_spread=40, seed=seed)  # integer grid: exact arithmetic
+    k, cap = 6, 9
+    centroids = rng.integers(-5, 6, size=(k, 3)).astype(np.float32)
+    labels = ((x[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)  # nearest centroid, as k-means gives
+    assert np.bincount(labels, minlength=k).max() > cap  # the cap binds
+    got, moved = q.cap_cluster_sizes(x, labels, centroids, cap, block=7)  # several blocks a round
+    want, want_moved = _greedy_moves_one_at_a_time(x, labels, centroids, cap)
+    assert np.array_equal(got, want) and moved == want_moved
+    counts_before = np.bincount(labels, minlength=k)
+    assert np.bincount(got, minlength=k).max() <= cap
+    # The fewest moves: exactly the surplus, and only out of clusters that were over the cap.
+    assert moved == int(np.maximum(counts_before - cap, 0).sum()) == int((got != labels).sum())
+    assert (counts_before[labels[got != labels]] > cap).all()
+
+
+def test_capped_cluster_sizes_refuse_a_cap_that_cannot_hold_the_items():
+    with pytest.raises(ValueError, match="3 clusters of at most 2 items cannot hold 7 items"):
+        q.cap_cluster_sizes(np.zeros((7, 2), np.float32), np.zeros(7, np.int64), np.zeros((3, 2), np.float32), 2)
+
+
+def test_one_over_full_cluster_lengthens_every_code_unless_capped():
+    x = _crowded(n_same=40, n_spread=160)  # 200 items, K = 16: two levels hold them (16^2 >= 200)
+    plain, plain_depth = q.hierarchical_kmeans(x, 16, niter=10, cap=False)
+    capped, depth = q.hierarchical_kmeans(x, 16, niter=10)
+    # The 40 identical items share a level-1 cluster of more than 16 without the cap: a third level
+    # for every item's code (zero-padded), which the generator then has to search.
+    assert plain.shape[1] >= 3 and (plain_depth >= 3).sum() >= 40
+    assert capped.shape[1] == 2 and (depth == 2).all()
+    assert _unique_rows(capped) and _prefix_free(capped, depth)
+    level1 = np.bincount(capped[:, 0], minlength=16)
+    assert level1.max() <= 16
+    # Items of clusters within the cap keep their level-1 token; only the crowded cluster gave some up.
+    plain_sizes = np.bincount(plain[:, 0], minlength=16)
+    changed = capped[:, 0] != plain[:, 0]
+    assert changed.sum() == int(np.maximum(plain_sizes - 16, 0).sum())
+    assert (plain_sizes[plain[changed, 0]] > 16).all()
 
 
 def test_items_sharing_level1_code_are_closer_than_random_pairs():
@@ -239,6 +312,23 @@ def test_run_codes_with_grow_k_records_the_grown_k_and_keeps_two_levels(tmp_path
     assert _unique_rows(codes) and codes.max() < 32 and load_codes(fixed)[2].shape[1] > codes.shape[1] == 2
     with pytest.raises(ConfigError, match="codes.method=hkmeans, or codes.grow_k=false"):
         CodesConfig(method="rq-kmeans", grow_k=True).validate()
+
+
+def test_run_codes_caps_groups_by_default_and_says_what_the_plain_recursion_costs(tmp_path, capsys):
+    x = _crowded(n_same=40, n_spread=160)
+    item_idx = np.arange(1, 201)
+    emb = write_embeddings(tmp_path / "emb.parquet", item_idx, [f"i{i}" for i in item_idx], x)
+    assert CodesConfig().cap_groups is True
+    capped = run_codes(CodesConfig(k=16, niter=10, use_ray=False), emb, tmp_path / "capped")
+    err = capsys.readouterr().err
+    assert "items moved to keep every group within 16" in err and "cap_groups=true" not in err
+    plain = run_codes(CodesConfig(k=16, niter=10, use_ray=False, cap_groups=False), emb, tmp_path / "plain")
+    assert "a cluster outgrew its capacity" in capsys.readouterr().err
+    rc = json.loads((tmp_path / "capped" / "code_report.json").read_text())
+    rp = json.loads((tmp_path / "plain" / "code_report.json").read_text())
+    assert rc["cap_groups"] is True and rc["code_length"] == rc["shortest_possible_length"] == 2
+    assert rp["cap_groups"] is False and rp["code_length"] > 2
+    assert load_codes(capped)[2].shape[1] == 2 < load_codes(plain)[2].shape[1]
 
 
 @pytest.mark.parametrize("start", ["codes", "embed"])
