@@ -271,8 +271,8 @@ class CodesConfig:
     # cluster of more than K items gives every item a third token, and the generator's item head then
     # scores items at the third level, after a beam over near-unique second tokens: on Sports' fast
     # Stage I (seed 0; 269 items in one cluster at K = 256) the generator's valid N@10 was 0.0245,
-    # against 0.0359-0.0394 on the two-level codes of three other Stage Is
-    # (benchmarks/results/codes_cap.notes.md). Codes that never exceed the cap are unchanged.
+    # and 0.0379 on the capped codes of the same Stage I (13 items moved;
+    # benchmarks/results/codes_cap.notes.md). Codes that never exceed the cap are unchanged.
     cap_groups: bool = True
     # L2-normalise the embeddings before quantizing (added by the codes stage): Stage I aligns with
     # cosine similarity (InfoNCE), so directions carry the meaning and Euclidean k-means on unit
