@@ -7,6 +7,7 @@ so that a batched beam search can mask its logits with one gather per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -231,7 +232,17 @@ def run(cfg: CodesConfig, inputs: dict[str, Path], out_dir: Path) -> Path:
     return run_codes(cfg, inputs["embeddings"], out_dir)
 
 
+_EXECUTION_ONLY = frozenset({"use_ray"})
+
+
+def _key_fields(cfg: CodesConfig) -> dict[str, Any]:
+    """Every field but the execution-only ones, less cap_groups where the method does not read it
+    (rq-kmeans and random codes), so that its default keeps those runs' keys."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in _EXECUTION_ONLY and not (k == "cap_groups" and cfg.method != "hkmeans")}
+
+
 STAGE = Stage(name="codes", folder="codes", section="codes", run=run,
               inputs={"embeddings": Input("stage1", "item_embeddings.parquet")}, outputs=(CODES_FILE, REPORT_FILE),
-              execution_only=frozenset({"use_ray"}), uses_ray=lambda c: c.use_ray, added_fields={"grow_k": False, "cap_groups": False},
+              execution_only=_EXECUTION_ONLY, key_fields=_key_fields, uses_ray=lambda c: c.use_ray, added_fields={"grow_k": False, "cap_groups": False},
               resources=lambda c: f"Ray tasks{' on GPU' if c.use_gpu else ''}")

@@ -68,10 +68,12 @@ def test_hkmeans_tiny_sets(n):
     assert codes.tolist() == [[t] for t in range(n)] and depth.tolist() == [1] * n
 
 
-def test_hkmeans_identical_vectors_terminate_with_balanced_split():
-    codes, depth = q.hierarchical_kmeans(np.ones((100, 4), np.float32), 4, niter=3)
-    assert _unique_rows(codes)
-    # 100 identical items cannot be clustered; balanced chunks give the shortest tree, 4^4 >= 100.
+@pytest.mark.parametrize("cap", [False, True])
+def test_hkmeans_identical_vectors_terminate_with_the_shortest_tree(cap):
+    codes, depth = q.hierarchical_kmeans(np.ones((100, 4), np.float32), 4, niter=3, cap=cap)
+    assert _unique_rows(codes) and _prefix_free(codes, depth)
+    # 100 identical items cannot be clustered. Without the cap, balanced chunks; with it, the cap's
+    # moves (k-means puts them all in one cluster): either way the shortest tree, 4^4 >= 100.
     assert depth.max() == 4
 
 
