@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,3 +360,34 @@ def test_a_stage_that_starts_ray_itself_connects_as_the_pipeline_does(monkeypatc
         else:
             embed_items(EmbedConfig(use_ray=True, num_actors=1, batch_size=16), tiny_data / "items.parquet",
                         tmp_path / "ray.parquet")
+
+
+def _finished_codes_run(tmp_path, x, cap_groups: bool):
+    """A run directory as benchmarks/codes_cap.py reads it: manifest, Stage I embeddings, codes."""
+    from prorec.manifest import MANIFEST_FILE
+
+    run = tmp_path / f"run_cap_{cap_groups}"
+    item_idx = np.arange(1, len(x) + 1)
+    emb = write_embeddings(run / "stage1" / "item_embeddings.parquet", item_idx, [f"i{i}" for i in item_idx], x)
+    cfg = CodesConfig(k=16, niter=10, use_ray=False, cap_groups=cap_groups)
+    run_codes(cfg, emb, run / "codes")
+    section = {f: getattr(cfg, f) for f in ("method", "k", "niter", "seed", "normalize", "cap_groups")}
+    (run / MANIFEST_FILE).write_text(json.dumps({"command": ["jobs/pipeline.py", "--data", "../shared/data/toy"],
+                                                 "config": {"codes": section}, "git": {"commit": "abc123"}}))
+    return run
+
+
+def test_codes_cap_benchmark_compares_stored_codes_with_the_capped_ones(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.codes_cap import compare
+
+    x = _crowded(n_same=40, n_spread=160)
+    plain_run = _finished_codes_run(tmp_path, x, cap_groups=False)
+    plain = compare(plain_run)
+    assert plain["stored_length"] > 2 and plain["stored_largest_level1"] > 16 and plain["capped_length"] == 2
+    sizes = np.bincount(load_codes(plain_run / "codes" / "codes.parquet")[2][:, 0])
+    assert plain["capped_level1_changed"] == int(np.maximum(sizes - 16, 0).sum()) > 0  # exactly the surplus moved
+    assert plain["capped_identical"] is False and plain["data"] == "toy" and plain["valid_ndcg@10"] is None
+    capped = compare(_finished_codes_run(tmp_path, x, cap_groups=True))
+    assert capped["stored_length"] == capped["capped_length"] == 2 and capped["capped_identical"] is True
+    assert capped["capped_level1_changed"] == 0
