@@ -30,7 +30,6 @@ from prorec.manifest import MANIFEST_FILE  # noqa: E402
 
 def _metric(metrics: dict, split: str, key: str) -> float | None:
     v = metrics.get(split, {})
-    v = v.get("generator", v) if isinstance(v, dict) else {}
     return round(v[key], 4) if key in v else None
 
 
@@ -47,9 +46,8 @@ def compare(run: Path) -> dict:
     pos = {int(i): j for j, i in enumerate(stored_idx)}
     stored = stored[[pos[int(i)] for i in item_idx]]
     metrics = json.loads((run / "eval" / "metrics.json").read_text()) if (run / "eval" / "metrics.json").is_file() else {}
-    data = next((a for a in manifest["command"] if "shared/data/" in a), manifest["config"].get("data", {}).get("path"))
     return {
-        "run": run.name, "data": Path(str(data)).name, "git": manifest["git"].get("commit", "?")[:10],
+        "run": run.name, "data": Path(manifest["config"]["data"]["path"]).name, "git": manifest["git"].get("commit", "?")[:10],
         "stored_cap_groups": report.get("cap_groups", False), "stored_length": report["code_length"],
         "stored_largest_level1": report["levels"][0]["largest_group"],
         "shortest_possible_length": report["shortest_possible_length"],

@@ -161,9 +161,10 @@ def _split(x: np.ndarray, pos: np.ndarray, prefix: tuple[int, ...], p: KMeansPar
     """Split a group of more than K items into K (possibly empty) sub-groups; index = token. With
     p.cap no sub-group holds more than `capacity(len(pos), K)` items (stats["moved"] counts the
     items moved to keep it so)."""
-    labels, centroids = kmeans_labels(x[pos], p.k, p.niter, _group_seed(p.seed, prefix), p.use_gpu)
+    sub = x[pos]  # the group's rows, copied once for both
+    labels, centroids = kmeans_labels(sub, p.k, p.niter, _group_seed(p.seed, prefix), p.use_gpu)
     if p.cap:
-        labels, moved = cap_cluster_sizes(x[pos], labels, centroids, capacity(len(pos), p.k))
+        labels, moved = cap_cluster_sizes(sub, labels, centroids, capacity(len(pos), p.k))
         if stats is not None:
             stats["moved"] = stats.get("moved", 0) + moved
     counts = np.bincount(labels, minlength=p.k)

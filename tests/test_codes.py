@@ -372,8 +372,8 @@ def _finished_codes_run(tmp_path, x, cap_groups: bool):
     cfg = CodesConfig(k=16, niter=10, use_ray=False, cap_groups=cap_groups)
     run_codes(cfg, emb, run / "codes")
     section = {f: getattr(cfg, f) for f in ("method", "k", "niter", "seed", "normalize", "cap_groups")}
-    (run / MANIFEST_FILE).write_text(json.dumps({"command": ["jobs/pipeline.py", "--data", "../shared/data/toy"],
-                                                 "config": {"codes": section}, "git": {"commit": "abc123"}}))
+    (run / MANIFEST_FILE).write_text(json.dumps({"config": {"data": {"path": "/shared/data/toy"}, "codes": section},
+                                                 "git": {"commit": "abc123"}}))
     return run
 
 
