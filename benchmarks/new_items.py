@@ -47,6 +47,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 KS = (10, 20)
 
@@ -117,21 +121,40 @@ def rank_with_run(run: Path, users: list, beam: int | None, rerank: bool | None,
     return [a.items for a in rec.recommend(queries)]
 
 
-def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], cold_sems: list[float],
-               tolerance: float) -> dict:
-    """Choose eval.rerank_cold_weight and eval.rerank_cold_semantic_weight on validation users (each
-    user's second-to-last item the target, the items before it the history): the run's beam (the
-    config's width, history excluded) and every signal are computed once, then each pair of weights
-    reorders the same candidates (prorec.rerank.rerank, the evaluation's function), with the config's
-    other weights. Chosen: the best NDCG@10 on the validation users whose target is new, among the
-    pairs that keep NDCG@10 over all validation users within `tolerance` (relative) of the pair (0, 0)."""
-    import dataclasses
+@dataclasses.dataclass
+class Candidates:
+    """One user set's beam over a run, searched once, with every reranking signal of its candidates:
+    each choice of rerank weights then reorders the same candidates (prorec.rerank.rerank, the
+    evaluation's function) instead of searching again. items [U, W] (-1 = empty), scores [U, W] (the
+    beam's log-probabilities), signals {name: [U, W]}, target [U] (item index; -2 = not in the run),
+    new [U] (whether the target is a held-out item), item_ids (index -> id)."""
 
+    items: "torch.Tensor"
+    scores: "torch.Tensor"
+    signals: dict
+    target: np.ndarray
+    new: np.ndarray
+    item_ids: np.ndarray
+
+    def ranked(self, weights: dict[str, float], k: int) -> np.ndarray:
+        """The top k item indices [U, k] (0 where a list is shorter) under these rerank weights."""
+        from prorec.rerank import rerank
+
+        top = rerank(self.items, self.scores, self.signals, weights)[:, :k].numpy()
+        return np.where(top > 0, top, 0)
+
+    def ranked_ids(self, weights: dict[str, float], k: int = 20) -> list[list[str]]:
+        """`ranked` as item ids, empty slots left out (as `prorec.recommend.Recommender` answers)."""
+        return [[str(x) for x in self.item_ids[row[row > 0]]] for row in self.ranked(weights, k)]
+
+
+def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
+    """Search the beam of `run` (the settings' width, history excluded, no reranking) for `users`
+    [(user, history ids, target id)] once, and compute every reranking signal of its candidates."""
     import torch
 
-    from prorec.metrics import ranking_metrics, target_ranks
     from prorec.recommend import Query, Recommender
-    from prorec.rerank import build_reranker, rerank
+    from prorec.rerank import build_reranker
     from prorec.stages import input_paths
 
     rec = Recommender(run, None, False, settings=settings)
@@ -149,17 +172,28 @@ def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], 
         scores.append(res.scores.float())
         signals.append(rr.signals(h, res.items))
         targets += [rec.index.get(t, -2) for _, _, t in batch]
-    items, scores = torch.cat(items), torch.cat(scores)
-    signals = {k: torch.cat([s[k] for s in signals]) for k in signals[0]}
-    target = np.array(targets)
-    new_rows = np.array([t in held for _, _, t in users])
-    base = {k: v for k, v in settings.rerank_weights.items() if k not in ("cold", "cold_semantic")}
+    return Candidates(torch.cat(items), torch.cat(scores), {k: torch.cat([s[k] for s in signals]) for k in signals[0]},
+                      np.array(targets), np.array([t in held for _, _, t in users]), rec.item_ids)
+
+
+def with_cold(settings, cold: float, cold_semantic: float) -> dict[str, float]:
+    """The settings' rerank weights with this pair of cold-item weights."""
+    return {**settings.rerank_weights, "cold": cold, "cold_semantic": cold_semantic}
+
+
+def sweep_cold(cands: Candidates, settings, colds: list[float], cold_sems: list[float], tolerance: float) -> dict:
+    """Choose eval.rerank_cold_weight and eval.rerank_cold_semantic_weight on validation users (each
+    user's second-to-last item the target, the items before it the history; `cands`, from
+    `beam_candidates`): each pair of weights reorders the same candidates, with the config's other
+    weights. Chosen: the best NDCG@10 on the validation users whose target is new, among the pairs
+    that keep NDCG@10 over all validation users within `tolerance` (relative) of the pair (0, 0)."""
+    from prorec.metrics import ranking_metrics, target_ranks
+
     grid = []
     for wc in colds:
         for wcs in cold_sems:
-            ranks = target_ranks(rerank(items, scores, signals, {**base, "cold": wc, "cold_semantic": wcs})[:, :10].numpy(),
-                                 target)
-            every, new = ranking_metrics(ranks, [10]), ranking_metrics(ranks[new_rows], [10])
+            ranks = target_ranks(cands.ranked(with_cold(settings, wc, wcs), 10), cands.target)
+            every, new = ranking_metrics(ranks, [10]), ranking_metrics(ranks[cands.new], [10])
             grid.append({"cold": wc, "cold_semantic": wcs, "all_ndcg@10": every["ndcg@10"],
                          "all_recall@10": every["recall@10"], "new_ndcg@10": new["ndcg@10"],
                          "new_recall@10": new["recall@10"]})
@@ -167,8 +201,8 @@ def sweep_cold(run: Path, users: list, held: set, settings, colds: list[float], 
     chosen = max((g for g in grid if g["all_ndcg@10"] >= floor), key=lambda g: g["new_ndcg@10"])
     # For a slot that is there to show new items: the new-item users' best, whatever it costs the others.
     new_first = max(grid, key=lambda g: g["new_ndcg@10"])
-    return {"grid": grid, "chosen": chosen, "new_first": new_first, "tolerance": tolerance, "valid_users": len(users),
-            "valid_new_item_users": int(new_rows.sum()), "beam": settings.beam_size}
+    return {"grid": grid, "chosen": chosen, "new_first": new_first, "tolerance": tolerance, "valid_users": len(cands.target),
+            "valid_new_item_users": int(cands.new.sum()), "beam": settings.beam_size}
 
 
 def rank_semantic_nn(run: Path, users: list) -> list[list[str]]:
@@ -283,15 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for _, _, t in users]
     new_rows = [r for r, t in enumerate(targets) if t in split["held"]]
     every = list(range(len(users)))
-    cold = sweep_cold(plus, split["valid_users"], split["held"], cfg.eval, args.cold_weights,
-                      args.cold_semantic_weights, args.tolerance)
-    def with_pair(g: dict):  # the config's eval settings with one pair of cold-item weights
-        return dataclasses.replace(cfg.eval, rerank_cold_weight=g["cold"], rerank_cold_semantic_weight=g["cold_semantic"])
-
-    modes = {"prorec (the config's eval settings)": rank_with_run(plus, users, None, None, cfg.eval),
-             "prorec + cold-item terms (chosen on validation)": rank_with_run(plus, users, None, None,
-                                                                              with_pair(cold["chosen"])),
-             NEW_FIRST: rank_with_run(plus, users, None, None, with_pair(cold["new_first"])),
+    cold = sweep_cold(beam_candidates(plus, split["valid_users"], split["held"], cfg.eval), cfg.eval,
+                      args.cold_weights, args.cold_semantic_weights, args.tolerance)
+    # The three reranked modes differ only in their weights: the test users' beam is searched once.
+    test = beam_candidates(plus, users, split["held"], cfg.eval)
+    modes = {"prorec (the config's eval settings)": test.ranked_ids(cfg.eval.rerank_weights),
+             "prorec + cold-item terms (chosen on validation)": test.ranked_ids(
+                 with_cold(cfg.eval, cold["chosen"]["cold"], cold["chosen"]["cold_semantic"])),
+             NEW_FIRST: test.ranked_ids(with_cold(cfg.eval, cold["new_first"]["cold"], cold["new_first"]["cold_semantic"])),
              "prorec generator alone (beam 20)": rank_with_run(plus, users, 20, False, cfg.eval),
              "semantic nearest neighbour": rank_semantic_nn(plus, users),
              "popularity": rank_popularity(plus, users)}

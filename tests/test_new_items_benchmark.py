@@ -44,3 +44,20 @@ def test_new_items_benchmark_on_tiny_synthetic_data(tmp_path, monkeypatch):
     assert first["users_with_a_new_item_in_top20"] > table["prorec (the config's eval settings)"]["users_with_a_new_item_in_top20"]
     md = (results / "tiny.md").read_text()
     assert "(new-item users first)" in md and "## The cold-item terms, chosen on validation" in md
+    # The reranked modes reorder one beam search (Candidates); the reference is a Recommender that
+    # searches and reranks anew for each pair of weights, as `prorec recommend` would.
+    import dataclasses
+
+    from prorec.config import load_config
+
+    split = new_items.split_dataset(tmp_path / "out" / "full", tmp_path / "split", 0.05, 0)
+    assert sorted(split["held"]) == res["held_out"]
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["eval.beam_size=100", "eval.rerank_semantic_weight=1"])
+    plus, users = tmp_path / "out" / "run_plus", split["eval_users"]
+    cands = new_items.beam_candidates(plus, users, split["held"], cfg.eval)
+    assert cands.new.sum() == res["new_item_users"]
+    for cold, cold_sem in ((0, 0), (1, 4), (8, 0)):
+        settings = dataclasses.replace(cfg.eval, rerank_cold_weight=cold, rerank_cold_semantic_weight=cold_sem)
+        once = cands.ranked_ids(new_items.with_cold(cfg.eval, cold, cold_sem))
+        assert once == new_items.rank_with_run(plus, users, None, None, settings)
+        assert any(i in split["held"] for r in once for i in r) or cold == 0
