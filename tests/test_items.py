@@ -195,3 +195,40 @@ def test_a_generator_with_stage1_features_grows_them_from_the_mapped_rows(tiny_r
     hist = torch.tensor([[1, 5, 9, 0], [n + 2, 3, 0, 0], [n + 1, n + 2, n + 3, 7]])
     got = BeamSearch(grown, trie, beam_size=len(codes), topk=15, exclude_history=True).search(hist)
     assert torch.equal(got.items, brute_force_topk(grown, hist, trie, 15, exclude_history=True).items)
+
+
+def test_the_text_benchmark_recovers_placement_by_items_adds_own_rule(tiny_run, tmp_path):
+    """benchmarks/new_items_text.py on the tiny run: its "items add" placement is assign_codes' first token
+    for the same embeddings, its neighbours are brute force's, and ids the run lacks are refused."""
+    from benchmarks import new_items_text as nt
+    from prorec.artifacts import read_embeddings
+    from prorec.models.modality import load_adapter
+
+    ids = pq.read_table(tiny_run / "data" / "items.parquet").sort_by("item_idx").column("item_id").to_pylist()
+    held = set(ids[::10])
+    res = nt.measure(tiny_run, held)
+    assert res["held_out_items"] == len(held) and res["other_items"] == len(ids) - len(held)
+    assert all(0.0 <= v <= 1.0 for v in res["first_token"].values())
+    assert set(res["rows"]) >= {"generator item head", "DIN item embedding"}
+    # The same rule as prorec.items.assign_codes, given the same mapped embeddings of the held items.
+    new = np.array([i in held for i in ids])
+    def by_index(idx, rows):  # rows in item index order 1..N, as `ids`
+        return rows[np.argsort(idx)]
+
+    s1_idx, _, s1, _ = read_embeddings(tiny_run / "stage1" / "item_embeddings.parquet")
+    e_idx, _, e_s, _ = read_embeddings(tiny_run / "embeddings" / "semantic.parquet")
+    c_idx, _, codes = load_codes(tiny_run / "codes" / "codes.parquet")
+    s1, e_s, codes = by_index(s1_idx, s1), by_index(e_idx, e_s), by_index(c_idx, codes)
+    with torch.no_grad():
+        mapped = load_adapter(tiny_run / "stage1")(torch.from_numpy(e_s[new])).numpy()
+    k = int(codes.max()) + 1 + len(held)  # room everywhere: no item moves to another group
+    expect = assign_codes(codes[~new], s1[~new], mapped, k).codes[:, 0]
+    got = nt._descend(mapped, codes[~new][:, 0], nt._unit(s1[~new]))
+    assert (got == expect).all()
+    assert res["first_token"]["centroid descent (items add)"] == pytest.approx(float((expect == codes[new][:, 0]).mean()))
+    # Chunked top-k neighbours against a full argsort.
+    rng = np.random.default_rng(0)
+    q, base = nt._unit(rng.normal(size=(7, 5))), nt._unit(rng.normal(size=(40, 5)))
+    assert (nt._neighbours(q, base, 6, chunk=3) == np.argsort(-(q @ base.T), 1, kind="stable")[:, :6]).all()
+    with pytest.raises(ValueError, match="none of the 2 held-out ids"):
+        nt.measure(tiny_run, {"nope1", "nope2"})
