@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import new_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +63,31 @@ def test_new_items_benchmark_on_tiny_synthetic_data(tmp_path, monkeypatch):
         once = cands.ranked_ids(new_items.with_cold(cfg.eval, cold, cold_sem))
         assert once == new_items.rank_with_run(plus, users, None, None, settings)
         assert any(i in split["held"] for r in once for i in r) or cold == 0
+
+
+def test_the_summary_checks_both_goals_from_the_table(tmp_path):
+    """benchmarks/new_items_summary.py: goal 1 against the text neighbour with and without the mode that
+    favours new items, goal 2's loss, and the new-item users' NDCG@10 that would give a loss of exactly 5%."""
+    from benchmarks import new_items_summary as ns
+
+    def row(new, every):
+        return {"new_item_users": {"recall@10": 2 * new, "ndcg@10": new},
+                "all_users": {"recall@10": 2 * every, "ndcg@10": every}, "users_with_a_new_item_in_top20": 0}
+
+    table = {"prorec (the config's eval settings)": row(0.002, 0.031), ns.CHOSEN: row(0.004, 0.0307),
+             new_items.NEW_FIRST: row(0.025, 0.0195), ns.TEXT_NN: row(0.013, 0.0127), ns.TRAINED_WITH: row(0.0377, 0.0338)}
+    g = ns.goals(table, users=1000, new_users=50)
+    assert g["goal1_without_new_first"] == {"mode": ns.CHOSEN, "new_ndcg@10": 0.004, "met": False}
+    assert g["goal1_with_new_first"]["mode"] == new_items.NEW_FIRST and g["goal1_with_new_first"]["met"]
+    r = g["goal2"]
+    assert r["loss"] == pytest.approx(1 - 0.0307 / 0.0338) and not r["met"]
+    # Put the new-item users at the needed NDCG@10, the others as they are: the loss is 5% exactly.
+    every = 0.95 * r["old_users_ndcg@10"] + 0.05 * r["new_users_ndcg@10_needed"]
+    assert 1 - every / 0.0338 == pytest.approx(ns.MAX_LOSS)
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps({"command": "x", "users": 1000, "new_item_users": 50, "held_out": ["i"] * 7, "table": table}))
+    assert ns.main([f"toy={src}", "--name", "summary", "--results", str(tmp_path), "--allow-dirty"]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "## toy" in md and "**not met**" in md and "9.2%" in md
+    with pytest.raises(SystemExit):
+        ns.main([str(src), "--results", str(tmp_path), "--allow-dirty"])  # no DATASET= label

@@ -1,0 +1,132 @@
+"""The cold-start benchmark's datasets side by side, and the issue's two goals checked (issue 21).
+
+Reads the JSON results of benchmarks/new_items.py (one a dataset) and writes one table: for each
+mode, NDCG and Recall @10 on the users whose target is a new item and on all users, and the loss on
+all users against the run trained with the items (`--trained-with`). The goals, computed from those
+numbers and nothing else:
+
+1. on the new-item users, the best mode of the project beats the semantic nearest-neighbour
+   baseline (NDCG@10). Checked twice: among the modes that the benchmark chooses without favouring
+   new items (the config's settings, the cold-item terms chosen under the all-users tolerance, the
+   generators alone), and with "new-item users first" (weights chosen for the new-item users alone);
+2. on all users, adding the new items costs less than 5% relative NDCG@10 against the model trained
+   with them: checked for the mode chosen on validation (the cold-item terms under the tolerance).
+
+    python benchmarks/new_items_summary.py beauty=benchmarks/results/new_items_beauty.json \
+        sports=benchmarks/results/new_items_sports.json --name new_items
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.new_items import NEW_FIRST  # noqa: E402
+from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
+
+CHOSEN = "prorec + cold-item terms (chosen on validation)"
+TEXT_NN = "semantic nearest neighbour"
+TRAINED_WITH = "trained with the new items (--trained-with)"
+SASREC_WITH = "SASRec trained with the new items (--sasrec-trained-with)"
+MAX_LOSS = 0.05
+
+
+def goals(table: dict, users: int, new_users: int) -> dict:
+    """The two goals of one dataset's table (new_items.py's "table"; `users` test users, `new_users` of
+    them with a new item as target)."""
+    ours = {name: row for name, row in table.items() if name.startswith("prorec")}
+    plain = {name: row for name, row in ours.items() if name != NEW_FIRST}
+    nn = table[TEXT_NN]["new_item_users"]["ndcg@10"]
+
+    def best(rows: dict) -> tuple[str, float]:
+        name = max(rows, key=lambda n: rows[n]["new_item_users"]["ndcg@10"])
+        return name, rows[name]["new_item_users"]["ndcg@10"]
+
+    out = {"text_nn_new_ndcg@10": nn}
+    for key, rows in (("without_new_first", plain), ("with_new_first", ours)):
+        name, v = best(rows)
+        out[f"goal1_{key}"] = {"mode": name, "new_ndcg@10": v, "met": v > nn}
+    if TRAINED_WITH in table and CHOSEN in table:
+        ref = table[TRAINED_WITH]["all_users"]["ndcg@10"]
+        row = table[CHOSEN]
+        loss = 1.0 - row["all_users"]["ndcg@10"] / ref
+        # What the new-item users would need for a loss of exactly MAX_LOSS, the others' NDCG@10 as they are.
+        share = new_users / users
+        old = (row["all_users"]["ndcg@10"] - share * row["new_item_users"]["ndcg@10"]) / (1 - share)
+        need = ((1 - MAX_LOSS) * ref - (1 - share) * old) / share
+        out["goal2"] = {"mode": CHOSEN, "trained_with_ndcg@10": ref, "loss": loss, "met": loss < MAX_LOSS,
+                        "old_users_ndcg@10": old, "new_users_ndcg@10_needed": need}
+    return out
+
+
+def reference(table: dict, name: str) -> float | None:
+    """The all-users NDCG@10 a row's loss is measured against: SASRec's rows against SASRec trained
+    with the items, the others against the pipeline trained with them (None: no such row)."""
+    ref = SASREC_WITH if name.startswith("SASRec") else TRAINED_WITH
+    return table[ref]["all_users"]["ndcg@10"] if ref in table and name != ref else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="DATASET=JSON", help="a dataset's label and its new_items.py JSON")
+    p.add_argument("--name", default="new_items")
+    add_results_dir(p)
+    add_allow_dirty(p)
+    args = p.parse_args(argv)
+    tree = check_tree(args.allow_dirty)
+    data = {}
+    for arg in args.inputs:
+        label, sep, path = arg.partition("=")
+        if not sep or not Path(path).is_file():
+            p.error(f"{arg!r}: give DATASET=PATH to a JSON that benchmarks/new_items.py wrote")
+        res = json.loads(Path(path).read_text())
+        if "table" not in res or TEXT_NN not in res["table"]:
+            p.error(f"{path}: not a result of benchmarks/new_items.py (no table with the {TEXT_NN!r} row)")
+        data[label] = {"source": path, "command": res["command"], "users": res["users"],
+                       "new_item_users": res["new_item_users"], "held_out": len(res["held_out"]),
+                       "table": res["table"],
+                       "goals": goals(res["table"], res["users"], res["new_item_users"])}
+    cmd = " ".join(["python", "benchmarks/new_items_summary.py", *(argv if argv is not None else sys.argv[1:])])
+    md = ["# New items without retraining: every dataset, and the issue's goals", "", f"Command: `{cmd}`", "",
+          "Each dataset's full table, its command and the cold-item sweep are in its own file (below). Loss: "
+          "1 - the mode's all-users NDCG@10 / that of the run trained with the items (SASRec's rows: / that of "
+          "SASRec trained with them).", ""]
+    for label, d in data.items():
+        g = d["goals"]
+        md += [f"## {label}", "", f"Source: `{d['source']}` ({d['held_out']} items held out; {d['users']} test users, "
+               f"{d['new_item_users']} with a new item as target). Made by: `{d['command']}`", "",
+               "| mode | new-item users R@10 | N@10 | all users R@10 | N@10 | loss against trained with |",
+               "|---|---|---|---|---|---|"]
+        for name, row in d["table"].items():
+            n, a = row["new_item_users"], row["all_users"]
+            ref = reference(d["table"], name)
+            loss = f"{1 - a['ndcg@10'] / ref:.1%}" if ref else ""
+            md.append(f"| {name} | {n['recall@10']:.4f} | {n['ndcg@10']:.4f} | {a['recall@10']:.4f} | "
+                      f"{a['ndcg@10']:.4f} | {loss} |")
+        md.append("")
+        for key, what in (("goal1_without_new_first", "without \"new-item users first\""),
+                          ("goal1_with_new_first", "with \"new-item users first\"")):
+            r = g[key]
+            md.append(f"- Goal 1, {what}: best mode `{r['mode']}`, new-item users N@10 {r['new_ndcg@10']:.4f} against "
+                      f"the text neighbour's {g['text_nn_new_ndcg@10']:.4f}: **{'met' if r['met'] else 'not met'}**.")
+        if "goal2" in g:
+            r = g["goal2"]
+            md.append(f"- Goal 2: `{r['mode']}` loses {r['loss']:.1%} of all users' N@10 against the run trained "
+                      f"with the items ({r['trained_with_ndcg@10']:.4f}); the goal is under {MAX_LOSS:.0%}: "
+                      f"**{'met' if r['met'] else 'not met'}**. With its other users' N@10 as they are "
+                      f"({r['old_users_ndcg@10']:.4f}), a loss of {MAX_LOSS:.0%} needs the new-item users at "
+                      f"N@10 {r['new_users_ndcg@10_needed']:.4f}.")
+        else:
+            md.append("- Goal 2: not measured (the result has no `--trained-with` row).")
+        md.append("")
+    write_result(args.results / args.name, {"command": cmd, "datasets": data}, "\n".join(md), tree)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
