@@ -23,6 +23,12 @@ items, and compares with what training gave it.
   adapter's embedding itself, as items add sets it), `kNN mean` of the k most similar other items'
   rows (text; adapter).
 
+- Ranking among the new items by text (with `--data`'s sequences): for the users whose validation
+  or test target is a held-out item, where the target falls among the held-out items ordered by the
+  largest cosine of their semantic embedding to the history's (the history without held-out items,
+  its last 20): the best a rule that ranks new items by their text alone could do, even if it knew
+  which users want a new item.
+
 The run's own codes and rows were learned with the items' interactions, so this is the question
 "how much of that does the text hold", not an evaluation of the grown run (benchmarks/new_items.py
 is). Reads: data/items.parquet, embeddings/semantic.parquet, stage1/ (Stage I embeddings, adapter,
@@ -159,6 +165,35 @@ def measure(run: Path, held: set[str]) -> dict:
             "first_token": placement, "rows": rows}
 
 
+def text_ranks(data: Path, run: Path, held: set[str], max_history: int = 20) -> dict:
+    """Recall@{1,10,20} of the held-out target among the held-out items, ordered by their largest cosine
+    (semantic embeddings) to the user's history, for validation (second-to-last item) and test (last)."""
+    from prorec.artifacts import read_embeddings
+    from prorec.data.canonical import load_canonical
+
+    _, ids, vecs, _ = read_embeddings(Path(run) / "embeddings" / "semantic.parquet")
+    row = {i: n for n, i in enumerate(ids)}
+    unit = _unit(vecs.astype(np.float32))
+    new_ids = sorted(i for i in held if i in row)
+    col = {i: n for n, i in enumerate(new_ids)}
+    new = unit[[row[i] for i in new_ids]]
+    out = {}
+    seqs = load_canonical(data).sequences
+    for split, back in (("validation", 2), ("test", 1)):
+        ranks = []
+        for _, seq in seqs:
+            if len(seq) <= back or seq[-back] not in col:
+                continue
+            hist = [i for i in seq[:-back] if i not in held][-max_history:]
+            if not hist:
+                continue
+            aff = (unit[[row[i] for i in hist]] @ new.T).max(0)
+            ranks.append(int((aff > aff[col[seq[-back]]]).sum()))
+        r = np.array(ranks)
+        out[split] = {"users": len(r), **{f"recall@{k}": float((r < k).mean()) for k in (1, 10, 20)}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a finished run trained with every item")
@@ -170,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     add_allow_dirty(p)
     args = p.parse_args(argv)
     tree = check_tree(args.allow_dirty)
-    res = measure(args.run, held_out(args.data, args.fraction, args.seed))
+    held = held_out(args.data, args.fraction, args.seed)
+    res = measure(args.run, held)
+    res["text_ranking_among_new_items"] = text_ranks(args.data, args.run, held)
     cmd = " ".join(["python", "benchmarks/new_items_text.py", *(argv if argv is not None else sys.argv[1:])])
     md = [f"# {args.name}: what a new item's text tells of what training learned for it", "", f"Command: `{cmd}`", "",
           f"Run `{args.run}`, trained with every item. {res['held_out_items']} items drawn as benchmarks/new_items.py "
@@ -183,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
            "| table | estimate | cosine | R^2 |", "|---|---|---|---|"]
     for name, ests in res["rows"].items():
         md += [f"| {name} | {e} | {s['cosine']:.3f} | {s['r2']:.3f} |" for e, s in ests.items()]
+    md += ["", "## The target among the held-out items, ordered by text affinity to the history", "",
+           "| users | count | R@1 | R@10 | R@20 |", "|---|---|---|---|---|"]
+    md += [f"| {split} (target held out) | {r['users']} | {r['recall@1']:.3f} | {r['recall@10']:.3f} | {r['recall@20']:.3f} |"
+           for split, r in res["text_ranking_among_new_items"].items()]
     write_result(args.results / args.name, {"command": cmd, **res}, "\n".join(md) + "\n", tree)
     print("\n".join(md))
     return 0

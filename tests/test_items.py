@@ -232,3 +232,27 @@ def test_the_text_benchmark_recovers_placement_by_items_adds_own_rule(tiny_run, 
     assert (nt._neighbours(q, base, 6, chunk=3) == np.argsort(-(q @ base.T), 1, kind="stable")[:, :6]).all()
     with pytest.raises(ValueError, match="none of the 2 held-out ids"):
         nt.measure(tiny_run, {"nope1", "nope2"})
+
+
+def test_the_text_benchmark_ranks_a_held_out_target_among_the_held_out_items(tmp_path):
+    """new_items_text.text_ranks on four users, by hand: the held-out items ordered by their largest cosine
+    to the history (held-out history items left out), validation and test targets."""
+    from benchmarks import new_items_text as nt
+    from prorec.artifacts import write_embeddings
+
+    vec = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1], "N1": [1, 0.1, 0], "N2": [0, 1, 0.2], "N3": [0.1, 0, 1]}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.jsonl").write_text("".join(json.dumps({"item_id": i, "title": f"item {i}", "categories": []}) + "\n"
+                                              for i in vec))
+    (data / "user_sequence.txt").write_text("u1 a b N1\n"   # test N1 (history a, b): N1 0.995, N2 0.981: first
+                                            "u2 a N2 c\n"   # validation N2 (history a): N1 0.995, N3 0.100, N2 0: third
+                                            "u3 c b N3\n"   # test N3 (history c, b): N3 0.995, N2 0.981: first
+                                            "u4 b N1 a\n")  # validation N1 (history b): N2 0.981, N1 0.100: second
+    run = tmp_path / "run"
+    write_embeddings(run / "embeddings" / "semantic.parquet", np.arange(1, 7), list(vec),
+                     np.array(list(vec.values()), dtype=np.float32))
+    res = nt.text_ranks(data, run, {"N1", "N2", "N3"})
+    assert res["test"] == {"users": 2, "recall@1": 1.0, "recall@10": 1.0, "recall@20": 1.0}
+    assert res["validation"] == {"users": 2, "recall@1": 0.0, "recall@10": 1.0, "recall@20": 1.0}
+    assert nt.text_ranks(data, run, {"N1", "N2", "N3"}, max_history=1)["test"]["recall@1"] == 0.0  # u1, u3 read b alone: N2 first
