@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.new_items import NEW_FIRST  # noqa: E402
 from benchmarks.results_io import add_allow_dirty, add_results_dir, check_tree, write_result  # noqa: E402
 
+CONFIG_SETTINGS = "prorec (the config's eval settings)"
 CHOSEN = "prorec + cold-item terms (chosen on validation)"
 TEXT_NN = "semantic nearest neighbour"
 TRAINED_WITH = "trained with the new items (--trained-with)"
@@ -70,6 +71,40 @@ def reference(table: dict, name: str) -> float | None:
     return table[ref]["all_users"]["ndcg@10"] if ref in table and name != ref else None
 
 
+def overview(data: dict) -> list[str]:
+    """One row a dataset: the new-item users' NDCG@10 by the chosen mode, by new-item users first, by
+    the text neighbour and by the run trained with the items; the all-users loss of the config's
+    settings and of the chosen mode; and a count of the datasets that meet each goal."""
+    def cell(table: dict, name: str, group: str) -> str:
+        return f"{table[name][group]['ndcg@10']:.4f}" if name in table else "-"
+
+    def loss(table: dict, name: str) -> str:
+        ref = reference(table, name)
+        return f"{1 - table[name]['all_users']['ndcg@10'] / ref:.1%}" if ref and name in table else "-"
+
+    md = ["| dataset | new-item users N@10: chosen | new-item users first | text neighbour | trained with | "
+          "all users' loss: config's settings | chosen (goal < 5%) | goal 1 (chosen / new first) | goal 2 |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    yes = lambda ok: "met" if ok else "not met"  # noqa: E731
+    counts = {"g1": 0, "g1nf": 0, "g2": 0, "g2n": 0}
+    for label, d in data.items():
+        t, g = d["table"], d["goals"]
+        counts["g1"] += g["goal1_without_new_first"]["met"]
+        counts["g1nf"] += g["goal1_with_new_first"]["met"]
+        if "goal2" in g:
+            counts["g2n"] += 1
+            counts["g2"] += g["goal2"]["met"]
+        md.append(f"| {label} | {cell(t, CHOSEN, 'new_item_users')} | {cell(t, NEW_FIRST, 'new_item_users')} | "
+                  f"{cell(t, TEXT_NN, 'new_item_users')} | {cell(t, TRAINED_WITH, 'new_item_users')} | "
+                  f"{loss(t, CONFIG_SETTINGS)} | {loss(t, CHOSEN)} | "
+                  f"{yes(g['goal1_without_new_first']['met'])} / {yes(g['goal1_with_new_first']['met'])} | "
+                  f"{yes(g['goal2']['met']) if 'goal2' in g else 'not measured'} |")
+    n = len(data)
+    md += ["", f"Goal 1 met on {counts['g1']} of {n} by the modes that do not favour new items, on {counts['g1nf']} "
+           f"of {n} with \"new-item users first\"; goal 2 met on {counts['g2']} of {counts['g2n']}.", ""]
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="DATASET=JSON", help="a dataset's label and its new_items.py JSON")
@@ -95,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
           "Each dataset's full table, its command and the cold-item sweep are in its own file (below). Loss: "
           "1 - the mode's all-users NDCG@10 / that of the run trained with the items (SASRec's rows: / that of "
           "SASRec trained with them).", ""]
+    md += overview(data)
     for label, d in data.items():
         g = d["goals"]
         md += [f"## {label}", "", f"Source: `{d['source']}` ({d['held_out']} items held out; {d['users']} test users, "
