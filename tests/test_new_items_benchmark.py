@@ -92,9 +92,12 @@ def test_the_summary_checks_both_goals_from_the_table(tmp_path):
     assert ns.main([f"toy={src}", f"toy 2={src2}", "--name", "summary", "--results", str(tmp_path), "--allow-dirty"]) == 0
     md = (tmp_path / "summary.md").read_text()
     assert "## toy" in md and "**not met**" in md and "9.2%" in md
+    # The loss split between the groups adds up to the loss; toy's new-item users: 0.05 x (0.0377 - 0.004) / 0.0338.
+    assert r["loss_from_new_item_users"] + r["loss_from_old_item_users"] == pytest.approx(r["loss"])
+    assert r["loss_from_new_item_users"] == pytest.approx(0.05 * 0.0337 / 0.0338)
     # The overview: one row a dataset (the config's settings lose 8.3%, the chosen mode 9.2% / 2.4%), and the counts.
-    assert "| toy | 0.0040 | 0.0250 | 0.0130 | 0.0377 | 8.3% | 9.2% | not met / met | not met |" in md
-    assert "| toy 2 | 0.0200 | 0.0250 | 0.0130 | 0.0377 | 8.3% | 2.4% | met / met | met |" in md
+    assert "| toy | 0.0040 | 0.0250 | 0.0130 | 0.0377 | 8.3% | 9.2% | 5.0% / 4.2% | not met / met | not met |" in md
+    assert "| toy 2 | 0.0200 | 0.0250 | 0.0130 | 0.0377 | 8.3% | 2.4% | 2.6% / -0.3% | met / met | met |" in md
     assert "Goal 1 met on 1 of 2 by the modes that do not favour new items, on 2 of 2" in md
     assert "goal 2 met on 1 of 2." in md
     with pytest.raises(SystemExit):
