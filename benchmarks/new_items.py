@@ -165,8 +165,12 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
     items, scores, signals, targets = [], [], [], []
     for lo in range(0, len(users), settings.batch_size):
         batch = users[lo:lo + settings.batch_size]
-        h, excl = rec.tensors([Query(rec.indices([i for i in hist if i in rec.index]), settings.beam_size)
-                               for _, hist, _ in batch])
+        known = [[i for i in hist if i in rec.index] for _, hist, _ in batch]
+        if not all(known):
+            user = batch[known.index([])][0]
+            raise ValueError(f"user {user}: no item of the history is in {run}'s catalogue (each was held out or "
+                             "used only by users dropped from training), so the beam has nothing to start from")
+        h, excl = rec.tensors([Query(rec.indices(k), settings.beam_size) for k in known])
         res = rec.ranker.rank_scored(h, excl)
         items.append(res.items)
         scores.append(res.scores.float())
@@ -189,6 +193,9 @@ def sweep_cold(cands: Candidates, settings, colds: list[float], cold_sems: list[
     that keep NDCG@10 over all validation users within `tolerance` (relative) of the pair (0, 0)."""
     from prorec.metrics import ranking_metrics, target_ranks
 
+    if 0 not in colds or 0 not in cold_sems:
+        raise ValueError(f"the cold-weight grids {colds} and {cold_sems} must both hold 0: the tolerance is "
+                         "measured against no cold terms")
     grid = []
     for wc in colds:
         for wcs in cold_sems:

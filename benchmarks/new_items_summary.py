@@ -6,9 +6,9 @@ all users against the run trained with the items (`--trained-with`). The goals, 
 numbers and nothing else:
 
 1. on the new-item users, the best mode of the project beats the semantic nearest-neighbour
-   baseline (NDCG@10). Checked twice: among the modes that the benchmark chooses without favouring
-   new items (the config's settings, the cold-item terms chosen under the all-users tolerance, the
-   generators alone), and with "new-item users first" (weights chosen for the new-item users alone);
+   baseline (NDCG@10). "Best" is not picked on the test table: checked for the two modes whose
+   weights validation chose, the cold-item terms chosen under the all-users tolerance and "new-item
+   users first" (the weights best for the new-item users alone);
 2. on all users, adding the new items costs less than 5% relative NDCG@10 against the model trained
    with them: checked for the mode chosen on validation (the cold-item terms under the tolerance).
 
@@ -39,19 +39,13 @@ MAX_LOSS = 0.05
 def goals(table: dict, users: int, new_users: int) -> dict:
     """The two goals of one dataset's table (new_items.py's "table"; `users` test users, `new_users` of
     them with a new item as target)."""
-    ours = {name: row for name, row in table.items() if name.startswith("prorec")}
-    plain = {name: row for name, row in ours.items() if name != NEW_FIRST}
     nn = table[TEXT_NN]["new_item_users"]["ndcg@10"]
-
-    def best(rows: dict) -> tuple[str, float]:
-        name = max(rows, key=lambda n: rows[n]["new_item_users"]["ndcg@10"])
-        return name, rows[name]["new_item_users"]["ndcg@10"]
-
     out = {"text_nn_new_ndcg@10": nn}
-    for key, rows in (("without_new_first", plain), ("with_new_first", ours)):
-        name, v = best(rows)
-        out[f"goal1_{key}"] = {"mode": name, "new_ndcg@10": v, "met": v > nn}
-    if TRAINED_WITH in table and CHOSEN in table:
+    for key, name in (("chosen", CHOSEN), ("new_first", NEW_FIRST)):
+        if name in table:
+            v = table[name]["new_item_users"]["ndcg@10"]
+            out[f"goal1_{key}"] = {"mode": name, "new_ndcg@10": v, "met": v > nn}
+    if TRAINED_WITH in table and CHOSEN in table and new_users:
         ref = table[TRAINED_WITH]["all_users"]["ndcg@10"]
         row = table[CHOSEN]
         loss = 1.0 - row["all_users"]["ndcg@10"] / ref
@@ -97,22 +91,27 @@ def overview(data: dict) -> list[str]:
           "all users' loss: config's settings | chosen (goal < 5%) | of it, new-item users / the others | "
           "goal 1 (chosen / new first) | goal 2 |",
           "|---|---|---|---|---|---|---|---|---|---|"]
-    yes = lambda ok: "met" if ok else "not met"  # noqa: E731
+    def yes(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    def goal1(g: dict, key: str) -> str:
+        return yes(g[key]["met"]) if key in g else "-"
+
     counts = {"g1": 0, "g1nf": 0, "g2": 0, "g2n": 0}
     for label, d in data.items():
         t, g = d["table"], d["goals"]
-        counts["g1"] += g["goal1_without_new_first"]["met"]
-        counts["g1nf"] += g["goal1_with_new_first"]["met"]
+        counts["g1"] += g.get("goal1_chosen", {}).get("met", False)
+        counts["g1nf"] += g.get("goal1_new_first", {}).get("met", False)
         if "goal2" in g:
             counts["g2n"] += 1
             counts["g2"] += g["goal2"]["met"]
         md.append(f"| {label} | {cell(t, CHOSEN, 'new_item_users')} | {cell(t, NEW_FIRST, 'new_item_users')} | "
                   f"{cell(t, TEXT_NN, 'new_item_users')} | {cell(t, TRAINED_WITH, 'new_item_users')} | "
                   f"{loss(t, CONFIG_SETTINGS)} | {loss(t, CHOSEN)} | {split(g)} | "
-                  f"{yes(g['goal1_without_new_first']['met'])} / {yes(g['goal1_with_new_first']['met'])} | "
+                  f"{goal1(g, 'goal1_chosen')} / {goal1(g, 'goal1_new_first')} | "
                   f"{yes(g['goal2']['met']) if 'goal2' in g else 'not measured'} |")
     n = len(data)
-    md += ["", f"Goal 1 met on {counts['g1']} of {n} by the modes that do not favour new items, on {counts['g1nf']} "
+    md += ["", f"Goal 1 met on {counts['g1']} of {n} by the cold terms chosen under the tolerance, on {counts['g1nf']} "
            f"of {n} with \"new-item users first\"; goal 2 met on {counts['g2']} of {counts['g2n']}.", ""]
     return md
 
@@ -156,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {name} | {n['recall@10']:.4f} | {n['ndcg@10']:.4f} | {a['recall@10']:.4f} | "
                       f"{a['ndcg@10']:.4f} | {loss} |")
         md.append("")
-        for key, what in (("goal1_without_new_first", "without \"new-item users first\""),
-                          ("goal1_with_new_first", "with \"new-item users first\"")):
-            r = g[key]
-            md.append(f"- Goal 1, {what}: best mode `{r['mode']}`, new-item users N@10 {r['new_ndcg@10']:.4f} against "
-                      f"the text neighbour's {g['text_nn_new_ndcg@10']:.4f}: **{'met' if r['met'] else 'not met'}**.")
+        for key in ("goal1_chosen", "goal1_new_first"):
+            if key in g:
+                r = g[key]
+                md.append(f"- Goal 1, `{r['mode']}`: new-item users N@10 {r['new_ndcg@10']:.4f} against the text "
+                          f"neighbour's {g['text_nn_new_ndcg@10']:.4f}: **{'met' if r['met'] else 'not met'}**.")
         if "goal2" in g:
             r = g["goal2"]
             md.append(f"- Goal 2: `{r['mode']}` loses {r['loss']:.1%} of all users' N@10 against the run trained "

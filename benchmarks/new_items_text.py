@@ -133,7 +133,8 @@ def measure(run: Path, held: set[str]) -> dict:
     first = first[1:]
     with torch.no_grad():
         mapped = load_adapter(run / "stage1")(torch.from_numpy(e_s)).numpy()
-    mapped *= np.linalg.norm(s1, axis=1).mean() / np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
+    # Scaled as `prorec items add` scales it: to the mean norm of the trained (here: not held-out) items' rows.
+    mapped *= np.linalg.norm(s1[old], axis=1).mean() / np.maximum(np.linalg.norm(mapped, axis=1, keepdims=True), 1e-12)
     u_old, text_old, text_new, map_new = _unit(s1[old]), _unit(e_s[old]), _unit(e_s[new]), _unit(mapped[new])
     truth, first_old = first[new], first[old]
 
@@ -188,7 +189,7 @@ def text_ranks(data: Path, run: Path, held: set[str], max_history: int = 20) -> 
             if not hist:
                 continue
             aff = (unit[[row[i] for i in hist]] @ new.T).max(0)
-            ranks.append(int((aff > aff[col[seq[-back]]]).sum()))
+            ranks.append(int((aff >= aff[col[seq[-back]]]).sum()) - 1)  # a tie counts against the target
         r = np.array(ranks)
         out[split] = {"users": len(r), **{f"recall@{k}": float((r < k).mean()) for k in (1, 10, 20)}}
     return out

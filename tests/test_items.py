@@ -256,3 +256,21 @@ def test_the_text_benchmark_ranks_a_held_out_target_among_the_held_out_items(tmp
     assert res["test"] == {"users": 2, "recall@1": 1.0, "recall@10": 1.0, "recall@20": 1.0}
     assert res["validation"] == {"users": 2, "recall@1": 0.0, "recall@10": 1.0, "recall@20": 1.0}
     assert nt.text_ranks(data, run, {"N1", "N2", "N3"}, max_history=1)["test"]["recall@1"] == 0.0  # u1, u3 read b alone: N2 first
+
+
+def test_text_ranks_counts_a_tie_against_the_target(tmp_path):
+    """Two held-out items with the same text: neither is ranked first for a user whose target is one of them."""
+    from benchmarks import new_items_text as nt
+    from prorec.artifacts import write_embeddings
+
+    vec = {"a": [1, 0], "b": [1, 0.05], "N1": [1, 0.1], "N2": [1, 0.1], "N3": [0, 1]}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "items.jsonl").write_text("".join(json.dumps({"item_id": i, "title": f"item {i}", "categories": []}) + "\n"
+                                              for i in vec))
+    (data / "user_sequence.txt").write_text("u1 a b N1\nu2 a b N3\n")
+    run = tmp_path / "run"
+    write_embeddings(run / "embeddings" / "semantic.parquet", np.arange(1, 6), list(vec),
+                     np.array(list(vec.values()), dtype=np.float32))
+    res = nt.text_ranks(data, run, {"N1", "N2", "N3"})["test"]
+    assert res == {"users": 2, "recall@1": 0.0, "recall@10": 1.0, "recall@20": 1.0}  # u1: N1 ties N2; u2: N3 third
