@@ -63,6 +63,9 @@ def test_new_items_benchmark_on_tiny_synthetic_data(tmp_path, monkeypatch):
         once = cands.ranked_ids(new_items.with_cold(cfg.eval, cold, cold_sem))
         assert once == new_items.rank_with_run(plus, users, None, None, settings)
         assert any(i in split["held"] for r in once for i in r) or cold == 0
+    # A user none of whose history the run knows is refused by name, not given an empty beam.
+    with pytest.raises(ValueError, match="user ghost: no item of the history"):
+        new_items.beam_candidates(plus, users[:3] + [("ghost", ["no-such-item"], users[0][2])], split["held"], cfg.eval)
 
 
 def test_the_summary_checks_both_goals_from_the_table(tmp_path):
