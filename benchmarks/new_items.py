@@ -46,6 +46,7 @@ import json
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,6 +164,7 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
                                 rerank_cold_weight=1.0, rerank_cold_semantic_weight=1.0)
     rr = build_reranker(every, rec.n_items, "cpu", paths["stage1"], paths["semantic"], paths["data"])
     items, scores, signals, targets = [], [], [], []
+    start, step, shown = time.perf_counter(), max(1, len(users) // 10), 0
     for lo in range(0, len(users), settings.batch_size):
         batch = users[lo:lo + settings.batch_size]
         known = [[i for i in hist if i in rec.index] for _, hist, _ in batch]
@@ -176,6 +178,11 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
         scores.append(res.scores.float())
         signals.append(rr.signals(h, res.items))
         targets += [rec.index.get(t, -2) for _, _, t in batch]
+        done = lo + len(batch)
+        if done - shown >= step or done == len(users):
+            shown, took = done, time.perf_counter() - start
+            print(f"beam: {done}/{len(users)} users ({done / took:.0f} users/s, about {(len(users) - done) * took / done:.0f} s "
+                  "left)", flush=True)
     return Candidates(torch.cat(items), torch.cat(scores), {k: torch.cat([s[k] for s in signals]) for k in signals[0]},
                       np.array(targets), np.array([t in held for _, _, t in users]), rec.item_ids)
 
@@ -324,9 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for _, _, t in users]
     new_rows = [r for r, t in enumerate(targets) if t in split["held"]]
     every = list(range(len(users)))
+    print(f"new items: {added['items_added']} added; the validation users' beam of {cfg.eval.beam_size}, then the "
+          f"cold-weight sweep", flush=True)
     cold = sweep_cold(beam_candidates(plus, split["valid_users"], split["held"], cfg.eval), cfg.eval,
                       args.cold_weights, args.cold_semantic_weights, args.tolerance)
     # The three reranked modes differ only in their weights: the test users' beam is searched once.
+    print(f"new items: chosen on validation (w_cold, w_cold_sem) = ({cold['chosen']['cold']}, "
+          f"{cold['chosen']['cold_semantic']}), new-item users first ({cold['new_first']['cold']}, "
+          f"{cold['new_first']['cold_semantic']}); the test users' beam, then the other modes", flush=True)
     test = beam_candidates(plus, users, split["held"], cfg.eval)
     modes = {"prorec (the config's eval settings)": test.ranked_ids(cfg.eval.rerank_weights),
              "prorec + cold-item terms (chosen on validation)": test.ranked_ids(
