@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                        "new_item_users": res["new_item_users"], "held_out": len(res["held_out"]),
                        "table": res["table"],
                        "goals": goals(res["table"], res["users"], res["new_item_users"])}
-    cmd = " ".join(["python", "benchmarks/new_items_summary.py", *(argv if argv is not None else sys.argv[1:])])
+    # Quoted as a shell would need it: the labels may hold spaces.
+    cmd = shlex.join(["python", "benchmarks/new_items_summary.py", *(argv if argv is not None else sys.argv[1:])])
     md = ["# New items without retraining: every dataset, and the issue's goals", "", f"Command: `{cmd}`", "",
           "Each dataset's full table, its command and the cold-item sweep are in its own file (below). Loss: "
           "1 - the mode's all-users NDCG@10 / that of the run trained with the items (SASRec's rows: / that of "

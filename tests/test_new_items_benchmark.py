@@ -100,6 +100,7 @@ def test_the_summary_checks_both_goals_from_the_table(tmp_path):
     assert ns.main([f"toy={src}", f"toy 2={src2}", "--name", "summary", "--results", str(tmp_path), "--allow-dirty"]) == 0
     md = (tmp_path / "summary.md").read_text()
     assert "## toy" in md and "**not met**" in md and "9.2%" in md
+    assert f"'toy 2={src2}'" in md  # the command, quoted so that it runs again as written
     # The loss split between the groups adds up to the loss; toy's new-item users: 0.05 x (0.0377 - 0.004) / 0.0338.
     assert r["loss_from_new_item_users"] + r["loss_from_old_item_users"] == pytest.approx(r["loss"])
     assert r["loss_from_new_item_users"] == pytest.approx(0.05 * 0.0337 / 0.0338)
