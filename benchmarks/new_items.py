@@ -46,7 +46,6 @@ import json
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,6 +153,7 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
     [(user, history ids, target id)] once, and compute every reranking signal of its candidates."""
     import torch
 
+    from prorec.evaluate import Progress
     from prorec.recommend import Query, Recommender
     from prorec.rerank import build_reranker
     from prorec.stages import input_paths
@@ -164,7 +164,7 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
                                 rerank_cold_weight=1.0, rerank_cold_semantic_weight=1.0)
     rr = build_reranker(every, rec.n_items, "cpu", paths["stage1"], paths["semantic"], paths["data"])
     items, scores, signals, targets = [], [], [], []
-    start, step, shown = time.perf_counter(), max(1, len(users) // 10), 0
+    progress = Progress(len(users), "beam")
     for lo in range(0, len(users), settings.batch_size):
         batch = users[lo:lo + settings.batch_size]
         known = [[i for i in hist if i in rec.index] for _, hist, _ in batch]
@@ -178,11 +178,7 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
         scores.append(res.scores.float())
         signals.append(rr.signals(h, res.items))
         targets += [rec.index.get(t, -2) for _, _, t in batch]
-        done = lo + len(batch)
-        if done - shown >= step or done == len(users):
-            shown, took = done, time.perf_counter() - start
-            print(f"beam: {done}/{len(users)} users ({done / took:.0f} users/s, about {(len(users) - done) * took / done:.0f} s "
-                  "left)", flush=True)
+        progress.add(len(batch))
     return Candidates(torch.cat(items), torch.cat(scores), {k: torch.cat([s[k] for s in signals]) for k in signals[0]},
                       np.array(targets), np.array([t in held for _, _, t in users]), rec.item_ids)
 

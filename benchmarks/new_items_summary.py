@@ -37,6 +37,22 @@ SASREC_WITH = "SASRec trained with the new items (--sasrec-trained-with)"
 MAX_LOSS = 0.05
 
 
+def others(every: float, new: float, share: float) -> float:
+    """The NDCG@10 of the users whose target is an old item, from all users' and the new-item users'
+    (`share` of all users): every = share x new + (1 - share) x others."""
+    return (every - share * new) / (1 - share)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def loss(table: dict, name: str) -> float | None:
+    """A row's all-users loss against its reference (None: no reference)."""
+    ref = reference(table, name)
+    return 1 - table[name]["all_users"]["ndcg@10"] / ref if ref and name in table else None
+
+
 def goals(table: dict, users: int, new_users: int) -> dict:
     """The two goals of one dataset's table (new_items.py's "table"; `users` test users, `new_users` of
     them with a new item as target)."""
@@ -52,12 +68,11 @@ def goals(table: dict, users: int, new_users: int) -> dict:
         loss = 1.0 - row["all_users"]["ndcg@10"] / ref
         # What the new-item users would need for a loss of exactly MAX_LOSS, the others' NDCG@10 as they are.
         share = new_users / users
-        old = (row["all_users"]["ndcg@10"] - share * row["new_item_users"]["ndcg@10"]) / (1 - share)
+        old = others(row["all_users"]["ndcg@10"], row["new_item_users"]["ndcg@10"], share)
         need = ((1 - MAX_LOSS) * ref - (1 - share) * old) / share
         # The loss split by group: loss = share x (new-item users' drop) / ref + (1 - share) x (the others' drop) / ref.
-        trained = table[TRAINED_WITH]
-        ref_new = trained["new_item_users"]["ndcg@10"]
-        ref_old = (ref - share * ref_new) / (1 - share)
+        ref_new = table[TRAINED_WITH]["new_item_users"]["ndcg@10"]
+        ref_old = others(ref, ref_new, share)
         out["goal2"] = {"mode": CHOSEN, "trained_with_ndcg@10": ref, "loss": loss, "met": loss < MAX_LOSS,
                         "old_users_ndcg@10": old, "new_users_ndcg@10_needed": need,
                         "loss_from_new_item_users": share * (ref_new - row["new_item_users"]["ndcg@10"]) / ref,
@@ -80,9 +95,12 @@ def overview(data: dict) -> list[str]:
     def cell(table: dict, name: str, group: str) -> str:
         return f"{table[name][group]['ndcg@10']:.4f}" if name in table else "-"
 
-    def loss(table: dict, name: str) -> str:
-        ref = reference(table, name)
-        return f"{1 - table[name]['all_users']['ndcg@10'] / ref:.1%}" if ref and name in table else "-"
+    def loss_cell(table: dict, name: str) -> str:
+        v = loss(table, name)
+        return f"{v:.1%}" if v is not None else "-"
+
+    def goal1(g: dict, key: str) -> str:
+        return met(g[key]["met"]) if key in g else "-"
 
     def split(g: dict) -> str:
         r = g.get("goal2")
@@ -92,12 +110,6 @@ def overview(data: dict) -> list[str]:
           "all users' loss: config's settings | chosen (goal < 5%) | of it, new-item users / the others | "
           "goal 1 (chosen / new first) | goal 2 |",
           "|---|---|---|---|---|---|---|---|---|---|"]
-    def yes(ok: bool) -> str:
-        return "met" if ok else "not met"
-
-    def goal1(g: dict, key: str) -> str:
-        return yes(g[key]["met"]) if key in g else "-"
-
     counts = {"g1": 0, "g1nf": 0, "g2": 0, "g2n": 0}
     for label, d in data.items():
         t, g = d["table"], d["goals"]
@@ -108,9 +120,9 @@ def overview(data: dict) -> list[str]:
             counts["g2"] += g["goal2"]["met"]
         md.append(f"| {label} | {cell(t, CHOSEN, 'new_item_users')} | {cell(t, NEW_FIRST, 'new_item_users')} | "
                   f"{cell(t, TEXT_NN, 'new_item_users')} | {cell(t, TRAINED_WITH, 'new_item_users')} | "
-                  f"{loss(t, CONFIG_SETTINGS)} | {loss(t, CHOSEN)} | {split(g)} | "
+                  f"{loss_cell(t, CONFIG_SETTINGS)} | {loss_cell(t, CHOSEN)} | {split(g)} | "
                   f"{goal1(g, 'goal1_chosen')} / {goal1(g, 'goal1_new_first')} | "
-                  f"{yes(g['goal2']['met']) if 'goal2' in g else 'not measured'} |")
+                  f"{met(g['goal2']['met']) if 'goal2' in g else 'not measured'} |")
     n = len(data)
     md += ["", f"Goal 1 met on {counts['g1']} of {n} by the cold terms chosen under the tolerance, on {counts['g1nf']} "
            f"of {n} with \"new-item users first\"; goal 2 met on {counts['g2']} of {counts['g2n']}.", ""]
@@ -152,21 +164,20 @@ def main(argv: list[str] | None = None) -> int:
                "|---|---|---|---|---|---|"]
         for name, row in d["table"].items():
             n, a = row["new_item_users"], row["all_users"]
-            ref = reference(d["table"], name)
-            loss = f"{1 - a['ndcg@10'] / ref:.1%}" if ref else ""
+            v = loss(d["table"], name)
             md.append(f"| {name} | {n['recall@10']:.4f} | {n['ndcg@10']:.4f} | {a['recall@10']:.4f} | "
-                      f"{a['ndcg@10']:.4f} | {loss} |")
+                      f"{a['ndcg@10']:.4f} | {'' if v is None else f'{v:.1%}'} |")
         md.append("")
         for key in ("goal1_chosen", "goal1_new_first"):
             if key in g:
                 r = g[key]
                 md.append(f"- Goal 1, `{r['mode']}`: new-item users N@10 {r['new_ndcg@10']:.4f} against the text "
-                          f"neighbour's {g['text_nn_new_ndcg@10']:.4f}: **{'met' if r['met'] else 'not met'}**.")
+                          f"neighbour's {g['text_nn_new_ndcg@10']:.4f}: **{met(r['met'])}**.")
         if "goal2" in g:
             r = g["goal2"]
             md.append(f"- Goal 2: `{r['mode']}` loses {r['loss']:.1%} of all users' N@10 against the run trained "
                       f"with the items ({r['trained_with_ndcg@10']:.4f}); the goal is under {MAX_LOSS:.0%}: "
-                      f"**{'met' if r['met'] else 'not met'}**. With its other users' N@10 as they are "
+                      f"**{met(r['met'])}**. With its other users' N@10 as they are "
                       f"({r['old_users_ndcg@10']:.4f}), a loss of {MAX_LOSS:.0%} needs the new-item users at "
                       f"N@10 {r['new_users_ndcg@10_needed']:.4f}.")
         else:

@@ -107,11 +107,11 @@ class Ranker:
         return ray.get_runtime_context().get_node_id()
 
 
-class _Progress:
-    """One line on stderr each time another tenth of the users is ranked."""
+class Progress:
+    """One line on stderr each time another tenth of the users is ranked, headed by `label`."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.shown, self.t0 = total, 0, 0, time.perf_counter()
+    def __init__(self, total: int, label: str = "eval") -> None:
+        self.total, self.done, self.shown, self.t0, self.label = total, 0, 0, time.perf_counter(), label
 
     def add(self, n: int) -> None:
         self.done += n
@@ -119,7 +119,7 @@ class _Progress:
             self.shown = self.done * 10 // max(1, self.total)
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             left = (self.total - self.done) / max(rate, 1e-9)
-            print(f"eval: {self.done}/{self.total} users ranked ({rate:.0f} users/s, about {left:.0f} s left)",
+            print(f"{self.label}: {self.done}/{self.total} users ranked ({rate:.0f} users/s, about {left:.0f} s left)",
                   file=sys.stderr, flush=True)
 
 
@@ -188,7 +188,7 @@ def _rank_on_ray(cfg: EvalConfig, model_dir: Path, codes_path: Path, depth: int,
         running[actor.rank_rows_placed.remote(refs[jobs[j][0]], jobs[j][1])] = (j, actor, t)
 
     try:
-        progress = _Progress(sum(len(h) for h in histories.values()))
+        progress = Progress(sum(len(h) for h in histories.values()))
         while len(results) < len(jobs):
             while todo and idle:
                 j, actor = todo.pop(), idle.pop()
@@ -303,7 +303,7 @@ def run_evaluate(cfg: EvalConfig, data_dir: Path, codes_path: Path, model_dir: P
     else:
         ranker = Ranker(str(model_dir), str(codes_path), cfg, depth, use_gpu=cfg.num_gpus_per_actor > 0,
                         **rerank_inputs)
-        progress = _Progress(sum(len(h) for h in histories.values()))
+        progress = Progress(sum(len(h) for h in histories.values()))
         ranked = {}
         for s, h in histories.items():
             parts = []
