@@ -173,7 +173,7 @@ def beam_candidates(run: Path, users: list, held: set, settings) -> Candidates:
             raise ValueError(f"user {user}: no item of the history is in {run}'s catalogue (each was held out or "
                              "used only by users dropped from training), so the beam has nothing to start from")
         h, excl = rec.tensors([Query(rec.indices(k), settings.beam_size) for k in known])
-        res = rec.ranker.rank_scored(h, excl)
+        res = rr.extend(h, rec.ranker.rank_scored(h, excl), excl)  # + eval.rerank_cold_candidates, if any
         items.append(res.items)
         scores.append(res.scores.float())
         signals.append(rr.signals(h, res.items))

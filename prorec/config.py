@@ -400,6 +400,11 @@ class EvalConfig:
     # rank it low; these two let its text speak for it (benchmarks/results/new_items_beauty.md).
     rerank_cold_weight: float = 0.0
     rerank_cold_semantic_weight: float = 0.0
+    # Not in the paper: the beam finds few added items, so this many more of them join each user's
+    # candidates, the most similar to the history by text first (ColdCandidates in prorec/rerank.py),
+    # entering at the beam's lowest log-probability for the cold-item terms to lift. It takes effect
+    # when the beam is reranked (some weight above > 0). 0 = the beam's candidates only.
+    rerank_cold_candidates: int = 0
     # bfloat16 autocast of the beam search and the reranker's DIN on a CPU too (a GPU evaluation
     # autocasts anyway). About 2x faster on a CPU with bf16 instructions (AVX512-BF16, AMX), and not
     # bit-exact: close scores can swap places (benchmarks/results/eval_split.md measures how often).
@@ -438,6 +443,7 @@ class EvalConfig:
         _check(all(v > 0 for v in self.actor_resources.values()), "eval.actor_resources must ask for amounts > 0")
         for name in RERANK_FIELDS.values():
             _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
+        _check(self.rerank_cold_candidates >= 0, "eval.rerank_cold_candidates must be >= 0 (0 = the beam's candidates only)")
 
 
 @dataclass

@@ -87,7 +87,7 @@ class Ranker:
         with self._amp():
             res = self.search.search(history, exclude)
             if self.reranker is not None:
-                res = self.reranker.order(history, res)
+                res = self.reranker.order(history, res, exclude)
         return BeamResult(res.items[:, :self.depth], res.scores[:, :self.depth])
 
     def rank_rows(self, history: np.ndarray, rows: slice) -> np.ndarray:
@@ -343,6 +343,7 @@ STAGE = Stage(
     outputs=("metrics.json", "predictions.parquet"),
     execution_only=frozenset({"num_actors", "num_gpus_per_actor", "cpus_per_actor", "use_ray", "batch_size",
                               "placement_strategy", "max_retries", "actor_resources"}),
-    added_fields={"bf16": False, "rerank_cold_weight": 0.0, "rerank_cold_semantic_weight": 0.0},
+    added_fields={"bf16": False, "rerank_cold_weight": 0.0, "rerank_cold_semantic_weight": 0.0,
+                  "rerank_cold_candidates": 0},
     uses_ray=lambda c: c.use_ray,
     resources=lambda c: f"{c.num_actors} actor(s) x {c.num_gpus_per_actor:g} GPU")

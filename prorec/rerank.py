@@ -19,6 +19,12 @@ with three signals, each on when its weight (`eval.rerank_weight`, `eval.rerank_
   `prorec items add` appended after training (the run's manifest counts them), a lift w_cold plus
   w_cold_sem * a_S(u, i). Its collaborative terms know nothing of it (no transitions; DIN and generator rows mapped
   from its text), so without them the beam's order puts a new item below the items users bought.
+- cold candidates (`eval.rerank_cold_candidates` = m): the beam finds few of the added items (on
+  Beauty, a new item that is the validation target is in the beam of 200 for 18% of its users), so
+  the m added items with the highest a_S(u, i) that the beam did not return join the candidates,
+  scored at the user's lowest beam log-probability: only the cold-item terms lift them. Cost
+  O(added items * history) a user, in chunks (`ColdCandidates`; a catalogue that adds millions of
+  items would want an index instead).
 
 The list is still drawn from the full catalogue by the beam search; the signals only reorder it.
 Scoring 200 candidates costs O(200 * T) per user for each signal, small beside the beam search.
@@ -149,6 +155,100 @@ def rerank(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.T
     return rerank_scored(items, scores, signals, weights)[0]
 
 
+def _chunk_top(sims: torch.Tensor, ids: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor] | None,
+               m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a chunk's (sims [U, C], item ids [C]) into the running top m (values, ids), ties to the lower id."""
+    vals, items = sims, ids.expand_as(sims)
+    if best is not None:
+        vals, items = torch.cat([best[0], vals], 1), torch.cat([best[1], items], 1)
+    # Sort by item id first, so that a stable sort by value keeps the lower id first among equals.
+    order = items.argsort(dim=1, stable=True)
+    vals, items = vals.gather(1, order), items.gather(1, order)
+    order = vals.argsort(dim=1, descending=True, stable=True)[:, :m]
+    return vals.gather(1, order), items.gather(1, order)
+
+
+class ColdCandidates:
+    """The m items `prorec items add` appended (indices first..n_items) that are most similar by text
+    to a user's history (a_S, the largest cosine to a history item), among those the beam did not
+    return and the list may hold (not excluded; not in the history when history is excluded). They are
+    appended after the beam's candidates, best first, with the user's lowest beam log-probability
+    (0 if the beam found nothing), so that only the cold-item terms can lift them."""
+
+    def __init__(self, semantic: SemanticAffinity, first: int, n_items: int, m: int, exclude_history: bool,
+                 budget: int = 1 << 24) -> None:
+        if not 1 <= first <= n_items + 1 or m < 0:
+            raise ValueError(f"added items {first}..{n_items} and m={m}: not a range of a catalogue of {n_items}")
+        self.semantic, self.first, self.n_items, self.m = semantic, first, n_items, m
+        self.exclude_history, self.budget = exclude_history, budget  # budget: floats a chunk's [U, S, C] may hold
+
+    def top(self, history: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history [U, S] (0 = padding), banned [U, B] item indices (any, -1/0 ignored) -> the top m
+        allowed added items [U, m] (-1 where fewer are left) and their affinities [U, m], best first."""
+        table = self.semantic.table
+        h = history.to(table.device)
+        e_h = table[h]  # [U, S, D]
+        pad = (h == 0)[:, :, None]
+        added = self.n_items - self.first + 1
+        m = min(self.m, added)
+        if m == 0 or h.shape[0] == 0:
+            empty = torch.full((h.shape[0], self.m), -1, dtype=torch.long, device=table.device)
+            return empty, torch.full(empty.shape, NEG_INF, device=table.device)
+        chunk = max(1, self.budget // max(1, h.shape[0] * h.shape[1]))
+        banned = banned.to(table.device)
+        best = None
+        for lo in range(self.first, self.n_items + 1, chunk):
+            hi = min(lo + chunk, self.n_items + 1)
+            ids = torch.arange(lo, hi, device=table.device)
+            sims = (e_h @ table[lo:hi].T).masked_fill(pad, -1.0).amax(dim=1)  # [U, C]
+            at = banned - lo
+            inside = (at >= 0) & (at < hi - lo)
+            hit = torch.zeros(sims.shape[0], hi - lo + 1, dtype=torch.bool, device=sims.device)
+            hit.scatter_(1, torch.where(inside, at, hi - lo), True)
+            sims = sims.masked_fill(hit[:, :-1], NEG_INF)
+            best = _chunk_top(sims, ids, best, m)
+        vals, items = best
+        items = items.masked_fill(~torch.isfinite(vals), -1)
+        if m < self.m:
+            items = torch.nn.functional.pad(items, (0, self.m - m), value=-1)
+            vals = torch.nn.functional.pad(vals, (0, self.m - m), value=NEG_INF)
+        return items, vals
+
+    def __call__(self, history: torch.Tensor, beam: BeamResult, exclude: torch.Tensor | None = None) -> BeamResult:
+        """The beam's candidates [U, W] followed by the cold candidates [U, m] (-1 = none), with scores."""
+        banned = [beam.items]
+        if self.exclude_history:
+            banned.append(history.to(beam.items.device))
+        if exclude is not None:
+            banned.append(exclude.to(beam.items.device))
+        items, _ = self.top(history, torch.cat(banned, 1))
+        items = items.to(beam.items.device)
+        scores = beam.scores.float()
+        floor = torch.where(torch.isfinite(scores), scores, torch.inf).amin(dim=1, keepdim=True)
+        floor = torch.where(torch.isfinite(floor), floor, 0.0)
+        extra = torch.where(items >= 0, floor.expand_as(items), NEG_INF)
+        return BeamResult(torch.cat([beam.items, items], 1), torch.cat([scores, extra], 1))
+
+
+def cold_candidates_reference(table: torch.Tensor, history: list[list[int]], beam: list[list[int]], exclude: list[list[int]],
+                              first: int, n_items: int, m: int, exclude_history: bool) -> list[list[int]]:
+    """`ColdCandidates.top` one user at a time, in plain loops (the reference its test compares with):
+    table [N + 1, D] (normalised or not), per user the history, the beam's items and the excluded items."""
+    t = torch.nn.functional.normalize(table.float(), dim=1)
+    out = []
+    for hist, got, excl in zip(history, beam, exclude):
+        hist = [i for i in hist if i > 0]
+        banned = set(got) | set(excl) | (set(hist) if exclude_history else set())
+        scored = []
+        for i in range(first, n_items + 1):
+            if i in banned:
+                continue
+            scored.append((max(float(t[i] @ t[j]) for j in hist) if hist else -1.0, i))
+        scored.sort(key=lambda x: (-x[0], x[1]))
+        out.append([i for _, i in scored[:m]])
+    return out
+
+
 class Reranker:
     """Reorders a beam's candidates by log p_G + the weighted signals it was given ("din", "semantic",
     "transition", "cold", "cold_semantic": the keys of `prorec.config.RERANK_FIELDS`)."""
@@ -156,10 +256,11 @@ class Reranker:
     def __init__(self, din: DIN | None = None, weight: float = 0.0, *, semantic: SemanticAffinity | None = None,
                  semantic_weight: float = 0.0, transitions: Transitions | None = None,
                  transition_weight: float = 0.0, cold: ColdItems | None = None, cold_weight: float = 0.0,
-                 cold_semantic_weight: float = 0.0) -> None:
+                 cold_semantic_weight: float = 0.0, cold_candidates: ColdCandidates | None = None) -> None:
         self.weights = {"din": weight, "semantic": semantic_weight, "transition": transition_weight,
                         "cold": cold_weight, "cold_semantic": cold_semantic_weight}
         self.din, self.semantic, self.transitions, self.cold = din, semantic, transitions, cold
+        self.cold_candidates = cold_candidates
         for name, needs in (("din", [din]), ("semantic", [semantic]), ("transition", [transitions]), ("cold", [cold]),
                             ("cold_semantic", [cold, semantic])):
             if self.weights[name] > 0 and any(m is None for m in needs):
@@ -187,12 +288,18 @@ class Reranker:
                 out["cold_semantic"] = out["cold"] * out["semantic"]
         return out
 
-    def order(self, history: torch.Tensor, beam: BeamResult) -> BeamResult:
-        """history [U, S] right-padded and the beam's result -> its items [U, W] reordered, with their totals."""
+    def extend(self, history: torch.Tensor, beam: BeamResult, exclude: torch.Tensor | None = None) -> BeamResult:
+        """The candidates to reorder: the beam's, and the cold candidates when there are any."""
+        return beam if self.cold_candidates is None else self.cold_candidates(history, beam, exclude)
+
+    def order(self, history: torch.Tensor, beam: BeamResult, exclude: torch.Tensor | None = None) -> BeamResult:
+        """history [U, S] right-padded and the beam's result -> its items [U, W] reordered, with their
+        totals (W + m with m cold candidates; `exclude` [U, E]: items they must not include)."""
+        beam = self.extend(history, beam, exclude)
         return BeamResult(*rerank_scored(beam.items, beam.scores, self.signals(history, beam.items), self.weights))
 
     def __call__(self, history: torch.Tensor, beam: BeamResult) -> torch.Tensor:
-        """history [U, S] right-padded and the beam's result -> its items [U, W] reordered."""
+        """history [U, S] right-padded and the beam's result -> its items reordered."""
         return self.order(history, beam).items
 
 
@@ -207,6 +314,10 @@ def check_inputs(cfg: EvalConfig, stage1_dir: str | Path | None, semantic_path: 
         for path, what in need[signal]:
             if w > 0 and path is None:
                 raise ValueError(f"{key} > 0 needs {what}: pass it, or set {key}=0")
+    if cfg.rerank_cold_candidates > 0 and cfg.reranks:
+        for path, what in (sem, train):
+            if path is None:
+                raise ValueError(f"eval.rerank_cold_candidates > 0 needs {what}: pass it, or set eval.rerank_cold_candidates=0")
     if cfg.rerank_weights["din"] > 0 and not (Path(stage1_dir) / DIN_FILE).is_file():
         raise ValueError(f"eval.rerank_weight > 0 reranks with the DIN that Stage I trains, and {Path(stage1_dir) / DIN_FILE} "
                          "is missing (stage1.fusion=semantic trains none). Fix: set eval.rerank_weight=0, or rerun "
@@ -222,9 +333,10 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
     check_inputs(cfg, stage1_dir, semantic_path, data_dir)
     w = cfg.rerank_weights
     din = load_din(stage1_dir, device) if w["din"] > 0 else None
-    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items, "eval.rerank_semantic_weight" if w["semantic"] > 0
-                                              else "eval.rerank_cold_semantic_weight").to(device)
-                if w["semantic"] > 0 or w["cold_semantic"] > 0 else None)
+    asks = ("eval.rerank_semantic_weight" if w["semantic"] > 0 else "eval.rerank_cold_semantic_weight"
+            if w["cold_semantic"] > 0 else "eval.rerank_cold_candidates")
+    semantic = (SemanticAffinity.from_parquet(semantic_path, n_items, asks).to(device)
+                if w["semantic"] > 0 or w["cold_semantic"] > 0 or cfg.rerank_cold_candidates > 0 else None)
     transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
                    if w["transition"] > 0 else None)
     cold = None
@@ -234,6 +346,14 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
             print(f"warning: eval.rerank_cold_weight / rerank_cold_semantic_weight > 0, but {Path(data_dir).parent} has no "
                   "items added by `prorec items add`: the cold-item terms change nothing", file=sys.stderr)
         cold = ColdItems.added(n_items, added).to(device)
+    extra = None
+    if cfg.rerank_cold_candidates > 0:
+        added = items_added(Path(data_dir).parent)
+        if added == 0:
+            print(f"warning: eval.rerank_cold_candidates > 0, but {Path(data_dir).parent} has no items added by "
+                  "`prorec items add`: no candidate is added", file=sys.stderr)
+        else:
+            extra = ColdCandidates(semantic, n_items - added + 1, n_items, cfg.rerank_cold_candidates, cfg.exclude_history)
     return Reranker(din, w["din"], semantic=semantic, semantic_weight=w["semantic"],
                     transitions=transitions, transition_weight=w["transition"], cold=cold, cold_weight=w["cold"],
-                    cold_semantic_weight=w["cold_semantic"])
+                    cold_semantic_weight=w["cold_semantic"], cold_candidates=extra)

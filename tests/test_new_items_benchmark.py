@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import new_items
 
@@ -63,6 +64,21 @@ def test_new_items_benchmark_on_tiny_synthetic_data(tmp_path, monkeypatch):
         once = cands.ranked_ids(new_items.with_cold(cfg.eval, cold, cold_sem))
         assert once == new_items.rank_with_run(plus, users, None, None, settings)
         assert any(i in split["held"] for r in once for i in r) or cold == 0
+    # With cold candidates (eval.rerank_cold_candidates) too: the added items most similar by text join
+    # the beam's candidates, in Candidates as in the Recommender that `prorec recommend` uses.
+    # (A beam of 20, which misses most new items; the beam of 100 holds nearly the whole catalogue.)
+    narrow = new_items.beam_candidates(plus, users, split["held"], dataclasses.replace(cfg.eval, beam_size=20))
+    wide = dataclasses.replace(cfg.eval, beam_size=20, rerank_cold_candidates=5)
+    more = new_items.beam_candidates(plus, users, split["held"], wide)
+    assert more.items.shape[1] == narrow.items.shape[1] + 5 == 25
+    assert torch.equal(more.items[:, :20], narrow.items)
+    held_idx = {n for n, i in enumerate(more.item_ids) if i in split["held"]}
+    extra = more.items[:, 20:]
+    assert all(int(i) in held_idx for i in extra[extra >= 0]) and (extra >= 0).any()
+    for cold, cold_sem in ((1, 4), (8, 0)):
+        settings = dataclasses.replace(wide, rerank_cold_weight=cold, rerank_cold_semantic_weight=cold_sem)
+        assert more.ranked_ids(new_items.with_cold(wide, cold, cold_sem)) == new_items.rank_with_run(plus, users, None, None,
+                                                                                                   settings)
     # A user none of whose history the run knows is refused by name, not given an empty beam.
     with pytest.raises(ValueError, match="user ghost: no item of the history"):
         new_items.beam_candidates(plus, users[:3] + [("ghost", ["no-such-item"], users[0][2])], split["held"], cfg.eval)

@@ -179,3 +179,64 @@ def test_cold_items_are_the_added_ones_and_only_they_are_lifted(tmp_path, capsys
     assert torch.allclose(out.scores[0, :3], torch.tensor(sorted(want.values(), reverse=True)))
     with pytest.raises(ValueError, match="eval.rerank_cold_semantic_weight=0"):
         build_reranker(EvalConfig(rerank_cold_semantic_weight=1.0), 6, "cpu", None, tmp_path / "semantic.parquet", data)
+
+
+def test_cold_candidates_equal_the_plain_loop_reference():
+    """ColdCandidates (chunked over the added items, batched over users) against
+    cold_candidates_reference (one user, one item at a time): the same items in the same order,
+    with the beam's items, the history and the excluded items left out; ties to the lower index."""
+    from prorec.rerank import ColdCandidates, cold_candidates_reference
+
+    gen = torch.Generator().manual_seed(0)
+    n_items, first, m = 40, 25, 6
+    table = torch.randn(n_items + 1, 8, generator=gen)
+    table[30] = table[33] = 2 * table[6]  # an exact tie for the user whose history is item 6: 30 first
+    table[0] = 0
+    history = torch.tensor([[1, 26, 3, 0], [4, 5, 0, 0], [27, 11, 12, 0], [6, 0, 0, 0]])
+    beam = BeamResult(torch.tensor([[2, 31, -1], [7, 8, 9], [10, 11, 12], [-1, -1, -1]]),
+                      torch.tensor([[-1.0, -2.0, NEG_INF], [-0.5, -0.7, -0.9], [-1.0, -1.1, -1.2], [NEG_INF] * 3]))
+    exclude = torch.tensor([[32, 0], [0, 0], [35, 36], [0, 0]])
+    sem = SemanticAffinity(table)
+    for exclude_history in (True, False):
+        want = cold_candidates_reference(table, [h.tolist() for h in history], [b.tolist() for b in beam.items],
+                                         [e.tolist() for e in exclude], first, n_items, m, exclude_history)
+        for budget in (1 << 20, 16, 1):  # one chunk; chunks of 1 to 4 items
+            cc = ColdCandidates(sem, first, n_items, m, exclude_history, budget=budget)
+            got = cc(history, beam, exclude)
+            assert got.items[:, :3].tolist() == beam.items.tolist()
+            assert got.items[:, 3:].tolist() == want
+            # Scored at the user's lowest finite beam log-probability (0 for an empty beam).
+            assert torch.allclose(got.scores[:, 3:], torch.tensor([[-2.0], [-0.9], [-1.2], [0.0]]).expand(4, m))
+        assert want[3][:2] == [30, 33]
+    assert 26 in want[0] and 27 in want[2]  # history items come back once history is not excluded
+    # Fewer added items than m: the rest stays empty (-1), with score -inf.
+    few = ColdCandidates(sem, 38, n_items, 5, True)(history, beam, exclude)
+    assert sorted(few.items[1, 3:6].tolist()) == [38, 39, 40]
+    assert few.items[1, 6:].tolist() == [-1, -1] and torch.isinf(few.scores[1, 6:]).all()
+
+
+def test_the_reranker_lifts_cold_candidates_the_beam_missed(tmp_path):
+    """With eval.rerank_cold_candidates the reranker sees added items the beam did not return; the
+    cold-item terms can put them first, and they are never an excluded or history item."""
+    import json
+
+    write_embeddings(tmp_path / "semantic.parquet", np.arange(1, 7), list("abcdef"),
+                     np.array([[1, 0], [0, 1], [1, 1], [0, 1], [1, 0.05], [-1, 0]], dtype=np.float32))
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"user_id": ["u"], "history": [[1]], "target": [2]}), data / "train.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({"items_added": [{"count": 3}]}))  # items 4, 5, 6
+    history = torch.tensor([[1, 0]])
+    beam = BeamResult(torch.tensor([[2, 3]]), torch.tensor([[-1.0, -2.0]]))
+    plain = build_reranker(EvalConfig(rerank_cold_weight=5.0), 6, "cpu", None, tmp_path / "semantic.parquet", data)
+    assert plain.cold_candidates is None and plain.order(history, beam).items.tolist() == [[2, 3]]
+    cfg = EvalConfig(rerank_cold_weight=5.0, rerank_cold_candidates=2)
+    rr = build_reranker(cfg, 6, "cpu", None, tmp_path / "semantic.parquet", data)
+    out = rr.order(history, beam)
+    # Items 5 (cos 0.9988 to item 1) and 4 (0) join at -2.0 and get +5: 5 before 4 (its beam order), then 2, 3.
+    assert out.items.tolist() == [[5, 4, 2, 3]] and torch.allclose(out.scores, torch.tensor([[3.0, 3.0, -1.0, -2.0]]))
+    assert rr.order(history, beam, exclude=torch.tensor([[5]])).items.tolist() == [[4, 6, 2, 3]]
+    with pytest.raises(ValueError, match="eval.rerank_cold_candidates > 0 needs the semantic embeddings"):
+        build_reranker(cfg, 6, "cpu", None, None, data)
+    with pytest.raises(ConfigError, match="rerank_cold_candidates must be >= 0"):
+        load_config(None, ["eval.rerank_cold_candidates=-1"])
