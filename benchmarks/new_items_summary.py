@@ -12,6 +12,12 @@ numbers and nothing else:
 2. on all users, adding the new items costs less than 5% relative NDCG@10 against the model trained
    with them: checked for the mode chosen on validation (the cold-item terms under the tolerance).
 
+With `--frontier DATASET=JSON` (benchmarks/new_items_frontier.py's result of the same draw), a
+second table checks both goals for one more mode: the cold-item terms chosen by the same rule (the
+best new-item users' validation NDCG@10 within the tolerance on all validation users, on
+new_items.py's grid) with cold candidates (`eval.rerank_cold_candidates`, ours), the number of
+them chosen on validation the same way (ties to the fewer).
+
     python benchmarks/new_items_summary.py beauty=benchmarks/results/new_items_beauty.json \
         sports=benchmarks/results/new_items_sports.json --name new_items
 """
@@ -129,9 +135,66 @@ def overview(data: dict) -> list[str]:
     return md
 
 
+RULE = "new_items.py's rule on its grid"  # new_items_frontier.py's picks: "RULE (its chosen row)", "RULE, m cold candidates"
+FRONTIER_TEXT_NN = "text neighbour (new_items.py's semantic_nn)"
+
+
+def frontier_goals(res: dict) -> dict:
+    """The two goals for the mode new_items_frontier.py's rule chose with cold candidates: of its picks
+    by new_items.py's rule (one for each m), the one best for the new-item users on validation (ties
+    to the fewer candidates), read on test against the text neighbour and the run trained with the items."""
+    from benchmarks.new_items_frontier import label
+
+    rules = [(name, q) for name, q in res["picks"].items() if name.startswith(RULE) and q is not None]
+    if not rules:
+        raise ValueError("the frontier result has no pick by new_items.py's rule")
+    name, q = max(sorted(rules, key=lambda r: r[1]["m"]), key=lambda r: r[1]["new_ndcg@10"])
+    row = res["test"][f"{name}: {label(q)}"]
+    nn = res["test"][FRONTIER_TEXT_NN]["new_ndcg@10"]
+    ref = res.get("trained_with_all_ndcg@10")
+    out = {"mode": f"{name}: {label(q)}", "m": q["m"], "cold": q["cold"], "cold_semantic": q["cold_semantic"],
+           "valid_new_ndcg@10": q["new_ndcg@10"],
+           "new_ndcg@10": row["new_ndcg@10"], "all_ndcg@10": row["all_ndcg@10"], "text_nn_new_ndcg@10": nn,
+           "goal1_met": row["new_ndcg@10"] > nn}
+    if ref:
+        out.update({"trained_with_ndcg@10": ref, "loss": 1 - row["all_ndcg@10"] / ref,
+                    "goal2_met": 1 - row["all_ndcg@10"] / ref < MAX_LOSS})
+    return out
+
+
+def frontier_overview(frontier: dict) -> list[str]:
+    """One row a dataset for the mode with cold candidates (`frontier_goals`), and the counts."""
+    md = ["## With cold candidates (eval.rerank_cold_candidates, not in the paper)", "",
+          "The beam of 200 holds the target for about a fifth of the new-item users; cold candidates add the "
+          "added items most similar to the history by text that the beam missed, for the cold-item terms to "
+          "lift. The cold-item weights by the same rule as above, and the number of candidates (0 among them) "
+          "chosen on validation; both goals checked on test (benchmarks/new_items_frontier.py; its file for each "
+          "dataset has the frontier and the other choices).", "",
+          "| dataset | cold candidates | w_cold, w_cold_sem | new-item users N@10 | text neighbour | all users N@10 | "
+          "loss (goal < 5%) | goal 1 | goal 2 |", "|---|---|---|---|---|---|---|---|---|"]
+    g1 = g2 = n2 = 0
+    for lab, f in frontier.items():
+        g = f["goals"]
+        weights = f"{g['cold']:g}, {g['cold_semantic']:g}"
+        g1 += g["goal1_met"]
+        if "loss" in g:
+            n2 += 1
+            g2 += g["goal2_met"]
+        lost = f"{g['loss']:.1%}" if "loss" in g else "-"
+        md.append(f"| {lab} | {g['m']} | {weights} | {g['new_ndcg@10']:.4f} | {g['text_nn_new_ndcg@10']:.4f} | "
+                  f"{g['all_ndcg@10']:.4f} | {lost} | {met(g['goal1_met'])} | "
+                  f"{met(g['goal2_met']) if 'loss' in g else 'not measured'} |")
+    md += ["", f"With cold candidates: goal 1 met on {g1} of {len(frontier)}, goal 2 on {g2} of {n2}; both on "
+           f"{sum(f['goals']['goal1_met'] and f['goals'].get('goal2_met', False) for f in frontier.values())} "
+           f"of {len(frontier)}.", ""]
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="DATASET=JSON", help="a dataset's label and its new_items.py JSON")
+    p.add_argument("--frontier", nargs="+", default=[], metavar="DATASET=JSON",
+                   help="a dataset's label (as in the inputs) and its new_items_frontier.py JSON")
     p.add_argument("--name", default="new_items")
     add_results_dir(p)
     add_allow_dirty(p)
@@ -149,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
                        "new_item_users": res["new_item_users"], "held_out": len(res["held_out"]),
                        "table": res["table"],
                        "goals": goals(res["table"], res["users"], res["new_item_users"])}
+    frontier = {}
+    for arg in args.frontier:
+        label, sep, path = arg.partition("=")
+        if not sep or label not in data or not Path(path).is_file():
+            p.error(f"--frontier {arg!r}: give DATASET=PATH, DATASET one of the inputs' labels ({', '.join(data)}), "
+                    "PATH a JSON that benchmarks/new_items_frontier.py wrote")
+        res = json.loads(Path(path).read_text())
+        if "picks" not in res or FRONTIER_TEXT_NN not in res.get("test", {}):
+            p.error(f"{path}: not a result of benchmarks/new_items_frontier.py")
+        frontier[label] = {"source": path, "goals": frontier_goals(res)}
     # Quoted as a shell would need it: the labels may hold spaces.
     cmd = shlex.join(["python", "benchmarks/new_items_summary.py", *(argv if argv is not None else sys.argv[1:])])
     md = ["# New items without retraining: every dataset, and the issue's goals", "", f"Command: `{cmd}`", "",
@@ -156,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
           "1 - the mode's all-users NDCG@10 / that of the run trained with the items (SASRec's rows: / that of "
           "SASRec trained with them).", ""]
     md += overview(data)
+    if frontier:
+        md += frontier_overview(frontier)
+        md += ["Sources: " + "; ".join(f"{lab}: `{f['source']}`" for lab, f in frontier.items()) + ".", ""]
     for label, d in data.items():
         g = d["goals"]
         md += [f"## {label}", "", f"Source: `{d['source']}` ({d['held_out']} items held out; {d['users']} test users, "
@@ -183,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             md.append("- Goal 2: not measured (the result has no `--trained-with` row).")
         md.append("")
-    write_result(args.results / args.name, {"command": cmd, "datasets": data}, "\n".join(md), tree)
+    write_result(args.results / args.name, {"command": cmd, "datasets": data, "frontier": frontier}, "\n".join(md), tree)
     print("\n".join(md))
     return 0
 

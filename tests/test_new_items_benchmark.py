@@ -128,6 +128,33 @@ def test_the_summary_checks_both_goals_from_the_table(tmp_path):
     with pytest.raises(SystemExit):
         ns.main([str(src), "--results", str(tmp_path), "--allow-dirty"])  # no DATASET= label
 
+    # --frontier: the mode with cold candidates, their number chosen on validation (never on test).
+    def pick(m, valid_new):
+        return {"kind": "lift", "m": m, "cold": 0, "cold_semantic": 2, "all_ndcg@10": 0.03, "new_ndcg@10": valid_new}
+
+    picks = {"new_items.py's rule on its grid (its chosen row)": pick(0, 0.010),
+             "new_items.py's rule on its grid, 20 cold candidates": pick(20, 0.030),
+             "new_items.py's rule on its grid, 50 cold candidates": pick(50, 0.030),  # a tie: the fewer win
+             "new_items.py's rule on its grid, 100 cold candidates": pick(100, 0.020),
+             "new-item users first (every variant)": pick(100, 0.5)}  # not by the rule: never chosen
+    test = {f"{k}: lift w_cold 0, w_cold_sem 2" + (f", {q['m']} cold candidates" if q["m"] else ""):
+            {"all_ndcg@10": 0.0322, "new_ndcg@10": 0.02 + q["m"] / 1000} for k, q in picks.items()}
+    test[ns.FRONTIER_TEXT_NN] = {"all_ndcg@10": 0.0127, "new_ndcg@10": 0.013}
+    front = {"picks": picks, "test": test, "trained_with_all_ndcg@10": 0.0338}
+    g = ns.frontier_goals(front)
+    # m = 20, although m = 100's test row (0.12) is better: validation chose.
+    assert g["m"] == 20 and g["new_ndcg@10"] == pytest.approx(0.04) and g["goal1_met"]
+    assert g["loss"] == pytest.approx(1 - 0.0322 / 0.0338) and g["goal2_met"]
+    fsrc = tmp_path / "f.json"
+    fsrc.write_text(json.dumps(front))
+    assert ns.main([f"toy={src}", "--frontier", f"toy={fsrc}", "--name", "summary2", "--results", str(tmp_path),
+                    "--allow-dirty"]) == 0
+    md = (tmp_path / "summary2.md").read_text()
+    assert "| toy | 20 | 0, 2 | 0.0400 | 0.0130 | 0.0322 | 4.7% | met | met |" in md
+    assert "With cold candidates: goal 1 met on 1 of 1, goal 2 on 1 of 1; both on 1 of 1." in md
+    with pytest.raises(SystemExit):  # a label the inputs do not have
+        ns.main([f"toy={src}", "--frontier", f"other={fsrc}", "--results", str(tmp_path), "--allow-dirty"])
+
 
 def test_the_cold_sweep_needs_no_cold_terms_in_its_grid():
     """The tolerance is measured against (0, 0): a grid without 0 is refused with a clear error."""
