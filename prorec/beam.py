@@ -306,11 +306,12 @@ def rank_users(search: BeamSearch, history: torch.Tensor, batch_size: int,
                reorder: Callable[[torch.Tensor, BeamResult], torch.Tensor] | None = None) -> np.ndarray:
     """Beam-search users in batches of batch_size: ranked items [U, topk] (-1 = empty slot).
 
-    `reorder(history_batch, result) -> items` replaces the beam's order (e.g. `prorec.rerank.Reranker`)."""
+    `reorder(history_batch, result) -> items` replaces the beam's order (e.g. `prorec.rerank.Reranker`);
+    it may return more candidates than the beam's (cold candidates): the first topk are kept."""
     ranked = [np.zeros((0, search.topk), dtype=np.int64)]
     for s in range(0, history.shape[0], batch_size):
         h = history[s:s + batch_size]
         h = h[:, : int((h > 0).sum(1).max())]  # trim the padding this batch does not need
         res = search.search(h)
-        ranked.append((res.items if reorder is None else reorder(h, res)).cpu().numpy())
+        ranked.append((res.items if reorder is None else reorder(h, res)[:, :search.topk]).cpu().numpy())
     return np.concatenate(ranked)

@@ -240,3 +240,23 @@ def test_the_reranker_lifts_cold_candidates_the_beam_missed(tmp_path):
         build_reranker(cfg, 6, "cpu", None, None, data)
     with pytest.raises(ConfigError, match="rerank_cold_candidates must be >= 0"):
         load_config(None, ["eval.rerank_cold_candidates=-1"])
+
+
+def test_rank_users_keeps_the_beam_s_width_when_the_reranker_adds_candidates():
+    """The evaluation's loop (prorec.beam.rank_users) with a reranker that appends cold candidates:
+    each batch keeps topk columns, the best of the reordered list."""
+    from types import SimpleNamespace
+
+    from prorec.beam import rank_users
+
+    def search(h):
+        n = h.shape[0]
+        return BeamResult(torch.tensor([[1, 2]] * n), torch.tensor([[-1.0, -2.0]] * n))
+
+    fake = SimpleNamespace(topk=2, search=search)
+
+    def reorder(h, res):  # a cold candidate, 9, lifted to the top
+        return torch.cat([torch.full((h.shape[0], 1), 9), res.items], 1)
+
+    out = rank_users(fake, torch.tensor([[3, 0], [4, 5], [6, 0]]), 2, reorder)
+    assert out.tolist() == [[9, 1], [9, 1], [9, 1]]
