@@ -221,7 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(Path(path).read_text())
         if "picks" not in res or FRONTIER_TEXT_NN not in res.get("test", {}):
             p.error(f"{path}: not a result of benchmarks/new_items_frontier.py")
-        frontier[label] = {"source": path, "goals": frontier_goals(res)}
+        # The same draw: the same test users and items give the text neighbour the same numbers, and
+        # the run trained with the items the same reference.
+        mine, theirs = res["test"][FRONTIER_TEXT_NN], data[label]["table"][TEXT_NN]
+        ref = data[label]["table"].get(TRAINED_WITH, {}).get("all_users", {}).get("ndcg@10")
+        if (abs(mine["all_ndcg@10"] - theirs["all_users"]["ndcg@10"]) > 1e-9
+                or abs(mine["new_ndcg@10"] - theirs["new_item_users"]["ndcg@10"]) > 1e-9
+                or (res.get("trained_with_all_ndcg@10") or ref) != ref):
+            p.error(f"--frontier {arg!r}: not the draw of {data[label]['source']} (its text-neighbour or trained-with "
+                    "numbers differ). Fix: pair each frontier file with the new_items.py result of the same --out")
+        try:
+            frontier[label] = {"source": path, "goals": frontier_goals(res)}
+        except ValueError as e:
+            p.error(f"{path}: {e}")
     # Quoted as a shell would need it: the labels may hold spaces.
     cmd = shlex.join(["python", "benchmarks/new_items_summary.py", *(argv if argv is not None else sys.argv[1:])])
     md = ["# New items without retraining: every dataset, and the issue's goals", "", f"Command: `{cmd}`", "",

@@ -402,8 +402,8 @@ class EvalConfig:
     rerank_cold_semantic_weight: float = 0.0
     # Not in the paper: the beam finds few added items, so this many more of them join each user's
     # candidates, the most similar to the history by text first (ColdCandidates in prorec/rerank.py),
-    # entering at the beam's lowest log-probability for the cold-item terms to lift. It takes effect
-    # when the beam is reranked (some weight above > 0). 0 = the beam's candidates only.
+    # entering at the beam's lowest log-probability for the cold-item terms to lift. It needs the
+    # beam reranked (some weight above > 0). 0 = the beam's candidates only.
     rerank_cold_candidates: int = 0
     # bfloat16 autocast of the beam search and the reranker's DIN on a CPU too (a GPU evaluation
     # autocasts anyway). About 2x faster on a CPU with bf16 instructions (AVX512-BF16, AMX), and not
@@ -444,6 +444,10 @@ class EvalConfig:
         for name in RERANK_FIELDS.values():
             _check(getattr(self, name) >= 0, f"eval.{name} must be >= 0 (0 = that signal off)")
         _check(self.rerank_cold_candidates >= 0, "eval.rerank_cold_candidates must be >= 0 (0 = the beam's candidates only)")
+        _check(self.rerank_cold_candidates == 0 or self.reranks,
+               f"eval.rerank_cold_candidates={self.rerank_cold_candidates} adds candidates for the reranker, and every rerank "
+               "weight is 0 (no reranking): set eval.rerank_cold_weight or eval.rerank_cold_semantic_weight > 0, or "
+               "eval.rerank_cold_candidates=0")
 
 
 @dataclass

@@ -83,7 +83,7 @@ class Recommender:
         if beam is not None:
             cfg = dataclasses.replace(cfg, beam_size=beam)
         if rerank is False:
-            cfg = dataclasses.replace(cfg, **{name: 0.0 for name in RERANK_FIELDS.values()})
+            cfg = dataclasses.replace(cfg, **{name: 0.0 for name in RERANK_FIELDS.values()}, rerank_cold_candidates=0)
         # The run's top-k cut-offs are the evaluation's; a request asks for its own k (<= the beam).
         cfg = dataclasses.replace(cfg, topk=[min(max(cfg.topk), cfg.beam_size)])
         cfg.validate()

@@ -187,6 +187,12 @@ class ColdCandidates:
         allowed added items [U, m] (-1 where fewer are left) and their affinities [U, m], best first."""
         table = self.semantic.table
         h = history.to(table.device)
+        # In float32 even under bf16 autocast (eval.bf16, a GPU): in bf16, cosines near 1 tie in
+        # bunches and the choice would lean to low indices.
+        with torch.autocast(table.device.type, enabled=False):
+            return self._top(table.float(), h, banned)
+
+    def _top(self, table: torch.Tensor, h: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e_h = table[h]  # [U, S, D]
         pad = (h == 0)[:, :, None]
         added = self.n_items - self.first + 1

@@ -154,6 +154,12 @@ def test_the_summary_checks_both_goals_from_the_table(tmp_path):
     assert "With cold candidates: goal 1 met on 1 of 1, goal 2 on 1 of 1; both on 1 of 1." in md
     with pytest.raises(SystemExit):  # a label the inputs do not have
         ns.main([f"toy={src}", "--frontier", f"other={fsrc}", "--results", str(tmp_path), "--allow-dirty"])
+    # Another draw's frontier (its text neighbour scored other users) is refused.
+    other = dict(front, test=dict(test, **{ns.FRONTIER_TEXT_NN: {"all_ndcg@10": 0.0127, "new_ndcg@10": 0.014}}))
+    fsrc2 = tmp_path / "f2.json"
+    fsrc2.write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        ns.main([f"toy={src}", "--frontier", f"toy={fsrc2}", "--results", str(tmp_path), "--allow-dirty"])
 
 
 def test_the_cold_sweep_needs_no_cold_terms_in_its_grid():

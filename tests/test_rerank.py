@@ -208,6 +208,10 @@ def test_cold_candidates_equal_the_plain_loop_reference():
             # Scored at the user's lowest finite beam log-probability (0 for an empty beam).
             assert torch.allclose(got.scores[:, 3:], torch.tensor([[-2.0], [-0.9], [-1.2], [0.0]]).expand(4, m))
         assert want[3][:2] == [30, 33]
+        # Under bf16 autocast (eval.bf16, a GPU) the similarities stay in float32: the same choice.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ColdCandidates(sem, first, n_items, m, exclude_history)(history, beam, exclude)
+        assert got.items[:, 3:].tolist() == want
     assert 26 in want[0] and 27 in want[2]  # history items come back once history is not excluded
     # Fewer added items than m: the rest stays empty (-1), with score -inf.
     few = ColdCandidates(sem, 38, n_items, 5, True)(history, beam, exclude)
@@ -240,6 +244,9 @@ def test_the_reranker_lifts_cold_candidates_the_beam_missed(tmp_path):
         build_reranker(cfg, 6, "cpu", None, None, data)
     with pytest.raises(ConfigError, match="rerank_cold_candidates must be >= 0"):
         load_config(None, ["eval.rerank_cold_candidates=-1"])
+    with pytest.raises(ConfigError, match="every rerank weight is 0"):  # nothing would rerank them
+        load_config(None, ["eval.rerank_cold_candidates=5"])
+    assert load_config(None, ["eval.rerank_cold_candidates=5", "eval.rerank_cold_weight=1"]).eval.rerank_cold_candidates == 5
 
 
 def test_rank_users_keeps_the_beam_s_width_when_the_reranker_adds_candidates():
