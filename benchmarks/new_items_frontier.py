@@ -25,15 +25,16 @@ second-to-last item the target) and test users:
    missed; searched once with the largest m, the smaller m keep the first of them).
 4. Choices on validation, read on test beside the text neighbour: the rule of `new_items.py` on its
    own grid (its "chosen" row), and with each m; the same rule on every variant above; the best for
-   the new-item users among the variants whose all-users NDCG@10 is at least the text neighbour's (a
-   list no worse than the baseline for everyone); the new-item users' best ("new-item users first").
+   the new-item users among the variants whose all-users NDCG@10 is at least the text neighbour's on
+   validation (a list no worse than the baseline for everyone, there); the new-item users' best
+   ("new-item users first").
    With `--bench` (new_items.py's JSON of the same draw) each row's loss against the run trained
    with the items as well.
 
 Writes benchmarks/results/NAME.{md,json}.
 
-    python benchmarks/new_items_frontier.py --data ../shared/data/amazon-beauty --out runs/ni_beauty_s3 --seed 3 \
-        --config jobs/configs/beauty/frozen/beauty_full_run.yaml --cold-candidates 0 20 50 \\
+    python benchmarks/new_items_frontier.py --data ../shared/data/amazon-beauty --out runs/ni_beauty_s3 --seed 3 \\
+        --config jobs/configs/beauty/frozen/beauty_full_run.yaml --cold-candidates 0 20 50 100 \\
         --bench benchmarks/results/new_items_beauty_fast_stage1_draw3.json --name new_items_frontier_beauty_draw3
 """
 from __future__ import annotations
