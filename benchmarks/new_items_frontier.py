@@ -88,24 +88,16 @@ def new_item_set(c: Candidates) -> np.ndarray:
     return found[found > 0]
 
 
-def totals(c: Candidates, weights: dict[str, float]):
-    """log p_G + the weighted signals [U, W], -inf on empty slots (prorec.rerank's order)."""
-    import torch
-
-    total = c.scores.float()
-    for name, w in weights.items():
-        if w:
-            total = total + w * c.signals[name].float()
-    return torch.where(c.items >= 0, total, torch.tensor(float("-inf")))
-
-
 def user_features(c: Candidates, weights: dict[str, float], history_len: np.ndarray) -> dict[str, np.ndarray]:
     """Per-user features of the candidates for telling a new-item user apart."""
     import torch
 
+    from prorec.rerank import rerank_totals
+
     cold = (c.signals["cold"] > 0) & (c.items >= 0)
     old = (c.signals["cold"] == 0) & (c.items >= 0)
-    sem, tot, low = c.signals["semantic"].float(), totals(c, weights), torch.tensor(-1e9)
+    sem, low = c.signals["semantic"].float(), torch.tensor(-1e9)
+    tot = rerank_totals(c.items, c.scores, c.signals, weights)  # the reranker's totals, in the beam's order
 
     def best(x, mask):
         return torch.where(mask, x, low).max(1).values

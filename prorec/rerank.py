@@ -135,16 +135,22 @@ class ColdItems:
         return self.cold[items.clamp(min=0).to(self.cold.device)]
 
 
-def rerank_scored(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
-                  weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> (items reordered by
-    log p + sum of weights[name] * signals[name], those totals) (stable: ties keep the beam's order;
-    empty slots last, with total -inf)."""
+def rerank_totals(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
+                  weights: dict[str, float]) -> torch.Tensor:
+    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> log p + sum of
+    weights[name] * signals[name] [U, W], in the candidates' order (-inf on empty slots)."""
     total = scores.float()
     for name, w in weights.items():
         if w:
             total = total + w * signals[name].float().to(total.device)
-    total = torch.where(items >= 0, total, NEG_INF)
+    return torch.where(items >= 0, total, NEG_INF)
+
+
+def rerank_scored(items: torch.Tensor, scores: torch.Tensor, signals: dict[str, torch.Tensor],
+                  weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """items [U, W] (-1 = empty), their beam log-probs and signals {name: [U, W]} -> (items reordered by
+    `rerank_totals`, those totals) (stable: ties keep the beam's order; empty slots last, with total -inf)."""
+    total = rerank_totals(items, scores, signals, weights)
     order = total.argsort(dim=1, descending=True, stable=True)
     return items.gather(1, order), total.gather(1, order)
 
@@ -346,15 +352,16 @@ def build_reranker(cfg: EvalConfig, n_items: int, device: torch.device | str, st
     transitions = (Transitions.from_split(read_split(Path(data_dir), "train"), n_items).to(device)
                    if w["transition"] > 0 else None)
     cold = None
+    # How many items `prorec items add` appended, from the run directory that holds data/.
+    added = (items_added(Path(data_dir).parent)
+             if w["cold"] > 0 or w["cold_semantic"] > 0 or cfg.rerank_cold_candidates > 0 else 0)
     if w["cold"] > 0 or w["cold_semantic"] > 0:
-        added = items_added(Path(data_dir).parent)  # the run directory that holds data/
         if added == 0:
             print(f"warning: eval.rerank_cold_weight / rerank_cold_semantic_weight > 0, but {Path(data_dir).parent} has no "
                   "items added by `prorec items add`: the cold-item terms change nothing", file=sys.stderr)
         cold = ColdItems.added(n_items, added).to(device)
     extra = None
     if cfg.rerank_cold_candidates > 0:
-        added = items_added(Path(data_dir).parent)
         if added == 0:
             print(f"warning: eval.rerank_cold_candidates > 0, but {Path(data_dir).parent} has no items added by "
                   "`prorec items add`: no candidate is added", file=sys.stderr)
