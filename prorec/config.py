@@ -327,6 +327,10 @@ class Stage2Config(TrainConfig, GeneratorArch):
     # Weight decay of the per-item tables (item-ID embedding, item head's output embeddings and
     # biases), which fit the training rows fastest; None = weight_decay, as for every other weight.
     item_weight_decay: float | None = None
+    # Training augmentation: each history item but the most recent is dropped with this probability
+    # (afresh each step; the rest keep their order), so the encoder learns from partial histories
+    # too. Validation and the search see whole histories. 0 = off (prorec.data.history.drop_history_items).
+    history_dropout: float = 0.0
 
     @property
     def item_head_from_stage1(self) -> bool:
@@ -342,6 +346,8 @@ class Stage2Config(TrainConfig, GeneratorArch):
         _check(self.item_weight_decay is None or self.item_head or self.item_id_embedding,
                f"stage2.item_weight_decay={self.item_weight_decay} would reach no weight: with stage2.item_head and "
                "stage2.item_id_embedding both false there are no per-item tables; set it to null")
+        _check(0.0 <= self.history_dropout < 1.0,
+               f"stage2.history_dropout must be in [0, 1) (got {self.history_dropout}): it is the chance of dropping each history item")
         _check(self.valid_users >= 0, "stage2.valid_users must be >= 0")
         _check(self.valid_beam_size >= VALID_TOPK,
                f"stage2.valid_beam_size must be >= {VALID_TOPK} (validation scores the top {VALID_TOPK})")

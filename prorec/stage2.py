@@ -30,7 +30,7 @@ from prorec.artifacts import embedding_width, read_item_table, write_json
 from prorec.beam import BeamSearch, rank_users
 from prorec.codes import CodeTrie, item_code_table
 from prorec.config import VALID_TOPK, Stage2Config
-from prorec.data.history import RaggedHistories, history_tensor
+from prorec.data.history import RaggedHistories, drop_history_items, history_tensor
 from prorec.data.splits import count_rows, longest_history, read_rows, read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.generator import CONFIG_FILE, MODEL_FILE, Generator, GeneratorConfig, save_generator
@@ -202,6 +202,7 @@ class Stage2Trainer:
         t0 = time.perf_counter()
         for step, idx in enumerate(batches):  # a larger shard's few extra rows wait for another epoch's shuffle
             h = torch.from_numpy(self.hist.padded(idx, align="left")).to(self.device, non_blocking=True)  # [B, longest]
+            h = drop_history_items(h, self.cfg.history_dropout)
             t = self.tgt[torch.from_numpy(idx)].to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(h, t)
@@ -329,6 +330,7 @@ STAGE = Stage(
     execution_only=frozenset({"placement_strategy"}),
     added_fields={"steps_per_epoch": 0, "sparse_grads": False, "tie_item_head": False, "lr_schedule": "constant",
                   "item_weight_decay": None,
-                  "label_smoothing": 0.0, "history_stage1": False, "item_head_stage1": False, "item_head_samples": 0},
+                  "label_smoothing": 0.0, "history_stage1": False, "item_head_stage1": False, "item_head_samples": 0,
+                  "history_dropout": 0.0},
     uses_ray=lambda c: c.num_workers > 0,
     resources=lambda c: f"{c.num_workers} Ray Train worker(s) x {c.cpus_per_worker:g} CPU{' + 1 GPU' if c.use_gpu else ''}")

@@ -257,3 +257,10 @@ def test_item_weight_decay_without_per_item_tables_is_refused():
     with pytest.raises(Exception, match="item_weight_decay=0.001 would reach no weight"):
         load_config(None, ["stage2.item_head=false", "stage2.item_id_embedding=false", "stage2.item_weight_decay=0.001"])
     load_config(None, ["stage2.item_head=false", "stage2.item_id_embedding=false"])  # null: fine
+
+
+def test_history_dropout_outside_zero_to_one_is_refused():
+    assert load_config(None, ["stage2.history_dropout=0.2"]).stage2.history_dropout == 0.2
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(Exception, match=r"stage2.history_dropout must be in \[0, 1\)"):
+            load_config(None, [f"stage2.history_dropout={bad}"])

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from prorec.data.history import RaggedHistories, history_lengths, history_tensor, pad_histories, realign_right
+from prorec.data.history import (RaggedHistories, drop_history_items, drop_history_items_reference, history_lengths,
+                                 history_tensor, pad_histories, realign_right)
 
 COL = pa.chunked_array([pa.array([[1, 2, 3], [4]], pa.list_(pa.int32())), pa.array([[5, 6, 7, 8, 9]], pa.list_(pa.int32()))])
 
@@ -63,3 +64,28 @@ def test_ragged_refuses_an_empty_history_and_bad_offsets():
         RaggedHistories.from_column(pa.array([[1], []], pa.list_(pa.int32())))
     with pytest.raises(ValueError, match="offsets"):
         RaggedHistories(np.array([1, 2], np.int32), np.array([0, 3]))
+
+
+def test_dropping_history_items_equals_the_row_by_row_reference():
+    """The batched drop (stage2.history_dropout) against a plain loop over rows and items, on the
+    same draws: every length from 1 to the width, every p from none to nearly all dropped."""
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.1, 0.5, 0.9, 0.999):
+        for _ in range(50):
+            lens = torch.randint(1, 10, (8,), generator=g)
+            h = torch.randint(1, 99, (8, 9), generator=g) * (torch.arange(9)[None] < lens[:, None])
+            draws = torch.rand(8, 9, generator=g)
+            assert torch.equal(drop_history_items(h, p, draws), drop_history_items_reference(h, p, draws))
+
+
+def test_dropping_keeps_the_most_recent_item_and_the_order():
+    h = torch.tensor([[5, 6, 7, 8], [9, 0, 0, 0], [1, 2, 0, 0]])
+    draws = torch.tensor([[0.1, 0.9, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.9, 0.9]])
+    assert drop_history_items(h, 0.5, draws).tolist() == [[6, 8, 0, 0], [9, 0, 0, 0], [2, 0, 0, 0]]
+    assert drop_history_items(h, 0.0) is h  # off: the batch itself, no draws
+    torch.manual_seed(0)
+    out = drop_history_items(h.repeat(500, 1), 0.5)  # torch's own draws
+    last = out[torch.arange(1500), (out > 0).sum(1) - 1]
+    assert torch.equal(last, torch.tensor([8, 9, 2] * 500)) and out.shape == (1500, 4)
+    kept = (out[0::3] > 0).sum().item() - 500  # of the first row's three droppable items, 500 times
+    assert 0.45 < 1 - kept / 1500 < 0.55  # about half dropped

@@ -404,3 +404,37 @@ def test_a_setting_that_reads_stage1_without_its_file_names_the_fix(artifacts):
         load_inputs(small(distill=False, history_stage1=True), artifacts["data"], artifacts["codes"], None)
     plain = load_inputs(small(distill=False), artifacts["data"], artifacts["codes"], None, splits=())
     assert plain.teacher is None and plain.stage1_dim == 1  # nothing reads Stage I: no file needed
+
+
+def test_history_dropout_thins_the_training_histories_only(artifacts, tmp_path, monkeypatch):
+    """stage2.history_dropout=0.5: the histories the model trains on hold the most recent item of each
+    row and about half of the others; validation's beam search encodes whole histories; 0 leaves
+    every training history whole."""
+    seen = {"train": [], "valid": []}
+    forward, encode = Generator.forward, Generator.encode
+
+    def counting_forward(self, history, *a, **kw):
+        seen["train"].append(((history > 0).sum().item(), history.shape[0]))
+        return forward(self, history, *a, **kw)
+
+    def counting_encode(self, history, *a, **kw):
+        if not self.training:
+            seen["valid"].append((history > 0).sum().item())
+        return encode(self, history, *a, **kw)
+
+    monkeypatch.setattr(Generator, "forward", counting_forward)
+    monkeypatch.setattr(Generator, "encode", counting_encode)
+    train, valid = read_split(artifacts["data"], "train"), read_split(artifacts["data"], "valid")
+    items = sum(len(h) for h in train.column("history").to_pylist())
+    whole_valid = sum(len(h) for h in valid.column("history").to_pylist())
+    for p in (0.0, 0.5):
+        seen["train"].clear(), seen["valid"].clear()
+        run_stage2(small(max_epochs=1, patience=1, history_dropout=p), artifacts["data"], artifacts["codes"],
+                   artifacts["stage1"], tmp_path / str(p))
+        kept, rows = map(sum, zip(*seen["train"]))
+        assert rows == train.num_rows  # one epoch, every row once
+        if p == 0.0:
+            assert kept == items
+        else:
+            assert 0.45 < 1 - (kept - rows) / (items - rows) < 0.55
+        assert sum(seen["valid"]) == whole_valid

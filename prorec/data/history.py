@@ -114,3 +114,32 @@ def realign_right(history: torch.Tensor) -> torch.Tensor:
     lens = (history > 0).sum(1, keepdim=True)
     src = torch.arange(s, device=history.device)[None, :] - (s - lens)  # column each slot copies from
     return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))
+
+
+def drop_history_items(history: torch.Tensor, p: float, draws: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S] histories in the generator's layout (oldest first, right-padded with 0) with each item
+    but the most recent dropped with probability p, the rest moved left in their order: a training
+    augmentation (`stage2.history_dropout`). `draws` [B, S] uniform in [0, 1) (default torch.rand)
+    decide: an item goes when its draw is below p. The result keeps the input's width."""
+    if p <= 0.0:
+        return history
+    if draws is None:
+        draws = torch.rand(history.shape, device=history.device)
+    present = history > 0
+    lens = present.sum(1, keepdim=True)
+    col = torch.arange(history.shape[1], device=history.device)[None, :]
+    keep = present & ((draws >= p) | (col == lens - 1))
+    dest = torch.where(keep, keep.cumsum(1) - 1, history.shape[1])  # dropped items go to a spare column
+    out = history.new_zeros(history.shape[0], history.shape[1] + 1)
+    out.scatter_(1, dest, torch.where(keep, history, torch.zeros_like(history)))
+    return out[:, :-1]
+
+
+def drop_history_items_reference(history: torch.Tensor, p: float, draws: torch.Tensor) -> torch.Tensor:
+    """`drop_history_items` one row and one item at a time (for tests)."""
+    out = torch.zeros_like(history)
+    for r in range(history.shape[0]):
+        items = [int(x) for x in history[r] if x > 0]
+        kept = [x for j, x in enumerate(items) if j == len(items) - 1 or float(draws[r, j]) >= p]
+        out[r, :len(kept)] = torch.tensor(kept, dtype=history.dtype)
+    return out
