@@ -83,6 +83,7 @@ def test_dropping_keeps_the_most_recent_item_and_the_order():
     draws = torch.tensor([[0.1, 0.9, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.9, 0.9]])
     assert drop_history_items(h, 0.5, draws).tolist() == [[6, 8, 0, 0], [9, 0, 0, 0], [2, 0, 0, 0]]
     assert drop_history_items(h, 0.0) is h  # off: the batch itself, no draws
+    assert drop_history_items(torch.tensor([[0, 0, 0]]), 0.5).tolist() == [[0, 0, 0]]  # no item: stays empty
     torch.manual_seed(0)
     out = drop_history_items(h.repeat(500, 1), 0.5)  # torch's own draws
     last = out[torch.arange(1500), (out > 0).sum(1) - 1]

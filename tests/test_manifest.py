@@ -85,6 +85,7 @@ def test_every_added_field_is_a_field_of_its_section_and_its_default_stays_out_o
             at_old = dataclasses.replace(cfg, **{stage.section: dataclasses.replace(section, **{field: old})})
             assert f"{stage.section}.{field}" not in stage_config(at_old, name)
     assert stage_config(load_config(None, ["stage2.label_smoothing=0.1"]), "stage2")["stage2.label_smoothing"] == 0.1
+    assert stage_config(load_config(None, ["stage2.history_dropout=0.2"]), "stage2")["stage2.history_dropout"] == 0.2
     # codes.cap_groups (default true) is in hierarchical k-means' key, not in the other methods', which never read it;
     # at false, what the runs before it did, it stays out, so they keep their keys.
     assert stage_config(cfg, "codes")["codes.cap_groups"] is True

@@ -120,15 +120,16 @@ def drop_history_items(history: torch.Tensor, p: float, draws: torch.Tensor | No
     """[B, S] histories in the generator's layout (oldest first, right-padded with 0) with each item
     but the most recent dropped with probability p, the rest moved left in their order: a training
     augmentation (`stage2.history_dropout`). `draws` [B, S] uniform in [0, 1) (default torch.rand)
-    decide: an item goes when its draw is below p. The result keeps the input's width."""
+    decide: an item goes when its draw is below p. The result keeps the input's width; a row with no
+    item stays empty."""
     if p <= 0.0:
         return history
     if draws is None:
         draws = torch.rand(history.shape, device=history.device)
     present = history > 0
-    lens = present.sum(1, keepdim=True)
     col = torch.arange(history.shape[1], device=history.device)[None, :]
-    keep = present & ((draws >= p) | (col == lens - 1))
+    last = (present * (col + 1)).amax(1, keepdim=True) - 1  # the most recent item's column (-1: none)
+    keep = present & ((draws >= p) | (col == last))
     dest = torch.where(keep, keep.cumsum(1) - 1, history.shape[1])  # dropped items go to a spare column
     out = history.new_zeros(history.shape[0], history.shape[1] + 1)
     out.scatter_(1, dest, torch.where(keep, history, torch.zeros_like(history)))
