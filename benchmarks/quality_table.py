@@ -4,7 +4,8 @@
 
 One table a dataset, rows: the paper's PRORec, SASRec, TIGER, PRORec with the paper's Stage II,
 PRORec with the default Stage II (the generator alone; with a constant and with a cosine learning
-rate, with Stage I features in its history tokens, and with those and the cosine over 6 epochs) and
+rate, with Stage I features in its history tokens, with those and the cosine over 6 epochs, that on
+prorec_cpu.yaml's faster Stage I, and that with history dropout) and
 the reranked pipeline (the frozen config's, and prorec_cpu.yaml's on the 6-epoch generator). Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
 on (a user's history items removed from the list, `eval.exclude_history`, the default) and off (as
 the TIGER-style papers rank). Rows with several seeds also give their spread below the table. The numbers are read from the run directories (or committed result
@@ -39,6 +40,24 @@ RENAMED = {"PRORec reranked pipeline (frozen config)": "PRORec reranked pipeline
 
 def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
     return f"python jobs/pipeline.py --config {config} --data {DATA[ds]} --out {out}{' ' + extra if extra else ''}"
+
+
+# The generator rows on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02 and 12-03).
+_NO_RR = f"python jobs/pipeline.py --config {FROZEN}/beauty_full_run_no_rerank.yaml"
+_FAST = ("stage1.attention_hidden=4 stage1.score_hidden=32 stage1.sparse_grads=true stage1.dropout=0.0 stage1.seed=0 "
+         "stage2.lr_schedule=cosine stage2.history_stage1=true stage2.max_epochs=6")
+FAST_RUN = {"beauty": "bg_e6_fast_zb", "sports": "sg_e6_fast_zb_cap"}
+HD_RUN = {"beauty": "bg_e6_hd20", "sports": "sg_e6_hd20"}
+_CAP = {"beauty": "", "sports": " codes.cap_groups=true"}  # Beauty's run predates the cap (its codes are the same)
+FAST_CMD = {"beauty": f"{_NO_RR} --data {DATA['beauty']} --reuse /work/main/runs/s1_fast_zb_s0 --out /work/main/runs/{{run}} {_FAST}",
+            "sports": f"{_NO_RR} --data {DATA['sports']} --reuse /work/main/runs/sports_s1_fast_zb_s0 --out /work/main/runs/{{run}} "
+                      f"{_FAST} codes.cap_groups=true"}
+FAST_CMD_ALL = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse runs/{{run}} --out runs/{{run}}_all {_FAST}{_CAP[ds]} "
+                    "eval.exclude_history=false" for ds in DATA}
+HD_CMD = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse /work/main/runs/{FAST_RUN[ds]} --out /work/main/runs/{HD_RUN[ds]} {_FAST} "
+              "codes.cap_groups=true stage2.history_dropout=0.2" for ds in DATA}
+HD_CMD_ALL = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse runs/{HD_RUN[ds]} --out runs/{HD_RUN[ds]}_all {_FAST} "
+                  "codes.cap_groups=true stage2.history_dropout=0.2 eval.exclude_history=false" for ds in DATA}
 
 
 def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -103,14 +122,31 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
         # The same with its cosine over 6 epochs instead of 12 (stage2.max_epochs=6, 2026-12-01): better on
         # validation on both datasets, in prorec_cpu.yaml. The same Stage I and codes as the row above.
         ("PRORec, default Stage II + Stage I history features, cosine over 6 epochs (generator alone)",
-         "the same, the cosine annealed over 6 epochs instead of 12: prorec_cpu.yaml's Stage II since 2026-12-01 "
-         "(beam 20)", {
+         "the same, the cosine annealed over 6 epochs instead of 12: prorec_cpu.yaml's Stage II from 2026-12-01 "
+         "to 2026-12-03 (beam 20)", {
              "on": (f"runs/{ds}_gen_hs1_e6:eval",
                     _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1_e6", hs1_reuse[ds] + hs1 + e6)),
              "off": (f"runs/{ds}_gen_hs1_e6_all:eval",
                      _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1_e6_all",
                                f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6} eval.exclude_history=false")),
              "seeds": f"benchmarks/results/{ds}_generator_history_stage1_e6_seeds.json"}),
+        # The same 6-epoch generator on prorec_cpu.yaml's Stage I (J = 4, a smaller scoring MLP without dropout,
+        # 2026-12-02), without and with history dropout (stage2.history_dropout=0.2, 2026-12-03: better on
+        # validation on both datasets, in prorec_cpu.yaml). Run on this machine: Beauty's from the fast Stage I's
+        # seed 0 (runs/s1_fast_zb_s0), Sports' from runs/sports_s1_fast_zb_s0, codes capped on Sports.
+        ("PRORec, default Stage II + Stage I history features, cosine over 6 epochs, on prorec_cpu.yaml's Stage I "
+         "(generator alone)",
+         "the row above on the faster Stage I (J = 4; not in the paper) that prorec_cpu.yaml has used since "
+         "2026-12-02 (beam 20)", {
+             "on": (f"runs/{FAST_RUN[ds]}:eval", FAST_CMD[ds].format(run=FAST_RUN[ds])),
+             "off": (f"runs/{FAST_RUN[ds]}_all:eval", FAST_CMD_ALL[ds].format(run=FAST_RUN[ds])),
+             **({"seeds": f"benchmarks/results/{ds}_generator_e6_fast_stage1_zb_seeds.json"} if ds == "beauty" else {})}),
+        ("PRORec, default Stage II + history dropout (generator alone)",
+         "the row above with each training history's items but the most recent dropped with probability 0.2 "
+         "(`stage2.history_dropout`, not in the paper): prorec_cpu.yaml's Stage II since 2026-12-03 (beam 20)", {
+             "on": (f"runs/{HD_RUN[ds]}:eval", HD_CMD[ds]),
+             "off": (f"runs/{HD_RUN[ds]}_all:eval", HD_CMD_ALL[ds]),
+             **({"seeds": f"benchmarks/results/{ds}_generator_e6_hd20_seeds.json"} if ds == "beauty" else {})}),
         ("PRORec reranked pipeline (frozen config)", "+ beam 200 reordered by DIN, semantic affinity, transitions, "
          "on the constant-rate generator (beam 200)", {
             "on": (f"runs/{full}:eval", _pipeline(base, ds, f"runs/{full}")),
@@ -119,7 +155,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
         # The same reranking (frozen weights, chosen on Beauty's validation) over the beam of the 6-epoch
         # generator above: prorec_cpu.yaml's pipeline since 2026-12-01.
         ("PRORec reranked pipeline (default)", "the same reranking on the 6-epoch generator above: prorec_cpu.yaml's "
-         "Stage II and evaluation, on the frozen config's Stage I (J = 16; prorec_cpu.yaml's has J = 4) (beam 200)", {
+         "Stage II (to 2026-12-03, before history dropout) and evaluation, on the frozen config's Stage I (J = 16; "
+         "prorec_cpu.yaml's has J = 4) (beam 200)", {
             "on": (f"runs/{ds}_rr_hs1_e6:eval",
                    _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6", f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6}")),
             "off": (f"runs/{ds}_rr_hs1_e6_all:eval",
