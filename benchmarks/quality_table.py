@@ -42,24 +42,6 @@ def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
     return f"python jobs/pipeline.py --config {config} --data {DATA[ds]} --out {out}{' ' + extra if extra else ''}"
 
 
-# The generator rows on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02 and 12-03).
-_NO_RR = f"python jobs/pipeline.py --config {FROZEN}/beauty_full_run_no_rerank.yaml"
-_FAST = ("stage1.attention_hidden=4 stage1.score_hidden=32 stage1.sparse_grads=true stage1.dropout=0.0 stage1.seed=0 "
-         "stage2.lr_schedule=cosine stage2.history_stage1=true stage2.max_epochs=6")
-FAST_RUN = {"beauty": "bg_e6_fast_zb", "sports": "sg_e6_fast_zb_cap"}
-HD_RUN = {"beauty": "bg_e6_hd20", "sports": "sg_e6_hd20"}
-_CAP = {"beauty": "", "sports": " codes.cap_groups=true"}  # Beauty's run predates the cap (its codes are the same)
-FAST_CMD = {"beauty": f"{_NO_RR} --data {DATA['beauty']} --reuse /work/main/runs/s1_fast_zb_s0 --out /work/main/runs/{{run}} {_FAST}",
-            "sports": f"{_NO_RR} --data {DATA['sports']} --reuse /work/main/runs/sports_s1_fast_zb_s0 --out /work/main/runs/{{run}} "
-                      f"{_FAST} codes.cap_groups=true"}
-FAST_CMD_ALL = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse runs/{{run}} --out runs/{{run}}_all {_FAST}{_CAP[ds]} "
-                    "eval.exclude_history=false" for ds in DATA}
-HD_CMD = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse /work/main/runs/{FAST_RUN[ds]} --out /work/main/runs/{HD_RUN[ds]} {_FAST} "
-              "codes.cap_groups=true stage2.history_dropout=0.2" for ds in DATA}
-HD_CMD_ALL = {ds: f"{_NO_RR} --data {DATA[ds]} --reuse runs/{HD_RUN[ds]} --out runs/{HD_RUN[ds]}_all {_FAST} "
-                  "codes.cap_groups=true stage2.history_dropout=0.2 eval.exclude_history=false" for ds in DATA}
-
-
 def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(row, what it is, {"on"|"off": (source, command) or None, and optionally "seeds": the
     seed_spread.py result file of the row's seeds}). A source is RUN:FOLDER (its metrics.json) or
@@ -71,6 +53,15 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
     hs1 = " stage2.lr_schedule=cosine stage2.history_stage1=true"
     e6 = " stage2.max_epochs=6"
     hs1_reuse = {"beauty": "--reuse runs/beauty_gen_cosine", "sports": "--reuse runs/sports_s1_j16"}
+    # The generator rows on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02 and 12-03): its fast
+    # Stage I's seed 0, the 6-epoch generator on it (Beauty's run predates codes.cap_groups; its codes are
+    # the same), and that with history dropout.
+    fast_stage1, fast_run, hd_run, cap = {
+        "beauty": ("s1_fast_zb_s0", "bg_e6_fast_zb", "bg_e6_hd20", ""),
+        "sports": ("sports_s1_fast_zb_s0", "sg_e6_fast_zb_cap", "sg_e6_hd20", " codes.cap_groups=true")}[ds]
+    fast_e6 = (" stage1.attention_hidden=4 stage1.score_hidden=32 stage1.sparse_grads=true stage1.dropout=0.0 "
+               "stage1.seed=0" + hs1 + e6)
+    hd = fast_e6 + " codes.cap_groups=true stage2.history_dropout=0.2"
     return [
         ("SASRec", "baseline (not the paper's method)", {
             "on": (f"runs/{ds}_sasrec:sasrec/eval",
@@ -138,15 +129,19 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
          "(generator alone)",
          "the row above on the faster Stage I (J = 4; not in the paper) that prorec_cpu.yaml has used since "
          "2026-12-02 (beam 20)", {
-             "on": (f"runs/{FAST_RUN[ds]}:eval", FAST_CMD[ds].format(run=FAST_RUN[ds])),
-             "off": (f"runs/{FAST_RUN[ds]}_all:eval", FAST_CMD_ALL[ds].format(run=FAST_RUN[ds])),
-             **({"seeds": f"benchmarks/results/{ds}_generator_e6_fast_stage1_zb_seeds.json"} if ds == "beauty" else {})}),
+             "on": (f"runs/{fast_run}:eval", _pipeline(no_rr, ds, f"/work/main/runs/{fast_run}",
+                                                       f"--reuse /work/main/runs/{fast_stage1}{fast_e6}{cap}")),
+             "off": (f"runs/{fast_run}_all:eval", _pipeline(no_rr, ds, f"runs/{fast_run}_all",
+                                                            f"--reuse runs/{fast_run}{fast_e6}{cap} eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_e6_fast_stage1_zb_seeds.json"}),
         ("PRORec, default Stage II + history dropout (generator alone)",
          "the row above with each training history's items but the most recent dropped with probability 0.2 "
          "(`stage2.history_dropout`, not in the paper): prorec_cpu.yaml's Stage II since 2026-12-03 (beam 20)", {
-             "on": (f"runs/{HD_RUN[ds]}:eval", HD_CMD[ds]),
-             "off": (f"runs/{HD_RUN[ds]}_all:eval", HD_CMD_ALL[ds]),
-             **({"seeds": f"benchmarks/results/{ds}_generator_e6_hd20_seeds.json"} if ds == "beauty" else {})}),
+             "on": (f"runs/{hd_run}:eval", _pipeline(no_rr, ds, f"/work/main/runs/{hd_run}",
+                                                     f"--reuse /work/main/runs/{fast_run}{hd}")),
+             "off": (f"runs/{hd_run}_all:eval", _pipeline(no_rr, ds, f"runs/{hd_run}_all",
+                                                          f"--reuse runs/{hd_run}{hd} eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_e6_hd20_seeds.json"}),
         ("PRORec reranked pipeline (frozen config)", "+ beam 200 reordered by DIN, semantic affinity, transitions, "
          "on the constant-rate generator (beam 200)", {
             "on": (f"runs/{full}:eval", _pipeline(base, ds, f"runs/{full}")),

@@ -66,10 +66,10 @@ def main() -> None:
     differ = sorted(k for k in shared if len({json.dumps(c[k]) for c in configs}) > 1)
     allowed = dict(_allowance(a, ap) for a in args.allow_differ)
     excused = {k: allowed[k] for k in differ if k in allowed}
-    for key in excused:
-        files = [run / allowed[key] for run in args.runs]
+    for key, path in excused.items():
+        files = [run / path for run in args.runs]
         if not all(f.is_file() for f in files) or len({f.read_bytes() for f in files}) > 1:
-            raise SystemExit(f"error: the runs differ in {key}, and their {allowed[key]} files are not all the same "
+            raise SystemExit(f"error: the runs differ in {key}, and their {path} files are not all the same "
                              "bytes (or one is missing): the field changed what the runs computed")
     differ = [k for k in differ if k not in excused]
     if differ:
