@@ -22,6 +22,11 @@ own, scored at its last position only. On Beauty that is 22,363 + 14,219 sequenc
 rows. (Training on each user's longest row only would drop the 14,219 targets, 11%, that precede a
 cut history, and read shortened histories for the others of those users.)
 
+`sasrec.history_dropout` (ours, as `stage2.history_dropout` for the generator, off by default): each
+training batch drops each item of a sequence but its last two (the last target and the item read to
+predict it) with that probability, afresh each step (`drop_sequence_items`); a dropped item is
+neither read nor predicted, and the targets scored are the kept ones of those scored before. Validation and the test see whole histories.
+
 `run_baseline` is the driver: the data stage through `prorec.pipeline.run_stages` (so `--reuse`
 links a finished run's splits in), then the baseline's stage, recorded in the same manifest with its
 key (its section + the data stage's key) and skipped when it finished with that key.
@@ -48,7 +53,7 @@ import torch
 
 from prorec.artifacts import write_json
 from prorec.config import PipelineConfig, SASRecTrainConfig
-from prorec.data.history import history_lengths, pad_histories
+from prorec.data.history import drop_history_items, history_lengths, pad_histories
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
@@ -110,6 +115,42 @@ def training_sequences(train: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     seq[np.arange(len(rows)), lens[rows]] = train.column("target").to_numpy()[rows]
     first_scored = np.r_[np.zeros(len(chain), dtype=np.int64), lens[cut] - 1]
     return seq, first_scored
+
+
+def drop_sequence_items(sequence: torch.Tensor, first_scored: torch.Tensor, p: float,
+                        draws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training sequences [B, T + 1] (right-padded) and their first scored positions [B] with each item
+    but the last two of each row (the last target and the item read to predict it, as
+    `stage2.history_dropout` keeps a history's most recent item) dropped with probability p, the rest
+    moved left in order (`drop_history_items`); first_scored follows, so exactly the kept items that
+    were scored targets before are scored. `draws` [B, T + 1] uniform in [0, 1) (default torch.rand):
+    an item goes when its draw is below p. p = 0 returns the inputs."""
+    if p <= 0.0:
+        return sequence, first_scored
+    if draws is None:
+        draws = torch.rand(sequence.shape, device=sequence.device)
+    present = sequence > 0
+    col = torch.arange(sequence.shape[1], device=sequence.device)[None, :]
+    last = (present * (col + 1)).amax(1, keepdim=True) - 1
+    draws = torch.where(col == last - 1, 1.0, draws)  # the item before the last stays too
+    keep = present & ((draws >= p) | (col == last))
+    # Item j was a scored target iff j > first_scored; the first kept one of those lands at column
+    # (kept items at columns <= first_scored), read by the position before it.
+    before = (keep & (col <= first_scored[:, None])).sum(1)
+    return drop_history_items(sequence, p, draws), (before - 1).clamp(min=0)
+
+
+def drop_sequence_items_reference(sequence: torch.Tensor, first_scored: torch.Tensor, p: float,
+                                  draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`drop_sequence_items` one row and one item at a time (for tests)."""
+    out, first = torch.zeros_like(sequence), torch.zeros_like(first_scored)
+    for r in range(sequence.shape[0]):
+        items = [(j, int(x)) for j, x in enumerate(sequence[r]) if x > 0]
+        kept = [(j, x) for n, (j, x) in enumerate(items) if n >= len(items) - 2 or float(draws[r, j]) >= p]
+        out[r, :len(kept)] = torch.tensor([x for _, x in kept], dtype=sequence.dtype)
+        scored = [n for n, (j, _) in enumerate(kept) if n > 0 and j > int(first_scored[r])]
+        first[r] = scored[0] - 1 if scored else 0  # none (a row of under 2 items): no target to score
+    return out, first
 
 
 def load_data(data_dir: Path) -> SASRecData:
@@ -188,7 +229,9 @@ class SASRecTrainer:
         for step, idx in enumerate(batches):
             rows = torch.from_numpy(idx)
             seq = self.data.sequences[rows, : int(self.lengths[idx].max())].to(self.device)  # (B, T + 1)
-            loss = self.model.loss(seq, self.data.first_scored[rows].to(self.device), self.cfg.label_smoothing)
+            first = self.data.first_scored[rows].to(self.device)
+            seq, first = drop_sequence_items(seq, first, self.cfg.history_dropout)
+            loss = self.model.loss(seq, first, self.cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -279,7 +322,7 @@ STAGE = Stage(
     name="sasrec", folder="sasrec", section="sasrec", run=run, inputs={"data": Input("data")},
     outputs=(SASREC_FILE, SASREC_CONFIG_FILE, METRICS_FILE, EVAL_METRICS_FILE, PREDICTIONS_FILE),
     execution_only=frozenset({"valid_batch_size", "placement_strategy"}),
-    added_fields={"steps_per_epoch": 0, "lr_schedule": "constant", "label_smoothing": 0.0})
+    added_fields={"steps_per_epoch": 0, "lr_schedule": "constant", "label_smoothing": 0.0, "history_dropout": 0.0})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -487,10 +487,15 @@ class SASRecTrainConfig(TrainConfig):
     # allowed tokens instead, so the same value is the same kind of regulariser, not the same
     # distribution. 0 = off.
     label_smoothing: float = 0.0
+    # Ours, as stage2.history_dropout: each training batch drops each item of a sequence but its last
+    # with this probability (prorec.baselines.drop_sequence_items); validation sees whole histories. 0 = off.
+    history_dropout: float = 0.0
 
     def validate(self) -> None:
         TrainConfig.validate(self, "sasrec")
         _check(0.0 <= self.label_smoothing < 1.0, f"sasrec.label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        _check(0.0 <= self.history_dropout < 1.0,
+               f"sasrec.history_dropout must be in [0, 1) (got {self.history_dropout}): it is the chance of dropping each item")
         _check(min(self.d_model, self.n_heads, self.n_layers, self.ff_dim) >= 1,
                f"sasrec: d_model, n_heads, n_layers and ff_dim must be >= 1 (got sasrec.d_model={self.d_model}, "
                f"sasrec.n_heads={self.n_heads}, sasrec.n_layers={self.n_layers}, sasrec.ff_dim={self.ff_dim})")

@@ -190,7 +190,8 @@ def test_a_rerun_skips_it_and_only_its_section_reruns_it(sasrec_run, tiny_raw):
         return Manifest(run).plan(stage_keys(cfg), cfg, stages=("sasrec",))["sasrec"].run
 
     assert not reruns() and not reruns("eval.beam_size=50") and not reruns("sasrec.valid_batch_size=7")
-    assert reruns("sasrec.max_epochs=3") and reruns("sasrec.exclude_history=false") and reruns("data.max_history=5")
+    assert not reruns("sasrec.history_dropout=0.0")  # a field added later, at its old behaviour: the old key
+    assert reruns("sasrec.history_dropout=0.2") and reruns("sasrec.max_epochs=3") and reruns("sasrec.exclude_history=false") and reruns("data.max_history=5")
 
 
 @pytest.mark.parametrize("override, named", [("sasrec.n_heads=3", "sasrec.n_heads"),
@@ -209,3 +210,63 @@ def test_prorec_baseline_sasrec_takes_the_same_arguments():
                                       "sasrec.lr=0.01"])
     assert args.func is run_from_args and args.baseline == "sasrec"
     assert (args.config, args.out, args.reuse, args.overrides) == (TINY, Path("x"), ["r"], ["sasrec.lr=0.01"])
+
+
+def _trained_pairs(seq: torch.Tensor, first: torch.Tensor) -> list[list[tuple[tuple[int, ...], int]]]:
+    """Each row's (history read, target) pairs under SASRec.loss's rule."""
+    out = []
+    for row, f in zip(seq.tolist(), first.tolist()):
+        items = [i for i in row if i > 0]
+        out.append([(tuple(items[:t + 1]), items[t + 1]) for t in range(max(f, 0), len(items) - 1)])
+    return out
+
+
+def test_dropping_sequence_items_agrees_with_the_reference_and_keeps_only_scored_targets():
+    from prorec.baselines import drop_sequence_items, drop_sequence_items_reference
+
+    g = torch.Generator().manual_seed(0)
+    for p in (0.2, 0.5, 0.9):
+        for _ in range(30):
+            lens = torch.randint(2, 10, (8,), generator=g)
+            seq = torch.randint(1, 99, (8, 10), generator=g) * (torch.arange(10)[None] < lens[:, None])
+            # half the rows are chains (every position scored), half cut rows (the last position only)
+            first = torch.where(torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.long), lens - 2)
+            draws = torch.rand(8, 10, generator=g)
+            got, want = drop_sequence_items(seq, first, p, draws), drop_sequence_items_reference(seq, first, p, draws)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            # Every pair trained after the drop is a kept target that was trained before, read after the
+            # kept part of its own history; the last target always stays, read after its last item.
+            before, after = _trained_pairs(seq, first), _trained_pairs(*got)
+            for b, a in zip(before, after):
+                targets = {t: h for h, t in b}
+                assert a and a[-1][1] == b[-1][1] and a[-1][0][-1] == b[-1][0][-1]
+                for h, t in a:
+                    assert t in targets and set(h) <= set(targets[t])
+    seq, first = torch.tensor([[4, 5, 6, 0]]), torch.tensor([0])
+    assert drop_sequence_items(seq, first, 0.0) == (seq, first)  # off: the batch itself
+    # Cut row [4, 5, 6 | 7]: dropping 4 leaves [5, 6, 7], still scored at its last position only; 6
+    # stays whatever its draw.
+    got = drop_sequence_items(torch.tensor([[4, 5, 6, 7]]), torch.tensor([2]), 0.5, torch.tensor([[0.1, 0.9, 0.0, 0.0]]))
+    assert got[0].tolist() == [[5, 6, 7, 0]] and got[1].tolist() == [1]
+
+
+def test_the_trainer_drops_history_items_in_training_only(tiny_data, monkeypatch):
+    from prorec.baselines import SASRecTrainer, load_data
+
+    seen = []
+    real = SASRec.loss
+    monkeypatch.setattr(SASRec, "loss", lambda self, seq, first=None, eps=0.0: seen.append((seq > 0).sum().item())
+                        or real(self, seq, first, eps))
+    data = load_data(tiny_data)
+    counts = {}
+    for p in (0.0, 0.5):
+        cfg = dataclasses.replace(load_config(TINY, [f"sasrec.history_dropout={p}"]).sasrec, steps_per_epoch=3)
+        trainer = SASRecTrainer(cfg, data, torch.device("cpu"))
+        seen.clear()
+        trainer.train_epoch(0)
+        counts[p] = sum(seen)
+        n_valid = int((data.splits["valid"][0] > 0).sum())
+        assert trainer.validate()["valid_ndcg@10"] >= 0 and int((data.splits["valid"][0] > 0).sum()) == n_valid
+    assert 0.2 * counts[0.0] < counts[0.0] - counts[0.5] < 0.5 * counts[0.0]  # about half the items but the last two go
+    with pytest.raises(ConfigError, match=r"sasrec.history_dropout must be in \[0, 1\)"):
+        load_config(TINY, ["sasrec.history_dropout=1.0"])
