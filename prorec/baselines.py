@@ -25,7 +25,9 @@ cut history, and read shortened histories for the others of those users.)
 `sasrec.history_dropout` (ours, as `stage2.history_dropout` for the generator, off by default): each
 training batch drops each item of a sequence but its last two (the last target and the item read to
 predict it) with that probability, afresh each step (`drop_sequence_items`); a dropped item is
-neither read nor predicted, and the targets scored are the kept ones of those scored before. Validation and the test see whole histories.
+neither read nor predicted, and the targets scored are the kept ones of those scored before. Within a
+chain only the last two items are sure to stay: a middle target may lose the item before it (the
+generator's rows each keep their most recent history item), and about p of the targets go unscored. Validation and the test see whole histories.
 
 `run_baseline` is the driver: the data stage through `prorec.pipeline.run_stages` (so `--reuse`
 links a finished run's splits in), then the baseline's stage, recorded in the same manifest with its

@@ -488,7 +488,8 @@ class SASRecTrainConfig(TrainConfig):
     # distribution. 0 = off.
     label_smoothing: float = 0.0
     # Ours, as stage2.history_dropout: each training batch drops each item of a sequence but its last
-    # with this probability (prorec.baselines.drop_sequence_items); validation sees whole histories. 0 = off.
+    # two (the last target and the item before it) with this probability
+    # (prorec.baselines.drop_sequence_items); validation sees whole histories. 0 = off.
     history_dropout: float = 0.0
 
     def validate(self) -> None:

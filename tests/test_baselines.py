@@ -227,21 +227,25 @@ def test_dropping_sequence_items_agrees_with_the_reference_and_keeps_only_scored
     g = torch.Generator().manual_seed(0)
     for p in (0.2, 0.5, 0.9):
         for _ in range(30):
-            lens = torch.randint(2, 10, (8,), generator=g)
-            seq = torch.randint(1, 99, (8, 10), generator=g) * (torch.arange(10)[None] < lens[:, None])
+            lens = torch.randint(0, 11, (8,), generator=g)  # empty, 1-item and full-width rows too
+            items = torch.stack([torch.randperm(98, generator=g)[:10] + 1 for _ in range(8)])  # distinct in a row
+            seq = items * (torch.arange(10)[None] < lens[:, None])
             # half the rows are chains (every position scored), half cut rows (the last position only)
-            first = torch.where(torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.long), lens - 2)
+            first = torch.where(torch.arange(8) % 2 == 0, torch.zeros(8, dtype=torch.long), (lens - 2).clamp(min=0))
             draws = torch.rand(8, 10, generator=g)
             got, want = drop_sequence_items(seq, first, p, draws), drop_sequence_items_reference(seq, first, p, draws)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            # Every pair trained after the drop is a kept target that was trained before, read after the
-            # kept part of its own history; the last target always stays, read after its last item.
-            before, after = _trained_pairs(seq, first), _trained_pairs(*got)
-            for b, a in zip(before, after):
+            # The pairs trained after the drop are exactly the kept items that were trained targets
+            # before and are not first in their row, each read after the kept part of its own history;
+            # the last target always stays, read after its last item.
+            for r, (b, a) in enumerate(zip(_trained_pairs(seq, first), _trained_pairs(*got))):
+                kept = [int(x) for j, x in enumerate(seq[r]) if x > 0 and (j >= int(lens[r]) - 2 or draws[r, j] >= p)]
                 targets = {t: h for h, t in b}
-                assert a and a[-1][1] == b[-1][1] and a[-1][0][-1] == b[-1][0][-1]
+                assert [t for _, t in a] == [t for t in kept[1:] if t in targets]
                 for h, t in a:
-                    assert t in targets and set(h) <= set(targets[t])
+                    assert set(h) <= set(targets[t]) and list(h) == kept[:len(h)]
+                if b:
+                    assert a[-1] == (tuple(kept[:-1]), b[-1][1]) and a[-1][0][-1] == b[-1][0][-1]
     seq, first = torch.tensor([[4, 5, 6, 0]]), torch.tensor([0])
     assert drop_sequence_items(seq, first, 0.0) == (seq, first)  # off: the batch itself
     # Cut row [4, 5, 6 | 7]: dropping 4 leaves [5, 6, 7], still scored at its last position only; 6
@@ -258,15 +262,24 @@ def test_the_trainer_drops_history_items_in_training_only(tiny_data, monkeypatch
     monkeypatch.setattr(SASRec, "loss", lambda self, seq, first=None, eps=0.0: seen.append((seq > 0).sum().item())
                         or real(self, seq, first, eps))
     data = load_data(tiny_data)
-    counts = {}
+    counts, trainers = {}, {}
     for p in (0.0, 0.5):
         cfg = dataclasses.replace(load_config(TINY, [f"sasrec.history_dropout={p}"]).sasrec, steps_per_epoch=3)
-        trainer = SASRecTrainer(cfg, data, torch.device("cpu"))
+        trainers[p] = SASRecTrainer(cfg, data, torch.device("cpu"))
         seen.clear()
-        trainer.train_epoch(0)
+        trainers[p].train_epoch(0)
         counts[p] = sum(seen)
-        n_valid = int((data.splits["valid"][0] > 0).sum())
-        assert trainer.validate()["valid_ndcg@10"] >= 0 and int((data.splits["valid"][0] > 0).sum()) == n_valid
     assert 0.2 * counts[0.0] < counts[0.0] - counts[0.5] < 0.5 * counts[0.0]  # about half the items but the last two go
+    # Validation reads whole histories: the same weights validate alike with and without the drop.
+    trainers[0.0].model.load_state_dict(trainers[0.5].model.state_dict())
+    assert trainers[0.0].validate() == trainers[0.5].validate()
+    # The same epoch from the same state draws the same drops (a resumed run repeats them).
+    state, drawn = trainers[0.5].state_dict(), []
+    for _ in range(2):
+        trainers[0.5].load_state_dict(state)
+        seen.clear()
+        trainers[0.5].train_epoch(1)
+        drawn.append(list(seen))
+    assert drawn[0] == drawn[1]
     with pytest.raises(ConfigError, match=r"sasrec.history_dropout must be in \[0, 1\)"):
         load_config(TINY, ["sasrec.history_dropout=1.0"])
