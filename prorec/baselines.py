@@ -27,7 +27,8 @@ training batch drops each item of a sequence but its last two (the last target a
 predict it) with that probability, afresh each step (`drop_sequence_items`); a dropped item is
 neither read nor predicted, and the targets scored are the kept ones of those scored before. Within a
 chain only the last two items are sure to stay: a middle target may lose the item before it (the
-generator's rows each keep their most recent history item), and about p of the targets go unscored. Validation and the test see whole histories.
+generator's rows each keep their most recent history item), and about p of the targets go unscored.
+Validation and the test see whole histories.
 
 `run_baseline` is the driver: the data stage through `prorec.pipeline.run_stages` (so `--reuse`
 links a finished run's splits in), then the baseline's stage, recorded in the same manifest with its
@@ -55,7 +56,7 @@ import torch
 
 from prorec.artifacts import write_json
 from prorec.config import PipelineConfig, SASRecTrainConfig
-from prorec.data.history import drop_history_items, history_lengths, pad_histories
+from prorec.data.history import compact_left, dropped_items_mask, history_lengths, pad_histories
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
@@ -124,22 +125,17 @@ def drop_sequence_items(sequence: torch.Tensor, first_scored: torch.Tensor, p: f
     """Training sequences [B, T + 1] (right-padded) and their first scored positions [B] with each item
     but the last two of each row (the last target and the item read to predict it, as
     `stage2.history_dropout` keeps a history's most recent item) dropped with probability p, the rest
-    moved left in order (`drop_history_items`); first_scored follows, so exactly the kept items that
-    were scored targets before are scored. `draws` [B, T + 1] uniform in [0, 1) (default torch.rand):
+    moved left in order (the mask and compaction of `drop_history_items`); first_scored follows from
+    the same mask, so exactly the kept items that were scored targets before are scored. `draws` [B, T + 1] uniform in [0, 1) (default torch.rand):
     an item goes when its draw is below p. p = 0 returns the inputs."""
     if p <= 0.0:
         return sequence, first_scored
-    if draws is None:
-        draws = torch.rand(sequence.shape, device=sequence.device)
-    present = sequence > 0
-    col = torch.arange(sequence.shape[1], device=sequence.device)[None, :]
-    last = (present * (col + 1)).amax(1, keepdim=True) - 1
-    draws = torch.where(col == last - 1, 1.0, draws)  # the item before the last stays too
-    keep = present & ((draws >= p) | (col == last))
+    keep = dropped_items_mask(sequence, p, draws, keep_last=2)
     # Item j was a scored target iff j > first_scored; the first kept one of those lands at column
     # (kept items at columns <= first_scored), read by the position before it.
+    col = torch.arange(sequence.shape[1], device=sequence.device)[None, :]
     before = (keep & (col <= first_scored[:, None])).sum(1)
-    return drop_history_items(sequence, p, draws), (before - 1).clamp(min=0)
+    return compact_left(sequence, keep), (before - 1).clamp(min=0)
 
 
 def drop_sequence_items_reference(sequence: torch.Tensor, first_scored: torch.Tensor, p: float,

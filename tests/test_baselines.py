@@ -76,7 +76,8 @@ def test_the_trainer_trains_with_the_configured_smoothing(tiny_data, monkeypatch
 
     seen = []
     real = SASRec.loss
-    monkeypatch.setattr(SASRec, "loss", lambda self, seq, first=None, eps=0.0: seen.append(eps) or real(self, seq, first, eps))
+    monkeypatch.setattr(SASRec, "loss",
+                        lambda self, seq, first=None, eps=0.0: seen.append(eps) or real(self, seq, first, eps))
     cfg = dataclasses.replace(load_config(TINY, ["sasrec.label_smoothing=0.2"]).sasrec, steps_per_epoch=2)
     SASRecTrainer(cfg, load_data(tiny_data), torch.device("cpu")).train_epoch(0)
     assert seen == [0.2, 0.2]
@@ -191,7 +192,8 @@ def test_a_rerun_skips_it_and_only_its_section_reruns_it(sasrec_run, tiny_raw):
 
     assert not reruns() and not reruns("eval.beam_size=50") and not reruns("sasrec.valid_batch_size=7")
     assert not reruns("sasrec.history_dropout=0.0")  # a field added later, at its old behaviour: the old key
-    assert reruns("sasrec.history_dropout=0.2") and reruns("sasrec.max_epochs=3") and reruns("sasrec.exclude_history=false") and reruns("data.max_history=5")
+    assert reruns("sasrec.history_dropout=0.2") and reruns("sasrec.max_epochs=3")
+    assert reruns("sasrec.exclude_history=false") and reruns("data.max_history=5")
 
 
 @pytest.mark.parametrize("override, named", [("sasrec.n_heads=3", "sasrec.n_heads"),

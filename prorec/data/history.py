@@ -116,6 +116,28 @@ def realign_right(history: torch.Tensor) -> torch.Tensor:
     return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))
 
 
+def dropped_items_mask(history: torch.Tensor, p: float, draws: torch.Tensor | None = None,
+                       keep_last: int = 1) -> torch.Tensor:
+    """[B, S] bool: the items of right-padded rows that stay when each item but a row's last
+    `keep_last` is dropped with probability p. `draws` [B, S] uniform in [0, 1) (default torch.rand):
+    an item goes when its draw is below p. Padding is never kept."""
+    if draws is None:
+        draws = torch.rand(history.shape, device=history.device)
+    present = history > 0
+    col = torch.arange(history.shape[1], device=history.device)[None, :]
+    end = (present * (col + 1)).amax(1, keepdim=True)  # one past the last item's column (0: none)
+    return present & ((draws >= p) | (col >= end - keep_last))
+
+
+def compact_left(history: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The items of `history` [B, S] where `keep` holds, moved left in their order, zero-padded to
+    the same width."""
+    dest = torch.where(keep, keep.cumsum(1) - 1, history.shape[1])  # dropped items go to a spare column
+    out = history.new_zeros(history.shape[0], history.shape[1] + 1)
+    out.scatter_(1, dest, torch.where(keep, history, torch.zeros_like(history)))
+    return out[:, :-1]
+
+
 def drop_history_items(history: torch.Tensor, p: float, draws: torch.Tensor | None = None) -> torch.Tensor:
     """[B, S] histories in the generator's layout (oldest first, right-padded with 0) with each item
     but the most recent dropped with probability p, the rest moved left in their order: a training
@@ -124,16 +146,7 @@ def drop_history_items(history: torch.Tensor, p: float, draws: torch.Tensor | No
     item stays empty."""
     if p <= 0.0:
         return history
-    if draws is None:
-        draws = torch.rand(history.shape, device=history.device)
-    present = history > 0
-    col = torch.arange(history.shape[1], device=history.device)[None, :]
-    last = (present * (col + 1)).amax(1, keepdim=True) - 1  # the most recent item's column (-1: none)
-    keep = present & ((draws >= p) | (col == last))
-    dest = torch.where(keep, keep.cumsum(1) - 1, history.shape[1])  # dropped items go to a spare column
-    out = history.new_zeros(history.shape[0], history.shape[1] + 1)
-    out.scatter_(1, dest, torch.where(keep, history, torch.zeros_like(history)))
-    return out[:, :-1]
+    return compact_left(history, dropped_items_mask(history, p, draws, keep_last=1))
 
 
 def drop_history_items_reference(history: torch.Tensor, p: float, draws: torch.Tensor) -> torch.Tensor:
