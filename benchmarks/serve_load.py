@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from prorec.serve import build_app, direct_ingress_env, free_port
+    from prorec.serve import build_app, direct_ingress_env, free_port, patient_proxy_start
 
     def start() -> str:
         """A fresh Ray instance with Serve; the URL that requests go to. With --direct each deployment
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         if args.direct:  # in the environment before Ray starts: Serve's processes read it when they import
             os.environ.update(direct_ingress_env(port, 1))
+        patient_proxy_start()
         ray.init(num_cpus=max(2, args.threads), include_dashboard=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
         proxy = next(p for p in iter(free_port, None) if p != port) if args.direct else port

@@ -100,6 +100,20 @@ def build_app(args: dict[str, Any]) -> Any:
     return server.bind(str(Path(args["run_dir"]).resolve()), **kw)
 
 
+# Serve gives a starting HTTP proxy 5 s to say it is ready and kills it after three misses; on this
+# 2-core machine with training beside it a proxy took longer, and `serve.start` failed with the proxy
+# killed (seen in the test suite's load benchmark, 2026-12-03). A slow start costs only the wait.
+PROXY_READY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
+def patient_proxy_start() -> None:
+    """Give Serve's proxy 30 s to come up instead of 5 (a setting in the environment wins). Call it
+    before this process starts Ray: Serve's processes read it when they import, and inherit it from
+    the Ray this process starts (not from a cluster it connects to)."""
+    for key, value in PROXY_READY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def direct_ingress_env(port: int, replicas: int) -> dict[str, str]:
     """The environment that turns on Ray Serve's direct ingress (experimental in Ray 2.60): each replica
     runs its own HTTP server, on a port of [port, port + replicas), so a request goes from the client
@@ -195,6 +209,7 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: port(s) {busy} on {args.host} are in use; pick another --port")
         os.environ.update(direct_ingress_env(args.port, args.replicas))
         http_port = free_port(args.host)  # Serve's proxy still starts; it listens beside the replicas
+    patient_proxy_start()
     import ray
     from ray import serve
 

@@ -33,6 +33,9 @@ def ray_session():
     """Start Ray once (2 CPUs, no dashboard) for every test that needs it."""
     import ray
 
+    from prorec.serve import patient_proxy_start
+
+    patient_proxy_start()  # the Serve tests' proxy, started on this Ray beside the other xdist worker
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=500 * 1024**2,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})

@@ -57,7 +57,7 @@ def test_three_nodes_place_work_by_node_and_survive_losing_one(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(900)  # two runs on a 3-node cluster; beside the other xdist worker it has taken 490 s
+@pytest.mark.timeout(900)  # two runs on a 3-node cluster; beside the other xdist worker 490-884 s
 def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
     """`ray job submit` of jobs/configs/cluster_local.yaml on the 3-node cluster: Stage I and II on
     2 workers on distinct nodes, the evaluation's actors on both worker nodes. Then a rerun of Stage
@@ -70,9 +70,12 @@ def test_the_pipeline_on_three_nodes_survives_losing_a_node_in_stage2(tmp_path):
     try:
         with cluster:
             # Shorter than the benchmark's runs (Ray's start-ups are most of a stage here): Stage II
-            # still trains for seven epochs after the checkpoint the fault waits for.
-            jobs = Jobs(cluster, overrides=("stage1.max_epochs=2", "stage1.patience=2", "stage2.max_epochs=8",
-                                            "stage2.patience=8", "eval.beam_size=20"))
+            # still trains for seven epochs after the checkpoint the fault waits for. The 300 item texts
+            # are embedded in the driver, not on a Ray Data actor (whose start-up took 140 s of the
+            # 884 beside the other xdist worker and a training run; test_embed.py checks Ray Data's
+            # embedding against the in-process one, and the benchmark's runs keep it).
+            jobs = Jobs(cluster, overrides=("embed.use_ray=false", "stage1.max_epochs=2", "stage1.patience=2",
+                                            "stage2.max_epochs=8", "stage2.patience=8", "eval.beam_size=20"))
             clean = jobs.run(tmp_path / "clean")
             assert clean["final_status"] == "SUCCEEDED", clean["logs"][-3000:]
             # The driver joined the cluster rather than starting a Ray of its own.
