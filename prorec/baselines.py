@@ -126,8 +126,9 @@ def drop_sequence_items(sequence: torch.Tensor, first_scored: torch.Tensor, p: f
     but the last two of each row (the last target and the item read to predict it, as
     `stage2.history_dropout` keeps a history's most recent item) dropped with probability p, the rest
     moved left in order (the mask and compaction of `drop_history_items`); first_scored follows from
-    the same mask, so exactly the kept items that were scored targets before are scored. `draws` [B, T + 1] uniform in [0, 1) (default torch.rand):
-    an item goes when its draw is below p. p = 0 returns the inputs."""
+    the same mask, so exactly the kept items that were scored targets before are scored. `draws`
+    [B, T + 1] uniform in [0, 1) (default torch.rand): an item goes when its draw is below p. p = 0
+    returns the inputs."""
     if p <= 0.0:
         return sequence, first_scored
     keep = dropped_items_mask(sequence, p, draws, keep_last=2)

@@ -102,7 +102,8 @@ def build_app(args: dict[str, Any]) -> Any:
 
 # Serve gives a starting HTTP proxy 5 s to say it is ready and kills it after three misses; on this
 # 2-core machine with training beside it a proxy took longer, and `serve.start` failed with the proxy
-# killed (seen in the test suite's load benchmark, 2026-12-03). A slow start costs only the wait.
+# killed (seen in the test suite's load benchmark, 2026-12-03). A slow start now costs only the wait,
+# up to the 60 s that `serve.start` itself waits for its proxy (Ray's HTTP_PROXY_TIMEOUT, fixed).
 PROXY_READY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 

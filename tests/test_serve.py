@@ -260,16 +260,23 @@ def test_prorec_serve_direct_answers_on_its_own_port_like_the_evaluation(tiny_ru
 
 @pytest.mark.ray
 def test_ray_processes_give_serves_proxy_time_to_start(ray_session, monkeypatch):
-    """The tests' Ray was started after patient_proxy_start (conftest), as `prorec serve` starts its
-    own: its worker processes, Serve's controller among them, see the longer proxy ready check. A value
-    the user set is kept."""
+    """The tests' Ray was started after patient_proxy_start (conftest), as `prorec serve` and
+    serve_load.py start theirs: its worker processes, Serve's controller among them, read the longer
+    proxy ready check under the name Serve reads. A value the user set is kept."""
     import os
 
-    from prorec.serve import PROXY_READY_ENV, patient_proxy_start
+    from prorec.serve import patient_proxy_start
 
     key = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
-    seen = ray_session.get(ray_session.remote(num_cpus=0)(lambda: os.environ.get(key)).remote())
-    assert seen == PROXY_READY_ENV[key] == "30"
+    expected = os.environ[key]  # "30", or the developer's own value, which setdefault kept
+
+    def in_a_worker():
+        from ray.serve._private import constants
+
+        return os.environ.get(key), constants.PROXY_READY_CHECK_TIMEOUT_S
+
+    seen, serve_reads = ray_session.get(ray_session.remote(num_cpus=0)(in_a_worker).remote())
+    assert seen == expected and serve_reads == float(expected)
     monkeypatch.setenv(key, "12")
     patient_proxy_start()
     assert os.environ[key] == "12"

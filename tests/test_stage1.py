@@ -197,7 +197,7 @@ def test_two_ray_workers_reach_the_quality_of_one_and_resume(ray_session, tiny_d
     in-process loop, the same code as a 1-worker Ray Train run without the start-up); and a 2-worker
     run stopped after epoch 2 resumes from its Ray checkpoint when rerun."""
     one = metrics_of(run_stage1(small_cfg(num_workers=0), tiny_data, semantic_path, tmp_path / "w0"))
-    assert [h["epoch"] for h in one["history"]] == list(range(6))
+    assert one["num_workers"] == 0 and [h["epoch"] for h in one["history"]] == list(range(6))
     out_dir = tmp_path / "w2"  # "crash" after epoch 2, then rerun with the same storage path and name
     first = metrics_of(run_stage1(small_cfg(num_workers=2), tiny_data, semantic_path, out_dir, stop_after_epoch=2))
     assert [h["epoch"] for h in first["history"]] == [0, 1, 2]
