@@ -56,7 +56,7 @@ import torch
 
 from prorec.artifacts import write_json
 from prorec.config import PipelineConfig, SASRecTrainConfig
-from prorec.data.history import compact_left, dropped_items_mask, history_lengths, pad_histories
+from prorec.data.history import compact_left, kept_items_mask, history_lengths, pad_histories
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec
@@ -131,7 +131,7 @@ def drop_sequence_items(sequence: torch.Tensor, first_scored: torch.Tensor, p: f
     returns the inputs."""
     if p <= 0.0:
         return sequence, first_scored
-    keep = dropped_items_mask(sequence, p, draws, keep_last=2)
+    keep = kept_items_mask(sequence, p, draws, keep_last=2)
     # Item j was a scored target iff j > first_scored; the first kept one of those lands at column
     # (kept items at columns <= first_scored), read by the position before it.
     col = torch.arange(sequence.shape[1], device=sequence.device)[None, :]

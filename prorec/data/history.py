@@ -116,11 +116,11 @@ def realign_right(history: torch.Tensor) -> torch.Tensor:
     return torch.where(src >= 0, history.gather(1, src.clamp(min=0)), torch.zeros_like(history))
 
 
-def dropped_items_mask(history: torch.Tensor, p: float, draws: torch.Tensor | None = None,
+def kept_items_mask(history: torch.Tensor, p: float, draws: torch.Tensor | None = None,
                        keep_last: int = 1) -> torch.Tensor:
     """[B, S] bool: the items of right-padded rows that stay when each item but those in a row's last
-    `keep_last` columns up to its last item is dropped with probability p. `draws` [B, S] uniform in [0, 1) (default torch.rand):
-    an item goes when its draw is below p. Padding is never kept."""
+    `keep_last` columns up to its last item is dropped with probability p. `draws` [B, S] uniform in
+    [0, 1) (default torch.rand): an item goes when its draw is below p. Padding is never kept."""
     if draws is None:
         draws = torch.rand(history.shape, device=history.device)
     present = history > 0
@@ -146,7 +146,7 @@ def drop_history_items(history: torch.Tensor, p: float, draws: torch.Tensor | No
     item stays empty."""
     if p <= 0.0:
         return history
-    return compact_left(history, dropped_items_mask(history, p, draws, keep_last=1))
+    return compact_left(history, kept_items_mask(history, p, draws, keep_last=1))
 
 
 def drop_history_items_reference(history: torch.Tensor, p: float, draws: torch.Tensor) -> torch.Tensor:
