@@ -2,11 +2,13 @@
 
     python benchmarks/quality_table.py --name quality_table
 
-One table a dataset, rows: the paper's PRORec, SASRec (without and with history dropout), TIGER, PRORec with the paper's Stage II,
-PRORec with the default Stage II (the generator alone; with a constant and with a cosine learning
-rate, with Stage I features in its history tokens, with those and the cosine over 6 epochs, that on
-prorec_cpu.yaml's faster Stage I, and that with history dropout) and
-the reranked pipeline (the frozen config's, and prorec_cpu.yaml's on the 6-epoch generator). Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
+One table a dataset, rows: the paper's PRORec, SASRec (the SASRec paper's setting, and with history
+dropout, chosen on validation: jobs/configs/beauty/sasrec.yaml's since 2026-12-03), TIGER, PRORec
+with the paper's Stage II, PRORec with the item-head Stage II (the generator alone; with a constant
+and with a cosine learning rate, with Stage I features in its history tokens, with those and the
+cosine over 6 epochs, and that on prorec_cpu.yaml's faster Stage I), PRORec with the default Stage II
+(all that and history dropout: prorec_cpu.yaml's) and the reranked pipeline (the frozen config's, the
+one on the 6-epoch generator, and the default: prorec_cpu.yaml's). Each cell pair gives test Recall and NDCG @10 and @20 with the history rule
 on (a user's history items removed from the list, `eval.exclude_history`, the default) and off (as
 the TIGER-style papers rank). Rows with several seeds also give their spread below the table. The numbers are read from the run directories (or committed result
 files) named in rows() below, each with the command that made it. A run directory that is not on this machine keeps the numbers that
@@ -35,7 +37,30 @@ DATA = {"beauty": "../shared/data/amazon-beauty", "sports": "../shared/data/amaz
 FROZEN = "jobs/configs/beauty/frozen"
 # Rows renamed since a committed table recorded them: {new name: old name}, so that a kept number
 # (recorded()) follows its row; the source and command must still match.
-RENAMED = {"PRORec reranked pipeline (frozen config)": "PRORec reranked pipeline (default)"}
+# (2026-12-03: "default" names prorec_cpu.yaml's current setting only; the generator rows before it
+# are the item-head Stage II's steps, each dated in its "what".)
+RENAMED = {
+    "PRORec, item-head Stage II (generator alone)": "PRORec, default Stage II (generator alone)",
+    "PRORec, item-head Stage II + cosine learning rate (generator alone)":
+        "PRORec, default Stage II + cosine learning rate (generator alone)",
+    "PRORec, item-head Stage II + cosine + Stage I history features (generator alone)":
+        "PRORec, default Stage II + cosine + Stage I history features (generator alone)",
+    "PRORec, item-head Stage II + Stage I history features, cosine over 6 epochs (generator alone)":
+        "PRORec, default Stage II + Stage I history features, cosine over 6 epochs (generator alone)",
+    "PRORec, item-head Stage II + Stage I history features, cosine over 6 epochs, on prorec_cpu.yaml's Stage I "
+    "(generator alone)": "PRORec, default Stage II + Stage I history features, cosine over 6 epochs, on "
+                         "prorec_cpu.yaml's Stage I (generator alone)",
+    "PRORec reranked pipeline on the 6-epoch generator": "PRORec reranked pipeline (default)",
+}
+# Commands rewritten since a committed table recorded them, with what they run unchanged: {new: old}.
+# jobs/configs/beauty/sasrec.yaml's history_dropout was 0.0 when the plain SASRec rows ran; it is 0.2
+# since 2026-12-03, so their command now says 0.0.
+SAME_COMMAND = {
+    f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {path} --out runs/{ds}_sasrec "
+    f"--reuse runs/{ds}_full_run sasrec.history_dropout=0.0":
+        f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {path} --out runs/{ds}_sasrec "
+        f"--reuse runs/{ds}_full_run"
+    for ds, path in DATA.items()}
 
 
 def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
@@ -56,25 +81,32 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
     # The generator rows on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02 and 12-03): its fast
     # Stage I's seed 0, the 6-epoch generator on it (Beauty's run predates codes.cap_groups; its codes are
     # the same), and that with history dropout.
-    fast_stage1, fast_run, hd_run, cap = {
-        "beauty": ("s1_fast_zb_s0", "bg_e6_fast_zb", "bg_e6_hd20", ""),
-        "sports": ("sports_s1_fast_zb_s0", "sg_e6_fast_zb_cap", "sg_e6_hd20", " codes.cap_groups=true")}[ds]
+    fast_stage1, fast_run, cap = {
+        "beauty": ("s1_fast_zb_s0", "bg_e6_fast_zb", ""),
+        "sports": ("sports_s1_fast_zb_s0", "sg_e6_fast_zb_cap", " codes.cap_groups=true")}[ds]
+    # The default (prorec_cpu.yaml's Stage I and Stage II, history dropout): from a Stage I rebuilt on
+    # 2026-12-03 by an 8-epoch run of the same settings (its Stage I, codes and data linked in), the
+    # generator, and the reranked pipeline over that generator's beam.
+    hd_stage1, hd_run, rr_run = {"beauty": ("bg_e8_hd20", "bg_e6_hd20r", "br_hd20r"),
+                                 "sports": ("sg_e8_hd20", "sg_e6_hd20r", "sr_hd20r")}[ds]
     fast_e6 = (" stage1.attention_hidden=4 stage1.score_hidden=32 stage1.sparse_grads=true stage1.dropout=0.0 "
                "stage1.seed=0" + hs1 + e6)
     hd = fast_e6 + " codes.cap_groups=true stage2.history_dropout=0.2"
     sasrec_hd_reuse = {"beauty": "bg_e8_hd20", "sports": "sg_e6_hd20r"}[ds]  # runs of the same splits
     return [
-        ("SASRec", "baseline (not the paper's method)", {
+        ("SASRec", "baseline (not the paper's method): the SASRec paper's Beauty setting", {
             "on": (f"runs/{ds}_sasrec:sasrec/eval",
                    f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
-                   f"--out runs/{ds}_sasrec {reuse}"),
+                   f"--out runs/{ds}_sasrec {reuse} sasrec.history_dropout=0.0"),
             "off": (f"benchmarks/results/{ds}_sasrec_history_rule.json#exclude_history.false.test",
                     f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec --name {ds}_sasrec_history_rule"),
             "seeds": f"benchmarks/results/{ds}_sasrec_seeds.json"}),
         # SASRec given the generator's augmentation (sasrec.history_dropout=0.2, 2026-12-03, ours): the
-        # like-for-like check. Its data stage linked from a run of the same splits.
+        # like-for-like check, and higher on validation on both datasets, so sasrec.yaml's setting since.
+        # Its data stage linked from a run of the same splits.
         ("SASRec + history dropout", "baseline with each training sequence's items but the last two dropped with "
-         "probability 0.2 (`sasrec.history_dropout`, ours, as the generator's below)", {
+         "probability 0.2 (`sasrec.history_dropout`, ours, as the generator's below; chosen on validation: "
+         "`sasrec.yaml`'s since 2026-12-03)", {
             "on": (f"runs/{ds}_sasrec_hd20:sasrec/eval",
                    f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
                    f"--out runs/{ds}_sasrec_hd20 --reuse runs/{sasrec_hd_reuse} sasrec.history_dropout=0.2"),
@@ -94,15 +126,16 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
             "off": (f"runs/{ds}_paper_stage2_all:eval",
                     _pipeline(f"{FROZEN}/beauty_full_run_paper_stage2.yaml", ds, f"runs/{ds}_paper_stage2_all",
                               f"--reuse runs/{ds}_paper_stage2 eval.exclude_history=false"))}),
-        ("PRORec, default Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay; constant learning rate (beam 20)", {
+        ("PRORec, item-head Stage II (generator alone)", "the paper's method + item head, item IDs, weight decay "
+         "(ours); constant learning rate: the default Stage II until 2026-11-30 (beam 20)", {
             "on": (f"runs/{ds}_generator:eval", _pipeline(no_rr, ds, f"runs/{ds}_generator", reuse)),
             "off": (f"runs/{ds}_generator_all:eval",
                     _pipeline(no_rr, ds, f"runs/{ds}_generator_all", reuse + " eval.exclude_history=false")),
             "seeds": f"benchmarks/results/{ds}_generator_seeds.json"}),
         # The same generator with the learning rate along a cosine (stage2.lr_schedule=cosine, 2026-11-30):
         # better on validation on both datasets, now in the Beauty configs.
-        ("PRORec, default Stage II + cosine learning rate (generator alone)",
-         "the same, the learning rate along a cosine over the 12 epochs: prorec_cpu.yaml's since 2026-11-30 (beam 20)", {
+        ("PRORec, item-head Stage II + cosine learning rate (generator alone)",
+         "the same, the learning rate along a cosine over the 12 epochs: prorec_cpu.yaml's from 2026-11-30 (beam 20)", {
              "on": (f"runs/{ds}_gen_cosine:eval", _pipeline(no_rr, ds, f"runs/{ds}_gen_cosine",
                                                             reuse + " stage2.lr_schedule=cosine")),
              "off": (f"runs/{ds}_gen_cosine_all:eval",
@@ -113,7 +146,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
         # (stage2.history_stage1, 2026-12-01): better on validation on both datasets, in prorec_cpu.yaml.
         # Its Stage I and codes: beauty_gen_cosine's (beauty_full_run's Stage I and codes, rebuilt), and
         # on Sports sports_s1_j16 (sports_full_run's frozen Stage I config, rebuilt).
-        ("PRORec, default Stage II + cosine + Stage I history features (generator alone)",
+        ("PRORec, item-head Stage II + cosine + Stage I history features (generator alone)",
          "the same with each history token adding a projection of its item's Stage I embedding (not in the paper; "
          "beam 20)", {
              "on": (f"runs/{ds}_gen_hs1:eval", _pipeline(no_rr, ds, f"runs/{ds}_gen_hs1", hs1_reuse[ds] + hs1)),
@@ -123,7 +156,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
              "seeds": f"benchmarks/results/{ds}_generator_history_stage1_seeds.json"}),
         # The same with its cosine over 6 epochs instead of 12 (stage2.max_epochs=6, 2026-12-01): better on
         # validation on both datasets, in prorec_cpu.yaml. The same Stage I and codes as the row above.
-        ("PRORec, default Stage II + Stage I history features, cosine over 6 epochs (generator alone)",
+        ("PRORec, item-head Stage II + Stage I history features, cosine over 6 epochs (generator alone)",
          "the same, the cosine annealed over 6 epochs instead of 12: prorec_cpu.yaml's Stage II from 2026-12-01 "
          "to 2026-12-03 (beam 20)", {
              "on": (f"runs/{ds}_gen_hs1_e6:eval",
@@ -136,7 +169,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
         # 2026-12-02), without and with history dropout (stage2.history_dropout=0.2, 2026-12-03: better on
         # validation on both datasets, in prorec_cpu.yaml). Run on this machine: Beauty's from the fast Stage I's
         # seed 0 (runs/s1_fast_zb_s0), Sports' from runs/sports_s1_fast_zb_s0, codes capped on Sports.
-        ("PRORec, default Stage II + Stage I history features, cosine over 6 epochs, on prorec_cpu.yaml's Stage I "
+        ("PRORec, item-head Stage II + Stage I history features, cosine over 6 epochs, on prorec_cpu.yaml's Stage I "
          "(generator alone)",
          "the row above on the faster Stage I (J = 4; not in the paper) that prorec_cpu.yaml has used since "
          "2026-12-02 (beam 20)", {
@@ -145,14 +178,15 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
              "off": (f"runs/{fast_run}_all:eval", _pipeline(no_rr, ds, f"runs/{fast_run}_all",
                                                             f"--reuse runs/{fast_run}{fast_e6}{cap} eval.exclude_history=false")),
              "seeds": f"benchmarks/results/{ds}_generator_e6_fast_stage1_zb_seeds.json"}),
-        ("PRORec, default Stage II + history dropout (generator alone)",
+        ("PRORec, default Stage II (generator alone)",
          "the row above with each training history's items but the most recent dropped with probability 0.2 "
-         "(`stage2.history_dropout`, not in the paper): prorec_cpu.yaml's Stage II since 2026-12-03 (beam 20)", {
+         "(`stage2.history_dropout`, not in the paper): prorec_cpu.yaml's Stage I and Stage II since 2026-12-03, "
+         "on a Stage I rebuilt that day (beam 20)", {
              "on": (f"runs/{hd_run}:eval", _pipeline(no_rr, ds, f"/work/main/runs/{hd_run}",
-                                                     f"--reuse /work/main/runs/{fast_run}{hd}")),
-             "off": (f"runs/{hd_run}_all:eval", _pipeline(no_rr, ds, f"runs/{hd_run}_all",
-                                                          f"--reuse runs/{hd_run}{hd} eval.exclude_history=false")),
-             "seeds": f"benchmarks/results/{ds}_generator_e6_hd20_seeds.json"}),
+                                                     f"--reuse /work/main/runs/{hd_stage1}{hd}")),
+             "off": (f"runs/{hd_run}_all:eval", _pipeline(no_rr, ds, f"/work/main/runs/{hd_run}_all",
+                                                          f"--reuse /work/main/runs/{hd_run}{hd} eval.exclude_history=false")),
+             "seeds": f"benchmarks/results/{ds}_generator_e6_hd20_r2_seeds.json"}),
         ("PRORec reranked pipeline (frozen config)", "+ beam 200 reordered by DIN, semantic affinity, transitions, "
          "on the constant-rate generator (beam 200)", {
             "on": (f"runs/{full}:eval", _pipeline(base, ds, f"runs/{full}")),
@@ -160,15 +194,24 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                     _pipeline(base, ds, f"runs/{ds}_reranked_all", reuse + " eval.exclude_history=false"))}),
         # The same reranking (frozen weights, chosen on Beauty's validation) over the beam of the 6-epoch
         # generator above: prorec_cpu.yaml's pipeline since 2026-12-01.
-        ("PRORec reranked pipeline (default)", "the same reranking on the 6-epoch generator above: prorec_cpu.yaml's "
-         "Stage II (to 2026-12-03, before history dropout) and evaluation, on the frozen config's Stage I (J = 16; "
-         "prorec_cpu.yaml's has J = 4) (beam 200)", {
+        ("PRORec reranked pipeline on the 6-epoch generator", "the same reranking on the 6-epoch generator "
+         "above: prorec_cpu.yaml's pipeline from 2026-12-01 to 2026-12-03, on the frozen config's Stage I "
+         "(J = 16) (beam 200)", {
             "on": (f"runs/{ds}_rr_hs1_e6:eval",
                    _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6", f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6}")),
             "off": (f"runs/{ds}_rr_hs1_e6_all:eval",
                     _pipeline(base, ds, f"runs/{ds}_rr_hs1_e6_all",
                               f"--reuse runs/{ds}_rr_hs1_e6{hs1}{e6} eval.exclude_history=false")),
             "seeds": f"benchmarks/results/{ds}_reranked_history_stage1_e6_seeds.json"}),
+        # The same reranking over the default generator's beam (the frozen config's evaluation, whose rerank
+        # weights prorec_cpu.yaml repeats): prorec_cpu.yaml's whole pipeline since 2026-12-03.
+        ("PRORec reranked pipeline (default)", "the same reranking over the default generator's beam: "
+         "prorec_cpu.yaml's pipeline since 2026-12-03 (beam 200)", {
+            "on": (f"runs/{rr_run}:eval", _pipeline(base, ds, f"/work/main/runs/{rr_run}",
+                                                   f"--reuse /work/main/runs/{hd_run}{hd} eval.num_actors=1")),
+            "off": (f"runs/{rr_run}_all:eval",
+                    _pipeline(base, ds, f"/work/main/runs/{rr_run}_all",
+                              f"--reuse /work/main/runs/{rr_run}{hd} eval.exclude_history=false eval.num_actors=1"))}),
     ]
 
 
@@ -200,7 +243,7 @@ def recorded(previous: dict | None, ds: str, name: str, rule: str, source: str,
         return None, None, None
     table = (previous or {}).get("tables", {}).get(ds, {})
     rec = ((table.get(name) or table.get(RENAMED.get(name, "")) or {}).get(rule)) or {}
-    if rec.get("source") != source or rec.get("command") != command or not rec.get("test"):
+    if rec.get("source") != source or rec.get("command") not in (command, SAME_COMMAND.get(command)) or not rec.get("test"):
         return None, None, None
     first = rec.get("kept_from") or ((previous or {}).get("written_from") or {}).get("commit") or "?"
     return rec["test"], rec.get("git"), first
