@@ -92,3 +92,21 @@ def test_seed_spread_below_the_table_and_renamed_rows_keep_their_numbers(tmp_pat
     (tmp_path / rows[seeded]["seeds"]).write_text(json.dumps(seed_file))
     with pytest.raises(SystemExit, match="not the row's run"):
         qt.main()
+
+
+def test_a_command_rewritten_to_run_the_same_keeps_its_recorded_numbers(tmp_path, monkeypatch):
+    """The plain SASRec row's command now says sasrec.history_dropout=0.0 (sasrec.yaml's value when it
+    ran, 0.2 since): a number recorded under the old command (qt.SAME_COMMAND) is kept; one recorded
+    under any other command is not."""
+    monkeypatch.setattr(qt, "ROOT", tmp_path)
+    monkeypatch.setattr(qt, "RESULTS", tmp_path / "results")
+    src, cmd = {name: s for name, _, s in qt.rows("beauty")}["SASRec"]["on"]
+    assert cmd.endswith(" sasrec.history_dropout=0.0") and qt.SAME_COMMAND[cmd] == cmd.removesuffix(" sasrec.history_dropout=0.0")
+    kept = qt.recorded({"tables": {"beauty": {"SASRec": {"on": {"source": src, "command": qt.SAME_COMMAND[cmd],
+                                                                "test": _metrics(0.08)}}}}},
+                       "beauty", "SASRec", "on", src, cmd)
+    assert kept[0]["recall@10"] == 0.08
+    other = qt.recorded({"tables": {"beauty": {"SASRec": {"on": {"source": src, "command": cmd + " sasrec.seed=1",
+                                                                 "test": _metrics(0.08)}}}}},
+                        "beauty", "SASRec", "on", src, cmd)
+    assert other == (None, None, None)
