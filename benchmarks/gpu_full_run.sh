@@ -3,7 +3,8 @@
 # then the evaluation, with jobs/configs/beauty/gpu.yaml. Target: at most 10 minutes on an
 # H100-class GPU.
 #
-# Needs there: python3 with torch (CUDA), pyarrow, pyyaml, safetensors and numpy. Not Ray, not the
+# Needs there: python3 (3.12, the device machine's: the carried faiss wheel is fetched for CPython 3.12)
+# with torch (CUDA), pyarrow, pyyaml, safetensors and numpy. Not Ray, not the
 # encoder's weights (the data and embed stages are linked from the prepared seed run), not faiss
 # (its wheel is carried and installed into CARRY/site when missing). Prepare CARRY here first:
 #
