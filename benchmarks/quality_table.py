@@ -211,7 +211,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                                                    f"--reuse /work/main/runs/{hd_run}{hd} eval.num_actors=1")),
             "off": (f"runs/{rr_run}_all:eval",
                     _pipeline(base, ds, f"/work/main/runs/{rr_run}_all",
-                              f"--reuse /work/main/runs/{rr_run}{hd} eval.exclude_history=false eval.num_actors=1"))}),
+                              f"--reuse /work/main/runs/{hd_run}{hd} eval.exclude_history=false eval.num_actors=1"))}),
     ]
 
 
