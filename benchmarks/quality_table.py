@@ -52,19 +52,22 @@ RENAMED = {
                          "prorec_cpu.yaml's Stage I (generator alone)",
     "PRORec reranked pipeline on the 6-epoch generator": "PRORec reranked pipeline (default)",
 }
-# Commands rewritten since a committed table recorded them, with what they run unchanged: {new: old}.
-# jobs/configs/beauty/sasrec.yaml's history_dropout was 0.0 when the plain SASRec rows ran; it is 0.2
-# since 2026-12-03, so their command now says 0.0.
-SAME_COMMAND = {
-    f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {path} --out runs/{ds}_sasrec "
-    f"--reuse runs/{ds}_full_run sasrec.history_dropout=0.0":
-        f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {path} --out runs/{ds}_sasrec "
-        f"--reuse runs/{ds}_full_run"
-    for ds, path in DATA.items()}
 
 
 def _pipeline(config: str, ds: str, out: str, extra: str = "") -> str:
     return f"python jobs/pipeline.py --config {config} --data {DATA[ds]} --out {out}{' ' + extra if extra else ''}"
+
+
+def _sasrec(ds: str, out: str, extra: str) -> str:
+    return (f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
+            f"--out {out} {extra}")
+
+
+# Commands rewritten since a committed table recorded them, with what they run unchanged: {new: old}.
+# jobs/configs/beauty/sasrec.yaml's history_dropout was 0.0 when the plain SASRec rows ran; it is 0.2
+# since 2026-12-03, so their command now says 0.0.
+SAME_COMMAND = {_sasrec(ds, f"runs/{ds}_sasrec", f"--reuse runs/{ds}_full_run sasrec.history_dropout=0.0"):
+                _sasrec(ds, f"runs/{ds}_sasrec", f"--reuse runs/{ds}_full_run") for ds in DATA}
 
 
 def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -78,9 +81,8 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
     hs1 = " stage2.lr_schedule=cosine stage2.history_stage1=true"
     e6 = " stage2.max_epochs=6"
     hs1_reuse = {"beauty": "--reuse runs/beauty_gen_cosine", "sports": "--reuse runs/sports_s1_j16"}
-    # The generator rows on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02 and 12-03): its fast
-    # Stage I's seed 0, the 6-epoch generator on it (Beauty's run predates codes.cap_groups; its codes are
-    # the same), and that with history dropout.
+    # The generator row on prorec_cpu.yaml's Stage I (run on this machine, 2026-12-02): its fast Stage I's
+    # seed 0 and the 6-epoch generator on it (Beauty's run predates codes.cap_groups; its codes are the same).
     fast_stage1, fast_run, cap = {
         "beauty": ("s1_fast_zb_s0", "bg_e6_fast_zb", ""),
         "sports": ("sports_s1_fast_zb_s0", "sg_e6_fast_zb_cap", " codes.cap_groups=true")}[ds]
@@ -96,8 +98,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         ("SASRec", "baseline (not the paper's method): the SASRec paper's Beauty setting", {
             "on": (f"runs/{ds}_sasrec:sasrec/eval",
-                   f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
-                   f"--out runs/{ds}_sasrec {reuse} sasrec.history_dropout=0.0"),
+                   _sasrec(ds, f"runs/{ds}_sasrec", f"{reuse} sasrec.history_dropout=0.0")),
             "off": (f"benchmarks/results/{ds}_sasrec_history_rule.json#exclude_history.false.test",
                     f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec --name {ds}_sasrec_history_rule"),
             "seeds": f"benchmarks/results/{ds}_sasrec_seeds.json"}),
@@ -108,8 +109,7 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
          "probability 0.2 (`sasrec.history_dropout`, ours, as the generator's below; chosen on validation: "
          "`sasrec.yaml`'s since 2026-12-03)", {
             "on": (f"runs/{ds}_sasrec_hd20:sasrec/eval",
-                   f"python jobs/baseline.py sasrec --config jobs/configs/beauty/sasrec.yaml --data {DATA[ds]} "
-                   f"--out runs/{ds}_sasrec_hd20 --reuse runs/{sasrec_hd_reuse} sasrec.history_dropout=0.2"),
+                   _sasrec(ds, f"runs/{ds}_sasrec_hd20", f"--reuse runs/{sasrec_hd_reuse} sasrec.history_dropout=0.2")),
             "off": (f"benchmarks/results/{ds}_sasrec_hd20_history_rule.json#exclude_history.false.test",
                     f"python benchmarks/sasrec_history_rule.py runs/{ds}_sasrec_hd20 --name {ds}_sasrec_hd20_history_rule"),
             "seeds": f"benchmarks/results/{ds}_sasrec_hd20_seeds.json"}),
@@ -166,9 +166,9 @@ def rows(ds: str) -> list[tuple[str, str, dict[str, Any]]]:
                                f"--reuse runs/{ds}_gen_hs1_e6{hs1}{e6} eval.exclude_history=false")),
              "seeds": f"benchmarks/results/{ds}_generator_history_stage1_e6_seeds.json"}),
         # The same 6-epoch generator on prorec_cpu.yaml's Stage I (J = 4, a smaller scoring MLP without dropout,
-        # 2026-12-02), without and with history dropout (stage2.history_dropout=0.2, 2026-12-03: better on
-        # validation on both datasets, in prorec_cpu.yaml). Run on this machine: Beauty's from the fast Stage I's
-        # seed 0 (runs/s1_fast_zb_s0), Sports' from runs/sports_s1_fast_zb_s0, codes capped on Sports.
+        # 2026-12-02). Run on this machine: Beauty's from the fast Stage I's seed 0 (runs/s1_fast_zb_s0), Sports'
+        # from runs/sports_s1_fast_zb_s0, codes capped on Sports. With history dropout (stage2.history_dropout=0.2,
+        # 2026-12-03: better on validation on both datasets) it is the default row below, on a later build.
         ("PRORec, item-head Stage II + Stage I history features, cosine over 6 epochs, on prorec_cpu.yaml's Stage I "
          "(generator alone)",
          "the row above on the faster Stage I (J = 4; not in the paper) that prorec_cpu.yaml has used since "

@@ -56,7 +56,7 @@ import torch
 
 from prorec.artifacts import write_json
 from prorec.config import PipelineConfig, SASRecTrainConfig
-from prorec.data.history import compact_left, kept_items_mask, history_lengths, pad_histories
+from prorec.data.history import compact_left, history_lengths, kept_items_mask, pad_histories
 from prorec.data.splits import read_split
 from prorec.metrics import ranking_metrics, target_ranks
 from prorec.models.sasrec import SASREC_CONFIG_FILE, SASREC_FILE, SASRec, SASRecConfig, save_sasrec

@@ -117,7 +117,7 @@ def realign_right(history: torch.Tensor) -> torch.Tensor:
 
 
 def kept_items_mask(history: torch.Tensor, p: float, draws: torch.Tensor | None = None,
-                       keep_last: int = 1) -> torch.Tensor:
+                    keep_last: int = 1) -> torch.Tensor:
     """[B, S] bool: the items of right-padded rows that stay when each item but those in a row's last
     `keep_last` columns up to its last item is dropped with probability p. `draws` [B, S] uniform in
     [0, 1) (default torch.rand): an item goes when its draw is below p. Padding is never kept."""
